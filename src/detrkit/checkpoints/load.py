@@ -1,0 +1,109 @@
+"""``detrkit.load``: one entry point for every checkpoint format detrkit reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from detrkit.checkpoints.errors import CheckpointError, format_names
+from detrkit.checkpoints.huggingface import is_hf_directory, read_hf_directory
+from detrkit.checkpoints.native import is_native_directory, read_native_directory
+from detrkit.checkpoints.official import (
+    detect_model_type,
+    infer_detr_config,
+    read_torch_file,
+    split_official,
+)
+from detrkit.models.config import DETRConfig
+from detrkit.models.presets import model_from_config
+
+# Parameters of the class head: the ones a fine-tuning run with a new class count starts afresh.
+CLASS_HEAD_PREFIXES = ("class_embed.",)
+
+
+def read_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Tensor], DETRConfig]:
+    """Reads any supported checkpoint into (state dict with official names, config)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(path, "no such file or directory")
+    if path.is_dir():
+        if is_native_directory(path):
+            return read_native_directory(path, map_location)
+        if is_hf_directory(path):
+            return read_hf_directory(path, map_location)
+        raise CheckpointError(
+            path, "unknown format: a directory needs detrkit.json (detrkit.save) or config.json "
+            "(Hugging Face save_pretrained) with its weights"
+        )
+    state_dict, args = split_official(path, read_torch_file(path, map_location))
+    detect_model_type(path, state_dict)
+    return state_dict, infer_detr_config(path, state_dict, args)
+
+
+def load_weights(
+    model: nn.Module, state_dict: dict[str, Tensor], path: str | os.PathLike,
+    reset_class_head: bool = False,
+) -> None:
+    """Loads ``state_dict`` into ``model`` after checking that every name and shape fits, so that
+    a mismatch is reported completely instead of one key at a time."""
+    state_dict = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    if reset_class_head:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(CLASS_HEAD_PREFIXES)}
+    expected = model.state_dict()
+    missing = [
+        k for k in expected
+        if k not in state_dict and not (reset_class_head and k.startswith(CLASS_HEAD_PREFIXES))
+    ]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in expected
+        if k in state_dict and state_dict[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {format_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {format_names(unexpected)}")
+    if mismatched:
+        problems.append(f"shapes that do not fit: {format_names(mismatched, limit=6)}")
+        if all(m.startswith(CLASS_HEAD_PREFIXES) for m in mismatched):
+            problems.append(
+                "the checkpoint has a different number of classes; to fine-tune with a new class "
+                "head, load it with detrkit.load(path, num_classes=N, reset_class_head=True)"
+            )
+    if problems:
+        raise CheckpointError(path, "; ".join(problems))
+    model.load_state_dict(state_dict, strict=not reset_class_head)
+
+
+def load(
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    reset_class_head: bool = False,
+    **overrides: Any,
+) -> nn.Module:
+    """Loads a ready model, in eval mode, from an official DETR checkpoint (.pth), a Hugging Face
+    ``save_pretrained`` directory or a directory written by :func:`detrkit.save`.
+
+    ``overrides`` change config fields the weights cannot tell (``dilation``, ``nheads``) or, with
+    ``reset_class_head=True``, the number of classes (the class head is then freshly initialised).
+    Raises :class:`CheckpointError` naming the file and the problem for any bad input.
+    """
+    state_dict, config = read_checkpoint(path, map_location)
+    if "num_classes" in overrides and overrides["num_classes"] != config.num_classes:
+        config = dataclasses.replace(config, class_names=None)
+    try:
+        config = dataclasses.replace(config, **overrides)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(path, f"invalid override: {error}") from None
+    model = model_from_config(config)
+    load_weights(model, state_dict, path, reset_class_head=reset_class_head)
+    return model.to(map_location).eval()

@@ -1,0 +1,101 @@
+"""detrkit's own format: a directory with ``model.safetensors`` and ``detrkit.json`` (the config)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from detrkit.checkpoints.errors import CheckpointError
+from detrkit.models.config import DETRConfig
+
+CONFIG_FILE = "detrkit.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+CONFIG_TYPES = {"detr": DETRConfig}
+
+
+def is_native_directory(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG_FILE).is_file()
+
+
+def _write_atomically(target: Path, write: Any) -> None:
+    """Writes through a temporary file in the same directory, fsyncs, then renames over
+    ``target``: a reader sees the old file or the new one, never half of one."""
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Saves ``model`` (weights and config) to ``directory`` in detrkit's format; returns it."""
+    from safetensors.torch import save_file
+
+    from detrkit import __version__
+
+    config = getattr(model, "config", None)
+    if not isinstance(config, tuple(CONFIG_TYPES.values())):
+        raise TypeError("save() takes a detrkit model (one with a .config built by build_model)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {
+        "format": "detrkit",
+        "format_version": FORMAT_VERSION,
+        "detrkit_version": __version__,
+        "config": config.to_dict(),
+    }
+    _write_atomically(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p))
+    _write_atomically(
+        directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n")
+    )
+    return directory
+
+
+def read_native_directory(
+    path: Path, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Tensor], DETRConfig]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config_file = path / CONFIG_FILE
+    try:
+        meta = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(config_file, f"not a readable JSON config: {error}") from None
+    if not isinstance(meta, dict) or meta.get("format") != "detrkit":
+        raise CheckpointError(config_file, "not a detrkit config (no \"format\": \"detrkit\")")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            config_file, f"format version {meta['format_version']} is newer than this detrkit "
+            f"reads ({FORMAT_VERSION}); upgrade detrkit"
+        )
+    values = dict(meta.get("config") or {})
+    model_type = values.get("model_type", "detr")
+    if model_type not in CONFIG_TYPES:
+        raise CheckpointError(config_file, f"unknown model_type {model_type!r}")
+    try:
+        config = CONFIG_TYPES[model_type].from_dict(values)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(config_file, f"invalid config: {error}") from None
+
+    weights_file = path / WEIGHTS_FILE
+    if not weights_file.is_file():
+        raise CheckpointError(path, f"no {WEIGHTS_FILE} next to {CONFIG_FILE}")
+    try:
+        state_dict = load_file(weights_file, device=str(map_location))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(weights_file, f"not a readable safetensors file: {error}") from None
+    return state_dict, config

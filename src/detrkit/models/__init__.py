@@ -1,0 +1,7 @@
+"""Detection models: backbone -> position encoding -> transformer -> heads."""
+
+from detrkit.models.config import DETRConfig
+from detrkit.models.detr import DETR
+from detrkit.models.presets import PRESETS, available_models, build_config, build_model
+
+__all__ = ["DETR", "PRESETS", "DETRConfig", "available_models", "build_config", "build_model"]

@@ -1,0 +1,54 @@
+"""The table of named model presets and ``build_model``, the one way to create a model."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from detrkit.models.config import DETRConfig
+from detrkit.models.detr import DETR
+
+PRESETS: dict[str, DETRConfig] = {
+    "detr_r50": DETRConfig(backbone="resnet50"),
+    "detr_r50_dc5": DETRConfig(backbone="resnet50", dilation=True),
+    "detr_r101": DETRConfig(backbone="resnet101"),
+    "detr_r101_dc5": DETRConfig(backbone="resnet101", dilation=True),
+}
+
+
+def available_models() -> list[str]:
+    """Names accepted by :func:`build_model`."""
+    return sorted(PRESETS)
+
+
+def build_config(name: str, **overrides: Any) -> DETRConfig:
+    """The preset's config with ``overrides`` applied (unknown fields are an error)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+    preset = PRESETS[name]
+    known = {f.name for f in dataclasses.fields(preset) if f.init}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown options for {name}: {', '.join(unknown)}")
+    return dataclasses.replace(preset, **overrides)
+
+
+def model_from_config(config: DETRConfig) -> nn.Module:
+    """Instantiates the model a config describes."""
+    if isinstance(config, DETRConfig):
+        return DETR(config)
+    raise TypeError(f"unsupported config type {type(config).__name__}")
+
+
+def build_model(name: str | DETRConfig, **overrides: Any) -> nn.Module:
+    """Creates a randomly initialised model from a preset name (or a config) and overrides.
+
+    >>> model = build_model("detr_r50", num_classes=20)
+    """
+    if isinstance(name, str):
+        config = build_config(name, **overrides)
+    else:
+        config = dataclasses.replace(name, **overrides)
+    return model_from_config(config)
