@@ -1,16 +1,21 @@
 """detrkit: DETR and Deformable DETR, faithful to the originals and loadable from their checkpoints."""
 
 from detrkit.checkpoints import CheckpointError, load, save
-from detrkit.models import DETRConfig, available_models, build_model
-
+from detrkit.data import pad_images
+from detrkit.loss import HungarianMatcher, SetCriterion
+from detrkit.models import DETRConfig, PostProcess, available_models, build_model
 from detrkit.version import __version__
 
 __all__ = [
     "CheckpointError",
     "DETRConfig",
+    "HungarianMatcher",
+    "PostProcess",
+    "SetCriterion",
     "__version__",
     "available_models",
     "build_model",
     "load",
+    "pad_images",
     "save",
 ]

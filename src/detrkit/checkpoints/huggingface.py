@@ -30,32 +30,53 @@ _RENAMES: list[tuple[str, str]] = [
     # transformers' own ResNet
     (_BACKBONE + r"embedder\.embedder\.convolution\.", "backbone.0.body.conv1."),
     (_BACKBONE + r"embedder\.embedder\.normalization\.", "backbone.0.body.bn1."),
-    (_BACKBONE + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\.",
-     r"backbone.0.body.layer<\1+1>.\2.downsample.0."),
-    (_BACKBONE + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\.",
-     r"backbone.0.body.layer<\1+1>.\2.downsample.1."),
-    (_BACKBONE + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.convolution\.",
-     r"backbone.0.body.layer<\1+1>.\2.conv<\3+1>."),
-    (_BACKBONE + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.normalization\.",
-     r"backbone.0.body.layer<\1+1>.\2.bn<\3+1>."),
+    (
+        _BACKBONE + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\.",
+        r"backbone.0.body.layer<\1+1>.\2.downsample.0.",
+    ),
+    (
+        _BACKBONE + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\.",
+        r"backbone.0.body.layer<\1+1>.\2.downsample.1.",
+    ),
+    (
+        _BACKBONE + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.convolution\.",
+        r"backbone.0.body.layer<\1+1>.\2.conv<\3+1>.",
+    ),
+    (
+        _BACKBONE + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.normalization\.",
+        r"backbone.0.body.layer<\1+1>.\2.bn<\3+1>.",
+    ),
     # timm's ResNet already uses torchvision's names
     (_BACKBONE, "backbone.0.body."),
-    (r"(?:model\.)?(?:backbone\.)?position_embedding(?:s)?\.row_embeddings\.", "backbone.1.row_embed."),
-    (r"(?:model\.)?(?:backbone\.)?position_embedding(?:s)?\.column_embeddings\.",
-     "backbone.1.col_embed."),
+    (
+        r"(?:model\.)?(?:backbone\.)?position_embedding(?:s)?\.row_embeddings\.",
+        "backbone.1.row_embed.",
+    ),
+    (
+        r"(?:model\.)?(?:backbone\.)?position_embedding(?:s)?\.column_embeddings\.",
+        "backbone.1.col_embed.",
+    ),
     (r"(?:model\.)?input_projection\.", "input_proj."),
     (r"(?:model\.)?query_position_embeddings\.", "query_embed."),
     (_LAYER + r"self_attn\.(q|k|v)_proj\.", r"transformer.\1.layers.\2.self_attn.<\3>."),
     (_LAYER + r"encoder_attn\.(q|k|v)_proj\.", r"transformer.\1.layers.\2.multihead_attn.<\3>."),
     (_LAYER + r"self_attn\.(?:out|o)_proj\.", r"transformer.\1.layers.\2.self_attn.out_proj."),
-    (_LAYER + r"encoder_attn\.(?:out|o)_proj\.",
-     r"transformer.\1.layers.\2.multihead_attn.out_proj."),
+    (
+        _LAYER + r"encoder_attn\.(?:out|o)_proj\.",
+        r"transformer.\1.layers.\2.multihead_attn.out_proj.",
+    ),
     (_LAYER + r"self_attn_layer_norm\.", r"transformer.\1.layers.\2.norm1."),
     (_LAYER + r"encoder_attn_layer_norm\.", r"transformer.\1.layers.\2.norm2."),
     (_LAYER + r"(?:mlp\.)?fc1\.", r"transformer.\1.layers.\2.linear1."),
     (_LAYER + r"(?:mlp\.)?fc2\.", r"transformer.\1.layers.\2.linear2."),
-    (r"(?:model\.)?encoder\.layers\.(\d+)\.final_layer_norm\.", r"transformer.encoder.layers.\1.norm2."),
-    (r"(?:model\.)?decoder\.layers\.(\d+)\.final_layer_norm\.", r"transformer.decoder.layers.\1.norm3."),
+    (
+        r"(?:model\.)?encoder\.layers\.(\d+)\.final_layer_norm\.",
+        r"transformer.encoder.layers.\1.norm2.",
+    ),
+    (
+        r"(?:model\.)?decoder\.layers\.(\d+)\.final_layer_norm\.",
+        r"transformer.decoder.layers.\1.norm3.",
+    ),
     (r"(?:model\.)?decoder\.layernorm\.", "transformer.decoder.norm."),
     (r"class_labels_classifier\.", "class_embed."),
     (r"bbox_predictor\.", "bbox_embed."),
@@ -69,7 +90,7 @@ def _rename(key: str) -> str | None:
     for pattern, replacement in _COMPILED:
         match = pattern.match(key)
         if match:
-            renamed = match.expand(replacement) + key[match.end():]
+            renamed = match.expand(replacement) + key[match.end() :]
             # Stages and convs count from 0 in transformers' ResNet, from 1 in torchvision's.
             return _PLUS_ONE.sub(lambda m: str(int(m.group(1)) + 1), renamed)
     return None
@@ -128,8 +149,8 @@ def read_hf_directory(
         )
     if any("Segmentation" in a for a in architectures):
         raise CheckpointError(
-            config_file, f"{architectures[0]} is a segmentation model; detrkit builds detection "
-            "models only"
+            config_file,
+            f"{architectures[0]} is a segmentation model; detrkit builds detection models only",
         )
     hf_state_dict = _read_hf_weights(path, map_location)
     state_dict = convert_hf_state_dict(path, hf_state_dict)
@@ -138,8 +159,7 @@ def read_hf_directory(
     args = {
         "nheads": hf_config.get("encoder_attention_heads", 8),
         "dropout": hf_config.get("dropout", 0.1),
-        "dilation": hf_config.get("dilation", False)
-        or backbone_config.get("output_stride") == 16,
+        "dilation": hf_config.get("dilation", False) or backbone_config.get("output_stride") == 16,
     }
     config = infer_detr_config(path, state_dict, args)
     id2label = hf_config.get("id2label") or {}

@@ -39,8 +39,9 @@ def read_checkpoint(
         if is_hf_directory(path):
             return read_hf_directory(path, map_location)
         raise CheckpointError(
-            path, "unknown format: a directory needs detrkit.json (detrkit.save) or config.json "
-            "(Hugging Face save_pretrained) with its weights"
+            path,
+            "unknown format: a directory needs detrkit.json (detrkit.save) or config.json "
+            "(Hugging Face save_pretrained) with its weights",
         )
     state_dict, args = split_official(path, read_torch_file(path, map_location))
     detect_model_type(path, state_dict)
@@ -48,7 +49,9 @@ def read_checkpoint(
 
 
 def load_weights(
-    model: nn.Module, state_dict: dict[str, Tensor], path: str | os.PathLike,
+    model: nn.Module,
+    state_dict: dict[str, Tensor],
+    path: str | os.PathLike,
     reset_class_head: bool = False,
 ) -> None:
     """Loads ``state_dict`` into ``model`` after checking that every name and shape fits, so that
@@ -58,7 +61,8 @@ def load_weights(
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(CLASS_HEAD_PREFIXES)}
     expected = model.state_dict()
     missing = [
-        k for k in expected
+        k
+        for k in expected
         if k not in state_dict and not (reset_class_head and k.startswith(CLASS_HEAD_PREFIXES))
     ]
     unexpected = [k for k in state_dict if k not in expected]

@@ -76,11 +76,12 @@ def read_native_directory(
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(config_file, f"not a readable JSON config: {error}") from None
     if not isinstance(meta, dict) or meta.get("format") != "detrkit":
-        raise CheckpointError(config_file, "not a detrkit config (no \"format\": \"detrkit\")")
+        raise CheckpointError(config_file, 'not a detrkit config (no "format": "detrkit")')
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
-            config_file, f"format version {meta['format_version']} is newer than this detrkit "
-            f"reads ({FORMAT_VERSION}); upgrade detrkit"
+            config_file,
+            f"format version {meta['format_version']} is newer than this detrkit "
+            f"reads ({FORMAT_VERSION}); upgrade detrkit",
         )
     values = dict(meta.get("config") or {})
     model_type = values.get("model_type", "detr")

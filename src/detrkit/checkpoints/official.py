@@ -31,8 +31,9 @@ def read_torch_file(path: Path, map_location: str | torch.device = "cpu") -> Any
         # weights_only refuses any global that is not allow-listed; say which, briefly.
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise CheckpointError(
-            path, f"refused to unpickle: the file asks for code or objects that a checkpoint "
-            f"does not hold ({first_line})"
+            path,
+            f"refused to unpickle: the file asks for code or objects that a checkpoint "
+            f"does not hold ({first_line})",
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as error:
         raise CheckpointError(
@@ -57,8 +58,9 @@ def split_official(path: Path, obj: Any) -> tuple[dict[str, Tensor], dict[str, A
         isinstance(k, str) and isinstance(v, Tensor) for k, v in state_dict.items()
     ):
         raise CheckpointError(
-            path, "unknown format: no state dict of named tensors (expected a 'model' entry "
-            "or a bare state dict)"
+            path,
+            "unknown format: no state dict of named tensors (expected a 'model' entry "
+            "or a bare state dict)",
         )
     return state_dict, args
 
@@ -104,8 +106,8 @@ def detect_model_type(path: Path, state_dict: dict[str, Tensor]) -> str:
         state_dict
     ):
         raise CheckpointError(
-            path, "this is a DETR panoptic segmentation checkpoint; detrkit builds detection "
-            "models only"
+            path,
+            "this is a DETR panoptic segmentation checkpoint; detrkit builds detection models only",
         )
     if "transformer.level_embed" in state_dict:
         raise CheckpointError(path, "Deformable DETR checkpoints are not supported yet")

@@ -1,0 +1,6 @@
+"""Set prediction loss: Hungarian matching and the criterion built on it."""
+
+from detrkit.loss.criterion import SetCriterion
+from detrkit.loss.matcher import HungarianMatcher
+
+__all__ = ["HungarianMatcher", "SetCriterion"]

@@ -45,7 +45,9 @@ class PositionEmbeddingSine(nn.Module):
             x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] + self.eps) * self.scale
 
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
-        dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)  # [F]: pairs share a freq
+        dim_t = self.temperature ** (
+            2 * (dim_t // 2) / self.num_pos_feats
+        )  # [F]: pairs share a freq
 
         pos_x = x_embed[:, :, :, None] / dim_t  # [B, H, W, F]
         pos_y = y_embed[:, :, :, None] / dim_t
