@@ -20,6 +20,14 @@ from detrkit.models.config import DETRConfig
 
 # The only globals an official checkpoint's pickle may name besides torch's tensor machinery.
 SAFE_GLOBALS = [argparse.Namespace]
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _reason(error: Exception) -> str:
+    """The line of torch's unpickling message that says what is wrong with the file."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines[1:] if not line.startswith(("Check the doc", "Please file"))]
+    return (useful or lines or [repr(error)])[-1].removeprefix("WeightsUnpickler error:").strip()
 
 
 def read_torch_file(path: Path, map_location: str | torch.device = "cpu") -> Any:
@@ -28,12 +36,16 @@ def read_torch_file(path: Path, map_location: str | torch.device = "cpu") -> Any
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        # weights_only refuses any global that is not allow-listed; say which, briefly.
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        # torch wraps the reason in advice to retry with weights_only=False; never do that.
+        refused = _REFUSED_GLOBAL.search(str(error))
+        if refused:
+            raise CheckpointError(
+                path,
+                f"refused to unpickle: the file asks for the global {refused.group(1)}, which a "
+                "checkpoint does not need; nothing in it was run",
+            ) from None
         raise CheckpointError(
-            path,
-            f"refused to unpickle: the file asks for code or objects that a checkpoint "
-            f"does not hold ({first_line})",
+            path, f"not a readable PyTorch checkpoint (corrupt?): {_reason(error)}"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as error:
         raise CheckpointError(

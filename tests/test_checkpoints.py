@@ -1,0 +1,230 @@
+"""Loading and saving: official files, detrkit's format, and every kind of bad input."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+
+import pytest
+import torch
+
+import detrkit
+from conftest import padded_batch, small_detr
+from detrkit import CheckpointError
+
+
+def official_args(**values) -> argparse.Namespace:
+    """The training arguments the original main.py stores (the fields detrkit reads, and others)."""
+    defaults = dict(
+        lr=1e-4,
+        lr_backbone=1e-5,
+        batch_size=2,
+        epochs=300,
+        backbone="resnet50",
+        dilation=False,
+        position_embedding="sine",
+        enc_layers=6,
+        dec_layers=6,
+        dim_feedforward=2048,
+        hidden_dim=256,
+        dropout=0.1,
+        nheads=8,
+        num_queries=100,
+        pre_norm=False,
+        masks=False,
+        aux_loss=True,
+        dataset_file="coco",
+        output_dir="",
+        device="cuda",
+        seed=42,
+    )
+    defaults.update(values)
+    return argparse.Namespace(**defaults)
+
+
+def write_official(model, path, args=None, bare=False):
+    """Writes a checkpoint with the structure of the DETR authors' published files."""
+    if bare:
+        torch.save(model.state_dict(), path)
+        return path
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 200)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": scheduler.state_dict(),
+            "epoch": 299,
+            "args": args,
+        },
+        path,
+    )
+    return path
+
+
+def outputs_of(model):
+    images, mask = padded_batch()
+    with torch.no_grad():
+        return model.eval()(images, mask)
+
+
+def assert_same_outputs(a, b):
+    torch.testing.assert_close(a["pred_logits"], b["pred_logits"], rtol=0, atol=0)
+    torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"], rtol=0, atol=0)
+    for x, y in zip(a["aux_outputs"], b["aux_outputs"], strict=True):
+        torch.testing.assert_close(x["pred_logits"], y["pred_logits"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "args_values", "bare"),
+    [
+        ({}, {}, False),
+        ({"dilation": True}, {"dilation": True}, False),  # DC5: only args can tell
+        ({"nheads": 4, "pre_norm": True, "position_embedding": "learned"}, {"nheads": 4}, False),
+        ({}, None, True),  # a bare state dict: the variant comes from the weights alone
+    ],
+)
+def test_official_layout_round_trip(tmp_path, overrides, args_values, bare):
+    model = small_detr(**overrides)
+    args = None if args_values is None else official_args(**args_values)
+    path = write_official(model, tmp_path / "detr.pth", args=args, bare=bare)
+
+    loaded = detrkit.load(path)
+    assert not loaded.training
+    for field in (
+        "dilation",
+        "nheads",
+        "pre_norm",
+        "position_embedding",
+        "enc_layers",
+        "dec_layers",
+        "num_queries",
+        "num_classes",
+        "dim_feedforward",
+        "backbone",
+    ):
+        assert getattr(loaded.config, field) == getattr(model.config, field), field
+    assert_same_outputs(outputs_of(loaded), outputs_of(model))
+
+
+def test_resnet101_is_recognised_from_its_weights(tmp_path):
+    model = detrkit.build_model("detr_r101", enc_layers=1, dec_layers=1, dim_feedforward=32)
+    loaded = detrkit.load(write_official(model, tmp_path / "r101.pth", bare=True))
+    assert loaded.config.backbone == "resnet101"
+
+
+def test_native_round_trip(tmp_path):
+    model = small_detr(class_names=[f"c{i}" for i in range(7)])
+    detrkit.save(model, tmp_path / "ckpt")
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["detrkit.json", "model.safetensors"]
+    loaded = detrkit.load(tmp_path / "ckpt")
+    assert loaded.config == model.config
+    assert_same_outputs(outputs_of(loaded), outputs_of(model))
+
+
+def test_missing_file():
+    with pytest.raises(CheckpointError, match="no such file"):
+        detrkit.load("/nonexistent/detr.pth")
+
+
+def test_truncated_and_corrupt_files(tmp_path):
+    path = write_official(small_detr(), tmp_path / "good.pth", args=official_args())
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(data[: len(data) // 2])
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(os.urandom(4096))
+    for bad in (truncated, corrupt):
+        with pytest.raises(CheckpointError, match=f"{bad.name}: not a readable PyTorch checkpoint"):
+            detrkit.load(bad)
+
+    detrkit.save(small_detr(), tmp_path / "native")
+    weights = tmp_path / "native" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        detrkit.load(tmp_path / "native")
+    (tmp_path / "native" / "detrkit.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="detrkit.json"):
+        detrkit.load(tmp_path / "native")
+
+
+class RunsCode:
+    """A pickle payload that would run a shell command when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_malicious_pickle_is_refused_and_never_run(tmp_path, writer):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    payload = {"model": {"query_embed.weight": RunsCode(marker)}}
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=2))  # the legacy torch format
+    with pytest.raises(CheckpointError, match=r"refused to unpickle: .*global \S*system"):
+        detrkit.load(path)
+    assert not marker.exists()
+
+
+def test_malicious_hf_bin_is_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    transformers.DetrConfig(encoder_layers=1, decoder_layers=1).save_pretrained(tmp_path)
+    marker = tmp_path / "pwned"
+    torch.save({"class_labels_classifier.weight": RunsCode(marker)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+        detrkit.load(tmp_path)
+    assert not marker.exists()
+
+
+def test_unknown_formats(tmp_path):
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(CheckpointError, match="unknown format"):
+        detrkit.load(tmp_path / "empty_dir")
+    torch.save({"weights": [1, 2, 3]}, tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="unknown format"):
+        detrkit.load(tmp_path / "list.pth")
+    torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "classifier.pth")
+    with pytest.raises(CheckpointError, match="not a DETR"):
+        detrkit.load(tmp_path / "classifier.pth")
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path):
+    state_dict = small_detr().state_dict()
+    del state_dict["transformer.decoder.norm.weight"]
+    state_dict["extra_head.weight"] = torch.zeros(3)
+    torch.save({"model": state_dict, "args": official_args()}, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError) as info:
+        detrkit.load(tmp_path / "odd.pth")
+    message = str(info.value)
+    assert "odd.pth" in message
+    assert "missing keys: transformer.decoder.norm.weight" in message
+    assert "unexpected keys: extra_head.weight" in message
+
+
+def test_new_number_of_classes(tmp_path):
+    model = small_detr()
+    path = write_official(model, tmp_path / "detr.pth", args=official_args())
+    with pytest.raises(CheckpointError, match="reset_class_head=True") as info:
+        detrkit.load(path, num_classes=3)
+    assert "class_embed.weight (checkpoint (8, 256), model (4, 256))" in str(info.value)
+
+    fine_tune = detrkit.load(path, num_classes=3, reset_class_head=True)
+    assert fine_tune.class_embed.out_features == 4
+    original = model.state_dict()
+    for name, tensor in fine_tune.state_dict().items():
+        if not name.startswith("class_embed."):
+            assert torch.equal(tensor, original[name]), name
+
+
+def test_panoptic_checkpoint_is_named(tmp_path):
+    state_dict = {f"detr.{k}": v for k, v in small_detr().state_dict().items()}
+    torch.save({"model": state_dict}, tmp_path / "panoptic.pth")
+    with pytest.raises(CheckpointError, match="panoptic"):
+        detrkit.load(tmp_path / "panoptic.pth")
