@@ -142,10 +142,10 @@ def test_truncated_and_corrupt_files(tmp_path):
     detrkit.save(small_detr(), tmp_path / "native")
     weights = tmp_path / "native" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
         detrkit.load(tmp_path / "native")
     (tmp_path / "native" / "detrkit.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="detrkit.json"):
+    with pytest.raises(CheckpointError, match=r"detrkit\.json"):
         detrkit.load(tmp_path / "native")
 
 
@@ -178,7 +178,7 @@ def test_malicious_hf_bin_is_refused(tmp_path):
     transformers.DetrConfig(encoder_layers=1, decoder_layers=1).save_pretrained(tmp_path)
     marker = tmp_path / "pwned"
     torch.save({"class_labels_classifier.weight": RunsCode(marker)}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin"):
         detrkit.load(tmp_path)
     assert not marker.exists()
 
