@@ -1,0 +1,1 @@
+"""The ``detrkit`` command line."""

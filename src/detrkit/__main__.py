@@ -1,0 +1,5 @@
+import sys
+
+from detrkit.cli.main import main
+
+sys.exit(main())

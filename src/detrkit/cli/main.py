@@ -1,0 +1,82 @@
+"""The ``detrkit`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from detrkit.checkpoints import CheckpointError, load, save
+from detrkit.models import PRESETS
+from detrkit.version import __version__
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Lists the model presets."""
+    for name, config in sorted(PRESETS.items()):
+        print(
+            f"{name:16s} backbone={config.backbone} dilation={config.dilation} "
+            f"queries={config.num_queries} layers={config.enc_layers}+{config.dec_layers}"
+        )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Loads a checkpoint and prints its model config and size."""
+    model = load(args.weights)
+    parameters = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    report = {
+        "weights": str(args.weights),
+        "config": model.config.to_dict(),
+        "parameters": parameters,
+        "trainable_parameters": trainable,
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Converts any checkpoint detrkit reads to detrkit's own format."""
+    model = load(args.weights)
+    directory = save(model, args.out)
+    print(f"wrote {directory} ({model.config.model_type}, {model.config.num_classes} classes)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="detrkit", description="DETR and Deformable DETR: load, convert, inspect."
+    )
+    parser.add_argument("--version", action="version", version=f"detrkit {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    models = commands.add_parser("models", help="list the model presets")
+    models.set_defaults(run=cmd_models)
+
+    weights_help = (
+        "an official DETR .pth, a Hugging Face save_pretrained directory or a detrkit directory"
+    )
+    inspect = commands.add_parser("inspect", help="print a checkpoint's model config")
+    inspect.add_argument("weights", help=weights_help)
+    inspect.set_defaults(run=cmd_inspect)
+
+    convert = commands.add_parser("convert", help="convert a checkpoint to detrkit's format")
+    convert.add_argument("weights", help=weights_help)
+    convert.add_argument("--out", required=True, help="output directory")
+    convert.set_defaults(run=cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except CheckpointError as error:
+        print(f"detrkit: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
