@@ -49,7 +49,7 @@ def test_pad_images():
     assert images[1, :, :, 2:].abs().sum() == 0 and images[1, :, :, :2].eq(2).all()
     with pytest.raises(ValueError, match="image 1 has shape"):
         pad_images([torch.ones(3, 4, 4), torch.ones(4, 4)])
-    with pytest.raises(ValueError, match="image 1 .*differs from image 0"):
+    with pytest.raises(ValueError, match=r"image 1 .*differs from image 0"):
         pad_images([torch.ones(3, 4, 4), torch.ones(1, 4, 4)])
     with pytest.raises(ValueError, match="at least one"):
         pad_images([])
