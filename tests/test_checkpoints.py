@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import random
 
 import pytest
 import torch
@@ -133,9 +134,13 @@ def test_truncated_and_corrupt_files(tmp_path):
     data = path.read_bytes()
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(data[: len(data) // 2])
-    corrupt = tmp_path / "corrupt.pth"
-    corrupt.write_bytes(os.urandom(4096))
-    for bad in (truncated, corrupt):
+    generator = random.Random(0)
+    corrupt = []
+    for i in range(30):  # random bytes, some behind a pickle's or a zip file's first bytes
+        blob = bytes(generator.randrange(256) for _ in range(512))
+        corrupt.append(tmp_path / f"corrupt{i}.pth")
+        corrupt[-1].write_bytes([b"", b"\x80\x02", b"PK\x03\x04"][i % 3] + blob)
+    for bad in (truncated, *corrupt):
         with pytest.raises(CheckpointError, match=f"{bad.name}: not a readable PyTorch checkpoint"):
             detrkit.load(bad)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +46,9 @@ def read_torch_file(path: Path, map_location: str | torch.device = "cpu") -> Any
         raise CheckpointError(
             path, f"not a readable PyTorch checkpoint (corrupt?): {_reason(error)}"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as error:
+    except Exception as error:  # arbitrary bytes can make the unpickler fail in any way
         raise CheckpointError(
-            path, f"not a readable PyTorch checkpoint (truncated or corrupt?): {error}"
+            path, f"not a readable PyTorch checkpoint (truncated or corrupt?): {_reason(error)}"
         ) from None
 
 
