@@ -115,6 +115,14 @@ def test_resnet101_is_recognised_from_its_weights(tmp_path):
     assert loaded.config.backbone == "resnet101"
 
 
+def test_bare_safetensors_file(tmp_path):
+    from safetensors.torch import save_file
+
+    model = small_detr()
+    save_file(model.state_dict(), tmp_path / "detr.safetensors")
+    assert_same_outputs(outputs_of(detrkit.load(tmp_path / "detr.safetensors")), outputs_of(model))
+
+
 def test_native_round_trip(tmp_path):
     model = small_detr(class_names=[f"c{i}" for i in range(7)])
     detrkit.save(model, tmp_path / "ckpt")

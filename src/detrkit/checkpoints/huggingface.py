@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from detrkit.checkpoints.errors import CheckpointError, format_names
+from detrkit.checkpoints.native import read_safetensors
 from detrkit.checkpoints.official import infer_detr_config, read_torch_file
 from detrkit.models.config import DETRConfig
 
@@ -170,17 +171,9 @@ def read_hf_directory(
 
 
 def _read_hf_weights(path: Path, map_location: str | torch.device) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     safetensors_file = path / HF_WEIGHT_FILES[0]
     if safetensors_file.is_file():
-        try:
-            return load_file(safetensors_file, device=str(map_location))
-        except (SafetensorError, OSError) as error:
-            raise CheckpointError(
-                safetensors_file, f"not a readable safetensors file: {error}"
-            ) from None
+        return read_safetensors(safetensors_file, map_location)
     bin_file = path / HF_WEIGHT_FILES[1]
     if bin_file.is_file():
         return read_torch_file(bin_file, map_location)

@@ -12,7 +12,11 @@ from torch import Tensor, nn
 
 from detrkit.checkpoints.errors import CheckpointError, format_names
 from detrkit.checkpoints.huggingface import is_hf_directory, read_hf_directory
-from detrkit.checkpoints.native import is_native_directory, read_native_directory
+from detrkit.checkpoints.native import (
+    is_native_directory,
+    read_native_directory,
+    read_safetensors,
+)
 from detrkit.checkpoints.official import (
     detect_model_type,
     infer_detr_config,
@@ -43,7 +47,10 @@ def read_checkpoint(
             "unknown format: a directory needs detrkit.json (detrkit.save) or config.json "
             "(Hugging Face save_pretrained) with its weights",
         )
-    state_dict, args = split_official(path, read_torch_file(path, map_location))
+    if path.suffix == ".safetensors":  # official names in a bare safetensors file
+        state_dict, args = read_safetensors(path, map_location), {}
+    else:
+        state_dict, args = split_official(path, read_torch_file(path, map_location))
     detect_model_type(path, state_dict)
     return state_dict, infer_detr_config(path, state_dict, args)
 

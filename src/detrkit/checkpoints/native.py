@@ -64,12 +64,20 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def read_native_directory(
-    path: Path, map_location: str | torch.device = "cpu"
-) -> tuple[dict[str, Tensor], DETRConfig]:
+def read_safetensors(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """All tensors of a safetensors file; a damaged file raises CheckpointError."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(path, device=str(map_location))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(path, f"not a readable safetensors file: {error}") from None
+
+
+def read_native_directory(
+    path: Path, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Tensor], DETRConfig]:
     config_file = path / CONFIG_FILE
     try:
         meta = json.loads(config_file.read_text())
@@ -95,8 +103,4 @@ def read_native_directory(
     weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():
         raise CheckpointError(path, f"no {WEIGHTS_FILE} next to {CONFIG_FILE}")
-    try:
-        state_dict = load_file(weights_file, device=str(map_location))
-    except (SafetensorError, OSError) as error:
-        raise CheckpointError(weights_file, f"not a readable safetensors file: {error}") from None
-    return state_dict, config
+    return read_safetensors(weights_file, map_location), config
