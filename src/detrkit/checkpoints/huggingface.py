@@ -18,77 +18,92 @@ from torch import Tensor
 
 from detrkit.checkpoints.errors import CheckpointError, format_names
 from detrkit.checkpoints.native import read_safetensors
-from detrkit.checkpoints.official import infer_detr_config, read_torch_file
-from detrkit.models.config import DETRConfig
+from detrkit.checkpoints.official import infer_config, read_torch_file
+from detrkit.models.config import ModelConfig
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 _BACKBONE = r"(?:model\.)?backbone\.(?:conv_encoder\.)?model\."
-_LAYER = r"(?:model\.)?(encoder|decoder)\.layers\.(\d+)\."
+_ENC = r"(?:model\.)?encoder\.layers\.(\d+)\."
+_DEC = r"(?:model\.)?decoder\.layers\.(\d+)\."
+_STAGE = _BACKBONE + r"encoder\.stages\.(\d+)\.layers\.(\d+)\."
 
-# (pattern, replacement) applied in order; the first that matches renames the key.
-_RENAMES: list[tuple[str, str]] = [
+# (pattern, replacement) applied in order; the first that matches renames the key. ``<i+1>``
+# increments an index: stages and convs count from 0 in transformers' ResNet, from 1 in torchvision.
+_BACKBONE_RENAMES: list[tuple[str, str]] = [
     # transformers' own ResNet
     (_BACKBONE + r"embedder\.embedder\.convolution\.", "backbone.0.body.conv1."),
     (_BACKBONE + r"embedder\.embedder\.normalization\.", "backbone.0.body.bn1."),
-    (
-        _BACKBONE + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\.",
-        r"backbone.0.body.layer<\1+1>.\2.downsample.0.",
-    ),
-    (
-        _BACKBONE + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\.",
-        r"backbone.0.body.layer<\1+1>.\2.downsample.1.",
-    ),
-    (
-        _BACKBONE + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.convolution\.",
-        r"backbone.0.body.layer<\1+1>.\2.conv<\3+1>.",
-    ),
-    (
-        _BACKBONE + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.normalization\.",
-        r"backbone.0.body.layer<\1+1>.\2.bn<\3+1>.",
-    ),
+    (_STAGE + r"shortcut\.convolution\.", r"backbone.0.body.layer<\1+1>.\2.downsample.0."),
+    (_STAGE + r"shortcut\.normalization\.", r"backbone.0.body.layer<\1+1>.\2.downsample.1."),
+    (_STAGE + r"layer\.(\d+)\.convolution\.", r"backbone.0.body.layer<\1+1>.\2.conv<\3+1>."),
+    (_STAGE + r"layer\.(\d+)\.normalization\.", r"backbone.0.body.layer<\1+1>.\2.bn<\3+1>."),
     # timm's ResNet already uses torchvision's names
     (_BACKBONE, "backbone.0.body."),
+    (r"(?:model\.)?(?:backbone\.)?position_embeddings?\.row_embeddings\.", "backbone.1.row_embed."),
     (
-        r"(?:model\.)?(?:backbone\.)?position_embedding(?:s)?\.row_embeddings\.",
-        "backbone.1.row_embed.",
-    ),
-    (
-        r"(?:model\.)?(?:backbone\.)?position_embedding(?:s)?\.column_embeddings\.",
+        r"(?:model\.)?(?:backbone\.)?position_embeddings?\.column_embeddings\.",
         "backbone.1.col_embed.",
     ),
-    (r"(?:model\.)?input_projection\.", "input_proj."),
     (r"(?:model\.)?query_position_embeddings\.", "query_embed."),
-    (_LAYER + r"self_attn\.(q|k|v)_proj\.", r"transformer.\1.layers.\2.self_attn.<\3>."),
-    (_LAYER + r"encoder_attn\.(q|k|v)_proj\.", r"transformer.\1.layers.\2.multihead_attn.<\3>."),
-    (_LAYER + r"self_attn\.(?:out|o)_proj\.", r"transformer.\1.layers.\2.self_attn.out_proj."),
+    # the feed-forward blocks of both models
+    (_ENC + r"(?:mlp\.)?fc1\.", r"transformer.encoder.layers.\1.linear1."),
+    (_ENC + r"(?:mlp\.)?fc2\.", r"transformer.encoder.layers.\1.linear2."),
+    (_ENC + r"self_attn_layer_norm\.", r"transformer.encoder.layers.\1.norm1."),
+    (_ENC + r"final_layer_norm\.", r"transformer.encoder.layers.\1.norm2."),
+    (_DEC + r"(?:mlp\.)?fc1\.", r"transformer.decoder.layers.\1.linear1."),
+    (_DEC + r"(?:mlp\.)?fc2\.", r"transformer.decoder.layers.\1.linear2."),
+    (_DEC + r"final_layer_norm\.", r"transformer.decoder.layers.\1.norm3."),
+    # decoder self-attention: nn.MultiheadAttention in both models (q/k/v stacked later)
+    (_DEC + r"self_attn\.(q|k|v)_proj\.", r"transformer.decoder.layers.\1.self_attn.<\2>."),
+    (_DEC + r"self_attn\.(?:out|o)_proj\.", r"transformer.decoder.layers.\1.self_attn.out_proj."),
+]
+
+_DETR_RENAMES: list[tuple[str, str]] = [
+    (r"(?:model\.)?input_projection\.", "input_proj."),
+    (_ENC + r"self_attn\.(q|k|v)_proj\.", r"transformer.encoder.layers.\1.self_attn.<\2>."),
+    (_ENC + r"self_attn\.(?:out|o)_proj\.", r"transformer.encoder.layers.\1.self_attn.out_proj."),
+    (_DEC + r"encoder_attn\.(q|k|v)_proj\.", r"transformer.decoder.layers.\1.multihead_attn.<\2>."),
     (
-        _LAYER + r"encoder_attn\.(?:out|o)_proj\.",
-        r"transformer.\1.layers.\2.multihead_attn.out_proj.",
+        _DEC + r"encoder_attn\.(?:out|o)_proj\.",
+        r"transformer.decoder.layers.\1.multihead_attn.out_proj.",
     ),
-    (_LAYER + r"self_attn_layer_norm\.", r"transformer.\1.layers.\2.norm1."),
-    (_LAYER + r"encoder_attn_layer_norm\.", r"transformer.\1.layers.\2.norm2."),
-    (_LAYER + r"(?:mlp\.)?fc1\.", r"transformer.\1.layers.\2.linear1."),
-    (_LAYER + r"(?:mlp\.)?fc2\.", r"transformer.\1.layers.\2.linear2."),
-    (
-        r"(?:model\.)?encoder\.layers\.(\d+)\.final_layer_norm\.",
-        r"transformer.encoder.layers.\1.norm2.",
-    ),
-    (
-        r"(?:model\.)?decoder\.layers\.(\d+)\.final_layer_norm\.",
-        r"transformer.decoder.layers.\1.norm3.",
-    ),
+    (_DEC + r"self_attn_layer_norm\.", r"transformer.decoder.layers.\1.norm1."),
+    (_DEC + r"encoder_attn_layer_norm\.", r"transformer.decoder.layers.\1.norm2."),
     (r"(?:model\.)?decoder\.layernorm\.", "transformer.decoder.norm."),
     (r"class_labels_classifier\.", "class_embed."),
     (r"bbox_predictor\.", "bbox_embed."),
 ]
-_COMPILED = [(re.compile(pattern), replacement) for pattern, replacement in _RENAMES]
+
+_DEFORMABLE_RENAMES: list[tuple[str, str]] = [
+    (r"(?:model\.)?input_proj\.", "input_proj."),
+    (_ENC + r"self_attn\.", r"transformer.encoder.layers.\1.self_attn."),
+    (_DEC + r"encoder_attn\.", r"transformer.decoder.layers.\1.cross_attn."),
+    # the original's decoder layer: norm1 after cross-attention, norm2 after self-attention
+    (_DEC + r"encoder_attn_layer_norm\.", r"transformer.decoder.layers.\1.norm1."),
+    (_DEC + r"self_attn_layer_norm\.", r"transformer.decoder.layers.\1.norm2."),
+    (r"(?:model\.)?decoder\.(bbox_embed|class_embed)\.", r"transformer.decoder.\1."),
+    (
+        r"model\.(level_embed|reference_points|enc_output_norm|enc_output|pos_trans_norm|pos_trans)",
+        r"transformer.\1",
+    ),
+    (r"(class_embed|bbox_embed)\.", r"\1."),
+]
+
+RENAMES = {
+    "detr": _BACKBONE_RENAMES + _DETR_RENAMES,
+    "deformable_detr": _BACKBONE_RENAMES + _DEFORMABLE_RENAMES,
+}
+_COMPILED = {
+    model_type: [(re.compile(pattern), replacement) for pattern, replacement in renames]
+    for model_type, renames in RENAMES.items()
+}
 _PLUS_ONE = re.compile(r"<(\d+)\+1>")
 _QKV = re.compile(r"^(.*)\.<(q|k|v)>\.(weight|bias)$")
 
 
-def _rename(key: str) -> str | None:
-    for pattern, replacement in _COMPILED:
+def _rename(key: str, model_type: str) -> str | None:
+    for pattern, replacement in _COMPILED[model_type]:
         match = pattern.match(key)
         if match:
             renamed = match.expand(replacement) + key[match.end() :]
@@ -97,16 +112,19 @@ def _rename(key: str) -> str | None:
     return None
 
 
-def convert_hf_state_dict(path: Path, hf_state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Renames a transformers DETR state dict to the official names; separate q/k/v projections
-    are stacked into ``in_proj_weight``/``in_proj_bias`` as ``nn.MultiheadAttention`` keeps them."""
+def convert_hf_state_dict(
+    path: Path, hf_state_dict: dict[str, Tensor], model_type: str = "detr"
+) -> dict[str, Tensor]:
+    """Renames a transformers state dict (``model_type`` "detr" or "deformable_detr") to the
+    official names; separate q/k/v projections are stacked into ``in_proj_weight``/``in_proj_bias``
+    as ``nn.MultiheadAttention`` keeps them."""
     state_dict: dict[str, Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
     unknown = []
     for key, tensor in hf_state_dict.items():
         if key.endswith("num_batches_tracked"):
             continue
-        renamed = _rename(key)
+        renamed = _rename(key, model_type)
         if renamed is None:
             unknown.append(key)
             continue
@@ -118,7 +136,7 @@ def convert_hf_state_dict(path: Path, hf_state_dict: dict[str, Tensor]) -> dict[
             state_dict[renamed] = tensor
     if unknown:
         raise CheckpointError(
-            path, f"unexpected keys for a DETR detection model: {format_names(unknown)}"
+            path, f"unexpected keys for a {model_type} detection model: {format_names(unknown)}"
         )
     for (module, kind), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
@@ -135,8 +153,9 @@ def is_hf_directory(path: Path) -> bool:
 
 def read_hf_directory(
     path: Path, map_location: str | torch.device = "cpu"
-) -> tuple[dict[str, Tensor], DETRConfig]:
-    """Reads a transformers DETR directory into official-named weights and a detrkit config."""
+) -> tuple[dict[str, Tensor], ModelConfig]:
+    """Reads a transformers DETR or Deformable DETR directory into official-named weights and a
+    detrkit config."""
     config_file = path / "config.json"
     try:
         hf_config: dict[str, Any] = json.loads(config_file.read_text())
@@ -144,30 +163,56 @@ def read_hf_directory(
         raise CheckpointError(config_file, f"not a readable JSON config: {error}") from None
     model_type = hf_config.get("model_type")
     architectures = hf_config.get("architectures") or []
-    if model_type != "detr":
+    if model_type not in RENAMES:
         raise CheckpointError(
-            config_file, f"model_type is {model_type!r}; detrkit reads 'detr' directories"
+            config_file,
+            f"model_type is {model_type!r}; detrkit reads 'detr' and 'deformable_detr' directories",
         )
     if any("Segmentation" in a for a in architectures):
         raise CheckpointError(
             config_file,
             f"{architectures[0]} is a segmentation model; detrkit builds detection models only",
         )
-    hf_state_dict = _read_hf_weights(path, map_location)
-    state_dict = convert_hf_state_dict(path, hf_state_dict)
+    state_dict = convert_hf_state_dict(path, _read_hf_weights(path, map_location), model_type)
 
     backbone_config = hf_config.get("backbone_config") or {}
     args = {
         "nheads": hf_config.get("encoder_attention_heads", 8),
         "dropout": hf_config.get("dropout", 0.1),
         "dilation": hf_config.get("dilation", False) or backbone_config.get("output_stride") == 16,
+        "num_queries": hf_config.get("num_queries"),
+        "enc_n_points": hf_config.get("encoder_n_points", 4),
+        "dec_n_points": hf_config.get("decoder_n_points", 4),
     }
-    config = infer_detr_config(path, state_dict, args)
+    if model_type == "deformable_detr":
+        _untie_heads(state_dict)
+    config = infer_config(path, state_dict, args)
     id2label = hf_config.get("id2label") or {}
     names = [id2label.get(str(i)) for i in range(config.num_classes)]
     if all(isinstance(name, str) for name in names):
         config.class_names = names
     return state_dict, config
+
+
+def _untie_heads(state_dict: dict[str, Tensor]) -> None:
+    """transformers saves tied heads once. Its tie table makes every layer's class (and box) head
+    the first one unless the decoder owns them (box refinement, two-stage), so a head missing from
+    the file is the first head, or the decoder's copy of it."""
+    for head in ("class_embed", "bbox_embed"):
+        indices = {
+            int(m.group(1))
+            for key in state_dict
+            if (m := re.match(rf"(?:transformer\.decoder\.)?{head}\.(\d+)\.", key))
+        }
+        for index in sorted(indices | {0}):
+            own = f"{head}.{index}."
+            if any(key.startswith(own) for key in state_dict):
+                continue
+            source = f"transformer.decoder.{head}.{index}."
+            if not any(key.startswith(source) for key in state_dict):
+                source = f"{head}.0."
+            for key in [k for k in state_dict if k.startswith(source)]:
+                state_dict[own + key[len(source) :]] = state_dict[key]
 
 
 def _read_hf_weights(path: Path, map_location: str | torch.device) -> dict[str, Tensor]:

@@ -16,23 +16,19 @@ from detrkit.checkpoints.native import (
     is_native_directory,
     read_native_directory,
     read_safetensors,
+    shared_names,
 )
-from detrkit.checkpoints.official import (
-    detect_model_type,
-    infer_detr_config,
-    read_torch_file,
-    split_official,
-)
-from detrkit.models.config import DETRConfig
+from detrkit.checkpoints.official import infer_config, read_torch_file, split_official
+from detrkit.models.config import ModelConfig
 from detrkit.models.presets import model_from_config
 
 # Parameters of the class head: the ones a fine-tuning run with a new class count starts afresh.
-CLASS_HEAD_PREFIXES = ("class_embed.",)
+CLASS_HEAD_PREFIXES = ("class_embed.", "transformer.decoder.class_embed.")
 
 
 def read_checkpoint(
     path: str | os.PathLike, map_location: str | torch.device = "cpu"
-) -> tuple[dict[str, Tensor], DETRConfig]:
+) -> tuple[dict[str, Tensor], ModelConfig]:
     """Reads any supported checkpoint into (state dict with official names, config)."""
     path = Path(path)
     if not path.exists():
@@ -51,8 +47,7 @@ def read_checkpoint(
         state_dict, args = read_safetensors(path, map_location), {}
     else:
         state_dict, args = split_official(path, read_torch_file(path, map_location))
-    detect_model_type(path, state_dict)
-    return state_dict, infer_detr_config(path, state_dict, args)
+    return state_dict, infer_config(path, state_dict, args)
 
 
 def load_weights(
@@ -64,6 +59,11 @@ def load_weights(
     """Loads ``state_dict`` into ``model`` after checking that every name and shape fits, so that
     a mismatch is reported completely instead of one key at a time."""
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    for names in shared_names(model):
+        stored = [name for name in names if name in state_dict]
+        for name in names:
+            if stored:
+                state_dict.setdefault(name, state_dict[stored[0]])
     if reset_class_head:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(CLASS_HEAD_PREFIXES)}
     expected = model.state_dict()

@@ -12,12 +12,21 @@ import torch
 from torch import Tensor, nn
 
 from detrkit.checkpoints.errors import CheckpointError
-from detrkit.models.config import DETRConfig
+from detrkit.models.config import DeformableDETRConfig, DETRConfig, ModelConfig
 
 CONFIG_FILE = "detrkit.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
-CONFIG_TYPES = {"detr": DETRConfig}
+CONFIG_TYPES = {cls.model_type: cls for cls in (DETRConfig, DeformableDETRConfig)}
+
+
+def shared_names(model: nn.Module) -> list[list[str]]:
+    """Groups of state-dict names that hold the same tensor (a module used under several names,
+    like Deformable DETR's shared heads). Files may store such a tensor once."""
+    groups: dict[tuple[int, torch.Size], list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault((tensor.data_ptr(), tensor.shape), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
 
 
 def is_native_directory(path: Path) -> bool:
@@ -50,7 +59,11 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
         raise TypeError("save() takes a detrkit model (one with a .config built by build_model)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # A tensor shared by several names is stored once; loading fills in the other names.
+    aliases = {name for names in shared_names(model) for name in names[1:]}
+    tensors = {
+        k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in aliases
+    }
     meta = {
         "format": "detrkit",
         "format_version": FORMAT_VERSION,
@@ -77,7 +90,7 @@ def read_safetensors(path: Path, map_location: str | torch.device = "cpu") -> di
 
 def read_native_directory(
     path: Path, map_location: str | torch.device = "cpu"
-) -> tuple[dict[str, Tensor], DETRConfig]:
+) -> tuple[dict[str, Tensor], ModelConfig]:
     config_file = path / CONFIG_FILE
     try:
         meta = json.loads(config_file.read_text())

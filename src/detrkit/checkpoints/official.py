@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from detrkit.checkpoints.errors import CheckpointError
-from detrkit.models.config import DETRConfig
+from detrkit.models.config import DeformableDETRConfig, DETRConfig, ModelConfig
 
 # The only globals an official checkpoint's pickle may name besides torch's tensor machinery.
 SAFE_GLOBALS = [argparse.Namespace]
@@ -82,37 +82,92 @@ def _layer_count(state_dict: dict[str, Tensor], prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
+def _common_fields(state_dict: dict[str, Tensor], args: dict[str, Any]) -> dict[str, Any]:
+    """The fields every detector reads the same way off its weights and training arguments."""
+    return {
+        "backbone": "resnet101"
+        if _layer_count(state_dict, "backbone.0.body.layer3.") > 6
+        else "resnet50",
+        "dilation": bool(args.get("dilation", False)),
+        "position_embedding": "learned" if "backbone.1.row_embed.weight" in state_dict else "sine",
+        "nheads": int(args.get("nheads") or 8),
+        "enc_layers": _layer_count(state_dict, "transformer.encoder.layers."),
+        "dec_layers": _layer_count(state_dict, "transformer.decoder.layers."),
+        "dim_feedforward": state_dict["transformer.decoder.layers.0.linear1.weight"].shape[0],
+        "dropout": float(args.get("dropout", 0.1)),
+        "aux_loss": bool(args.get("aux_loss", True)),
+    }
+
+
 def infer_detr_config(
     path: Path, state_dict: dict[str, Tensor], args: dict[str, Any]
 ) -> DETRConfig:
     """Reads a DETR variant off its weights; what weights cannot tell (heads, dilation, dropout)
     comes from the training arguments when present, else the original defaults."""
-    for key in ("query_embed.weight", "class_embed.weight"):
-        if key not in state_dict:
-            raise CheckpointError(
-                path, f"unknown format: no '{key}', so this is not a DETR detection model"
-            )
+    _require(path, state_dict, "query_embed.weight", "class_embed.weight", model="DETR")
     num_queries, hidden_dim = state_dict["query_embed.weight"].shape
-    layer3_blocks = _layer_count(state_dict, "backbone.0.body.layer3.")
     return DETRConfig(
-        backbone="resnet101" if layer3_blocks > 6 else "resnet50",
-        dilation=bool(args.get("dilation", False)),
-        position_embedding="learned" if "backbone.1.row_embed.weight" in state_dict else "sine",
+        **_common_fields(state_dict, args),
         hidden_dim=hidden_dim,
-        nheads=int(args.get("nheads", 8)),
-        enc_layers=_layer_count(state_dict, "transformer.encoder.layers."),
-        dec_layers=_layer_count(state_dict, "transformer.decoder.layers."),
-        dim_feedforward=state_dict["transformer.decoder.layers.0.linear1.weight"].shape[0],
-        dropout=float(args.get("dropout", 0.1)),
         pre_norm="transformer.encoder.norm.weight" in state_dict,
         num_queries=num_queries,
         num_classes=state_dict["class_embed.weight"].shape[0] - 1,
-        aux_loss=bool(args.get("aux_loss", True)),
     )
 
 
+def infer_deformable_detr_config(
+    path: Path, state_dict: dict[str, Tensor], args: dict[str, Any]
+) -> DeformableDETRConfig:
+    """Reads a Deformable DETR variant (single- or multi-scale, box refinement, two-stage) off its
+    weights; heads, points per level and dilation come from the training arguments or defaults."""
+    _require(
+        path, state_dict, "transformer.level_embed", "class_embed.0.weight", model="Deformable DETR"
+    )
+    num_feature_levels, hidden_dim = state_dict["transformer.level_embed"].shape
+    two_stage = "transformer.enc_output.weight" in state_dict
+    if two_stage:
+        num_queries = int(args.get("num_queries") or 300)
+    else:
+        _require(path, state_dict, "query_embed.weight", model="Deformable DETR")
+        num_queries = state_dict["query_embed.weight"].shape[0]
+    fields = _common_fields(state_dict, args)
+    nheads = fields["nheads"]
+    points = {}
+    for name, module in (
+        ("enc_n_points", "encoder.layers.0.self_attn"),
+        ("dec_n_points", "decoder.layers.0.cross_attn"),
+    ):
+        points[name] = int(args.get(name) or 4)
+        outputs = state_dict[f"transformer.{module}.attention_weights.weight"].shape[0]
+        if outputs != nheads * num_feature_levels * points[name]:
+            raise CheckpointError(
+                path,
+                f"transformer.{module}.attention_weights has {outputs} outputs, not nheads x levels "
+                f"x points = {nheads} x {num_feature_levels} x {points[name]}; pass the right "
+                f"nheads and {name} to detrkit.load",
+            )
+    return DeformableDETRConfig(
+        **fields,
+        hidden_dim=hidden_dim,
+        num_queries=num_queries,
+        num_classes=state_dict["class_embed.0.weight"].shape[0],
+        num_feature_levels=num_feature_levels,
+        with_box_refine="transformer.decoder.bbox_embed.0.layers.0.weight" in state_dict,
+        two_stage=two_stage,
+        **points,
+    )
+
+
+def _require(path: Path, state_dict: dict[str, Tensor], *keys: str, model: str) -> None:
+    for key in keys:
+        if key not in state_dict:
+            raise CheckpointError(
+                path, f"unknown format: no '{key}', so this is not a {model} detection model"
+            )
+
+
 def detect_model_type(path: Path, state_dict: dict[str, Tensor]) -> str:
-    """'detr' for DETR detection weights; refuses what detrkit cannot build, naming it."""
+    """'detr' or 'deformable_detr' by the weights; refuses what detrkit cannot build, naming it."""
     if any(k.startswith("detr.") for k in state_dict) or "bbox_attention.q_linear.weight" in (
         state_dict
     ):
@@ -120,6 +175,11 @@ def detect_model_type(path: Path, state_dict: dict[str, Tensor]) -> str:
             path,
             "this is a DETR panoptic segmentation checkpoint; detrkit builds detection models only",
         )
-    if "transformer.level_embed" in state_dict:
-        raise CheckpointError(path, "Deformable DETR checkpoints are not supported yet")
-    return "detr"
+    return "deformable_detr" if "transformer.level_embed" in state_dict else "detr"
+
+
+def infer_config(path: Path, state_dict: dict[str, Tensor], args: dict[str, Any]) -> ModelConfig:
+    """The config of the model that ``state_dict`` (official names) belongs to."""
+    if detect_model_type(path, state_dict) == "deformable_detr":
+        return infer_deformable_detr_config(path, state_dict, args)
+    return infer_detr_config(path, state_dict, args)

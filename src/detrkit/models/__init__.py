@@ -1,6 +1,7 @@
 """Detection models: backbone -> position encoding -> transformer -> heads."""
 
-from detrkit.models.config import DETRConfig
+from detrkit.models.config import DeformableDETRConfig, DETRConfig, ModelConfig
+from detrkit.models.deformable_detr import DeformableDETR
 from detrkit.models.detr import DETR
 from detrkit.models.postprocess import PostProcess
 from detrkit.models.presets import PRESETS, available_models, build_config, build_model
@@ -9,6 +10,9 @@ __all__ = [
     "DETR",
     "PRESETS",
     "DETRConfig",
+    "DeformableDETR",
+    "DeformableDETRConfig",
+    "ModelConfig",
     "PostProcess",
     "available_models",
     "build_config",

@@ -4,13 +4,13 @@ official checkpoint's ``args`` map onto them directly."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 
 @dataclass
-class DETRConfig:
-    """Everything that determines a DETR model's architecture (and so its checkpoint layout)."""
+class ModelConfig:
+    """What every detector's architecture shares; subclasses add their own fields."""
 
     backbone: Literal["resnet50", "resnet101"] = "resnet50"
     dilation: bool = False  # DC5: dilate the last ResNet stage instead of striding
@@ -21,13 +21,12 @@ class DETRConfig:
     dec_layers: int = 6
     dim_feedforward: int = 2048
     dropout: float = 0.1
-    pre_norm: bool = False
     num_queries: int = 100
-    num_classes: int = 91  # the largest class id + 1; one more logit is "no object"
+    num_classes: int = 91  # the largest class id + 1
     aux_loss: bool = True
-    class_names: list[str] | None = field(default=None)  # index -> name, when known
+    class_names: list[str] | None = None  # index -> name, when known
 
-    model_type: str = field(default="detr", init=False)
+    model_type: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         if self.backbone not in ("resnet50", "resnet101"):
@@ -50,13 +49,47 @@ class DETRConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"model_type": self.model_type, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> DETRConfig:
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """Builds a config from a dict, rejecting unknown fields by name."""
-        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known - {"model_type"})
         if unknown:
             raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass
+class DETRConfig(ModelConfig):
+    """DETR (Carion et al., 2020): one feature level, dense attention, softmax classes with a
+    "no object" logit."""
+
+    pre_norm: bool = False
+
+    model_type: ClassVar[str] = "detr"
+
+
+@dataclass
+class DeformableDETRConfig(ModelConfig):
+    """Deformable DETR (Zhu et al., 2021): multi-scale deformable attention, sigmoid classes."""
+
+    dim_feedforward: int = 1024
+    num_queries: int = 300
+    num_feature_levels: int = 4  # C3-C5 and a stride-2 conv on C5; 1 = C5 only
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    with_box_refine: bool = False  # each decoder layer refines the previous layer's boxes
+    two_stage: bool = False  # queries start from the encoder's best proposals
+
+    model_type: ClassVar[str] = "deformable_detr"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_feature_levels < 1:
+            raise ValueError(
+                f"num_feature_levels must be at least 1, got {self.num_feature_levels}"
+            )
+        if self.two_stage and not self.with_box_refine:
+            raise ValueError("two_stage needs with_box_refine=True, as in the published model")

@@ -7,14 +7,23 @@ from typing import Any
 
 from torch import nn
 
-from detrkit.models.config import DETRConfig
+from detrkit.models.config import DeformableDETRConfig, DETRConfig, ModelConfig
+from detrkit.models.deformable_detr import DeformableDETR
 from detrkit.models.detr import DETR
 
-PRESETS: dict[str, DETRConfig] = {
+PRESETS: dict[str, ModelConfig] = {
     "detr_r50": DETRConfig(backbone="resnet50"),
     "detr_r50_dc5": DETRConfig(backbone="resnet50", dilation=True),
     "detr_r101": DETRConfig(backbone="resnet101"),
     "detr_r101_dc5": DETRConfig(backbone="resnet101", dilation=True),
+    "deformable_detr": DeformableDETRConfig(),
+    "deformable_detr_single_scale": DeformableDETRConfig(num_feature_levels=1),
+    "deformable_detr_refine": DeformableDETRConfig(with_box_refine=True),
+    "deformable_detr_two_stage": DeformableDETRConfig(with_box_refine=True, two_stage=True),
+}
+MODEL_CLASSES: dict[type[ModelConfig], type[nn.Module]] = {
+    DETRConfig: DETR,
+    DeformableDETRConfig: DeformableDETR,
 }
 
 
@@ -23,26 +32,26 @@ def available_models() -> list[str]:
     return sorted(PRESETS)
 
 
-def build_config(name: str, **overrides: Any) -> DETRConfig:
+def build_config(name: str, **overrides: Any) -> ModelConfig:
     """The preset's config with ``overrides`` applied (unknown fields are an error)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
     preset = PRESETS[name]
-    known = {f.name for f in dataclasses.fields(preset) if f.init}
+    known = {f.name for f in dataclasses.fields(preset)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown options for {name}: {', '.join(unknown)}")
     return dataclasses.replace(preset, **overrides)
 
 
-def model_from_config(config: DETRConfig) -> nn.Module:
+def model_from_config(config: ModelConfig) -> nn.Module:
     """Instantiates the model a config describes."""
-    if isinstance(config, DETRConfig):
-        return DETR(config)
-    raise TypeError(f"unsupported config type {type(config).__name__}")
+    if type(config) not in MODEL_CLASSES:
+        raise TypeError(f"unsupported config type {type(config).__name__}")
+    return MODEL_CLASSES[type(config)](config)
 
 
-def build_model(name: str | DETRConfig, **overrides: Any) -> nn.Module:
+def build_model(name: str | ModelConfig, **overrides: Any) -> nn.Module:
     """Creates a randomly initialised model from a preset name (or a config) and overrides.
 
     >>> model = build_model("detr_r50", num_classes=20)

@@ -1,0 +1,356 @@
+// Fused multi-scale deformable attention for CPU: forward and backward.
+//
+// Layouts (all contiguous):
+//   value               [N, S, M, D]        S = sum_l H_l * W_l, levels flattened row-major
+//   spatial_shapes      [L, 2] int64        (H, W) per level
+//   level_start_index   [L]    int64        first row of each level in S
+//   sampling_locations  [N, Lq, M, L, P, 2] normalised (x, y)
+//   attention_weights   [N, Lq, M, L, P]
+//   output              [N, Lq, M * D]
+//
+// Sampling follows grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False): pixel
+// centre i lies at (i + 0.5) / size, and a bilinear corner that falls off the map reads zero.
+// Arithmetic runs in at::opmath_type (fp32 for bf16/fp16, fp64 for fp64).
+
+#include <torch/extension.h>
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+// A sampling point resolved against one level: its in-map bilinear corners, each with its
+// weight and the weight's derivatives with respect to the pixel coordinates x and y.
+template <typename acc_t>
+struct BilinearCorners {
+  int count = 0;
+  int64_t row[4];  // row of value's S axis
+  acc_t weight[4];
+  acc_t dweight_dx[4];
+  acc_t dweight_dy[4];
+
+  void add(int64_t cx, int64_t cy, int64_t height, int64_t width, int64_t start, acc_t w,
+           acc_t dw_dx, acc_t dw_dy) {
+    if (cx < 0 || cy < 0 || cx >= width || cy >= height) return;
+    row[count] = start + cy * width + cx;
+    weight[count] = w;
+    dweight_dx[count] = dw_dx;
+    dweight_dy[count] = dw_dy;
+    ++count;
+  }
+};
+
+template <typename acc_t>
+inline void resolve_corners(acc_t loc_x, acc_t loc_y, int64_t height, int64_t width,
+                            int64_t start, BilinearCorners<acc_t>& corners) {
+  corners.count = 0;
+  const acc_t x = loc_x * static_cast<acc_t>(width) - acc_t(0.5);
+  const acc_t y = loc_y * static_cast<acc_t>(height) - acc_t(0.5);
+  // Past these bounds every corner is off the map; rejecting early also keeps floor() of huge
+  // values or NaN away from the int64 conversion.
+  if (!(x >= acc_t(-1) && y >= acc_t(-1) && x < width && y < height)) return;
+  const acc_t x0f = std::floor(x);
+  const acc_t y0f = std::floor(y);
+  const int64_t x0 = static_cast<int64_t>(x0f);
+  const int64_t y0 = static_cast<int64_t>(y0f);
+  const acc_t fx = x - x0f;
+  const acc_t fy = y - y0f;
+  const acc_t gx = acc_t(1) - fx;
+  const acc_t gy = acc_t(1) - fy;
+  corners.add(x0, y0, height, width, start, gx * gy, -gy, -gx);
+  corners.add(x0 + 1, y0, height, width, start, fx * gy, gy, -fx);
+  corners.add(x0, y0 + 1, height, width, start, gx * fy, -fy, gx);
+  corners.add(x0 + 1, y0 + 1, height, width, start, fx * fy, fy, fx);
+}
+
+struct Sizes {
+  int64_t N, S, M, D, Lq, L, P;
+};
+
+Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                   const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                   const at::Tensor& attention_weights) {
+  // The Python wrapper gives the user-facing errors; these checks keep the raw pointer
+  // arithmetic below in bounds even when it is bypassed (e.g. under torch.compile).
+  for (const at::Tensor* t :
+       {&value, &spatial_shapes, &level_start_index, &sampling_locations, &attention_weights}) {
+    TORCH_CHECK(t->device().is_cpu(), "ms_deform_attn CPU kernel: all inputs must be on the CPU");
+  }
+  TORCH_CHECK(value.dim() == 4, "value must be [N, S, M, D]");
+  TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
+              "sampling_locations must be [N, Lq, M, L, P, 2]");
+  TORCH_CHECK(attention_weights.dim() == 5, "attention_weights must be [N, Lq, M, L, P]");
+  TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type() &&
+                  attention_weights.scalar_type() == value.scalar_type(),
+              "value, sampling_locations and attention_weights must share a dtype");
+  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong &&
+                  level_start_index.scalar_type() == at::kLong,
+              "spatial_shapes and level_start_index must be int64");
+  const Sizes s{value.size(0),
+                value.size(1),
+                value.size(2),
+                value.size(3),
+                sampling_locations.size(1),
+                sampling_locations.size(3),
+                sampling_locations.size(4)};
+  TORCH_CHECK(sampling_locations.size(0) == s.N && sampling_locations.size(2) == s.M,
+              "sampling_locations does not match value's N and M");
+  TORCH_CHECK(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
+              "attention_weights must match sampling_locations[..., 0]");
+  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == s.L &&
+                  spatial_shapes.size(1) == 2,
+              "spatial_shapes must be [L, 2]");
+  TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == s.L,
+              "level_start_index must be [L]");
+  const at::Tensor shapes = spatial_shapes.contiguous();
+  const at::Tensor starts = level_start_index.contiguous();
+  const int64_t* hw = shapes.data_ptr<int64_t>();
+  const int64_t* start = starts.data_ptr<int64_t>();
+  int64_t total = 0;
+  for (int64_t l = 0; l < s.L; ++l) {
+    TORCH_CHECK(hw[2 * l] > 0 && hw[2 * l + 1] > 0, "spatial_shapes must be positive");
+    TORCH_CHECK(start[l] == total, "level_start_index must be the exclusive cumsum of H * W");
+    total += hw[2 * l] * hw[2 * l + 1];
+  }
+  TORCH_CHECK(total == s.S, "value's S must equal the sum of H * W over spatial_shapes");
+  return s;
+}
+
+// Channel blocks: a block's accumulators have a compile-time size, so they live in vector
+// registers across all the taps of a query instead of round-tripping through memory (the loop
+// over a runtime D would serialise on store-to-load forwarding). D = 32 takes one 32-wide block;
+// other D finish with blocks of 8 and then single channels.
+template <typename Fn>
+inline void for_each_channel_block(int64_t D, Fn&& fn) {
+  int64_t d0 = 0;
+  for (; d0 + 32 <= D; d0 += 32) fn(std::integral_constant<int, 32>{}, d0);
+  for (; d0 + 8 <= D; d0 += 8) fn(std::integral_constant<int, 8>{}, d0);
+  for (; d0 < D; ++d0) fn(std::integral_constant<int, 1>{}, d0);
+}
+
+// One in-map corner of one sampling point: where to read and with which total weight.
+template <typename acc_t>
+struct Tap {
+  int64_t offset;  // into the head's value slice: row * M * D
+  acc_t weight;    // attention weight * bilinear weight
+};
+
+template <typename scalar_t>
+void forward_kernel(const Sizes& s, const scalar_t* value, const int64_t* spatial_shapes,
+                    const int64_t* level_start_index, const scalar_t* sampling_locations,
+                    const scalar_t* attention_weights, scalar_t* output) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t row_stride = s.M * s.D;  // between consecutive rows of one head in value
+  // Queries are independent and each writes only its own output row, so they split freely.
+  at::parallel_for(0, s.N * s.Lq, /*grain_size=*/16, [&](int64_t begin, int64_t end) {
+    std::vector<Tap<acc_t>> taps(s.L * s.P * 4);
+    BilinearCorners<acc_t> corners;
+    for (int64_t nq = begin; nq < end; ++nq) {
+      const int64_t n = nq / s.Lq;
+      for (int64_t m = 0; m < s.M; ++m) {
+        // Resolve every point first: the gathers below then have no dependency on this
+        // arithmetic, and the corner math is shared by all channel blocks.
+        int num_taps = 0;
+        const int64_t point0 = (nq * s.M + m) * s.L * s.P;  // into [N, Lq, M, L, P]
+        for (int64_t l = 0; l < s.L; ++l) {
+          for (int64_t p = 0; p < s.P; ++p) {
+            const int64_t point = point0 + l * s.P + p;
+            resolve_corners<acc_t>(sampling_locations[2 * point], sampling_locations[2 * point + 1],
+                                   spatial_shapes[2 * l], spatial_shapes[2 * l + 1],
+                                   level_start_index[l], corners);
+            const acc_t attention = attention_weights[point];
+            for (int c = 0; c < corners.count; ++c) {
+              taps[num_taps++] = {corners.row[c] * row_stride, attention * corners.weight[c]};
+            }
+          }
+        }
+        const scalar_t* value_head = value + n * s.S * row_stride + m * s.D;
+        scalar_t* out = output + (nq * s.M + m) * s.D;
+        for_each_channel_block(s.D, [&](auto block, int64_t d0) {
+          constexpr int kBlock = decltype(block)::value;
+          acc_t acc[kBlock] = {};
+          for (int t = 0; t < num_taps; ++t) {
+            const scalar_t* v = value_head + taps[t].offset + d0;
+            const acc_t w = taps[t].weight;
+#pragma omp simd
+            for (int d = 0; d < kBlock; ++d) acc[d] += w * static_cast<acc_t>(v[d]);
+          }
+          for (int d = 0; d < kBlock; ++d) out[d0 + d] = static_cast<scalar_t>(acc[d]);
+        });
+      }
+    }
+  });
+}
+
+// grad_value receives scatter-adds from every query that samples a pixel, so threads must not
+// share its rows. Work is split into tasks (chunk, n, m): a head's slice of grad_value is
+// written only by tasks of that (n, m), and when there are fewer (n, m) pairs than threads the
+// queries are further cut into chunks, each with a private grad_value buffer summed afterwards.
+// This is race-free without atomics, and grad_sampling_locations / grad_attention_weights, being
+// per (n, q, m), are likewise owned by exactly one task. The buffer layout [C, N, S, M, D] keeps
+// the single-chunk case identical to value's layout, so no transpose is needed at the end.
+template <typename scalar_t>
+void backward_kernel(const Sizes& s, int64_t num_chunks, const scalar_t* value,
+                     const int64_t* spatial_shapes, const int64_t* level_start_index,
+                     const scalar_t* sampling_locations, const scalar_t* attention_weights,
+                     const scalar_t* grad_output, at::opmath_type<scalar_t>* grad_value_chunks,
+                     scalar_t* grad_sampling_locations, scalar_t* grad_attention_weights) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t row_stride = s.M * s.D;
+  const int64_t num_points = s.L * s.P;
+  const int64_t queries_per_chunk = (s.Lq + num_chunks - 1) / num_chunks;
+  at::parallel_for(0, num_chunks * s.N * s.M, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
+    std::vector<BilinearCorners<acc_t>> point_corners(num_points);
+    std::vector<acc_t> dots(num_points * 4);  // grad_output . value[corner], per tap
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t chunk = task / (s.N * s.M);
+      const int64_t n = (task / s.M) % s.N;
+      const int64_t m = task % s.M;
+      const scalar_t* value_head = value + n * s.S * row_stride + m * s.D;
+      acc_t* grad_value_head = grad_value_chunks + (chunk * s.N + n) * s.S * row_stride + m * s.D;
+      const int64_t q_end = std::min(s.Lq, (chunk + 1) * queries_per_chunk);
+      for (int64_t q = chunk * queries_per_chunk; q < q_end; ++q) {
+        const int64_t nq = n * s.Lq + q;
+        const int64_t point0 = (nq * s.M + m) * num_points;  // into [N, Lq, M, L, P]
+        for (int64_t l = 0; l < s.L; ++l) {
+          for (int64_t p = 0; p < s.P; ++p) {
+            const int64_t point = point0 + l * s.P + p;
+            resolve_corners<acc_t>(sampling_locations[2 * point], sampling_locations[2 * point + 1],
+                                   spatial_shapes[2 * l], spatial_shapes[2 * l + 1],
+                                   level_start_index[l], point_corners[l * s.P + p]);
+          }
+        }
+        std::fill(dots.begin(), dots.end(), acc_t(0));
+        const scalar_t* go = grad_output + (nq * s.M + m) * s.D;
+        for_each_channel_block(s.D, [&](auto block, int64_t d0) {
+          constexpr int kBlock = decltype(block)::value;
+          acc_t g[kBlock];
+          for (int d = 0; d < kBlock; ++d) g[d] = static_cast<acc_t>(go[d0 + d]);
+          for (int64_t i = 0; i < num_points; ++i) {
+            const BilinearCorners<acc_t>& corners = point_corners[i];
+            const acc_t attention = attention_weights[point0 + i];
+            for (int c = 0; c < corners.count; ++c) {
+              const int64_t offset = corners.row[c] * row_stride + d0;
+              const scalar_t* v = value_head + offset;
+              acc_t* gv = grad_value_head + offset;
+              const acc_t w = attention * corners.weight[c];
+              acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+              for (int d = 0; d < kBlock; ++d) {
+                dot += g[d] * static_cast<acc_t>(v[d]);
+                gv[d] += w * g[d];
+              }
+              dots[i * 4 + c] += dot;
+            }
+          }
+        });
+        for (int64_t i = 0; i < num_points; ++i) {
+          const BilinearCorners<acc_t>& corners = point_corners[i];
+          acc_t grad_attention = 0, grad_x = 0, grad_y = 0;
+          for (int c = 0; c < corners.count; ++c) {
+            grad_attention += corners.weight[c] * dots[i * 4 + c];
+            grad_x += corners.dweight_dx[c] * dots[i * 4 + c];
+            grad_y += corners.dweight_dy[c] * dots[i * 4 + c];
+          }
+          const int64_t point = point0 + i;
+          const acc_t attention = attention_weights[point];
+          const int64_t l = i / s.P;
+          grad_attention_weights[point] = static_cast<scalar_t>(grad_attention);
+          // Locations are normalised: pixel x = loc_x * W - 0.5, so d/dloc_x = W * d/dx.
+          grad_sampling_locations[2 * point] = static_cast<scalar_t>(
+              attention * grad_x * static_cast<acc_t>(spatial_shapes[2 * l + 1]));
+          grad_sampling_locations[2 * point + 1] = static_cast<scalar_t>(
+              attention * grad_y * static_cast<acc_t>(spatial_shapes[2 * l]));
+        }
+      }
+    }
+  });
+}
+
+at::Tensor ms_deform_attn_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                  const at::Tensor& level_start_index,
+                                  const at::Tensor& sampling_locations,
+                                  const at::Tensor& attention_weights) {
+  const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                               attention_weights);
+  const at::Tensor value_c = value.contiguous();
+  const at::Tensor shapes_c = spatial_shapes.contiguous();
+  const at::Tensor starts_c = level_start_index.contiguous();
+  const at::Tensor locations_c = sampling_locations.contiguous();
+  const at::Tensor weights_c = attention_weights.contiguous();
+  at::Tensor output = at::empty({s.N, s.Lq, s.M * s.D}, value.options());
+  if (output.numel() == 0) return output;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, value.scalar_type(), "ms_deform_attn_forward", [&] {
+        forward_kernel<scalar_t>(s, value_c.const_data_ptr<scalar_t>(),
+                                 shapes_c.const_data_ptr<int64_t>(),
+                                 starts_c.const_data_ptr<int64_t>(),
+                                 locations_c.const_data_ptr<scalar_t>(),
+                                 weights_c.const_data_ptr<scalar_t>(),
+                                 output.mutable_data_ptr<scalar_t>());
+      });
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward(
+    const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+    const at::Tensor& grad_output) {
+  const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                               attention_weights);
+  TORCH_CHECK(grad_output.device().is_cpu() && grad_output.scalar_type() == value.scalar_type(),
+              "grad_output must be a CPU tensor of value's dtype");
+  TORCH_CHECK(grad_output.numel() == s.N * s.Lq * s.M * s.D, "grad_output must be [N, Lq, M * D]");
+  const at::Tensor value_c = value.contiguous();
+  const at::Tensor shapes_c = spatial_shapes.contiguous();
+  const at::Tensor starts_c = level_start_index.contiguous();
+  const at::Tensor locations_c = sampling_locations.contiguous();
+  const at::Tensor weights_c = attention_weights.contiguous();
+  const at::Tensor grad_output_c = grad_output.contiguous();
+
+  // Extra query chunks only pay off when the (n, m) pairs cannot occupy every thread, and each
+  // costs a private copy of grad_value, so there are never more than needed nor tiny ones.
+  const int64_t pairs = s.N * s.M;
+  const int64_t threads = at::get_num_threads();
+  int64_t num_chunks = 1;
+  if (pairs > 0 && pairs < threads) {
+    num_chunks = std::max<int64_t>(1, std::min((threads + pairs - 1) / pairs, s.Lq / 64));
+  }
+
+  const auto acc_dtype = at::toOpMathType(value.scalar_type());
+  at::Tensor grad_value_chunks =
+      at::zeros({num_chunks, s.N, s.S, s.M, s.D}, value.options().dtype(acc_dtype));
+  // Every point's gradient is written by the kernel, so these need no zero fill.
+  at::Tensor grad_sampling_locations = at::empty_like(locations_c);
+  at::Tensor grad_attention_weights = at::empty_like(weights_c);
+  if (weights_c.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, value.scalar_type(), "ms_deform_attn_backward", [&] {
+          backward_kernel<scalar_t>(
+              s, num_chunks, value_c.const_data_ptr<scalar_t>(),
+              shapes_c.const_data_ptr<int64_t>(), starts_c.const_data_ptr<int64_t>(),
+              locations_c.const_data_ptr<scalar_t>(), weights_c.const_data_ptr<scalar_t>(),
+              grad_output_c.const_data_ptr<scalar_t>(),
+              grad_value_chunks.mutable_data_ptr<at::opmath_type<scalar_t>>(),
+              grad_sampling_locations.mutable_data_ptr<scalar_t>(),
+              grad_attention_weights.mutable_data_ptr<scalar_t>());
+        });
+  }
+  at::Tensor grad_value = num_chunks == 1 ? grad_value_chunks[0] : grad_value_chunks.sum(0);
+  return {grad_value.to(value.scalar_type()), grad_sampling_locations, grad_attention_weights};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Fused multi-scale deformable attention (CPU)";
+  m.def("forward", &ms_deform_attn_forward, "Forward: output [N, Lq, M * D]");
+  m.def("backward", &ms_deform_attn_backward,
+        "Backward: (grad_value, grad_sampling_locations, grad_attention_weights)");
+}
