@@ -18,7 +18,7 @@ from torch import Tensor
 
 from detrkit.checkpoints.errors import CheckpointError, format_names
 from detrkit.checkpoints.native import read_safetensors
-from detrkit.checkpoints.official import infer_config, read_torch_file
+from detrkit.checkpoints.official import infer_config, layer_count, read_torch_file
 from detrkit.models.config import ModelConfig
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -198,13 +198,11 @@ def _untie_heads(state_dict: dict[str, Tensor]) -> None:
     """transformers saves tied heads once. Its tie table makes every layer's class (and box) head
     the first one unless the decoder owns them (box refinement, two-stage), so a head missing from
     the file is the first head, or the decoder's copy of it."""
+    num_pred = layer_count(state_dict, "transformer.decoder.layers.") + (
+        1 if "transformer.enc_output.weight" in state_dict else 0
+    )
     for head in ("class_embed", "bbox_embed"):
-        indices = {
-            int(m.group(1))
-            for key in state_dict
-            if (m := re.match(rf"(?:transformer\.decoder\.)?{head}\.(\d+)\.", key))
-        }
-        for index in sorted(indices | {0}):
+        for index in range(num_pred):
             own = f"{head}.{index}."
             if any(key.startswith(own) for key in state_dict):
                 continue

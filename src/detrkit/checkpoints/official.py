@@ -76,7 +76,7 @@ def split_official(path: Path, obj: Any) -> tuple[dict[str, Tensor], dict[str, A
     return state_dict, args
 
 
-def _layer_count(state_dict: dict[str, Tensor], prefix: str) -> int:
+def layer_count(state_dict: dict[str, Tensor], prefix: str) -> int:
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
     indices = {int(m.group(1)) for key in state_dict if (m := pattern.match(key))}
     return max(indices) + 1 if indices else 0
@@ -86,13 +86,13 @@ def _common_fields(state_dict: dict[str, Tensor], args: dict[str, Any]) -> dict[
     """The fields every detector reads the same way off its weights and training arguments."""
     return {
         "backbone": "resnet101"
-        if _layer_count(state_dict, "backbone.0.body.layer3.") > 6
+        if layer_count(state_dict, "backbone.0.body.layer3.") > 6
         else "resnet50",
         "dilation": bool(args.get("dilation", False)),
         "position_embedding": "learned" if "backbone.1.row_embed.weight" in state_dict else "sine",
         "nheads": int(args.get("nheads") or 8),
-        "enc_layers": _layer_count(state_dict, "transformer.encoder.layers."),
-        "dec_layers": _layer_count(state_dict, "transformer.decoder.layers."),
+        "enc_layers": layer_count(state_dict, "transformer.encoder.layers."),
+        "dec_layers": layer_count(state_dict, "transformer.decoder.layers."),
         "dim_feedforward": state_dict["transformer.decoder.layers.0.linear1.weight"].shape[0],
         "dropout": float(args.get("dropout", 0.1)),
         "aux_loss": bool(args.get("aux_loss", True)),

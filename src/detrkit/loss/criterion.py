@@ -1,4 +1,4 @@
-"""DETR's set prediction loss: classification of every query, box regression of matched ones."""
+"""The set prediction loss: classification of every query, box regression of matched ones."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou
+from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
 from detrkit.loss.matcher import HungarianMatcher
+from detrkit.models.config import DeformableDETRConfig, ModelConfig
 
-DEFAULT_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+SOFTMAX_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+FOCAL_WEIGHTS = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
 
 
 def num_boxes_across_processes(targets: list[dict], device: torch.device) -> float:
@@ -31,14 +33,17 @@ def num_boxes_across_processes(targets: list[dict], device: torch.device) -> flo
 class SetCriterion(nn.Module):
     """Matches predictions to targets, then computes for the final and every auxiliary output:
 
-    - ``loss_ce``: cross-entropy over all queries, unmatched ones labelled "no object" (weighted by
-      ``eos_coef`` to offset their majority);
+    - ``loss_ce``: classification of all queries. ``"softmax"`` (DETR): cross-entropy with unmatched
+      queries labelled "no object", weighted by ``eos_coef`` to offset their majority.
+      ``"focal"`` (Deformable DETR): sigmoid focal loss against one-hot targets, unmatched queries
+      all-zero, normalised by the number of boxes;
     - ``loss_bbox`` / ``loss_giou``: L1 and 1 - GIoU of matched boxes, per target box;
     and, for logging only, ``class_error`` (% of matched queries misclassified) and
     ``cardinality_error`` (|predicted objects - true objects| per image).
 
-    Auxiliary losses carry the decoder layer index as suffix (``loss_ce_0``). ``"loss"`` is the
-    weighted total to back-propagate.
+    Auxiliary losses carry the decoder layer index as suffix (``loss_ce_0``); a two-stage model's
+    encoder proposals are scored class-agnostically (``loss_ce_enc``). ``"loss"`` is the weighted
+    total to back-propagate.
     """
 
     def __init__(
@@ -47,12 +52,32 @@ class SetCriterion(nn.Module):
         matcher: HungarianMatcher | None = None,
         eos_coef: float = 0.1,
         weight_dict: dict[str, float] | None = None,
+        classification: str = "softmax",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
     ) -> None:
         super().__init__()
+        if classification not in ("softmax", "focal"):
+            raise ValueError(f"classification must be 'softmax' or 'focal', got {classification!r}")
+        focal = classification == "focal"
         self.num_classes = num_classes
-        self.matcher = matcher if matcher is not None else HungarianMatcher()
+        self.classification = classification
+        self.matcher = (
+            matcher
+            if matcher is not None
+            else (
+                HungarianMatcher(
+                    cost_class=2.0, focal=True, focal_alpha=focal_alpha, focal_gamma=focal_gamma
+                )
+                if focal
+                else HungarianMatcher()
+            )
+        )
         self.eos_coef = eos_coef
-        self.weight_dict = dict(DEFAULT_WEIGHTS if weight_dict is None else weight_dict)
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        default_weights = FOCAL_WEIGHTS if focal else SOFTMAX_WEIGHTS
+        self.weight_dict = dict(default_weights if weight_dict is None else weight_dict)
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
@@ -60,11 +85,17 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         num_boxes = num_boxes_across_processes(targets, outputs["pred_logits"].device)
         aux_outputs = outputs.get("aux_outputs", [])
-        suffixes = [""] + [f"_{i}" for i in range(len(aux_outputs))]
+        layers = [(outputs, targets, "")]
+        layers += [(aux, targets, f"_{i}") for i, aux in enumerate(aux_outputs)]
+        if "enc_outputs" in outputs:
+            # Proposals are class-agnostic: every object is "class 0" for the encoder.
+            agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            layers.append((outputs["enc_outputs"], agnostic, "_enc"))
+
         losses: dict[str, Tensor] = {}
         total = outputs["pred_logits"].new_zeros((), dtype=torch.float)
-        for layer_outputs, suffix in zip([outputs, *aux_outputs], suffixes):
-            layer = self.layer_losses(layer_outputs, targets, num_boxes)
+        for layer_outputs, layer_targets, suffix in layers:
+            layer = self.layer_losses(layer_outputs, layer_targets, num_boxes)
             total = total + sum(weight * layer[name] for name, weight in self.weight_dict.items())
             # Auxiliary layers report only their weighted losses; the logging metrics are final's.
             losses.update(
@@ -80,21 +111,31 @@ class SetCriterion(nn.Module):
         return losses
 
     def layer_losses(self, outputs: dict, targets: list[dict], num_boxes: float) -> dict:
-        """The losses of one decoder layer's predictions (matching included)."""
+        """The losses of one layer's predictions (matching included)."""
         indices = self.matcher(outputs, targets)
+        device = outputs["pred_logits"].device
         batch_idx = torch.cat([torch.full_like(pred, i) for i, (pred, _) in enumerate(indices)])
         pred_idx = torch.cat([pred for pred, _ in indices])
-        device = outputs["pred_logits"].device
         batch_idx, pred_idx = batch_idx.to(device), pred_idx.to(device)
 
-        # Classification: every query has a target class, "no object" (= num_classes) by default.
-        logits = outputs["pred_logits"]  # [B, Q, C+1]
-        matched_labels = torch.cat([t["labels"][tgt] for t, (_, tgt) in zip(targets, indices)])
+        logits = outputs["pred_logits"].float()  # [B, Q, C(+1)]
+        matched_labels = torch.cat([t["labels"][tgt] for t, (_, tgt) in zip(targets, indices)]).to(
+            device
+        )
+        # Every query has a target class; unmatched ones get num_classes ("no object").
         target_classes = torch.full(
             logits.shape[:2], self.num_classes, dtype=torch.int64, device=device
         )
-        target_classes[batch_idx, pred_idx] = matched_labels.to(device)
-        loss_ce = F.cross_entropy(logits.float().transpose(1, 2), target_classes, self.empty_weight)
+        target_classes[batch_idx, pred_idx] = matched_labels
+        if self.classification == "softmax":
+            loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
+        else:
+            onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(logits.dtype)
+            focal = sigmoid_focal_loss(
+                logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none"
+            )  # [B, Q, C]
+            # The original's normalisation: mean over classes, sum over queries, per box.
+            loss_ce = focal.mean(1).sum() / num_boxes * logits.shape[1]
 
         # Boxes: only matched queries, normalised by the number of target boxes.
         src_boxes = outputs["pred_boxes"][batch_idx, pred_idx].float()  # [T, 4] cx, cy, w, h
@@ -111,10 +152,8 @@ class SetCriterion(nn.Module):
 
         with torch.no_grad():
             if len(matched_labels):
-                accuracy = (
-                    logits[batch_idx, pred_idx].argmax(-1) == target_classes[batch_idx, pred_idx]
-                ).float().mean() * 100
-                class_error = 100 - accuracy
+                predicted = logits[batch_idx, pred_idx].argmax(-1)
+                class_error = 100 - (predicted == matched_labels).float().mean() * 100
             else:
                 class_error = logits.new_zeros(())
         return {
@@ -124,11 +163,21 @@ class SetCriterion(nn.Module):
             "class_error": class_error,
         }
 
-    @staticmethod
-    def cardinality_error(outputs: dict, targets: list[dict]) -> Tensor:
+    def cardinality_error(self, outputs: dict, targets: list[dict]) -> Tensor:
+        """|number of predicted objects - number of targets|, averaged over images."""
         logits = outputs["pred_logits"]
-        predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()  # [B]
+        if self.classification == "softmax":
+            is_object = logits.argmax(-1) != logits.shape[-1] - 1
+        else:
+            is_object = logits.sigmoid().max(-1).values > 0.5
         true = torch.tensor(
             [len(t["labels"]) for t in targets], dtype=torch.float, device=logits.device
         )
-        return F.l1_loss(predicted, true)
+        return F.l1_loss(is_object.sum(1).float(), true)
+
+
+def build_criterion(config: ModelConfig) -> SetCriterion:
+    """The loss a model config's detector was trained with in the original code."""
+    if isinstance(config, DeformableDETRConfig):
+        return SetCriterion(config.num_classes, classification="focal")
+    return SetCriterion(config.num_classes)

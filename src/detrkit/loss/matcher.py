@@ -11,19 +11,32 @@ from torchvision.ops import box_convert, generalized_box_iou
 class HungarianMatcher(nn.Module):
     """Finds, per image, the assignment of predictions to targets with the lowest total cost
 
-    ``cost_class * -p(target class) + cost_bbox * L1(boxes) + cost_giou * -GIoU(boxes)``.
+    ``cost_class * class cost + cost_bbox * L1(boxes) + cost_giou * -GIoU(boxes)``.
 
-    Targets are dicts with ``"labels"`` ``[N]`` and ``"boxes"`` ``[N, 4]`` (normalised cx, cy, w, h);
-    images without objects are allowed.
+    The class cost is -p(target class) under a softmax (DETR), or with ``focal=True`` the focal
+    loss of predicting the target class minus that of not predicting it, under sigmoids
+    (Deformable DETR). Targets are dicts with ``"labels"`` ``[N]`` and ``"boxes"`` ``[N, 4]``
+    (normalised cx, cy, w, h); images without objects are allowed.
     """
 
-    def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0):
+    def __init__(
+        self,
+        cost_class: float = 1.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        focal: bool = False,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ) -> None:
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("at least one matching cost must be non-zero")
         self.cost_class = cost_class
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
+        self.focal = focal
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
 
     @torch.no_grad()
     def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
@@ -34,13 +47,12 @@ class HungarianMatcher(nn.Module):
         if sum(sizes) == 0:
             return [(empty, empty) for _ in range(batch)]
 
-        prob = outputs["pred_logits"].flatten(0, 1).float().softmax(-1)  # [B*Q, C+1]
+        logits = outputs["pred_logits"].flatten(0, 1).float()  # [B*Q, C(+1)]
         out_bbox = outputs["pred_boxes"].flatten(0, 1).float()  # [B*Q, 4]
         tgt_ids = torch.cat([t["labels"] for t in targets])  # [T]
         tgt_bbox = torch.cat([t["boxes"] for t in targets]).float()  # [T, 4]
 
-        # The class cost approximates -log p by -p: a constant offset does not change the matching.
-        cost_class = -prob[:, tgt_ids]
+        cost_class = self.class_cost(logits)[:, tgt_ids]  # [B*Q, T]
         cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
         cost_giou = -generalized_box_iou(
             box_convert(out_bbox, "cxcywh", "xyxy"), box_convert(tgt_bbox, "cxcywh", "xyxy")
@@ -60,3 +72,14 @@ class HungarianMatcher(nn.Module):
                 )
             )
         return indices
+
+    def class_cost(self, logits: Tensor) -> Tensor:
+        """``[B*Q, C]`` cost of assigning each prediction to each class."""
+        if not self.focal:
+            # -p approximates -log p: a monotone change that rarely changes the matching.
+            return -logits.softmax(-1)
+        prob = logits.sigmoid()
+        alpha, gamma = self.focal_alpha, self.focal_gamma
+        neg_cost = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
+        pos_cost = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
+        return pos_cost - neg_cost

@@ -1,4 +1,4 @@
-"""Turning raw DETR outputs into detections in image coordinates."""
+"""Turning raw detector outputs into detections in image coordinates."""
 
 from __future__ import annotations
 
@@ -6,31 +6,61 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
+from detrkit.models.config import DeformableDETRConfig, ModelConfig
+
 
 class PostProcess(nn.Module):
-    """Softmax over classes with "no object" dropped; every query gives one detection, its best
-    class. Boxes become absolute xyxy in each image's original size."""
+    """Scores, labels and absolute xyxy boxes in each image's original size.
+
+    ``"softmax"`` (DETR): softmax over classes with "no object" dropped; every query gives one
+    detection, its best class. ``"sigmoid"`` (Deformable DETR): independent class probabilities;
+    the ``num_select`` best (query, class) pairs over all queries and classes.
+    """
+
+    def __init__(self, classification: str = "softmax", num_select: int = 100) -> None:
+        super().__init__()
+        if classification not in ("softmax", "sigmoid"):
+            raise ValueError(
+                f"classification must be 'softmax' or 'sigmoid', got {classification!r}"
+            )
+        self.classification = classification
+        self.num_select = num_select
+
+    @classmethod
+    def for_config(cls, config: ModelConfig) -> PostProcess:
+        """The post-processing of the original code for this kind of model."""
+        return cls("sigmoid" if isinstance(config, DeformableDETRConfig) else "softmax")
 
     @torch.no_grad()
     def forward(self, outputs: dict, target_sizes: Tensor) -> list[dict[str, Tensor]]:
         """
         Args:
-            outputs: the model's output (``pred_logits`` ``[B, Q, C+1]``, ``pred_boxes`` ``[B, Q, 4]``).
+            outputs: the model's output (``pred_logits`` ``[B, Q, C(+1)]``, ``pred_boxes`` ``[B, Q, 4]``).
             target_sizes: ``[B, 2]`` each image's original (height, width).
 
         Returns:
-            per image a dict of ``scores`` ``[Q]``, ``labels`` ``[Q]``, ``boxes`` ``[Q, 4]`` xyxy.
+            per image a dict of ``scores`` ``[K]``, ``labels`` ``[K]``, ``boxes`` ``[K, 4]`` xyxy,
+            sorted by query (softmax, K = Q) or by score (sigmoid, K = num_select).
         """
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
         if len(logits) != len(target_sizes):
             raise ValueError(
                 f"target_sizes has {len(target_sizes)} entries for a batch of {len(logits)}"
             )
-        prob = logits.float().softmax(-1)
-        scores, labels = prob[..., :-1].max(-1)  # [B, Q]
+        boxes = box_convert(boxes, "cxcywh", "xyxy")  # [B, Q, 4] normalised
+        if self.classification == "softmax":
+            scores, labels = logits.softmax(-1)[..., :-1].max(-1)  # [B, Q]
+        else:
+            batch, _, num_classes = logits.shape
+            prob = logits.sigmoid().view(batch, -1)  # [B, Q*C]
+            k = min(self.num_select, prob.shape[1])
+            scores, index = torch.topk(prob, k, dim=1)  # [B, K]
+            labels = index % num_classes
+            query = index // num_classes
+            boxes = torch.gather(boxes, 1, query.unsqueeze(-1).expand(-1, -1, 4))  # [B, K, 4]
         height, width = target_sizes.to(boxes.device).float().unbind(1)
         scale = torch.stack([width, height, width, height], dim=1)  # [B, 4]
-        boxes = box_convert(boxes.float(), "cxcywh", "xyxy") * scale[:, None, :]  # [B, Q, 4]
+        boxes = boxes * scale[:, None, :]
         return [
             {"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)
         ]
