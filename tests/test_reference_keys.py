@@ -12,7 +12,18 @@ def read_keys(path) -> list[str]:
     return [line for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("preset", ["detr_r50", "detr_r50_dc5", "detr_r101"])
+@pytest.mark.parametrize(
+    "preset",
+    [
+        "detr_r50",
+        "detr_r50_dc5",
+        "detr_r101",
+        "deformable_detr",
+        "deformable_detr_single_scale",
+        "deformable_detr_refine",
+        "deformable_detr_two_stage",
+    ],
+)
 def test_state_dict_equals_official_layout(preset):
     model = build_model(preset, num_classes=91)
     ours = [f"{name} {tuple(t.shape)}" for name, t in model.state_dict().items()]

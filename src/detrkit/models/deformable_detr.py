@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from detrkit.models.backbone import Joiner, ResNetBackbone, resize_mask
 from detrkit.models.config import DeformableDETRConfig
+from detrkit.models.deformable_attention import MSDeformAttn
 from detrkit.models.deformable_transformer import DeformableTransformer, inverse_sigmoid
 from detrkit.models.heads import MLP
 from detrkit.models.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
@@ -109,6 +110,13 @@ class DeformableDETR(nn.Module):
         for name in ("class_embed", "bbox_embed", "query_embed", "input_proj", "backbone"):
             if name in self._modules:
                 self._modules[name] = self._modules.pop(name)
+
+    def set_attention_implementation(self, implementation: str) -> None:
+        """Which multi-scale deformable attention kernel every layer runs ("auto", "reference",
+        "cpu"; see :func:`detrkit.ops.ms_deform_attn`)."""
+        for module in self.modules():
+            if isinstance(module, MSDeformAttn):
+                module.implementation = implementation
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> dict:
         if mask is None:

@@ -1,0 +1,79 @@
+"""Hugging Face transformers' Deformable DETR, saved with save_pretrained, loads into detrkit and
+computes the same outputs, with the fused operator and with the reference one.
+
+transformers 5 ties the class heads of all decoder layers in the box-refinement variant (the
+original has one per layer) and saves that head once; detrkit gives every layer a copy, which
+reproduces transformers' outputs. Official checkpoints keep their independent heads.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import detrkit
+from conftest import padded_batch
+from detrkit.ops import fused_kernel_available
+from test_hf_parity import randomize
+
+transformers = pytest.importorskip("transformers")
+
+VARIANTS = {
+    "plain": {},
+    "single_scale": {"num_feature_levels": 1},
+    "refine": {"with_box_refine": True},
+    "two_stage": {"with_box_refine": True, "two_stage": True},
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def saved_hf_model(request, tmp_path_factory):
+    pytest.importorskip("timm")
+    config = transformers.DeformableDetrConfig(
+        num_labels=5, auxiliary_loss=True, **VARIANTS[request.param]
+    )
+    torch.manual_seed(0)
+    hf = transformers.DeformableDetrForObjectDetection(config).eval()
+    randomize(hf)
+    directory = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(directory)
+
+    images, mask = padded_batch()
+    labels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    with torch.no_grad():
+        # Labels make transformers return its auxiliary outputs (and compute a loss we ignore).
+        expected = hf(pixel_values=images, pixel_mask=(~mask).long(), labels=labels * 2)
+    return request.param, directory, expected
+
+
+@pytest.mark.parametrize("implementation", ["cpu", "reference"])
+def test_deformable_detr_matches_transformers(saved_hf_model, implementation):
+    if implementation == "cpu" and not fused_kernel_available():
+        pytest.skip("the fused CPU kernel could not be built here")
+    variant, directory, expected = saved_hf_model
+    model = detrkit.load(directory)
+    config = model.config
+    assert config.num_classes == 5
+    assert config.num_feature_levels == VARIANTS[variant].get("num_feature_levels", 4)
+    assert config.with_box_refine == VARIANTS[variant].get("with_box_refine", False)
+    assert config.two_stage == VARIANTS[variant].get("two_stage", False)
+    model.set_attention_implementation(implementation)
+
+    images, mask = padded_batch()
+    with torch.no_grad():
+        ours = model(images, mask)
+    atol = 1e-4
+    torch.testing.assert_close(ours["pred_logits"], expected.logits, rtol=0, atol=atol)
+    torch.testing.assert_close(ours["pred_boxes"], expected.pred_boxes, rtol=0, atol=atol)
+    assert len(ours["aux_outputs"]) == len(expected.auxiliary_outputs) == 5
+    for aux, hf_aux in zip(ours["aux_outputs"], expected.auxiliary_outputs, strict=True):
+        torch.testing.assert_close(aux["pred_logits"], hf_aux["logits"], rtol=0, atol=atol)
+        torch.testing.assert_close(aux["pred_boxes"], hf_aux["pred_boxes"], rtol=0, atol=atol)
+    if config.two_stage:
+        enc = ours["enc_outputs"]
+        torch.testing.assert_close(
+            enc["pred_logits"], expected.enc_outputs_class, rtol=0, atol=atol
+        )
+        torch.testing.assert_close(
+            enc["pred_boxes"], expected.enc_outputs_coord_logits.sigmoid(), rtol=0, atol=atol
+        )
