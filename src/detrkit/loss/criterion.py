@@ -134,8 +134,9 @@ class SetCriterion(nn.Module):
             focal = sigmoid_focal_loss(
                 logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none"
             )  # [B, Q, C]
-            # The original's normalisation: mean over classes, sum over queries, per box.
-            loss_ce = focal.mean(1).sum() / num_boxes * logits.shape[1]
+            # Summed over queries and classes, per target box (the original writes this as
+            # mean over queries, times the number of queries).
+            loss_ce = focal.sum() / num_boxes
 
         # Boxes: only matched queries, normalised by the number of target boxes.
         src_boxes = outputs["pred_boxes"][batch_idx, pred_idx].float()  # [T, 4] cx, cy, w, h
