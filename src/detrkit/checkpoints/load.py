@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from detrkit.checkpoints.errors import CheckpointError, format_names
 from detrkit.checkpoints.huggingface import is_hf_directory, read_hf_directory
 from detrkit.checkpoints.native import (
+    config_from_dict,
     is_native_directory,
     read_native_directory,
     read_safetensors,
@@ -44,9 +45,12 @@ def read_checkpoint(
             "(Hugging Face save_pretrained) with its weights",
         )
     if path.suffix == ".safetensors":  # official names in a bare safetensors file
-        state_dict, args = read_safetensors(path, map_location), {}
-    else:
-        state_dict, args = split_official(path, read_torch_file(path, map_location))
+        state_dict = read_safetensors(path, map_location)
+        return state_dict, infer_config(path, state_dict, {})
+    checkpoint = read_torch_file(path, map_location)
+    state_dict, args = split_official(path, checkpoint)
+    if isinstance(checkpoint.get("model_config"), dict):  # written by detrkit's training
+        return state_dict, config_from_dict(path, checkpoint["model_config"])
     return state_dict, infer_config(path, state_dict, args)
 
 

@@ -33,7 +33,7 @@ def is_native_directory(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG_FILE).is_file()
 
 
-def _write_atomically(target: Path, write: Any) -> None:
+def write_atomically(target: Path, write: Any) -> None:
     """Writes through a temporary file in the same directory, fsyncs, then renames over
     ``target``: a reader sees the old file or the new one, never half of one."""
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -70,8 +70,8 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
         "detrkit_version": __version__,
         "config": config.to_dict(),
     }
-    _write_atomically(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p))
-    _write_atomically(
+    write_atomically(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p))
+    write_atomically(
         directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n")
     )
     return directory
@@ -86,6 +86,17 @@ def read_safetensors(path: Path, map_location: str | torch.device = "cpu") -> di
         return load_file(path, device=str(map_location))
     except (SafetensorError, OSError) as error:
         raise CheckpointError(path, f"not a readable safetensors file: {error}") from None
+
+
+def config_from_dict(path: Path, values: dict[str, Any]) -> ModelConfig:
+    """The config a ``ModelConfig.to_dict()`` wrote; errors name ``path``."""
+    model_type = values.get("model_type", "detr")
+    if model_type not in CONFIG_TYPES:
+        raise CheckpointError(path, f"unknown model_type {model_type!r}")
+    try:
+        return CONFIG_TYPES[model_type].from_dict(values)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(path, f"invalid config: {error}") from None
 
 
 def read_native_directory(
@@ -104,14 +115,7 @@ def read_native_directory(
             f"format version {meta['format_version']} is newer than this detrkit "
             f"reads ({FORMAT_VERSION}); upgrade detrkit",
         )
-    values = dict(meta.get("config") or {})
-    model_type = values.get("model_type", "detr")
-    if model_type not in CONFIG_TYPES:
-        raise CheckpointError(config_file, f"unknown model_type {model_type!r}")
-    try:
-        config = CONFIG_TYPES[model_type].from_dict(values)
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(config_file, f"invalid config: {error}") from None
+    config = config_from_dict(config_file, meta.get("config") or {})
 
     weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():

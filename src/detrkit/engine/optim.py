@@ -1,0 +1,53 @@
+"""Optimiser and learning-rate schedule of the original training recipes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Deformable DETR trains these projections at a fraction of the base learning rate: they turn
+# queries into sampling positions, and large steps scatter the sampling points.
+LINEAR_PROJ_NAMES = ("reference_points", "sampling_offsets")
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    lr_backbone: float,
+    lr_linear_proj_mult: float = 1.0,
+) -> list[dict]:
+    """Trainable parameters split into the transformer/heads (``lr``), the backbone
+    (``lr_backbone``) and the sampling projections (``lr * lr_linear_proj_mult``). Empty groups
+    are dropped."""
+    groups: dict[str, list[nn.Parameter]] = {"main": [], "backbone": [], "linear_proj": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith("backbone.0"):
+            groups["backbone"].append(param)
+        elif lr_linear_proj_mult != 1.0 and any(key in name for key in LINEAR_PROJ_NAMES):
+            groups["linear_proj"].append(param)
+        else:
+            groups["main"].append(param)
+    rates = {"main": lr, "backbone": lr_backbone, "linear_proj": lr * lr_linear_proj_mult}
+    return [
+        {"params": params, "lr": rates[name], "name": name}
+        for name, params in groups.items()
+        if params
+    ]
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    lr_backbone: float,
+    weight_decay: float,
+    lr_linear_proj_mult: float = 1.0,
+) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`, fused into one kernel where torch supports it."""
+    groups = param_groups(model, lr, lr_backbone, lr_linear_proj_mult)
+    try:
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
+    except RuntimeError:
+        # Some dtype/device combinations have no fused implementation.
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
