@@ -1,0 +1,97 @@
+"""COCO box evaluation with pycocotools: the 12 standard numbers, as fractions in [0, 1]."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+COCO_METRICS = (
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
+)
+
+
+def to_coco_results(
+    image_id: int, detections: dict[str, Tensor], category_ids: Sequence[int] | None = None
+) -> list[dict]:
+    """One image's detections (absolute xyxy boxes) as COCO result entries (xywh boxes), labels
+    mapped back to the dataset's category ids when a mapping is given."""
+    boxes = detections["boxes"].detach().float().cpu()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
+    labels = detections["labels"].tolist()
+    scores = detections["scores"].float().tolist()
+    return [
+        {
+            "image_id": int(image_id),
+            "category_id": int(category_ids[label] if category_ids is not None else label),
+            "bbox": [round(v, 3) for v in box],
+            "score": round(score, 5),
+        }
+        for box, label, score in zip(xywh, labels, scores)
+    ]
+
+
+def coco_metrics(coco_gt, results: list[dict]) -> dict[str, float | None]:
+    """COCOeval's 12 bbox numbers for ``results`` against the ground truth ``coco_gt`` (a
+    pycocotools COCO). Numbers pycocotools cannot compute (no objects of a size) are None."""
+    from pycocotools.cocoeval import COCOeval
+
+    if not results:
+        return {name: 0.0 for name in COCO_METRICS}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        coco_dt = coco_gt.loadRes(results)
+        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {
+        name: (None if value < 0 else float(value))
+        for name, value in zip(COCO_METRICS, evaluator.stats)
+    }
+
+
+def gather_results(results: list[dict]) -> list[dict]:
+    """All processes' results on every process (identity without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return results
+    gathered: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, results)
+    return [entry for part in gathered for entry in part]
+
+
+@torch.no_grad()
+def predict_dataset(
+    model: nn.Module,
+    batches: Iterable,
+    postprocess: nn.Module,
+    category_ids: Sequence[int] | None,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[dict]:
+    """COCO results of ``model`` on every batch ``(images, mask, targets)``; targets need
+    ``image_id`` and ``orig_size`` (h, w)."""
+    model.eval()
+    results = []
+    for images, mask, targets in batches:
+        images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            outputs = model(images, mask)
+        orig_sizes = torch.stack([torch.as_tensor(t["orig_size"]) for t in targets]).to(device)
+        for target, detections in zip(targets, postprocess(outputs, orig_sizes)):
+            results.extend(to_coco_results(int(target["image_id"]), detections, category_ids))
+    return results
