@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 
 from detrkit.checkpoints import CheckpointError, load, save
+from detrkit.cli.data import add_data_commands
+from detrkit.cli.train import add_train_commands
 from detrkit.models import PRESETS
 from detrkit.version import __version__
 
@@ -47,7 +49,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="detrkit", description="DETR and Deformable DETR: load, convert, inspect."
+        prog="detrkit",
+        description="DETR and Deformable DETR: train, evaluate, load, convert, inspect.",
     )
     parser.add_argument("--version", action="version", version=f"detrkit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -66,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("weights", help=weights_help)
     convert.add_argument("--out", required=True, help="output directory")
     convert.set_defaults(run=cmd_convert)
+
+    add_train_commands(commands)
+    add_data_commands(commands)
     return parser
 
 
@@ -73,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except CheckpointError as error:
+    except (CheckpointError, ValueError, FileNotFoundError) as error:
         print(f"detrkit: error: {error}", file=sys.stderr)
         return 2
 

@@ -4,7 +4,13 @@ from detrkit.models.config import DeformableDETRConfig, DETRConfig, ModelConfig
 from detrkit.models.deformable_detr import DeformableDETR
 from detrkit.models.detr import DETR
 from detrkit.models.postprocess import PostProcess
-from detrkit.models.presets import PRESETS, available_models, build_config, build_model
+from detrkit.models.presets import (
+    PRESETS,
+    available_models,
+    build_config,
+    build_model,
+    model_from_config,
+)
 
 __all__ = [
     "DETR",
@@ -17,4 +23,5 @@ __all__ = [
     "available_models",
     "build_config",
     "build_model",
+    "model_from_config",
 ]

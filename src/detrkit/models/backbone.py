@@ -12,14 +12,21 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
-RESNET_CHANNELS = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
+# Output channels of each stage: bottleneck ResNets (50, 101) and basic-block ones (18, 34).
+RESNET_CHANNELS = {
+    "resnet50": {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048},
+    "resnet101": {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048},
+    "resnet18": {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512},
+    "resnet34": {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512},
+}
 
 
 class ResNetBackbone(nn.Module):
-    """torchvision ResNet-50/101 without its classifier, returning the requested stages.
+    """torchvision ResNet without its classifier, returning the requested stages.
 
-    The stem and ``layer1`` stay frozen, as in the original training; batch norm is always frozen
-    (its statistics come from ImageNet pre-training and batches of detection images are too small).
+    With ``norm="frozen"`` (the original, for ImageNet-initialised weights) batch norm is frozen and
+    the stem and ``layer1`` are not trained. With ``norm="batch"`` (training from scratch, as on the
+    built-in digits, where no pre-trained weights exist) batch norm learns and every stage trains.
     """
 
     def __init__(
@@ -27,24 +34,30 @@ class ResNetBackbone(nn.Module):
         name: str = "resnet50",
         dilation: bool = False,
         return_layers: tuple[str, ...] = ("layer4",),
+        norm: str = "frozen",
     ) -> None:
         super().__init__()
-        if name not in ("resnet50", "resnet101"):
-            raise ValueError(f"backbone must be 'resnet50' or 'resnet101', got {name!r}")
+        if name not in RESNET_CHANNELS:
+            raise ValueError(f"backbone must be one of {sorted(RESNET_CHANNELS)}, got {name!r}")
+        if dilation and name in ("resnet18", "resnet34"):
+            raise ValueError(f"dilation (DC5) needs a bottleneck ResNet, not {name}")
+        if norm not in ("frozen", "batch"):
+            raise ValueError(f"backbone norm must be 'frozen' or 'batch', got {norm!r}")
         resnet = getattr(torchvision.models, name)(
             weights=None,
             replace_stride_with_dilation=[False, False, dilation],
-            norm_layer=FrozenBatchNorm2d,
+            norm_layer=FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d,
         )
         # Keep every child up to the last returned stage; names stay those of torchvision.
         last = max(int(layer[-1]) for layer in return_layers)
         keep = ["conv1", "bn1", "relu", "maxpool"] + [f"layer{i}" for i in range(1, last + 1)]
         self.body = nn.ModuleDict({name: getattr(resnet, name) for name in keep})
-        for param_name, param in self.body.named_parameters():
-            if not param_name.startswith(("layer2", "layer3", "layer4")):
-                param.requires_grad_(False)
+        if norm == "frozen":
+            for param_name, param in self.body.named_parameters():
+                if not param_name.startswith(("layer2", "layer3", "layer4")):
+                    param.requires_grad_(False)
         self.return_layers = tuple(return_layers)
-        self.num_channels = [RESNET_CHANNELS[layer] for layer in return_layers]
+        self.num_channels = [RESNET_CHANNELS[name][layer] for layer in return_layers]
         self.strides = [
             {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 16 if dilation else 32}[layer]
             for layer in return_layers

@@ -12,8 +12,11 @@ from typing import Any, ClassVar, Literal
 class ModelConfig:
     """What every detector's architecture shares; subclasses add their own fields."""
 
-    backbone: Literal["resnet50", "resnet101"] = "resnet50"
+    backbone: Literal["resnet50", "resnet101", "resnet18", "resnet34"] = "resnet50"
     dilation: bool = False  # DC5: dilate the last ResNet stage instead of striding
+    # "frozen": the original's frozen batch norm (for pre-trained weights); "batch": trainable
+    # batch norm and every stage trained, for training from scratch.
+    backbone_norm: Literal["frozen", "batch"] = "frozen"
     position_embedding: Literal["sine", "learned"] = "sine"
     hidden_dim: int = 256
     nheads: int = 8
@@ -29,8 +32,14 @@ class ModelConfig:
     model_type: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        if self.backbone not in ("resnet50", "resnet101"):
-            raise ValueError(f"backbone must be 'resnet50' or 'resnet101', got {self.backbone!r}")
+        if self.backbone not in ("resnet50", "resnet101", "resnet18", "resnet34"):
+            raise ValueError(
+                f"backbone must be resnet18, resnet34, resnet50 or resnet101, got {self.backbone!r}"
+            )
+        if self.backbone_norm not in ("frozen", "batch"):
+            raise ValueError(
+                f"backbone_norm must be 'frozen' or 'batch', got {self.backbone_norm!r}"
+            )
         if self.position_embedding not in ("sine", "learned"):
             raise ValueError(
                 f"position_embedding must be 'sine' or 'learned', got {self.position_embedding!r}"

@@ -56,7 +56,9 @@ class DeformableDETR(nn.Module):
         return_layers = (
             ("layer2", "layer3", "layer4") if config.num_feature_levels > 1 else ("layer4",)
         )
-        backbone = ResNetBackbone(config.backbone, config.dilation, return_layers)
+        backbone = ResNetBackbone(
+            config.backbone, config.dilation, return_layers, norm=config.backbone_norm
+        )
         self.input_proj = nn.ModuleList(
             nn.Sequential(
                 nn.Conv2d(channels, hidden_dim, kernel_size=1), nn.GroupNorm(32, hidden_dim)

@@ -38,7 +38,9 @@ class DETR(nn.Module):
         self.class_embed = nn.Linear(hidden_dim, config.num_classes + 1)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.query_embed = nn.Embedding(config.num_queries, hidden_dim)
-        backbone = ResNetBackbone(config.backbone, config.dilation, return_layers=("layer4",))
+        backbone = ResNetBackbone(
+            config.backbone, config.dilation, return_layers=("layer4",), norm=config.backbone_norm
+        )
         self.input_proj = nn.Conv2d(backbone.num_channels[-1], hidden_dim, kernel_size=1)
         if config.position_embedding == "sine":
             position_embedding = PositionEmbeddingSine(hidden_dim // 2, normalize=True)

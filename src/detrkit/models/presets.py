@@ -20,6 +20,31 @@ PRESETS: dict[str, ModelConfig] = {
     "deformable_detr_single_scale": DeformableDETRConfig(num_feature_levels=1),
     "deformable_detr_refine": DeformableDETRConfig(with_box_refine=True),
     "deformable_detr_two_stage": DeformableDETRConfig(with_box_refine=True, two_stage=True),
+    # Small models for the built-in digits dataset and CPUs: a ResNet-18 trained from scratch
+    # (no pre-trained weights are downloaded), a narrow transformer, few queries.
+    "detr_digits": DETRConfig(
+        backbone="resnet18",
+        backbone_norm="batch",
+        hidden_dim=128,
+        nheads=4,
+        enc_layers=2,
+        dec_layers=2,
+        dim_feedforward=512,
+        num_queries=20,
+        num_classes=10,
+    ),
+    "deformable_detr_digits": DeformableDETRConfig(
+        backbone="resnet18",
+        backbone_norm="batch",
+        hidden_dim=128,
+        nheads=4,
+        enc_layers=2,
+        dec_layers=3,
+        dim_feedforward=512,
+        num_queries=20,
+        num_classes=10,
+        with_box_refine=True,
+    ),
 }
 MODEL_CLASSES: dict[type[ModelConfig], type[nn.Module]] = {
     DETRConfig: DETR,

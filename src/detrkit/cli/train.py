@@ -1,0 +1,119 @@
+"""``detrkit train`` and ``detrkit eval``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from detrkit.engine.config import TrainConfig
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _option_type(annotation: str):
+    for name, kind in _TYPES.items():
+        if annotation.startswith(name):
+            return kind
+    return None
+
+
+def _model_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--model-option {text!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a bare string such as resnet18
+
+
+def add_train_commands(commands) -> None:
+    """Adds ``train`` and ``eval`` to the ``detrkit`` subcommands."""
+    train = commands.add_parser(
+        "train",
+        help="train a model",
+        description="Train a model. Every TrainConfig field is an option; unset ones come from "
+        "--config or the model's original recipe.",
+    )
+    train.add_argument("--config", help="a config.json written by an earlier run")
+    train.add_argument("--resume", help="a run directory, or 'auto' to continue --output")
+    train.add_argument(
+        "--model-option",
+        action="append",
+        type=_model_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the model preset (e.g. num_queries=50)",
+    )
+    train.add_argument("--num-classes", type=int, help="shorthand for --model-option num_classes=N")
+    for field in dataclasses.fields(TrainConfig):
+        if field.name == "model_options":
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if field.type == "bool":
+            train.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            train.add_argument(flag, type=_option_type(field.type), default=None)
+    train.set_defaults(run=run_train)
+
+    evaluate = commands.add_parser("eval", help="COCO AP of a checkpoint on a validation set")
+    evaluate.add_argument("--weights", required=True, help="anything detrkit.load reads")
+    evaluate.add_argument("--data", required=True, help="digits or coco:VAL_IMAGES,VAL_JSON")
+    evaluate.add_argument("--out", type=Path, help="write metrics.json and results.json here")
+    evaluate.add_argument("--batch-size", type=int, default=2)
+    evaluate.add_argument("--image-scale", type=float, default=1.0)
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    evaluate.add_argument("--workers", type=int, default=0)
+    evaluate.add_argument("--digits-val", type=int, default=200)
+    evaluate.add_argument("--seed", type=int, default=42)
+    evaluate.add_argument("--label-mapping", default="contiguous", choices=["contiguous", "coco"])
+    evaluate.set_defaults(run=run_eval)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """--config (if any), then every option given on the command line on top."""
+    config = TrainConfig.from_file(args.config) if args.config else TrainConfig()
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if f.name != "model_options" and getattr(args, f.name) is not None
+    }
+    options = dict(config.model_options)
+    options.update(dict(args.model_option))
+    if args.num_classes is not None:
+        options["num_classes"] = args.num_classes
+    return dataclasses.replace(config, **given, model_options=options)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from detrkit.engine.train import TrainingError, train
+
+    try:
+        train(config_from_args(args), resume=args.resume)
+    except TrainingError as error:
+        print(f"detrkit: error: {error}")
+        return 1
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from detrkit.engine.evaluate_run import evaluate_checkpoint
+
+    numbers = evaluate_checkpoint(
+        args.weights,
+        args.data,
+        args.out,
+        args.batch_size,
+        args.image_scale,
+        args.device,
+        args.amp,
+        args.workers,
+        args.digits_val,
+        args.seed,
+        args.label_mapping,
+    )
+    print(json.dumps(numbers, indent=2))
+    return 0

@@ -1,0 +1,151 @@
+"""The datasets and loaders a training or evaluation run reads, from its ``data`` string."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from detrkit.data import (
+    AugmentationConfig,
+    CocoDetection,
+    DigitsDetection,
+    collate_fn,
+    make_train_transforms,
+    make_val_transforms,
+)
+from detrkit.engine.config import TrainConfig
+
+
+def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
+    """Train and validation datasets, augmented at ``image_scale`` times the original sizes."""
+    augment = AugmentationConfig().scaled(config.image_scale)
+    train_transforms, val_transforms = make_train_transforms(augment), make_val_transforms(augment)
+    if config.data == "digits":
+        return (
+            DigitsDetection("train", config.digits_train, config.seed, train_transforms),
+            DigitsDetection("val", config.digits_val, config.seed, val_transforms),
+        )
+    if config.data.startswith("coco:"):
+        parts = config.data.removeprefix("coco:").split(",")
+        if len(parts) != 4:
+            raise ValueError(
+                f"--data {config.data!r}: expected coco:TRAIN_IMAGES,TRAIN_JSON,VAL_IMAGES,VAL_JSON"
+            )
+        mapping = config.label_mapping
+        return (
+            CocoDetection(parts[0], parts[1], train_transforms, label_mapping=mapping),
+            CocoDetection(parts[2], parts[3], val_transforms, label_mapping=mapping),
+        )
+    raise ValueError(f"--data {config.data!r}: expected 'digits' or 'coco:...'")
+
+
+def coco_ground_truth(dataset: Dataset):
+    """The dataset's annotations as a pycocotools COCO object, for COCOeval."""
+    from pycocotools.coco import COCO
+
+    if isinstance(dataset, CocoDetection):
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(str(dataset.annotations_json))
+    images, annotations = [], []
+    for index in range(len(dataset)):
+        scene = dataset.scene(index)
+        height, width = scene.image.shape[:2]
+        images.append({"id": index + 1, "height": height, "width": width})
+        for box, label, mask in zip(scene.boxes.tolist(), scene.labels.tolist(), scene.masks):
+            x1, y1, x2, y2 = box
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index + 1,
+                    "category_id": int(label),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": float(mask.sum()),
+                    "iscrowd": 0,
+                }
+            )
+    categories = [{"id": i, "name": name} for i, name in enumerate(dataset.class_names)]
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": annotations, "categories": categories}
+    coco.createIndex()
+    return coco
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of one epoch in an order fixed by (seed, epoch), this process's share when
+    distributed, starting at ``start`` batches in (to resume an interrupted epoch)."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        self.sampler = DistributedSampler(
+            dataset,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=False,
+        )
+        self.batch_size = batch_size
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        indices = list(self.sampler)
+        batches = [
+            indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)
+        ]
+        return iter(batches[self.start :])
+
+    def __len__(self) -> int:
+        return (len(self.sampler) + self.batch_size - 1) // self.batch_size - self.start
+
+
+class SeededSamples(Dataset):
+    """Draws each sample's augmentation from a generator seeded by (seed, epoch, index): the
+    same sample comes out the same whatever the worker count, the process or a resume."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, index)) % (2**63))
+            return self.dataset[index]
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    workers: int,
+    num_replicas: int = 1,
+    rank: int = 0,
+) -> DataLoader:
+    """A loader of ``(images, mask, targets)`` whose ``batch_sampler`` is an :class:`EpochBatches`."""
+    batches = EpochBatches(dataset, batch_size, seed, shuffle, num_replicas, rank)
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=collate_fn,
+        num_workers=workers,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )

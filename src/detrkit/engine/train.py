@@ -1,0 +1,382 @@
+"""The training loop: ``detrkit train`` runs :func:`train`.
+
+Runs on one process or under torchrun (DistributedDataParallel), checkpoints atomically every few
+epochs, at the end and on SIGINT/SIGTERM, and resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import detrkit
+from detrkit.engine.config import TrainConfig
+from detrkit.engine.datasets import SeededSamples, build_datasets, coco_ground_truth, make_loader
+from detrkit.engine.distributed import ProcessInfo, barrier, init_distributed
+from detrkit.engine.evaluate import coco_metrics, gather_results, predict_dataset
+from detrkit.engine.logger import MetricsLog, plot_metrics
+from detrkit.engine.optim import build_optimizer
+from detrkit.engine.state import (
+    CHECKPOINT_NAME,
+    load_training_state,
+    rng_state,
+    save_training_state,
+    set_rng_state,
+)
+from detrkit.loss import build_criterion
+from detrkit.models import PostProcess, build_config, model_from_config
+
+AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message says where and what is kept."""
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a checkpoint can be written."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> _StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def new_run_dir(root: Path = Path("runs")) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for suffix in [""] + [f"-{i}" for i in range(1, 1000)]:
+        candidate = root / f"{stamp}{suffix}"
+        if not candidate.exists():
+            return candidate
+    raise RuntimeError(f"no free run directory under {root}")
+
+
+def build_training_model(config: TrainConfig, train_set, log) -> nn.Module:
+    """The preset with the dataset's classes, or the fine-tuning checkpoint (new class head when
+    the class count differs)."""
+    num_classes = train_set.num_classes
+    class_names = list(train_set.class_names)
+    if config.finetune:
+        base = detrkit.checkpoints.read_checkpoint(config.finetune)[1]
+        reset = base.num_classes != num_classes
+        model = detrkit.load(
+            config.finetune,
+            reset_class_head=reset,
+            num_classes=num_classes,
+            class_names=class_names,
+            **config.model_options,
+        )
+        log(
+            f"fine-tuning from {config.finetune}"
+            + (
+                f": class head re-initialised ({base.num_classes} -> {num_classes} classes)"
+                if reset
+                else ""
+            )
+        )
+    else:
+        options = {"num_classes": num_classes, "class_names": class_names, **config.model_options}
+        model = model_from_config(build_config(config.model, **options))
+    if config.freeze_backbone:
+        for param in model.backbone.parameters():
+            param.requires_grad_(False)
+        log("backbone frozen")
+    return model
+
+
+def train(config: TrainConfig, resume: str | None = None) -> Path:
+    """Trains as ``config`` says; returns the run directory (checkpoint, metrics, plot, config)."""
+    process = init_distributed(config.device)
+    device = torch.device(
+        f"cuda:{process.local_rank}" if config.device == "cuda" else config.device
+    )
+    run_dir = Path(config.output) if config.output else new_run_dir()
+    if resume and resume != "auto":
+        run_dir = Path(resume)
+    checkpoint_path = run_dir / CHECKPOINT_NAME
+    config.output = str(run_dir)
+
+    def log(message: str) -> None:
+        if process.is_main:
+            print(f"[detrkit] {message}", flush=True)
+
+    state: dict[str, Any] | None = None
+    if resume and checkpoint_path.exists():
+        state = load_training_state(checkpoint_path)
+        config = TrainConfig(**state["train_config"])
+        config.output = str(run_dir)
+        log(f"resuming {run_dir} at epoch {state['epoch']}, batch {state['batch_in_epoch']}")
+    elif resume and resume != "auto":
+        raise FileNotFoundError(f"--resume {resume}: no {CHECKPOINT_NAME} there")
+
+    torch.manual_seed(config.seed)
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    train_set, val_set = build_datasets(config)
+    model = build_training_model(config, train_set, log)
+    config = config.resolved(model.config)
+    config.validate()
+    if process.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.json")
+    barrier()
+
+    model.to(device)
+    criterion = build_criterion(model.config).to(device)
+    optimizer = build_optimizer(
+        model, config.lr, config.lr_backbone, config.weight_decay, config.lr_linear_proj_mult
+    )
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_drop, gamma=0.1)
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+        if config.ema_decay
+        else None
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    start_epoch, start_batch, step = 0, 0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, start_batch, step = state["epoch"], state["batch_in_epoch"], state["step"]
+        set_rng_state(state["rng"])
+
+    trained = model
+    if process.world_size > 1:
+        trained = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
+    seeded_train = SeededSamples(train_set, config.seed)
+    train_loader = make_loader(
+        seeded_train,
+        config.batch_size,
+        config.seed,
+        True,
+        config.workers,
+        process.world_size,
+        process.rank,
+    )
+    val_loader = make_loader(
+        val_set,
+        config.batch_size,
+        config.seed,
+        False,
+        config.workers,
+        process.world_size,
+        process.rank,
+    )
+    metrics = MetricsLog(run_dir, enabled=process.is_main)
+    coco_gt = coco_ground_truth(val_set) if process.is_main else None
+    postprocess = PostProcess.for_config(model.config)
+    autocast_dtype = AUTOCAST_DTYPES[config.amp]
+
+    def save(epoch: int, batch_in_epoch: int) -> None:
+        if not process.is_main:
+            return
+        save_training_state(
+            checkpoint_path,
+            {
+                "model": model.state_dict(),
+                "model_config": model.config.to_dict(),
+                "train_config": config.to_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "step": step,
+                "rng": rng_state(),
+            },
+        )
+
+    log(f"training {config.model} on {config.data} for {config.epochs} epochs -> {run_dir}")
+    with _StopRequest() as stop:
+        for epoch in range(start_epoch, config.epochs):
+            seeded_train.epoch = epoch
+            train_loader.batch_sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
+            step, interrupted_at = _train_one_epoch(
+                trained,
+                criterion,
+                optimizer,
+                scaler,
+                ema,
+                train_loader,
+                config,
+                device,
+                autocast_dtype,
+                epoch,
+                step,
+                metrics,
+                stop,
+                process,
+                first_batch=start_batch if epoch == start_epoch else 0,
+            )
+            if interrupted_at is not None:
+                save(epoch, interrupted_at)
+                log(f"stopped by signal {stop.signal}: checkpoint written to {checkpoint_path}")
+                raise SystemExit(128 + stop.signal)
+            scheduler.step()
+            last = epoch + 1 == config.epochs
+            if last or (epoch + 1) % config.eval_every == 0:
+                evaluate_epoch(
+                    ema.module if ema is not None else model,
+                    val_loader,
+                    val_set,
+                    coco_gt,
+                    postprocess,
+                    device,
+                    autocast_dtype,
+                    epoch,
+                    metrics,
+                    run_dir,
+                    process,
+                    log,
+                )
+            if last or (epoch + 1) % config.checkpoint_every == 0:
+                save(epoch + 1, 0)
+    if process.is_main:
+        plot_metrics(metrics.read(), run_dir / "metrics.png")
+        log(f"done: {checkpoint_path}, {run_dir / 'metrics.jsonl'}, {run_dir / 'metrics.png'}")
+    barrier()
+    return run_dir
+
+
+def _train_one_epoch(
+    model,
+    criterion,
+    optimizer,
+    scaler,
+    ema,
+    loader,
+    config: TrainConfig,
+    device,
+    autocast_dtype,
+    epoch: int,
+    step: int,
+    metrics: MetricsLog,
+    stop: _StopRequest,
+    process: ProcessInfo,
+    first_batch: int = 0,
+) -> tuple[int, int | None]:
+    """One pass over ``loader``. Returns the global step reached and, if a stop signal arrived,
+    the index of the first batch not trained on (None otherwise)."""
+    from tqdm import tqdm
+
+    model.train()
+    total = len(loader)
+    if config.max_steps_per_epoch is not None:
+        total = min(total, max(0, config.max_steps_per_epoch - first_batch))
+    progress = tqdm(
+        total=total,
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        disable=not process.is_main,
+        dynamic_ncols=True,
+    )
+    batch_index = first_batch
+    for images, mask, targets in loader:
+        if progress.n >= total:
+            break
+        if stop.signal is not None:
+            progress.close()
+            return step, batch_index
+        images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            outputs = model(images, mask)
+        losses = criterion(outputs, targets)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            progress.close()
+            raise TrainingError(
+                f"non-finite loss ({loss.item()}) at step {step} (epoch {epoch + 1}, batch "
+                f"{batch_index}); training stopped, the last good checkpoint is kept "
+                f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items() if k != 'loss')})"
+            )
+        scaler.scale(loss / config.grad_accum).backward()
+        batch_index += 1
+        if batch_index % config.grad_accum == 0 or batch_index == len(loader) + first_batch:
+            scaler.unscale_(optimizer)
+            if config.clip_max_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_max_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update_parameters(model.module if hasattr(model, "module") else model)
+        step += 1
+        lr = optimizer.param_groups[0]["lr"]
+        progress.update()
+        if step % config.log_every == 0 or progress.n == total:
+            values = _final_layer_values(losses)
+            progress.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.1e}")
+            metrics.write({"type": "train", "epoch": epoch + 1, "step": step, "lr": lr, **values})
+    progress.close()
+    return step, None
+
+
+def evaluate_epoch(
+    model,
+    loader,
+    dataset,
+    coco_gt,
+    postprocess,
+    device,
+    autocast_dtype,
+    epoch: int,
+    metrics: MetricsLog,
+    run_dir: Path,
+    process: ProcessInfo,
+    log,
+) -> dict[str, float | None]:
+    """COCO AP on the validation set; rank 0 logs it and writes the results file."""
+    category_ids = getattr(dataset, "category_ids", None)
+    if getattr(dataset, "label_mapping", "contiguous") == "coco":
+        category_ids = None
+    loader.batch_sampler.set_epoch(0)
+    results = gather_results(
+        predict_dataset(model, loader, postprocess, category_ids, device, autocast_dtype)
+    )
+    if not process.is_main:
+        return {}
+    numbers = coco_metrics(coco_gt, results)
+    metrics.write({"type": "eval", "epoch": epoch + 1, **numbers})
+    (run_dir / "eval_results.json").write_text(json.dumps(results))
+    log(
+        f"epoch {epoch + 1}: AP {numbers['AP'] or 0:.3f}  AP50 {numbers['AP50'] or 0:.3f}  "
+        f"AP75 {numbers['AP75'] or 0:.3f}"
+    )
+    return numbers
+
+
+def _final_layer_values(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The losses and metrics of the final layer (auxiliary ``_0``.. and ``_enc`` left out)."""
+    return {
+        name: round(value.item(), 5)
+        for name, value in losses.items()
+        if not (name.rsplit("_", 1)[-1].isdigit() or name.endswith("_enc"))
+    }
