@@ -62,7 +62,12 @@ def load_weights(
 ) -> None:
     """Loads ``state_dict`` into ``model`` after checking that every name and shape fits, so that
     a mismatch is reported completely instead of one key at a time."""
-    state_dict = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    expected = model.state_dict()
+    # Batch-norm step counters are bookkeeping, not weights: ignore them when one side lacks them.
+    counter = "num_batches_tracked"
+    state_dict = {
+        k: v for k, v in state_dict.items() if not (k.endswith(counter) and k not in expected)
+    }
     for names in shared_names(model):
         stored = [name for name in names if name in state_dict]
         for name in names:
@@ -70,11 +75,12 @@ def load_weights(
                 state_dict.setdefault(name, state_dict[stored[0]])
     if reset_class_head:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(CLASS_HEAD_PREFIXES)}
-    expected = model.state_dict()
     missing = [
         k
         for k in expected
-        if k not in state_dict and not (reset_class_head and k.startswith(CLASS_HEAD_PREFIXES))
+        if k not in state_dict
+        and not k.endswith(counter)
+        and not (reset_class_head and k.startswith(CLASS_HEAD_PREFIXES))
     ]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [
@@ -96,7 +102,7 @@ def load_weights(
             )
     if problems:
         raise CheckpointError(path, "; ".join(problems))
-    model.load_state_dict(state_dict, strict=not reset_class_head)
+    model.load_state_dict(state_dict, strict=False)  # every name was checked above
 
 
 def load(

@@ -48,6 +48,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0: no exponential moving average of the weights
 
     image_scale: float = 1.0  # multiplies every augmentation size of the original recipe
+    augment: bool = True  # False: train on the validation resize (no flip, crop or rescale)
     digits_train: int = 2000  # images of the built-in dataset
     digits_val: int = 200
     workers: int = 2

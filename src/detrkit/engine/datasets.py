@@ -19,7 +19,8 @@ from detrkit.engine.config import TrainConfig
 def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
     """Train and validation datasets, augmented at ``image_scale`` times the original sizes."""
     augment = AugmentationConfig().scaled(config.image_scale)
-    train_transforms, val_transforms = make_train_transforms(augment), make_val_transforms(augment)
+    val_transforms = make_val_transforms(augment)
+    train_transforms = make_train_transforms(augment) if config.augment else val_transforms
     if config.data == "digits":
         return (
             DigitsDetection("train", config.digits_train, config.seed, train_transforms),

@@ -53,9 +53,8 @@ class DeformableDETR(nn.Module):
         if not config.two_stage:
             self.query_embed = nn.Embedding(config.num_queries, hidden_dim * 2)  # position, content
 
-        return_layers = (
-            ("layer2", "layer3", "layer4") if config.num_feature_levels > 1 else ("layer4",)
-        )
+        # The last stages of the ResNet (C3-C5 at most); levels beyond them are stride-2 convs.
+        return_layers = ("layer2", "layer3", "layer4")[-min(config.num_feature_levels, 3) :]
         backbone = ResNetBackbone(
             config.backbone, config.dilation, return_layers, norm=config.backbone_norm
         )

@@ -1,0 +1,378 @@
+"""The training and evaluation engine, on tiny generated data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import detrkit
+from detrkit.cli.main import main
+from detrkit.engine import train as train_module
+from detrkit.engine.config import TrainConfig
+from detrkit.engine.evaluate import COCO_METRICS, coco_metrics, to_coco_results
+from detrkit.engine.state import load_training_state
+from detrkit.loss import build_criterion
+
+# A model small enough to train a few steps in seconds: every module of the real one is there.
+TINY_MODEL = {
+    "hidden_dim": 64,
+    "nheads": 2,
+    "enc_layers": 1,
+    "dec_layers": 2,
+    "dim_feedforward": 64,
+    "num_queries": 8,
+    "num_feature_levels": 2,
+}
+
+
+def tiny_args(output: Path, *extra: str) -> list[str]:
+    options = [f"--model-option={k}={v}" for k, v in TINY_MODEL.items()]
+    return [
+        "train",
+        "--model",
+        "deformable_detr_digits",
+        "--data",
+        "digits",
+        "--output",
+        str(output),
+        "--digits-train",
+        "8",
+        "--digits-val",
+        "4",
+        "--batch-size",
+        "2",
+        "--image-scale",
+        "0.12",
+        "--workers",
+        "0",
+        "--log-every",
+        "1",
+        "--epochs",
+        "2",
+        "--deterministic",
+        *options,
+        *extra,
+    ]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_training_state(run_dir / "checkpoint.pth")["model"]
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+def test_training_steps_overfit_a_fixed_batch():
+    torch.manual_seed(0)
+    model = detrkit.build_model("deformable_detr_digits", dropout=0.0, **TINY_MODEL).train()
+    dataset = detrkit.data.DigitsDetection(
+        "train",
+        2,
+        transforms=detrkit.data.make_val_transforms(detrkit.data.AugmentationConfig().scaled(0.12)),
+    )
+    images, mask, targets = detrkit.data.collate_fn([dataset[0], dataset[1]])
+    criterion = build_criterion(model.config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(25):
+        optimizer.zero_grad()
+        loss = criterion(model(images, mask), targets)["loss"]
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_train_checkpoint_eval_from_the_cli(tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(tiny_args(run_dir, "--epochs", "1")) == 0
+    for name in ("checkpoint.pth", "config.json", "metrics.jsonl", "metrics.png"):
+        assert (run_dir / name).is_file(), name
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4]
+    (evaluation,) = [r for r in records if r["type"] == "eval"]
+    assert evaluation["epoch"] == 1 and set(COCO_METRICS) <= set(evaluation)
+    config = TrainConfig.from_file(run_dir / "config.json")
+    assert config.lr == 2e-4 and config.lr_linear_proj_mult == 0.1  # the recipe's values
+
+    out = tmp_path / "eval"
+    args = [
+        "eval",
+        "--weights",
+        str(run_dir / "checkpoint.pth"),
+        "--data",
+        "digits",
+        "--digits-val",
+        "4",
+        "--image-scale",
+        "0.12",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    # The same weights on the same images: the numbers the training run logged.
+    assert metrics == {k: evaluation[k] for k in COCO_METRICS}
+    model = detrkit.load(run_dir / "checkpoint.pth")
+    assert model.config.class_names == [str(d) for d in range(10)]
+
+
+def test_config_file_round_trip_and_bad_options(tmp_path):
+    config = TrainConfig(epochs=3, model_options={"num_queries": 5})
+    config.save(tmp_path / "config.json")
+    assert TrainConfig.from_file(tmp_path / "config.json") == config
+    (tmp_path / "bad.json").write_text(json.dumps({"epochs": 1, "learning_rate": 1}))
+    with pytest.raises(ValueError, match=r"bad\.json: unknown training options: learning_rate"):
+        TrainConfig.from_file(tmp_path / "bad.json")
+
+
+def run_cli(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "detrkit", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"training ended early:\n{process.stdout.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("training did not reach the expected point")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_killed_and_interrupted_runs_resume_to_the_same_weights(tmp_path):
+    reference = run_cli(tiny_args(tmp_path / "reference", "--epochs", "3"))
+    assert reference.wait() == 0, reference.stdout.read()
+
+    # SIGKILL right after the first epoch's checkpoint: nothing can be flushed or cleaned up.
+    killed_dir = tmp_path / "killed"
+    killed = run_cli(tiny_args(killed_dir, "--epochs", "3"))
+    wait_for(lambda: (killed_dir / "checkpoint.pth").exists(), killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    state = load_training_state(killed_dir / "checkpoint.pth")  # complete, never half-written
+    assert state["epoch"] >= 1
+    resumed = run_cli(tiny_args(killed_dir, "--epochs", "3", "--resume", "auto"))
+    assert resumed.wait() == 0, resumed.stdout.read()
+    assert_same_weights(final_weights(killed_dir), final_weights(tmp_path / "reference"))
+
+    # SIGTERM in the middle of an epoch: a checkpoint at that batch, then an exact resume.
+    stopped_dir = tmp_path / "stopped"
+    stopped = run_cli(tiny_args(stopped_dir, "--epochs", "3"))
+    metrics = stopped_dir / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 6, stopped)
+    stopped.send_signal(signal.SIGTERM)
+    assert stopped.wait() == 128 + signal.SIGTERM
+    assert load_training_state(stopped_dir / "checkpoint.pth")["step"] >= 5
+    resumed = run_cli(tiny_args(stopped_dir, "--epochs", "3", "--resume", str(stopped_dir)))
+    assert resumed.wait() == 0, resumed.stdout.read()
+    assert_same_weights(final_weights(stopped_dir), final_weights(tmp_path / "reference"))
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    real_build = train_module.build_criterion
+    calls = {"n": 0}
+
+    def poisoned(config):
+        criterion = real_build(config)
+        forward = criterion.forward
+
+        def forward_with_nan(outputs, targets):
+            calls["n"] += 1
+            losses = forward(outputs, targets)
+            if calls["n"] == 6:  # the second batch of epoch 2 (4 batches per epoch)
+                losses["loss"] = losses["loss"] * float("nan")
+            return losses
+
+        criterion.forward = forward_with_nan
+        return criterion
+
+    monkeypatch.setattr(train_module, "build_criterion", poisoned)
+    run_dir = tmp_path / "run"
+    assert main(tiny_args(run_dir)) == 1
+    message = capsys.readouterr().out
+    assert "non-finite loss (nan) at step 5 (epoch 2, batch 1)" in message
+    assert load_training_state(run_dir / "checkpoint.pth")["epoch"] == 1
+
+
+def write_square_coco(directory: Path, count: int = 4, size: int = 64) -> tuple[Path, Path]:
+    """Same-sized images (so that batches need no padding) with one box each."""
+    rng = np.random.default_rng(0)
+    images_dir = directory / "images"
+    images_dir.mkdir(parents=True)
+    images, annotations = [], []
+    for i in range(1, count + 1):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+            images_dir / f"{i}.png"
+        )
+        images.append({"id": i, "file_name": f"{i}.png", "height": size, "width": size})
+        x, y = rng.integers(0, size // 2, 2).tolist()
+        annotations.append(
+            {
+                "id": i,
+                "image_id": i,
+                "category_id": 1 + i % 2,
+                "bbox": [x, y, 20, 24],
+                "area": 480,
+                "iscrowd": 0,
+            }
+        )
+    categories = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    annotations_json = directory / "instances.json"
+    annotations_json.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+    return images_dir, annotations_json
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    images_dir, annotations = write_square_coco(tmp_path)
+    data = f"coco:{images_dir},{annotations},{images_dir},{annotations}"
+    # Frozen batch norm and no dropout: per-process batch statistics and random streams differ.
+    common = [
+        "train",
+        "--model",
+        "deformable_detr_digits",
+        "--data",
+        data,
+        "--epochs",
+        "1",
+        "--no-augment",
+        "--image-scale",
+        "0.08",
+        "--workers",
+        "0",
+        "--deterministic",
+        "--model-option=backbone_norm=frozen",
+        "--model-option=dropout=0.0",
+        *[f"--model-option={k}={v}" for k, v in TINY_MODEL.items()],
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "detrkit",
+            *common,
+            "--batch-size",
+            "2",
+            "--output",
+            str(tmp_path / "single"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert single.returncode == 0, single.stdout + single.stderr
+    double = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29531",
+            "-m",
+            "detrkit",
+            *common,
+            "--batch-size",
+            "1",
+            "--output",
+            str(tmp_path / "ddp"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert double.returncode == 0, double.stdout + double.stderr
+    # Two steps of AdamW: sums in another order differ in the last bits only.
+    assert_same_weights(
+        final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single"), atol=1e-5
+    )
+
+
+def test_evaluation_equals_pycocotools_on_hand_made_predictions():
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO()
+    gt.dataset = {
+        "images": [{"id": 1, "height": 100, "width": 100}, {"id": 2, "height": 100, "width": 100}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 7,
+                "bbox": [10, 10, 30, 40],
+                "area": 1200,
+                "iscrowd": 0,
+            },
+            {
+                "id": 2,
+                "image_id": 2,
+                "category_id": 9,
+                "bbox": [50, 20, 20, 20],
+                "area": 400,
+                "iscrowd": 0,
+            },
+        ],
+        "categories": [{"id": 7, "name": "seven"}, {"id": 9, "name": "nine"}],
+    }
+    gt.createIndex()
+    # Labels 0 and 1 stand for categories 7 and 9; boxes in x1, y1, x2, y2.
+    detections = {
+        1: {
+            "boxes": torch.tensor([[12.0, 10.0, 40.0, 52.0], [60.0, 60.0, 90.0, 90.0]]),
+            "labels": torch.tensor([0, 1]),
+            "scores": torch.tensor([0.9, 0.4]),
+        },
+        2: {
+            "boxes": torch.tensor([[50.0, 20.0, 70.0, 40.0]]),
+            "labels": torch.tensor([0]),
+            "scores": torch.tensor([0.8]),
+        },
+    }
+    results = [r for i, d in detections.items() for r in to_coco_results(i, d, [7, 9])]
+    assert results[0] == {
+        "image_id": 1,
+        "category_id": 7,
+        "bbox": [12.0, 10.0, 28.0, 42.0],
+        "score": 0.9,
+    }
+    ours = coco_metrics(gt, results)
+
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(gt, gt.loadRes(results), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    expected = [None if v < 0 else v for v in evaluator.stats]
+    assert [ours[name] for name in COCO_METRICS] == pytest.approx(expected)
+    assert 0 < ours["AP50"] < 1
