@@ -33,3 +33,15 @@ def pad_images(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         padded[:, : image.shape[1], : image.shape[2]].copy_(image)
         image_mask[: image.shape[1], : image.shape[2]] = False
     return batch, mask
+
+
+def collate_fn(
+    batch: Sequence[tuple[Tensor, dict[str, Tensor]]],
+) -> tuple[Tensor, Tensor, list[dict[str, Tensor]]]:
+    """Batches ``(image, target)`` samples for a DataLoader: ``images`` ``[B, 3, H, W]`` and
+    ``mask`` ``[B, H, W]`` from :func:`pad_images`, and the targets as a list."""
+    if len(batch) == 0:
+        raise ValueError("collate_fn needs at least one sample")
+    images, targets = zip(*batch)
+    padded, mask = pad_images(images)
+    return padded, mask, list(targets)

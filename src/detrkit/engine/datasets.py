@@ -147,6 +147,8 @@ def make_loader(
         batch_sampler=batches,
         collate_fn=collate_fn,
         num_workers=workers,
-        persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
+        # Its own generator: starting an epoch must not draw from the global stream that
+        # dropout uses, or a run resumed mid-epoch would drift from an uninterrupted one.
+        generator=torch.Generator().manual_seed(seed),
     )

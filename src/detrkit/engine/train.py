@@ -161,7 +161,6 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
             ema.load_state_dict(state["ema"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, start_batch, step = state["epoch"], state["batch_in_epoch"], state["step"]
-        set_rng_state(state["rng"])
 
     trained = model
     if process.world_size > 1:
@@ -215,6 +214,8 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         )
 
     log(f"training {config.model} on {config.data} for {config.epochs} epochs -> {run_dir}")
+    if state is not None:  # last, so that nothing set up above draws from the restored streams
+        set_rng_state(state["rng"])
     with _StopRequest() as stop:
         for epoch in range(start_epoch, config.epochs):
             seeded_train.epoch = epoch

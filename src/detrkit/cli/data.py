@@ -1,0 +1,63 @@
+"""The ``detrkit data`` commands: check a COCO-format dataset, write the built-in digits dataset."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from detrkit.data.check import check_dataset
+from detrkit.data.digits import write_digits_coco
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    """Prints the dataset report; exits non-zero only when the dataset is unusable."""
+    report = check_dataset(args.images, args.annotations, decode_images=not args.no_decode)
+    print(report.format())
+    return report.exit_code
+
+
+def cmd_data_make_digits(args: argparse.Namespace) -> int:
+    """Writes the digits detection dataset in COCO format."""
+    try:
+        written = write_digits_coco(args.out, args.train, args.val, seed=args.seed)
+    except OSError as error:
+        print(f"detrkit: error: cannot write the dataset: {error}", file=sys.stderr)
+        return 2
+    for split, count in (("train", args.train), ("val", args.val)):
+        print(f"wrote {count} {split} images to {args.out}/{split}, annotations {written[split]}")
+    return 0
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def add_data_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Adds the ``data`` command group (``check``, ``make-digits``) to a subparsers object."""
+    data = subparsers.add_parser("data", help="check datasets, make the built-in digits dataset")
+    commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+
+    check = commands.add_parser(
+        "check", help="report the problems of a COCO-format dataset (exit 1 if unusable)"
+    )
+    check.add_argument("images", help="directory of the image files")
+    check.add_argument("annotations", help="COCO instances JSON file")
+    check.add_argument(
+        "--no-decode",
+        action="store_true",
+        help="only read image headers (faster; truncated images go unnoticed)",
+    )
+    check.set_defaults(run=cmd_data_check)
+
+    digits = commands.add_parser(
+        "make-digits", help="write the handwritten-digits detection dataset in COCO format"
+    )
+    digits.add_argument("out", help="output directory")
+    digits.add_argument("--train", type=_count, required=True, help="number of training images")
+    digits.add_argument("--val", type=_count, required=True, help="number of validation images")
+    digits.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
+    digits.set_defaults(run=cmd_data_make_digits)
