@@ -106,13 +106,15 @@ class MSDeformAttn(nn.Module):
             raise ValueError(
                 f"reference_points must end in 2 (points) or 4 (boxes), got {reference_points.shape}"
             )
-        # sampling_locations: [N, Lq, M, L, P, 2] normalised (x, y)
+        # sampling_locations: [N, Lq, M, L, P, 2] normalised (x, y). Under autocast the value
+        # projection is bf16/fp16 while locations and softmax weights stay fp32; the operator
+        # takes one dtype.
         output = ms_deform_attn(
             value,
             spatial_shapes,
             level_start_index,
-            sampling_locations,
-            attention_weights,
+            sampling_locations.to(value.dtype),
+            attention_weights.to(value.dtype),
             implementation=self.implementation,
         )  # [N, Lq, M * D]
         return self.output_proj(output)
