@@ -31,6 +31,7 @@ from detrkit.engine.state import (
     save_training_state,
     set_rng_state,
 )
+from detrkit.engine.visualize import draw_predictions
 from detrkit.loss import build_criterion
 from detrkit.models import PostProcess, build_config, model_from_config
 
@@ -262,7 +263,14 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
                 save(epoch + 1, 0)
     if process.is_main:
         plot_metrics(metrics.read(), run_dir / "metrics.png")
-        log(f"done: {checkpoint_path}, {run_dir / 'metrics.jsonl'}, {run_dir / 'metrics.png'}")
+        draw_predictions(
+            ema.module if ema is not None else model, val_set, run_dir / "predictions.png"
+        )
+        outputs = ", ".join(
+            str(run_dir / name)
+            for name in ("checkpoint.pth", "metrics.jsonl", "metrics.png", "predictions.png")
+        )
+        log(f"done: {outputs}")
     barrier()
     return run_dir
 

@@ -30,31 +30,38 @@ def _cpu_fingerprint() -> str:
     return hashlib.sha256(description.encode()).hexdigest()[:10]
 
 
+def _build() -> ModuleType:
+    # cpp_extension logs a CUDA_HOME notice on import on machines without a GPU; this build is
+    # CPU-only, so it is noise here.
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    previous_level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        cpp_logger.setLevel(previous_level)
+
+    return cpp_extension.load(
+        name=f"detrkit_ms_deform_attn_{_cpu_fingerprint()}",
+        sources=[str(_SOURCE)],
+        # -fopenmp is required: at::parallel_for is a header template that otherwise compiles
+        # to a serial loop inside an extension.
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
+
+
 @functools.cache
 def load_extension() -> ModuleType | None:
     """The compiled kernel module, or ``None`` (after one warning) when it cannot be built."""
     try:
-        # cpp_extension logs a CUDA_HOME notice on import on machines without a GPU; this build
-        # is CPU-only, so it is noise here.
-        cpp_logger = logging.getLogger("torch.utils.cpp_extension")
-        previous_level = cpp_logger.level
-        cpp_logger.setLevel(logging.ERROR)
-        try:
-            from torch.utils import cpp_extension
-        finally:
-            cpp_logger.setLevel(previous_level)
-
-        return cpp_extension.load(
-            name=f"detrkit_ms_deform_attn_{_cpu_fingerprint()}",
-            sources=[str(_SOURCE)],
-            # -fopenmp is required: at::parallel_for is a header template that otherwise
-            # compiles to a serial loop inside an extension.
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        return _build()
     except Exception as error:  # any build failure (no compiler, no ninja, ...) falls back
-        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        # The first line names the failure; what follows is the full compiler log.
+        message = str(error).strip()
+        first_line = message.splitlines()[0] if message else ""
+        reason = type(error).__name__ + (f": {first_line[:300]}" if first_line else "")
         warnings.warn(
             "detrkit: the fused ms_deform_attn CPU kernel could not be built "
             f"({reason}); falling back to the pure PyTorch reference, which is much slower.",

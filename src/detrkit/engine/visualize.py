@@ -1,0 +1,52 @@
+"""A picture of a model's predictions on a few validation images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.utils import draw_bounding_boxes, make_grid
+
+from detrkit.data import collate_fn
+from detrkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from detrkit.models import PostProcess
+
+
+@torch.no_grad()
+def draw_predictions(
+    model: nn.Module, dataset, path: Path, num_images: int = 8, threshold: float = 0.5
+) -> Path:
+    """Draws the detections scoring at least ``threshold`` (green, with class name and score)
+    on the first ``num_images`` images of ``dataset``, as one PNG grid."""
+    from PIL import Image
+
+    model.eval()
+    device = next(model.parameters()).device
+    samples = [dataset[i] for i in range(min(num_images, len(dataset)))]
+    images, mask, targets = collate_fn(samples)
+    outputs = model(images.to(device), mask.to(device))
+    sizes = torch.stack([t["size"] for t in targets]).to(device)
+    detections = PostProcess.for_config(model.config)(outputs, sizes)
+    names = model.config.class_names or [str(i) for i in range(model.config.num_classes)]
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    tiles = []
+    for image, target, found in zip(images, targets, detections):
+        height, width = target["size"].tolist()
+        pixels = ((image[:, :height, :width] * std + mean).clamp(0, 1) * 255).to(torch.uint8)
+        keep = found["scores"] >= threshold
+        labels = [
+            f"{names[int(label)]} {score:.2f}"
+            for label, score in zip(found["labels"][keep], found["scores"][keep])
+        ]
+        tiles.append(
+            draw_bounding_boxes(pixels, found["boxes"][keep].cpu(), labels, colors="lime", width=2)
+        )
+    side = max(max(t.shape[1], t.shape[2]) for t in tiles)
+    padded = [
+        torch.nn.functional.pad(t, (0, side - t.shape[2], 0, side - t.shape[1])) for t in tiles
+    ]
+    grid = make_grid(padded, nrow=4, padding=4, pad_value=255)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    return path

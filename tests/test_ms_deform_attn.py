@@ -1,0 +1,350 @@
+"""Multi-scale deformable attention: every implementation against the grid_sample reference."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from detrkit.ops import (
+    _extension,
+    auto_implementation,
+    dispatch,
+    fused_kernel_available,
+    ms_deform_attn,
+    ms_deform_attn_reference,
+)
+
+# Building the fused kernel (once per machine) happens here, at collection.
+IMPLEMENTATIONS = ["reference"] + (["cpu"] if fused_kernel_available() else [])
+needs_fused = pytest.mark.skipif(
+    "cpu" not in IMPLEMENTATIONS, reason="the fused CPU kernel could not be built"
+)
+
+FOUR_LEVELS = [(7, 9), (4, 5), (2, 3), (1, 2)]  # unequal, non-square
+
+
+def make_inputs(
+    spatial_shapes: list[tuple[int, int]],
+    batch: int = 2,
+    heads: int = 8,
+    channels: int = 5,
+    queries: int = 6,
+    points: int = 3,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Random inputs; locations fall in [-0.2, 1.2] so that some corners are off the map, and
+    the attention weights are not normalised."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor(spatial_shapes, dtype=torch.int64)
+    areas = shapes[:, 0] * shapes[:, 1]
+    level_start_index = areas.cumsum(0) - areas
+    levels = len(spatial_shapes)
+    value = torch.randn(batch, int(areas.sum()), heads, channels, generator=generator)
+    sampling_locations = (
+        torch.rand(batch, queries, heads, levels, points, 2, generator=generator) * 1.4 - 0.2
+    )
+    attention_weights = torch.rand(batch, queries, heads, levels, points, generator=generator)
+    return (
+        value.to(dtype),
+        shapes,
+        level_start_index,
+        sampling_locations.to(dtype),
+        attention_weights.to(dtype),
+    )
+
+
+def output_and_grads(inputs, implementation: str, grad_seed: int = 1) -> list[Tensor]:
+    """Output and the gradients of value, sampling_locations and attention_weights."""
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = inputs
+    leaves = [t.detach().requires_grad_() for t in (value, sampling_locations, attention_weights)]
+    output = ms_deform_attn(
+        leaves[0],
+        spatial_shapes,
+        level_start_index,
+        leaves[1],
+        leaves[2],
+        implementation=implementation,
+    )
+    generator = torch.Generator().manual_seed(grad_seed)
+    grad_output = torch.randn(output.shape, generator=generator).to(output.dtype)
+    output.backward(grad_output)
+    return [output.detach()] + [leaf.grad for leaf in leaves]
+
+
+def assert_close_fp32(actual: Tensor, expected: Tensor, name: str, rtol: float = 1e-5) -> None:
+    """rtol 1e-5, and atol 1e-6 in units of the tensor's largest magnitude.
+
+    A per-element atol in absolute units would be dishonest for the gradients: sums of D products
+    that cancel keep an fp32 rounding residue proportional to the terms, not to the small result
+    (e.g. grad_sampling_locations of scale ~150 differ by ~2e-5 between two fp32 orders of
+    summation, and both are that far from a float64 computation).
+    """
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(
+        actual, expected, rtol=rtol, atol=1e-6 * scale, msg=lambda m: f"{name}: {m}"
+    )
+
+
+NAMES = ["output", "grad_value", "grad_sampling_locations", "grad_attention_weights"]
+
+CASES = {
+    # D = 5: scalar channels only; 32: one block of four vectors; 45 = 32 + 8 + 5.
+    "one_level": dict(spatial_shapes=[(6, 11)], channels=5),
+    "four_levels": dict(spatial_shapes=FOUR_LEVELS, channels=32),
+    "four_levels_odd_channels": dict(spatial_shapes=FOUR_LEVELS, channels=45, heads=3),
+}
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", CASES)
+def test_fp32_matches_reference(implementation: str, case: str):
+    inputs = make_inputs(**CASES[case])
+    expected = output_and_grads(inputs, "reference")
+    actual = output_and_grads(inputs, implementation)
+    for name, a, e in zip(NAMES, actual, expected):
+        assert_close_fp32(a, e, name)
+
+
+@needs_fused
+def test_backward_splits_queries_when_heads_are_fewer_than_threads():
+    # One (n, m) pair and 4 threads: the kernel cuts the queries into chunks with private
+    # grad_value buffers, a path the other tests (8 heads) do not take.
+    inputs = make_inputs(FOUR_LEVELS, batch=1, heads=1, channels=8, queries=300)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        actual = output_and_grads(inputs, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    expected = output_and_grads(inputs, "reference")
+    for name, a, e in zip(NAMES, actual, expected):
+        assert_close_fp32(a, e, name)
+
+
+# The fused kernel reads low-precision inputs exactly, computes in fp32 and rounds only its
+# results, so each result is the fp32 answer within half an ulp of its format: a relative 2**-8
+# for bf16 (8 significant bits) and 2**-11 for fp16, on top of the fp32 noise of
+# assert_close_fp32 (which matters where results cancel to nearly zero).
+LOW_PRECISION_RTOL = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", LOW_PRECISION_RTOL, ids=str)
+def test_low_precision_matches_fp32_reference(dtype: torch.dtype):
+    inputs = make_inputs(FOUR_LEVELS, channels=32, dtype=dtype)
+    actual = output_and_grads(inputs, "cpu")
+    # The same (already rounded) inputs and grad_output, in fp32.
+    upcast = [t.float() if t.is_floating_point() else t for t in inputs]
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = upcast
+    leaves = [t.requires_grad_() for t in (value, sampling_locations, attention_weights)]
+    output = ms_deform_attn_reference(value, spatial_shapes, level_start_index, *leaves[1:])
+    grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(1))
+    output.backward(grad_output.to(dtype).float())
+    expected = [output.detach()] + [leaf.grad for leaf in leaves]
+    for name, a, e in zip(NAMES, actual, expected):
+        assert a.dtype == dtype
+        assert_close_fp32(a.float(), e, name, rtol=LOW_PRECISION_RTOL[dtype])
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_gradcheck_float64(implementation: str):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = make_inputs(
+        [(3, 4), (2, 2)], batch=2, heads=2, channels=3, queries=3, points=2, dtype=torch.float64
+    )
+
+    def attention(value, sampling_locations, attention_weights):
+        return ms_deform_attn(
+            value,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+            implementation=implementation,
+        )
+
+    leaves = [t.requires_grad_() for t in (value, sampling_locations, attention_weights)]
+    assert torch.autograd.gradcheck(attention, leaves, eps=1e-6, atol=1e-6)
+
+
+def every_other(tensor: Tensor, dim: int) -> Tensor:
+    """A view equal to tensor, taking every other element of a twice larger one along dim."""
+    shape = list(tensor.shape)
+    shape[dim] *= 2
+    larger = torch.zeros(shape, dtype=tensor.dtype)
+    view = larger.narrow(dim, 0, shape[dim]).unflatten(dim, (-1, 2)).select(dim + 1, 0)
+    view.copy_(tensor)
+    return view
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_non_contiguous_inputs(implementation: str):
+    inputs = make_inputs(FOUR_LEVELS, channels=8)
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = inputs
+    strided = (
+        value.transpose(2, 3).contiguous().transpose(2, 3),  # same values, permuted strides
+        every_other(spatial_shapes, 0),
+        every_other(level_start_index, 0),
+        every_other(sampling_locations, 4),
+        attention_weights.permute(4, 0, 1, 2, 3).contiguous().permute(1, 2, 3, 4, 0),
+    )
+    assert not any(t.is_contiguous() for t in strided)
+    expected = output_and_grads(inputs, "reference")
+    actual = output_and_grads(strided, implementation)
+    for name, a, e in zip(NAMES, actual, expected):
+        assert_close_fp32(a, e, name)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_nan_location_propagates(implementation: str):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = make_inputs(
+        FOUR_LEVELS
+    )
+    sampling_locations[0, 1, 2, 3, 0, 1] = float("nan")
+    output = ms_deform_attn(
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        implementation=implementation,
+    ).unflatten(-1, (8, -1))  # [N, Lq, M, D]
+    assert output[0, 1, 2].isnan().all()
+    output[0, 1, 2] = 0
+    assert not output.isnan().any()
+
+
+def test_auto_picks_fused_kernel_on_cpu():
+    expected = "cpu" if fused_kernel_available() else "reference"
+    assert auto_implementation("cpu", torch.float32) == expected
+    assert auto_implementation("cpu", torch.bfloat16) == expected
+    assert auto_implementation("meta", torch.float32) == "reference"
+
+
+def _set(index: int, replacement):
+    """Replaces the index-th argument; replacement maps the original tensor to a new one."""
+
+    def apply(inputs):
+        inputs = list(inputs)
+        inputs[index] = replacement(inputs[index])
+        return inputs
+
+    return apply
+
+
+VALUE, SHAPES, STARTS, LOCATIONS, WEIGHTS = range(5)
+BAD_INPUTS = {
+    "value_rank": (_set(VALUE, lambda t: t.flatten(2)), "value"),
+    "value_integer": (_set(VALUE, lambda t: t.long()), "value"),
+    "shapes_dtype": (_set(SHAPES, lambda t: t.int()), "spatial_shapes"),
+    "shapes_columns": (_set(SHAPES, lambda t: t[:, :1]), "spatial_shapes"),
+    "shapes_sum": (_set(SHAPES, lambda t: t + 1), "spatial_shapes"),
+    "starts_dtype": (_set(STARTS, lambda t: t.int()), "level_start_index"),
+    "starts_length": (_set(STARTS, lambda t: t[:-1]), "level_start_index"),
+    "starts_values": (_set(STARTS, lambda t: t + 1), "level_start_index"),
+    "locations_rank": (_set(LOCATIONS, lambda t: t[..., 0]), "sampling_locations"),
+    "locations_batch": (_set(LOCATIONS, lambda t: t[:1]), "sampling_locations"),
+    "locations_heads": (_set(LOCATIONS, lambda t: t[:, :, :2]), "sampling_locations"),
+    "locations_levels": (_set(LOCATIONS, lambda t: t[:, :, :, :2]), "sampling_locations"),
+    "locations_xy": (_set(LOCATIONS, lambda t: t[..., :1]), "sampling_locations"),
+    "locations_dtype": (_set(LOCATIONS, lambda t: t.double()), "sampling_locations"),
+    "weights_points": (_set(WEIGHTS, lambda t: t[..., :1]), "attention_weights"),
+    "weights_queries": (_set(WEIGHTS, lambda t: t[:, :2]), "attention_weights"),
+    "weights_dtype": (_set(WEIGHTS, lambda t: t.half()), "attention_weights"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_invalid_inputs_name_the_argument(case: str):
+    corrupt, name = BAD_INPUTS[case]
+    inputs = corrupt(make_inputs(FOUR_LEVELS))
+    with pytest.raises(ValueError, match=name):
+        ms_deform_attn(*inputs)
+
+
+def test_invalid_implementation():
+    with pytest.raises(ValueError, match="implementation"):
+        ms_deform_attn(*make_inputs(FOUR_LEVELS), implementation="cuda")
+
+
+class TinyAttention(nn.Module):
+    """A minimal module around the op: a value projection, the op, and an output projection."""
+
+    def __init__(self, spatial_shapes: Tensor, level_start_index: Tensor, heads: int, dim: int):
+        super().__init__()
+        self.heads = heads
+        self.value_proj = nn.Linear(dim, dim)
+        self.output_proj = nn.Linear(dim, dim)
+        self.register_buffer("spatial_shapes", spatial_shapes)
+        self.register_buffer("level_start_index", level_start_index)
+
+    def forward(self, x: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+        value = self.value_proj(x).unflatten(-1, (self.heads, -1))  # [N, S, M, D]
+        output = ms_deform_attn(
+            value,
+            self.spatial_shapes,
+            self.level_start_index,
+            sampling_locations,
+            attention_weights,
+        )  # [N, Lq, M*D]
+        return self.output_proj(output)
+
+
+def tiny_module_and_inputs():
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = make_inputs(
+        FOUR_LEVELS, heads=4, channels=8
+    )
+    torch.manual_seed(0)
+    module = TinyAttention(spatial_shapes, level_start_index, heads=4, dim=32)
+    x = value.flatten(2)  # [N, S, M*D]
+    return module, (x, sampling_locations, attention_weights)
+
+
+@needs_fused
+def test_torch_compile_fullgraph_matches_eager():
+    module, inputs = tiny_module_and_inputs()
+    compiled = torch.compile(module, fullgraph=True, backend="inductor")
+
+    def run(fn):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        module.zero_grad()
+        output = fn(*leaves)
+        output.square().sum().backward()
+        grads = [leaf.grad for leaf in leaves] + [p.grad.clone() for p in module.parameters()]
+        return [output.detach(), *grads]
+
+    for a, e in zip(run(compiled), run(module)):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@needs_fused
+def test_torch_export():
+    module, inputs = tiny_module_and_inputs()
+    exported = torch.export.export(module, inputs)
+    targets = {str(node.target) for node in exported.graph.nodes}
+    assert "detrkit.ms_deform_attn_forward.default" in targets
+    torch.testing.assert_close(exported.module()(*inputs), module(*inputs))
+
+
+def test_build_failure_warns_once_and_falls_back(monkeypatch):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    # A fresh cache over the real loader, so the real (built) kernel stays untouched.
+    monkeypatch.setattr(
+        dispatch, "load_extension", functools.cache(_extension.load_extension.__wrapped__)
+    )
+    inputs = make_inputs(FOUR_LEVELS)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found") as record:
+        first = ms_deform_attn(*inputs)
+        second = ms_deform_attn(*inputs)
+    assert len([w for w in record if "could not be built" in str(w.message)]) == 1
+    expected = ms_deform_attn_reference(*inputs)
+    torch.testing.assert_close(first, expected, rtol=0, atol=0)
+    torch.testing.assert_close(second, expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="could not be built"):
+        ms_deform_attn(*inputs, implementation="cpu")
