@@ -296,7 +296,7 @@ class DeformableTransformer(nn.Module):
     @staticmethod
     def get_proposal_pos_embed(proposals: Tensor, num_pos_feats: int = 128) -> Tensor:
         """Sine encoding of proposal boxes given in inverse-sigmoid space: ``[B, K, 4]`` ->
-        ``[B, K, 4 * num_pos_feats]``."""
+        ``[B, K, 4 * num_pos_feats]`` (``num_pos_feats = d_model / 2``, 128 in the original)."""
         dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
         dim_t = 10000 ** (2 * (dim_t // 2) / num_pos_feats)
         pos = proposals.sigmoid() * (2 * math.pi)
@@ -401,7 +401,7 @@ class DeformableTransformer(nn.Module):
             ).detach()  # [B, K, 4]
             reference_points = topk_coords_unact.sigmoid()
             pos_trans_out = self.pos_trans_norm(
-                self.pos_trans(self.get_proposal_pos_embed(topk_coords_unact))
+                self.pos_trans(self.get_proposal_pos_embed(topk_coords_unact, channels // 2))
             )
             query_pos, tgt = torch.split(pos_trans_out, channels, dim=2)  # [B, K, C] each
         else:
