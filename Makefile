@@ -5,16 +5,25 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test lint format clean
+.PHONY: test lint format clean demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PINS)
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+# Trains a small Deformable DETR on the built-in digits dataset on the CPU, evaluates it and writes
+# the checkpoint, metrics, plot and a picture of predictions under runs/demo.
+demo: $(VENV)/.installed
+	rm -rf runs/demo
+	$(BIN)/detrkit train --config configs/digits_demo.json --output runs/demo
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
