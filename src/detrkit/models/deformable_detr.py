@@ -13,7 +13,7 @@ from detrkit.models.config import DeformableDETRConfig
 from detrkit.models.deformable_attention import MSDeformAttn
 from detrkit.models.deformable_transformer import DeformableTransformer, inverse_sigmoid
 from detrkit.models.heads import MLP
-from detrkit.models.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
+from detrkit.models.position_encoding import build_position_encoding
 
 
 def _repeat(module: nn.Module, n: int, shared: bool) -> nn.ModuleList:
@@ -74,10 +74,9 @@ class DeformableDETR(nn.Module):
                 )
             )
             in_channels = hidden_dim
-        if config.position_embedding == "sine":
-            position_embedding = PositionEmbeddingSine(hidden_dim // 2, normalize=True, offset=-0.5)
-        else:
-            position_embedding = PositionEmbeddingLearned(hidden_dim // 2)
+        position_embedding = build_position_encoding(
+            config.position_embedding, hidden_dim, offset=-0.5
+        )
         self.backbone = Joiner(backbone, position_embedding)
 
         # Initialisation as the original: a prior of 0.01 for every class, boxes start at the

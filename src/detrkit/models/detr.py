@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from detrkit.models.backbone import Joiner, ResNetBackbone
 from detrkit.models.config import DETRConfig
 from detrkit.models.heads import MLP
-from detrkit.models.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
+from detrkit.models.position_encoding import build_position_encoding
 from detrkit.models.transformer import Transformer
 
 
@@ -42,10 +42,7 @@ class DETR(nn.Module):
             config.backbone, config.dilation, return_layers=("layer4",), norm=config.backbone_norm
         )
         self.input_proj = nn.Conv2d(backbone.num_channels[-1], hidden_dim, kernel_size=1)
-        if config.position_embedding == "sine":
-            position_embedding = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
-        else:
-            position_embedding = PositionEmbeddingLearned(hidden_dim // 2)
+        position_embedding = build_position_encoding(config.position_embedding, hidden_dim)
         self.backbone = Joiner(backbone, position_embedding)
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> dict:

@@ -82,3 +82,12 @@ class PositionEmbeddingLearned(nn.Module):
             dim=-1,
         )  # [H, W, 2F]: x first, as the original
         return pos.permute(2, 0, 1).unsqueeze(0).expand(batch, -1, -1, -1)  # [B, 2F, H, W]
+
+
+def build_position_encoding(kind: str, hidden_dim: int, offset: float = 0.0) -> nn.Module:
+    """The encoding a config names ("sine" or "learned"), half the channels per axis."""
+    if kind == "sine":
+        return PositionEmbeddingSine(hidden_dim // 2, normalize=True, offset=offset)
+    if kind == "learned":
+        return PositionEmbeddingLearned(hidden_dim // 2)
+    raise ValueError(f"position_embedding must be 'sine' or 'learned', got {kind!r}")
