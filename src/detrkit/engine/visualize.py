@@ -15,10 +15,17 @@ from detrkit.models import PostProcess
 
 @torch.no_grad()
 def draw_predictions(
-    model: nn.Module, dataset, path: Path, num_images: int = 8, threshold: float = 0.5
+    model: nn.Module,
+    dataset,
+    path: Path,
+    num_images: int = 8,
+    threshold: float = 0.3,
+    min_side: int = 320,
 ) -> Path:
     """Draws the detections scoring at least ``threshold`` (green, with class name and score)
-    on the first ``num_images`` images of ``dataset``, as one PNG grid."""
+    on the first ``num_images`` images of ``dataset``, enlarged to at least ``min_side`` pixels
+    so that labels stay legible, as one PNG grid."""
+    from matplotlib import font_manager
     from PIL import Image
 
     model.eval()
@@ -29,19 +36,31 @@ def draw_predictions(
     sizes = torch.stack([t["size"] for t in targets]).to(device)
     detections = PostProcess.for_config(model.config)(outputs, sizes)
     names = model.config.class_names or [str(i) for i in range(model.config.num_classes)]
+    # torchvision's built-in font is tiny; matplotlib ships a TrueType one.
+    font = font_manager.findfont("DejaVu Sans")
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     tiles = []
     for image, target, found in zip(images, targets, detections):
         height, width = target["size"].tolist()
         pixels = ((image[:, :height, :width] * std + mean).clamp(0, 1) * 255).to(torch.uint8)
+        zoom = max(1, -(-min_side // max(height, width)))  # ceil
+        pixels = pixels.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2)
         keep = found["scores"] >= threshold
         labels = [
             f"{names[int(label)]} {score:.2f}"
             for label, score in zip(found["labels"][keep], found["scores"][keep])
         ]
         tiles.append(
-            draw_bounding_boxes(pixels, found["boxes"][keep].cpu(), labels, colors="lime", width=2)
+            draw_bounding_boxes(
+                pixels,
+                found["boxes"][keep].cpu() * zoom,
+                labels,
+                colors="lime",
+                width=2,
+                font=font,
+                font_size=14,
+            )
         )
     side = max(max(t.shape[1], t.shape[2]) for t in tiles)
     padded = [
