@@ -51,8 +51,8 @@ def draw_predictions(
             f"{names[int(label)]} {score:.2f}"
             for label, score in zip(found["labels"][keep], found["scores"][keep])
         ]
-        tiles.append(
-            draw_bounding_boxes(
+        if keep.any():
+            pixels = draw_bounding_boxes(
                 pixels,
                 found["boxes"][keep].cpu() * zoom,
                 labels,
@@ -61,7 +61,7 @@ def draw_predictions(
                 font=font,
                 font_size=14,
             )
-        )
+        tiles.append(pixels)
     side = max(max(t.shape[1], t.shape[2]) for t in tiles)
     padded = [
         torch.nn.functional.pad(t, (0, side - t.shape[2], 0, side - t.shape[1])) for t in tiles
