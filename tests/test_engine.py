@@ -96,7 +96,7 @@ def test_training_steps_overfit_a_fixed_batch():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_train_checkpoint_eval_from_the_cli(tmp_path):
+def test_train_checkpoint_eval_finetune_from_the_cli(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(tiny_args(run_dir, "--epochs", "1")) == 0
     for name in ("checkpoint.pth", "config.json", "metrics.jsonl", "metrics.png"):
@@ -128,6 +128,37 @@ def test_train_checkpoint_eval_from_the_cli(tmp_path):
     assert metrics == {k: evaluation[k] for k in COCO_METRICS}
     model = detrkit.load(run_dir / "checkpoint.pth")
     assert model.config.class_names == [str(d) for d in range(10)]
+
+    # Fine-tuning on a dataset with 2 classes: a new class head, every other weight kept.
+    images_dir, annotations = write_square_coco(tmp_path / "coco")
+    data = f"coco:{images_dir},{annotations},{images_dir},{annotations}"
+    tuned_dir = tmp_path / "tuned"
+    args = [
+        "train",
+        "--finetune",
+        str(run_dir / "checkpoint.pth"),
+        "--data",
+        data,
+        "--output",
+        str(tuned_dir),
+        "--epochs",
+        "1",
+        "--image-scale",
+        "0.12",
+        "--workers",
+        "0",
+        "--freeze-backbone",
+        "--max-steps-per-epoch",
+        "1",
+    ]
+    assert main(args) == 0
+    assert "class head re-initialised (10 -> 2 classes)" in capsys.readouterr().out
+    tuned = load_training_state(tuned_dir / "checkpoint.pth")["model"]
+    assert tuned["class_embed.0.weight"].shape == (2, 64)
+    before = final_weights(run_dir)
+    frozen = ("layer2.0.conv1.weight", "conv1.weight", "bn1.running_mean", "layer1.0.bn2.weight")
+    for name in frozen:
+        assert torch.equal(tuned[f"backbone.0.body.{name}"], before[f"backbone.0.body.{name}"])
 
 
 def test_config_file_round_trip_and_bad_options(tmp_path):

@@ -6,6 +6,7 @@ epochs, at the end and on SIGINT/SIGTERM, and resumes exactly where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import time
@@ -17,7 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-import detrkit
+from detrkit.checkpoints.load import load_weights, read_checkpoint
 from detrkit.engine.config import TrainConfig
 from detrkit.engine.datasets import SeededSamples, build_datasets, coco_ground_truth, make_loader
 from detrkit.engine.distributed import ProcessInfo, barrier, init_distributed
@@ -77,15 +78,13 @@ def build_training_model(config: TrainConfig, train_set, log) -> nn.Module:
     num_classes = train_set.num_classes
     class_names = list(train_set.class_names)
     if config.finetune:
-        base = detrkit.checkpoints.read_checkpoint(config.finetune)[1]
+        state_dict, base = read_checkpoint(config.finetune)
         reset = base.num_classes != num_classes
-        model = detrkit.load(
-            config.finetune,
-            reset_class_head=reset,
-            num_classes=num_classes,
-            class_names=class_names,
-            **config.model_options,
+        model_config = dataclasses.replace(
+            base, num_classes=num_classes, class_names=class_names, **config.model_options
         )
+        model = model_from_config(model_config)
+        load_weights(model, state_dict, config.finetune, reset_class_head=reset)
         log(
             f"fine-tuning from {config.finetune}"
             + (
@@ -297,6 +296,8 @@ def _train_one_epoch(
     from tqdm import tqdm
 
     model.train()
+    if config.freeze_backbone:  # keep batch-norm statistics frozen too
+        (model.module if hasattr(model, "module") else model).backbone.eval()
     total = len(loader)
     if config.max_steps_per_epoch is not None:
         total = min(total, max(0, config.max_steps_per_epoch - first_batch))
