@@ -200,6 +200,7 @@ def test_unreadable_images_are_skipped_or_raise(coco_dir):
     with pytest.warns(UserWarning, match=r"rgb\.jpg"):
         _, target = dataset[0]
     assert int(target["image_id"]) == 11  # the next item
+    assert int(target["skipped"]) == 1 and int(dataset[1][1]["skipped"]) == 0
     assert dataset.skipped == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a known unreadable file is skipped silently

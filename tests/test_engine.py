@@ -407,3 +407,32 @@ def test_evaluation_equals_pycocotools_on_hand_made_predictions():
     expected = [None if v < 0 else v for v in evaluator.stats]
     assert [ours[name] for name in COCO_METRICS] == pytest.approx(expected)
     assert 0 < ours["AP50"] < 1
+
+
+def test_unreadable_training_images_are_counted_in_the_log(tmp_path, capsys):
+    images_dir, annotations = write_square_coco(tmp_path / "coco")
+    (images_dir / "2.png").write_bytes(b"not a png")
+    data = f"coco:{images_dir},{annotations},{images_dir},{annotations}"
+    args = [
+        "train",
+        "--model",
+        "deformable_detr_digits",
+        "--data",
+        data,
+        "--output",
+        str(tmp_path / "run"),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--image-scale",
+        "0.08",
+        "--workers",
+        "0",
+        *[f"--model-option={k}={v}" for k, v in TINY_MODEL.items()],
+    ]
+    with pytest.warns(UserWarning, match=r"2\.png"):
+        assert main(args) == 0
+    assert "epoch 1: 1 unreadable images skipped" in capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert {"type": "data", "epoch": 1, "skipped_images": 1} in records

@@ -135,8 +135,9 @@ class CocoDetection(Dataset):
 
     An unreadable image raises :class:`ImageReadError` with ``strict=True``. Otherwise it is
     warned about once and skipped: the item at the next index (wrapping around) that can be read
-    is returned in its place, and ``skipped`` counts the unreadable files found so far (in this
-    process: each DataLoader worker keeps its own count). Annotations of unknown categories are
+    is returned in its place, its target's ``skipped`` says how many files it stepped over, and
+    the dataset's ``skipped`` counts the unreadable files found so far (in this process: each
+    DataLoader worker keeps its own count). Annotations of unknown categories are
     ignored with a warning, or raise ValueError with ``strict=True``.
     """
 
@@ -269,7 +270,11 @@ class CocoDetection(Dataset):
                 self._unreadable.add(file_name)
                 warnings.warn(f"skipping unreadable image {error}", stacklevel=2)
                 continue
-            return self._sample(position, image)
+            image, target = self._sample(position, image)
+            # How many unreadable files this item stepped over: DataLoader workers keep their own
+            # `skipped`, so the count travels with the sample to reach the training log.
+            target["skipped"] = torch.tensor(offset)
+            return image, target
         raise ImageReadError(f"{self.images_dir}: none of the {len(self)} images can be read")
 
     def _sample(self, position: int, image: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

@@ -308,12 +308,14 @@ def _train_one_epoch(
         dynamic_ncols=True,
     )
     batch_index = first_batch
+    skipped_images = 0
     for images, mask, targets in loader:
         if progress.n >= total:
             break
         if stop.signal is not None:
             progress.close()
             return step, batch_index
+        skipped_images += sum(int(t.get("skipped", 0)) for t in targets)
         images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -346,6 +348,10 @@ def _train_one_epoch(
             progress.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.1e}")
             metrics.write({"type": "train", "epoch": epoch + 1, "step": step, "lr": lr, **values})
     progress.close()
+    if skipped_images:
+        if process.is_main:
+            print(f"[detrkit] epoch {epoch + 1}: {skipped_images} unreadable images skipped")
+        metrics.write({"type": "data", "epoch": epoch + 1, "skipped_images": skipped_images})
     return step, None
 
 
