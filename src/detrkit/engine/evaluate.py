@@ -10,6 +10,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+# --amp choices -> the dtype torch.autocast runs the model in (None: full precision)
+AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 COCO_METRICS = (
     "AP",
     "AP50",

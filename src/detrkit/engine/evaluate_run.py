@@ -10,10 +10,8 @@ import torch
 import detrkit
 from detrkit.data import AugmentationConfig, CocoDetection, DigitsDetection, make_val_transforms
 from detrkit.engine.datasets import coco_ground_truth, make_loader
-from detrkit.engine.evaluate import coco_metrics, predict_dataset
+from detrkit.engine.evaluate import AUTOCAST_DTYPES, coco_metrics, predict_dataset
 from detrkit.models import PostProcess
-
-AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def validation_set(

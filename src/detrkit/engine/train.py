@@ -22,7 +22,12 @@ from detrkit.checkpoints.load import load_weights, read_checkpoint
 from detrkit.engine.config import TrainConfig
 from detrkit.engine.datasets import SeededSamples, build_datasets, coco_ground_truth, make_loader
 from detrkit.engine.distributed import ProcessInfo, barrier, init_distributed
-from detrkit.engine.evaluate import coco_metrics, gather_results, predict_dataset
+from detrkit.engine.evaluate import (
+    AUTOCAST_DTYPES,
+    coco_metrics,
+    gather_results,
+    predict_dataset,
+)
 from detrkit.engine.logger import MetricsLog, plot_metrics
 from detrkit.engine.optim import build_optimizer
 from detrkit.engine.state import (
@@ -35,8 +40,6 @@ from detrkit.engine.state import (
 from detrkit.engine.visualize import draw_predictions
 from detrkit.loss import build_criterion
 from detrkit.models import PostProcess, build_config, model_from_config
-
-AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingError(RuntimeError):
