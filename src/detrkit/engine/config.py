@@ -51,6 +51,9 @@ class TrainConfig:
     augment: bool = True  # False: train on the validation resize (no flip, crop or rescale)
     digits_train: int = 2000  # images of the built-in dataset
     digits_val: int = 200
+    # Digits only: first train the backbone for this many steps to classify the training split's
+    # digit crops (the stand-in for ImageNet pre-training; see detrkit.engine.pretrain).
+    backbone_pretrain_steps: int = 0
     workers: int = 2
     seed: int = 42
     device: str = "cpu"
@@ -76,6 +79,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.backbone_pretrain_steps < 0:
+            raise ValueError(
+                f"backbone_pretrain_steps must be non-negative, got {self.backbone_pretrain_steps}"
+            )
+        if self.backbone_pretrain_steps and self.data != "digits":
+            raise ValueError(
+                "backbone_pretrain_steps works on the built-in digits only (it classifies their "
+                f"crops), not on --data {self.data!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
