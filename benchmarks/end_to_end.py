@@ -1,27 +1,52 @@
 """End-to-end latency of detrkit against Hugging Face transformers on the same weights and input.
 
     python benchmarks/end_to_end.py [--models detr deformable_detr] [--repeats 5] [--size 800 1066]
+                                    [--batch 8] [--profile N] [--compile] [--bf16]
+                                    [--no-memory]
 
 For each model a randomly initialised transformers model is saved with save_pretrained and loaded
-with detrkit.load (so both run the very same weights); both then run the same normalised image,
-batch 1, fp32, in inference mode. Prints the median time of each and detrkit's time as a fraction
-of transformers', and checks that the outputs agree.
+with detrkit.load (so both run the very same weights); all then run the same normalised image,
+batch 1, in inference mode. Prints, in one run:
+
+- latency: the median time of transformers fp32, detrkit fp32 as loaded and detrkit prepared by
+  ``optimize_for_inference`` (fp32: batch norm folded, channels-last), each detrkit time as a
+  fraction of transformers', and how far the logits are from transformers';
+- throughput of the prepared model at ``--batch`` images: images/s, and the GFLOP/s its
+  convolutions and matrix products achieve (counted by torch's FlopCounterMode) as a fraction of
+  the machine's fp32 matrix-multiply peak, measured at the start of the same run;
+- peak memory of one batch-1 forward of each (growth of the resident set, one subprocess each);
+- with ``--profile N``, the N operators of detrkit with the most self CPU time, both ways;
+- with ``--compile``, the prepared fp32 model compiled by ``torch.compile`` (inductor);
+- with ``--bf16``, the prepared model in bf16 (one run, no warm-up: without AMX or AVX-512 BF16
+  a CPU runs bf16 matrix products very slowly) and its distance from fp32.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 import detrkit
+from detrkit.models import optimize_for_inference
+
+IMPLEMENTATIONS = ("transformers", "detrkit", "optimized")
 
 
 def hf_model(name: str):
     import transformers
+
+    transformers.utils.logging.disable_progress_bar()
 
     if name == "detr":
         config = transformers.DetrConfig(auxiliary_loss=False)
@@ -40,40 +65,193 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+    """The best fp32 GFLOP/s of a square matrix product on this machine, now."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["detr", "deformable_detr"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, nargs=2, default=[800, 1066], metavar=("H", "W"))
+    parser.add_argument("--batch", type=int, default=8, help="batch of the throughput figure")
+    parser.add_argument("--bf16", action="store_true", help="also time the model in bf16")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time the model compiled by torch.compile"
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="print the top N operators of detrkit"
+    )
+    parser.add_argument("--memory-of", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_of:  # the subprocess of measure_memory
+        print(json.dumps(forward_memory(args.memory_of, args.weights, args.size)))
+        return
 
     torch.manual_seed(0)
     images = torch.randn(1, 3, *args.size)
     mask = torch.zeros(1, *args.size, dtype=torch.bool)
+    peak = matmul_peak()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, input {tuple(images.shape)}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, input "
+        f"{tuple(images.shape)}, fp32 matmul peak {peak:.1f} GFLOP/s (2048^3, best of 10)"
     )
-    print(f"{'model':16s} {'transformers':>13s} {'detrkit':>9s} {'ratio':>7s} {'max |diff|':>11s}")
     for name in args.models:
-        compare(name, images, mask, args.repeats)
+        compare(name, images, mask, args, peak)
 
 
-def compare(name: str, images: torch.Tensor, mask: torch.Tensor, repeats: int) -> None:
-    """Times one model in both libraries and prints a row of the table."""
+def compare(name: str, images: torch.Tensor, mask: torch.Tensor, args, peak: float) -> None:
+    """Every figure of one model: latency, throughput, memory and optionally bf16."""
     hf = hf_model(name)
     with tempfile.TemporaryDirectory() as directory:
         hf.save_pretrained(directory)
         ours = detrkit.load(directory)
-    pixel_mask = (~mask).long()
+        optimized = optimize_for_inference(ours)
+        pixel_mask = (~mask).long()
+        runs = {
+            "transformers": lambda: hf(pixel_values=images, pixel_mask=pixel_mask),
+            "detrkit": lambda: ours(images, mask),
+            "optimized": lambda: optimized(images, mask),
+        }
+        with torch.inference_mode():
+            logits = {key: _logits(run()) for key, run in runs.items()}
+            times = {key: median_time(run, args.repeats) for key, run in runs.items()}
+        print(f"\n{name}, batch 1, median of {args.repeats} after a warm-up")
+        for key in IMPLEMENTATIONS:
+            diff = (logits[key] - logits["transformers"]).abs().max()
+            ratio = times[key] / times["transformers"]
+            print(f"  {key:14s} {times[key]:8.3f} s {ratio:6.2f}x   max |diff| {diff:.1e}")
+        if args.profile:
+            for key in ("detrkit", "optimized"):
+                print_profile(key, runs[key], args.profile)
+        throughput(optimized, images, mask, args.batch, peak)
+        if not args.no_memory:
+            measure_memory(directory, args.size)
+        if args.compile:
+            compiled_row(ours, images, mask, args.repeats, logits["optimized"], times)
+        if args.bf16:
+            bf16_row(ours, images, mask, logits["optimized"], times["transformers"])
+
+
+def _logits(outputs) -> torch.Tensor:
+    return (outputs.logits if hasattr(outputs, "logits") else outputs["pred_logits"]).float()
+
+
+def print_profile(key: str, run, rows: int) -> None:
+    """The ``rows`` operators with the most self CPU time in one forward (after the warm-ups)."""
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as profiler:
+        run()
+    events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(event.self_cpu_time_total for event in events)
+    print(f"  {key}: top operators by self CPU time, of {total / 1e6:.2f} s in all")
+    for event in events[:rows]:
+        share = event.self_cpu_time_total / total
+        milliseconds = event.self_cpu_time_total / 1e3
+        print(f"    {event.key:48s} {milliseconds:9.1f} ms {share:6.1%} {event.count:5d} calls")
+
+
+def throughput(model, images: torch.Tensor, mask: torch.Tensor, batch: int, peak: float) -> None:
+    """Images/s of ``model`` at ``batch`` copies of the image, and the counted GFLOP/s."""
+    images, mask = images.expand(batch, -1, -1, -1).clone(), mask.expand(batch, -1, -1).clone()
     with torch.inference_mode():
-        diff = (
-            hf(pixel_values=images, pixel_mask=pixel_mask).logits
-            - ours(images, mask)["pred_logits"]
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(images[:1], mask[:1])
+        seconds = min(_timed(lambda: model(images, mask)) for _ in range(2))  # first warms up
+    gflop = counter.get_total_flops() / 1e9  # per image: convolutions and matrix products
+    rate = gflop * batch / seconds
+    print(
+        f"  optimized, batch {batch}: {batch / seconds:.2f} images/s, {gflop:.0f} GFLOP/image "
+        f"(conv + matmul), {rate:.1f} GFLOP/s = {rate / peak:.0%} of the matmul peak"
+    )
+
+
+def measure_memory(directory: str, size: list[int]) -> None:
+    """Peak memory of one forward of each implementation, each in a fresh process."""
+    # Every allocation above 64 kB gets its own mapping, returned to the system when freed, so
+    # that the resident set follows what is allocated (glibc would keep freed memory around).
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    found = {}
+    for key in IMPLEMENTATIONS:
+        command = [sys.executable, __file__, "--memory-of", key, "--weights", directory]
+        command += ["--size", *map(str, size)]
+        result = subprocess.run(
+            command, capture_output=True, text=True, check=True, env=environment
         )
-        hf_time = median_time(lambda: hf(pixel_values=images, pixel_mask=pixel_mask), repeats)
-        our_time = median_time(lambda: ours(images, mask), repeats)
-    ratio = our_time / hf_time
-    print(f"{name:16s} {hf_time:12.3f}s {our_time:8.3f}s {ratio:6.2f}x {diff.abs().max():11.1e}")
+        found[key] = json.loads(result.stdout.splitlines()[-1])["peak_mb"]
+    print("  peak memory of a forward: " + ", ".join(f"{k} {v:.0f} MB" for k, v in found.items()))
+
+
+def forward_memory(key: str, directory: str, size: list[int]) -> dict:
+    """How far one forward raises the resident set above what model and input hold."""
+    if key == "transformers":
+        import transformers
+
+        model = transformers.AutoModelForObjectDetection.from_pretrained(directory).eval()
+    else:
+        model = detrkit.load(directory)
+        if key == "optimized":
+            model = optimize_for_inference(model)
+    images = torch.randn(1, 3, *size)
+    mask = torch.zeros(1, *size, dtype=torch.bool)
+    inputs = {"pixel_values": images, "pixel_mask": (~mask).long()}
+    with torch.inference_mode():
+        # A warm-up first: one-time allocations (thread pools, kernel caches) are not the forward's.
+        model(**inputs) if key == "transformers" else model(images, mask)
+        before = _status_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the RSS now
+        model(**inputs) if key == "transformers" else model(images, mask)
+    return {"peak_mb": (_status_kb("VmHWM") - before) / 1024}
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def compiled_row(model, images, mask, repeats: int, fp32_logits, times: dict) -> None:
+    """The prepared fp32 model compiled: its first call (the compilation) and median time."""
+    compiled = optimize_for_inference(model, compile=True)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        logits = _logits(compiled(images, mask))
+        first = time.perf_counter() - start
+        seconds = median_time(lambda: compiled(images, mask), repeats)
+    diff = (logits - fp32_logits).abs().max()
+    print(
+        f"  compiled       {seconds:8.3f} s {seconds / times['transformers']:6.2f}x   "
+        f"{seconds / times['optimized']:.2f}x of optimized, first call {first:.0f} s, "
+        f"max |diff| from optimized {diff:.1e}"
+    )
+
+
+def bf16_row(model, images, mask, fp32_logits: torch.Tensor, hf_time: float) -> None:
+    """One timed forward of the model in bf16, against fp32. No warm-up: without AMX or AVX-512
+    BF16 one forward of Deformable DETR takes minutes."""
+    low = optimize_for_inference(model, "bf16")
+    with torch.inference_mode():
+        start = time.perf_counter()
+        logits = _logits(low(images, mask))
+        seconds = time.perf_counter() - start
+    diff = (logits - fp32_logits).abs().max()
+    print(
+        f"  optimized bf16 {seconds:8.3f} s {seconds / hf_time:6.2f}x of transformers fp32, "
+        f"max |diff| from fp32 {diff:.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 from detrkit.checkpoints import CheckpointError, load, save
 from detrkit.cli.data import add_data_commands
+from detrkit.cli.export import add_export_commands
+from detrkit.cli.inference import add_inference_commands
 from detrkit.cli.train import add_train_commands
 from detrkit.models import PRESETS
 from detrkit.version import __version__
@@ -72,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_commands(commands)
     add_data_commands(commands)
+    add_inference_commands(commands)
+    add_export_commands(commands)
     return parser
 
 

@@ -11,7 +11,7 @@ import detrkit
 from detrkit.data import AugmentationConfig, CocoDetection, DigitsDetection, make_val_transforms
 from detrkit.engine.datasets import coco_ground_truth, make_loader
 from detrkit.engine.evaluate import AUTOCAST_DTYPES, coco_metrics, predict_dataset
-from detrkit.models import PostProcess
+from detrkit.models import PostProcess, optimize_for_inference
 
 
 def validation_set(
@@ -46,10 +46,16 @@ def evaluate_checkpoint(
     digits_val: int = 200,
     seed: int = 42,
     label_mapping: str = "contiguous",
+    precision: str | None = None,
 ) -> dict[str, float | None]:
     """Loads ``weights``, predicts the validation split and returns the 12 COCO numbers; with
-    ``out``, writes ``metrics.json`` and the COCO results file ``results.json`` there."""
+    ``out``, writes ``metrics.json`` and the COCO results file ``results.json`` there. With a
+    ``precision``, runs the model prepared by :func:`~detrkit.models.optimize_for_inference`."""
+    if precision is not None and amp != "none":
+        raise ValueError(f"choose one of amp ({amp!r}) and precision ({precision!r}), not both")
     model = detrkit.load(weights, map_location=device)
+    if precision is not None:
+        model = optimize_for_inference(model, precision)
     dataset = validation_set(data, image_scale, digits_val, seed, label_mapping)
     loader = make_loader(dataset, batch_size, seed, shuffle=False, workers=workers)
     loader.batch_sampler.set_epoch(0)

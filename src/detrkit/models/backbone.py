@@ -7,7 +7,6 @@ Module names follow the original checkpoints: ``backbone.0.body.<resnet layer>``
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
@@ -66,7 +65,8 @@ class ResNetBackbone(nn.Module):
     def forward(self, images: Tensor, mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Returns the feature maps ``[B, C_l, H_l, W_l]`` and the padding mask resized to each."""
         features = []
-        x = images
+        # Run in the weights' dtype (bf16 / fp16 after optimize_for_inference); a no-op in fp32.
+        x = images.to(self.body["conv1"].weight.dtype)
         for name, module in self.body.items():
             x = module(x)
             if name in self.return_layers:
@@ -76,8 +76,26 @@ class ResNetBackbone(nn.Module):
 
 
 def resize_mask(mask: Tensor, size: torch.Size) -> Tensor:
-    """Nearest-neighbour resize of a padding mask ``[B, H, W]`` to a feature map's size."""
-    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
+    """Nearest-neighbour resize of a padding mask ``[B, H, W]`` to a feature map's size.
+
+    The same pixels as ``F.interpolate(mode="nearest")``, the original's resize, picked by index
+    arithmetic: exported to ONNX, interpolate becomes a Resize whose rounding of the source
+    positions differs at some sizes, which moves the edge of the padding.
+    """
+    rows = _nearest_source(mask.shape[-2], size[0], mask.device)  # [h]
+    cols = _nearest_source(mask.shape[-1], size[1], mask.device)  # [w]
+    return mask[:, rows][:, :, cols]  # [B, h, w]
+
+
+def _nearest_source(in_size: int, out_size: int, device: torch.device) -> Tensor:
+    """The input index each of ``out_size`` outputs reads: ``floor(i * (in / out))`` in float32,
+    as PyTorch's nearest mode computes it. The sizes become tensors so that traced graphs keep
+    them symbolic."""
+    scale = torch.full((), in_size, dtype=torch.float32, device=device) / torch.full(
+        (), out_size, dtype=torch.float32, device=device
+    )
+    index = (torch.arange(out_size, dtype=torch.float32, device=device) * scale).floor().long()
+    return index.clamp(max=in_size - 1)
 
 
 class Joiner(nn.Sequential):

@@ -57,6 +57,43 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.zeros_(self.output_proj.bias)
 
+    def sampling(
+        self, query: Tensor, reference_points: Tensor, spatial_shapes: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Where each query samples and how much each sample weighs. One method for
+        :meth:`forward` and for :func:`detrkit.inference.capture_internals`, which records them.
+
+        Arguments as in :meth:`forward`. Returns ``sampling_locations`` ``[N, Lq, M, L, P, 2]``,
+        normalised (x, y) on each level, and ``attention_weights`` ``[N, Lq, M, L, P]``, which sum
+        to 1 over levels x points for every query and head.
+        """
+        batch, num_queries, _ = query.shape
+        shape = (batch, num_queries, self.n_heads, self.n_levels, self.n_points)
+        sampling_offsets = self.sampling_offsets(query).view(*shape, 2)  # [N, Lq, M, L, P, 2]
+        attention_weights = self.attention_weights(query).view(*shape[:3], -1)
+        attention_weights = F.softmax(attention_weights, -1).view(shape)  # [N, Lq, M, L, P]
+
+        if reference_points.shape[-1] == 2:
+            # Offsets are in pixels of each level: normalise by that level's (W, H).
+            offset_normalizer = spatial_shapes.flip(-1).to(sampling_offsets.dtype)  # [L, 2] (W, H)
+            # reference + offsets / normalizer in one pass (the same result, bit for bit).
+            sampling_locations = torch.addcdiv(
+                reference_points[:, :, None, :, None, :],
+                sampling_offsets,
+                offset_normalizer[None, None, None, :, None, :],
+            )
+        elif reference_points.shape[-1] == 4:
+            # Offsets are relative to the reference box: P points span half its size.
+            sampling_locations = (
+                reference_points[:, :, None, :, None, :2]
+                + sampling_offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
+        else:
+            raise ValueError(
+                f"reference_points must end in 2 (points) or 4 (boxes), got {reference_points.shape}"
+            )
+        return sampling_locations, attention_weights
+
     def forward(
         self,
         query: Tensor,
@@ -78,43 +115,26 @@ class MSDeformAttn(nn.Module):
         Returns:
             ``[N, Lq, C]``.
         """
-        batch, num_queries, _ = query.shape
+        batch = query.shape[0]
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
-            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+            # In place: the projection's output is fresh and autograd needs none of it.
+            value = value.masked_fill_(input_padding_mask[..., None], 0.0)
         value = value.view(batch, -1, self.n_heads, self.d_model // self.n_heads)  # [N, S, M, D]
 
-        shape = (batch, num_queries, self.n_heads, self.n_levels, self.n_points)
-        sampling_offsets = self.sampling_offsets(query).view(*shape, 2)  # [N, Lq, M, L, P, 2]
-        attention_weights = self.attention_weights(query).view(*shape[:3], -1)
-        attention_weights = F.softmax(attention_weights, -1).view(shape)  # [N, Lq, M, L, P]
-
-        if reference_points.shape[-1] == 2:
-            # Offsets are in pixels of each level: normalise by that level's (W, H).
-            offset_normalizer = spatial_shapes.flip(-1).to(sampling_offsets.dtype)  # [L, 2] (W, H)
-            sampling_locations = (
-                reference_points[:, :, None, :, None, :]
-                + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
-            )
-        elif reference_points.shape[-1] == 4:
-            # Offsets are relative to the reference box: P points span half its size.
-            sampling_locations = (
-                reference_points[:, :, None, :, None, :2]
-                + sampling_offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
-            )
-        else:
-            raise ValueError(
-                f"reference_points must end in 2 (points) or 4 (boxes), got {reference_points.shape}"
-            )
-        # sampling_locations: [N, Lq, M, L, P, 2] normalised (x, y). Under autocast the value
-        # projection is bf16/fp16 while locations and softmax weights stay fp32; the operator
-        # takes one dtype.
+        sampling_locations, attention_weights = self.sampling(
+            query, reference_points, spatial_shapes
+        )
+        # sampling_locations: [N, Lq, M, L, P, 2] normalised (x, y). With bf16/fp16 values
+        # (autocast, or a model in that precision) the operator, which takes one dtype, runs in
+        # fp32: in bf16 a location on a 134-pixel-wide level would be off by up to half a pixel.
+        dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
         output = ms_deform_attn(
-            value,
+            value.to(dtype),
             spatial_shapes,
             level_start_index,
-            sampling_locations.to(value.dtype),
-            attention_weights.to(value.dtype),
+            sampling_locations.to(dtype),
+            attention_weights.to(dtype),
             implementation=self.implementation,
         )  # [N, Lq, M * D]
-        return self.output_proj(output)
+        return self.output_proj(output.to(value.dtype))

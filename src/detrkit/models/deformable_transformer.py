@@ -45,6 +45,8 @@ class DeformableTransformerEncoderLayer(nn.Module):
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
+        # Set by optimize_for_inference: run the MLP over this many tokens at a time.
+        self.ffn_chunk_tokens: int | None = None
 
     def forward(
         self,
@@ -64,6 +66,16 @@ class DeformableTransformerEncoderLayer(nn.Module):
             padding_mask,
         )
         src = self.norm1(src + self.dropout1(attended))
+        if self.ffn_chunk_tokens is None:
+            return self._mlp_block(src)
+        # Every token's MLP is its own, so chunks give the same result, while the hidden
+        # activations ([chunk, d_ffn] instead of [B * S, d_ffn]) stay small enough for the
+        # allocator to reuse memory instead of mapping fresh pages on every call.
+        tokens = src.reshape(-1, src.shape[-1])  # [B * S, C]
+        chunks = [self._mlp_block(chunk) for chunk in tokens.split(self.ffn_chunk_tokens)]
+        return torch.cat(chunks).view(src.shape)
+
+    def _mlp_block(self, src: Tensor) -> Tensor:
         return self.norm2(src + self.dropout3(_feed_forward(self, src)))
 
 
@@ -80,9 +92,10 @@ class DeformableTransformerEncoder(nn.Module):
         projected onto every level: ``[B, S, L, 2]`` (x, y)."""
         reference_points = []
         for level, (height, width) in enumerate(shapes):
+            # arange, not linspace: under torch.export linspace fixes its length to the export size
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=device),
-                torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=device),
+                torch.arange(height, dtype=torch.float32, device=device) + 0.5,
+                torch.arange(width, dtype=torch.float32, device=device) + 0.5,
                 indexing="ij",
             )
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
@@ -319,8 +332,8 @@ class DeformableTransformer(nn.Module):
             valid_height = (~level_mask[:, :, 0]).sum(1)
             valid_width = (~level_mask[:, 0, :]).sum(1)
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, height - 1, height, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, width - 1, width, dtype=torch.float32, device=memory.device),
+                torch.arange(height, dtype=torch.float32, device=memory.device),
+                torch.arange(width, dtype=torch.float32, device=memory.device),
                 indexing="ij",
             )
             grid = torch.stack([grid_x, grid_y], -1)  # [H, W, 2]
@@ -355,9 +368,12 @@ class DeformableTransformer(nn.Module):
             logits ``[B, S, C]`` and proposal boxes ``[B, S, 4]`` (inverse-sigmoid space).
         """
         # Level sizes as Python ints for loops (symbolic when traced) and as the tensor the
-        # operator takes.
+        # operator takes. The tensor is stacked from scalars: torch.as_tensor would turn traced
+        # sizes into constants of the export size.
         shapes = [(src.shape[-2], src.shape[-1]) for src in srcs]
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=srcs[0].device)  # [L, 2]
+        spatial_shapes = torch.stack(
+            [srcs[0].new_full((), size, dtype=torch.long) for shape in shapes for size in shape]
+        ).view(-1, 2)  # [L, 2]
         level_start_index = torch.cat(
             (spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1])
         )  # [L]
@@ -400,9 +416,9 @@ class DeformableTransformer(nn.Module):
                 enc_outputs_coord_unact, 1, topk_proposals.unsqueeze(-1).expand(-1, -1, 4)
             ).detach()  # [B, K, 4]
             reference_points = topk_coords_unact.sigmoid()
-            pos_trans_out = self.pos_trans_norm(
-                self.pos_trans(self.get_proposal_pos_embed(topk_coords_unact, channels // 2))
-            )
+            # The sine encoding is computed in fp32; it goes in in the model's dtype.
+            proposal_pos = self.get_proposal_pos_embed(topk_coords_unact, channels // 2)
+            pos_trans_out = self.pos_trans_norm(self.pos_trans(proposal_pos.to(memory.dtype)))
             query_pos, tgt = torch.split(pos_trans_out, channels, dim=2)  # [B, K, C] each
         else:
             query_pos, tgt = torch.split(query_embed, channels, dim=1)  # [Q, C] each

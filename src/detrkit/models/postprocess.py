@@ -39,17 +39,28 @@ class PostProcess(nn.Module):
             target_sizes: ``[B, 2]`` each image's original (height, width).
 
         Returns:
-            per image a dict of ``scores`` ``[K]``, ``labels`` ``[K]``, ``boxes`` ``[K, 4]`` xyxy,
-            sorted by query (softmax, K = Q) or by score (sigmoid, K = num_select).
+            per image a dict of ``scores`` ``[K]``, ``labels`` ``[K]``, ``boxes`` ``[K, 4]`` xyxy
+            and ``queries`` ``[K]`` (the object query each came from), sorted by query (softmax,
+            K = Q) or by score (sigmoid, K = num_select).
         """
+        found = self.batched(outputs, target_sizes)
+        return [dict(zip(found, values)) for values in zip(*found.values())]
+
+    @torch.no_grad()
+    def batched(self, outputs: dict, target_sizes: Tensor) -> dict[str, Tensor]:
+        """:meth:`forward` for the whole batch at once: ``scores``, ``labels``, ``queries``
+        ``[B, K]`` and ``boxes`` ``[B, K, 4]``. Never splits the batch, so that an exported graph
+        keeps its batch size dynamic."""
         logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
-        if len(logits) != len(target_sizes):
+        # shape[0], not len(): len() must return an int, which fixes a traced batch size.
+        if logits.shape[0] != target_sizes.shape[0]:
             raise ValueError(
-                f"target_sizes has {len(target_sizes)} entries for a batch of {len(logits)}"
+                f"target_sizes has {target_sizes.shape[0]} entries for a batch of {logits.shape[0]}"
             )
         boxes = box_convert(boxes, "cxcywh", "xyxy")  # [B, Q, 4] normalised
         if self.classification == "softmax":
             scores, labels = logits.softmax(-1)[..., :-1].max(-1)  # [B, Q]
+            query = torch.arange(logits.shape[1], device=logits.device).expand_as(labels)
         else:
             batch, _, num_classes = logits.shape
             prob = logits.sigmoid().view(batch, -1)  # [B, Q*C]
@@ -61,6 +72,4 @@ class PostProcess(nn.Module):
         height, width = target_sizes.to(boxes.device).float().unbind(1)
         scale = torch.stack([width, height, width, height], dim=1)  # [B, 4]
         boxes = boxes * scale[:, None, :]
-        return [
-            {"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)
-        ]
+        return {"scores": scores, "labels": labels, "boxes": boxes, "queries": query}

@@ -10,9 +10,10 @@ from torch import Tensor
 from detrkit.ops._extension import load_extension
 from detrkit.ops._validation import check_ms_deform_attn_inputs
 from detrkit.ops.ms_deform_attn_fused import ms_deform_attn_forward
+from detrkit.ops.ms_deform_attn_portable import ms_deform_attn_portable
 from detrkit.ops.ms_deform_attn_reference import ms_deform_attn_reference
 
-Implementation = Literal["auto", "reference", "cpu"]
+Implementation = Literal["auto", "reference", "cpu", "portable"]
 
 FUSED_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -56,7 +57,8 @@ def ms_deform_attn(
             points off the map read zeros (bilinear, like grid_sample with align_corners=False).
         attention_weights: ``[N, Lq, M, L, P]``.
         implementation: ``"auto"`` (fused kernel when it applies, else reference),
-            ``"reference"`` (grid_sample) or ``"cpu"`` (fused CPU kernel).
+            ``"reference"`` (grid_sample), ``"cpu"`` (fused CPU kernel) or ``"portable"``
+            (gathers with the level sizes kept as tensors, for ONNX export).
 
     Returns:
         ``[N, Lq, M * D]``, differentiable with respect to value, sampling_locations and
@@ -71,9 +73,14 @@ def ms_deform_attn(
         return ms_deform_attn_reference(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
+    if implementation == "portable":
+        return ms_deform_attn_portable(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
     if implementation != "cpu":
         raise ValueError(
-            f"implementation must be 'auto', 'reference' or 'cpu', got {implementation!r}"
+            "implementation must be 'auto', 'reference', 'cpu' or 'portable', "
+            f"got {implementation!r}"
         )
     if value.device.type != "cpu" or value.dtype not in FUSED_CPU_DTYPES:
         raise ValueError(

@@ -1,0 +1,239 @@
+"""``detrkit predict``, ``detrkit explain`` and ``detrkit trace``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from detrkit.cli.train import _model_option, add_precision_option
+from detrkit.models import available_models
+
+# The validation resize of the original recipe: short side 800, long side at most 1333.
+SHORT_SIDE, MAX_SIZE = 800, 1333
+
+
+def _threshold(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def _pixel(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X,Y in image pixels, got {text!r}") from None
+
+
+def training_image_scale(weights: str) -> tuple[float, Path] | None:
+    """The ``image_scale`` of the detrkit training run a checkpoint sits in (its config.json),
+    if any: a model trained on small images should see small images."""
+    path = Path(weights)
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    try:
+        values = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(values, dict) or not {"image_scale", "model", "data"} <= set(values):
+        return None  # not a training run's config (e.g. a Hugging Face config.json)
+    return float(values["image_scale"]), config
+
+
+def make_detector(args: argparse.Namespace):
+    """The Detector the ``--weights``, ``--threshold``, ``--device`` and size options describe."""
+    from detrkit.inference import Detector
+
+    short_side, max_size = args.short_side, args.max_size
+    if short_side is None:
+        short_side = SHORT_SIDE
+        found = training_image_scale(args.weights)
+        if found is not None and found[0] != 1.0:
+            scale, config = found
+            short_side, max_size = round(SHORT_SIDE * scale), round(MAX_SIZE * scale)
+            print(
+                f"detrkit: resizing to short side {short_side}, long side at most {max_size} "
+                f"(image_scale {scale} of the training run, {config})",
+                file=sys.stderr,
+            )
+    return Detector.from_checkpoint(
+        args.weights,
+        device=args.device,
+        threshold=args.threshold,
+        size=short_side or None,
+        max_size=max_size,
+        precision=args.precision,
+    )
+
+
+def check_output_directory(out: Path) -> None:
+    """Raises ValueError when ``--out`` cannot be a directory to write into."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Detections on files, folders and glob patterns; 1 when some inputs were skipped."""
+    from detrkit.inference.predict import category_ids_note, predict_files
+
+    check_output_directory(args.out)
+    detector = make_detector(args)
+    try:
+        report = predict_files(detector, args.inputs, args.out, args.batch_size)
+    except OSError as error:  # unreadable inputs are skipped inside; this is about writing
+        raise ValueError(f"--out {args.out}: cannot write the results ({error})") from None
+    print(
+        f"{len(report.pictures)} images, {report.detections} detections at threshold "
+        f"{args.threshold}: pictures in {args.out}, results in {report.results_file} "
+        f"({category_ids_note(detector)}), image ids in {report.images_file}"
+    )
+    if report.skipped:
+        print(f"detrkit: skipped {len(report.skipped)} inputs (listed above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Figures of the model's internals on one image."""
+    from detrkit.data import ImageReadError
+    from detrkit.inference.explain import explain
+
+    check_output_directory(args.out)
+    detector = make_detector(args)
+    try:
+        objects, written = explain(detector, args.image, args.out, args.pixel, args.max_objects)
+    except ImageReadError as error:
+        raise ValueError(str(error)) from None
+    except OSError as error:
+        raise ValueError(f"--out {args.out}: cannot write the figures ({error})") from None
+    if not objects:
+        print(
+            f"detrkit: nothing scored at least {args.threshold}; only the encoder figures were "
+            "drawn (a lower --threshold explains weaker detections)",
+            file=sys.stderr,
+        )
+    for obj in objects:
+        print(f"object #{obj.number}: {obj.name} {obj.score:.2f} (query {obj.query})")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Prints the data flow of one forward pass of a preset."""
+    from detrkit.inference.trace import format_trace, trace_model
+    from detrkit.models import build_model
+
+    model = build_model(args.model, **dict(args.model_option))
+    config = model.config
+    height, width = args.size
+    title = (
+        f"{args.model} on one {height}x{width} image: B = 1 image, C = {config.hidden_dim} "
+        f"channels, M = {config.nheads} heads, Q = {config.num_queries} object queries"
+    )
+    print(format_trace(trace_model(model, (height, width)), title))
+    return 0
+
+
+def _add_detector_options(parser: argparse.ArgumentParser, threshold: float) -> None:
+    parser.add_argument(
+        "--weights", required=True, help="a checkpoint detrkit.load reads (.pth or a directory)"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument(
+        "--threshold",
+        type=_threshold,
+        default=threshold,
+        help=f"minimum score of a detection (default {threshold})",
+    )
+    parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
+    parser.add_argument(
+        "--short-side",
+        type=_non_negative,
+        help=f"resize images to this short side, 0 to keep them (default {SHORT_SIDE}, or "
+        "scaled by the image_scale of the training run the checkpoint comes from)",
+    )
+    parser.add_argument(
+        "--max-size", type=_positive, default=MAX_SIZE, help="bound on the long side"
+    )
+    add_precision_option(parser, default="fp32")
+
+
+def add_inference_commands(commands) -> None:
+    """Adds ``predict``, ``explain`` and ``trace`` to the ``detrkit`` subcommands."""
+    predict = commands.add_parser(
+        "predict",
+        help="detect objects in images; write annotated images and COCO results",
+        description="Detects objects in image files, folders or glob patterns; writes each image "
+        "with its detections drawn, detections.json (COCO results format) and images.json (the "
+        "image ids). Unreadable inputs are reported and skipped (exit status 1).",
+    )
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs")
+    _add_detector_options(predict, threshold=0.5)
+    predict.add_argument("--batch-size", type=_positive, default=1, help="images per forward")
+    predict.set_defaults(run=cmd_predict)
+
+    explain = commands.add_parser(
+        "explain",
+        help="figures of what the model looks at for each detected object",
+        description="DETR: each object's cross-attention map (heads averaged and per head) and "
+        "the encoder self-attention of chosen pixels. Deformable DETR: each object's reference "
+        "and sampling points on every level for every decoder layer, its box after every layer "
+        "(box refinement), and the encoder sampling points of chosen pixels. PNG figures.",
+    )
+    explain.add_argument("image", help="an image file")
+    _add_detector_options(explain, threshold=0.5)
+    explain.add_argument(
+        "--pixel",
+        type=_pixel,
+        action="append",
+        metavar="X,Y",
+        help="an image pixel whose encoder attention to draw (repeatable; default: the centres "
+        "of up to 3 detected objects)",
+    )
+    explain.add_argument(
+        "--max-objects", type=_positive, default=5, help="explain at most this many objects"
+    )
+    explain.set_defaults(run=cmd_explain)
+
+    trace = commands.add_parser(
+        "trace",
+        help="print the data flow of one forward pass, stage by stage, with tensor shapes",
+    )
+    trace.add_argument("--model", required=True, choices=available_models(), help="a preset")
+    trace.add_argument(
+        "--size",
+        nargs=2,
+        type=_positive,
+        default=(800, 1066),
+        metavar=("H", "W"),
+        help="the input image's height and width (default 800 1066)",
+    )
+    trace.add_argument(
+        "--model-option",
+        action="append",
+        type=_model_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the preset (e.g. enc_layers=2)",
+    )
+    trace.set_defaults(run=cmd_trace)

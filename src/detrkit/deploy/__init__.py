@@ -1,0 +1,182 @@
+"""Deployment: exporting detectors to ONNX and to ``torch.export`` programs, each checked against
+PyTorch before it is written.
+
+>>> import detrkit
+>>> detrkit.export(detrkit.load("runs/demo/checkpoint.pth"), "digits.onnx")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from detrkit.checkpoints.native import write_atomically
+from detrkit.deploy.errors import ExportError
+from detrkit.deploy.graph import ExportedDetector
+from detrkit.deploy.metadata import export_metadata
+from detrkit.deploy.runtime import ExportedModel, file_format
+from detrkit.deploy.to_onnx import (
+    DEFAULT_OPSET,
+    MIN_OPSET,
+    check_opset,
+    export_onnx,
+    require_onnx,
+    save_onnx,
+)
+from detrkit.deploy.to_program import export_program, save_program
+from detrkit.deploy.verify import verification_inputs, verification_size, verify_file
+from detrkit.models import ModelConfig
+from detrkit.models.deformable_attention import MSDeformAttn
+from detrkit.ops import auto_implementation
+
+FORMATS = ("onnx", "torch")
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "FORMATS",
+    "MIN_OPSET",
+    "ExportError",
+    "ExportResult",
+    "ExportedModel",
+    "export",
+    "file_format",
+]
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export` wrote and how it was checked."""
+
+    path: Path
+    format: str
+    metadata: dict[str, str]
+    # The largest absolute difference from PyTorch of each output; post-processed, "boxes" is in
+    # pixels, from the matching detection, and "labels" counts detections without a match (0).
+    # Empty when not verified.
+    differences: dict[str, float] = field(default_factory=dict)
+    verified_shape: tuple[int, ...] | None = None  # (batch, height, width) of the check
+
+
+def export(
+    model: nn.Module,
+    path: str | os.PathLike,
+    format: str = "onnx",
+    *,
+    opset: int = DEFAULT_OPSET,
+    with_postprocess: bool = False,
+    with_mask: bool = True,
+    size: tuple[int, int] = (800, 1066),
+    num_select: int = 100,
+    verify: bool = True,
+    tolerance: float = 1e-4,
+) -> ExportResult:
+    """Exports a detrkit model to ``path``: ONNX (``format="onnx"``) or a torch.export program
+    (``format="torch"``, a .pt2 file for ``torch.export.load``, after ``import detrkit``).
+
+    The graph takes ``images`` ``[B, 3, H, W]`` (normalised) and, with ``with_mask``, ``mask``
+    ``[B, H, W]``, with B, H and W dynamic, and returns ``pred_logits`` and ``pred_boxes``. With
+    ``with_postprocess`` it also takes ``orig_sizes`` ``[B, 2]`` and returns ``scores``,
+    ``labels`` and absolute xyxy ``boxes`` (the ``num_select`` best for Deformable DETR). ``size``
+    is the (H, W) traced with. The file records detrkit's version, the preset, the class names
+    and the normalisation (ONNX metadata; a JSON member of the .pt2 archive).
+
+    With ``verify`` the file is run (ONNX Runtime or torch.export.load) on a batch of 3 images
+    of another size, one padded, and compared with PyTorch; an output that differs by more than
+    ``tolerance`` raises :class:`ExportError` and nothing is written.
+
+    The model is copied (to CPU, float32, eval mode), never changed.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose 'onnx' or 'torch'")
+    if format == "onnx":
+        check_opset(opset)
+        require_onnx()
+    config = getattr(model, "config", None)
+    if not isinstance(model, nn.Module) or not isinstance(config, ModelConfig):
+        raise TypeError("export() takes a detrkit model (one built by build_model or load)")
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"size must be (height, width), two positive numbers, got {size}")
+    path = Path(path)
+    check_writable(path)
+
+    # requires_grad on every weight: tracing a matmul with frozen weights checks the input's
+    # strides, which fixes the batch size of the decoder's attention to the export's.
+    source = copy.deepcopy(model).to("cpu", torch.float32).eval().requires_grad_(True)
+    # Exports return the last layer's predictions only: leave the other layers' out of the graph.
+    source.config = dataclasses.replace(config, aux_loss=False)
+    for module in source.modules():
+        # optimize_for_inference's chunked encoder MLP makes as many chunks as the image size
+        # asks, which a graph of dynamic size cannot; runtimes plan their own memory.
+        if getattr(module, "ffn_chunk_tokens", None) is not None:
+            module.ffn_chunk_tokens = None
+    graph = ExportedDetector(source, with_mask, with_postprocess, num_select).eval()
+    metadata = export_metadata(config, graph.input_names, graph.output_names)
+    write = _trace(graph, format, tuple(size), opset, metadata)
+    result = ExportResult(path, format, metadata)
+
+    def write_and_verify(target: Path) -> None:
+        write(target)
+        if verify:
+            inputs = verification_inputs(graph.input_names, verification_size(tuple(size)))
+            result.differences = verify_file(target, graph, inputs, tolerance)
+            batch, _, height, width = inputs["images"].shape
+            result.verified_shape = (batch, height, width)
+
+    try:
+        write_atomically(path, write_and_verify)
+    except OSError as error:
+        raise ExportError(f"{path}: cannot write the export: {error}") from error
+    return result
+
+
+def _trace(
+    graph: ExportedDetector, format: str, size: tuple[int, int], opset: int, metadata: dict
+) -> Callable[[Path], None]:
+    """Exports ``graph`` in ``format``; returns the function that writes it to a path."""
+    if format == "onnx":
+        # ONNX has no fused attention op: decompose it into gathers that keep sizes dynamic.
+        with attention(graph.model, "portable"):
+            model = export_onnx(graph, size, opset, metadata)
+        return lambda target: save_onnx(model, target)
+    # torch.export keeps the fused kernel, through its fake implementation, where it is built.
+    fused = auto_implementation("cpu", torch.float32) == "cpu"
+    with attention(graph.model, "cpu" if fused else "portable"):
+        program = export_program(graph, size)
+    return lambda target: save_program(program, target, metadata)
+
+
+def check_writable(path: Path) -> None:
+    """Raises ExportError when ``path`` cannot be written, before any work is done."""
+    if path.is_dir():
+        raise ExportError(f"{path} is a directory; give the path of the file to write")
+    if not path.parent.is_dir():
+        raise ExportError(f"{path}: the directory {path.parent} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}."):
+            pass
+    except OSError as error:
+        raise ExportError(f"{path}: cannot write in {path.parent}: {error}") from None
+
+
+@contextlib.contextmanager
+def attention(model: nn.Module, implementation: str) -> Iterator[None]:
+    """Runs every multi-scale deformable attention layer of ``model`` (DETR has none) with
+    ``implementation`` inside the block, and with its own choice again after it."""
+    layers = [module for module in model.modules() if isinstance(module, MSDeformAttn)]
+    previous = [layer.implementation for layer in layers]
+    for layer in layers:
+        layer.implementation = implementation
+    try:
+        yield
+    finally:
+        for layer, chosen in zip(layers, previous):
+            layer.implementation = chosen

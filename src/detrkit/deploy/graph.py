@@ -1,0 +1,76 @@
+"""The module an export traces: a detector reduced to plain tensors in and out.
+
+Exported graphs take ``images`` ``[B, 3, H, W]`` (normalised as the models take them), optionally
+``mask`` ``[B, H, W]`` (True on padding) and, with post-processing, ``orig_sizes`` ``[B, 2]`` (each
+image's (height, width) in pixels). They return the final ``pred_logits`` and ``pred_boxes``
+(no auxiliary outputs) or, post-processed, ``scores``, ``labels`` and absolute xyxy ``boxes``.
+Batch, height and width are dynamic.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.export import Dim
+
+from detrkit.models import PostProcess
+
+RAW_OUTPUTS = ("pred_logits", "pred_boxes")
+DETECTION_OUTPUTS = ("scores", "labels", "boxes")
+# Dynamic axes of each input; every other axis is fixed.
+DYNAMIC_AXES = {"images": (0, 2, 3), "mask": (0, 1, 2), "orig_sizes": (0,)}
+# Readable names for the dynamic axes of the exported graph's inputs and outputs.
+AXIS_NAMES = {
+    "images": ("batch", None, "height", "width"),
+    "mask": ("batch", "height", "width"),
+    "orig_sizes": ("batch", None),
+}
+
+
+class ExportedDetector(nn.Module):
+    """Calls ``model`` with the inputs named in ``input_names`` (in that order) and returns the
+    outputs named in ``output_names``, as a tuple."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        with_mask: bool = True,
+        with_postprocess: bool = False,
+        num_select: int = 100,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.input_names = ["images", *(["mask"] if with_mask else [])]
+        self.postprocess = None
+        if with_postprocess:
+            self.input_names.append("orig_sizes")
+            self.postprocess = PostProcess.for_config(model.config)
+            self.postprocess.num_select = num_select
+        self.output_names = list(DETECTION_OUTPUTS if with_postprocess else RAW_OUTPUTS)
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        named = dict(zip(self.input_names, inputs))
+        outputs = self.model(named["images"], named.get("mask"))
+        if self.postprocess is None:
+            return outputs["pred_logits"], outputs["pred_boxes"]
+        found = self.postprocess.batched(outputs, named["orig_sizes"])
+        return found["scores"], found["labels"], found["boxes"]
+
+    def example_inputs(self, size: tuple[int, int], batch: int = 2) -> tuple[Tensor, ...]:
+        """Inputs to trace with. The batch is 2, not 1: tracing treats a size of 1 as special and
+        would fix it."""
+        height, width = size
+        generator = torch.Generator().manual_seed(0)
+        values = {
+            "images": torch.randn(batch, 3, height, width, generator=generator),
+            "mask": torch.zeros(batch, height, width, dtype=torch.bool),
+            "orig_sizes": torch.tensor([[height, width]] * batch),
+        }
+        return tuple(values[name] for name in self.input_names)
+
+    def dynamic_shapes(self) -> tuple:
+        """torch.export's ``dynamic_shapes`` for :meth:`forward`: batch, height and width of every
+        input are dynamic, their ranges inferred from the model."""
+        return (
+            tuple({axis: Dim.AUTO for axis in DYNAMIC_AXES[name]} for name in self.input_names),
+        )

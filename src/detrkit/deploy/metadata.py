@@ -1,0 +1,58 @@
+"""What an exported file records about its model, so that a runtime without detrkit can use it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from detrkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from detrkit.inference.coco_names import class_names_for
+from detrkit.models import PRESETS, DeformableDETRConfig, ModelConfig
+from detrkit.version import __version__
+
+
+def closest_preset(config: ModelConfig) -> tuple[str, dict]:
+    """The preset of the config's kind that differs from it in the fewest fields, and those
+    fields' values (class names aside): ``("detr_r50", {"num_classes": 21})``."""
+    fields = [f.name for f in dataclasses.fields(config) if f.name != "class_names"]
+    best_name, best_overrides = "", {}
+    for name, preset in sorted(PRESETS.items()):
+        if type(preset) is not type(config):
+            continue
+        overrides = {
+            f: getattr(config, f) for f in fields if getattr(config, f) != getattr(preset, f)
+        }
+        if not best_name or len(overrides) < len(best_overrides):
+            best_name, best_overrides = name, overrides
+    return best_name, best_overrides
+
+
+def export_metadata(
+    config: ModelConfig, input_names: list[str], output_names: list[str]
+) -> dict[str, str]:
+    """String key/value pairs (ONNX metadata_props; JSON in a torch.export archive). Values that
+    are not plain text are JSON."""
+    preset, overrides = closest_preset(config)
+    postprocessed = "scores" in output_names
+    if postprocessed:
+        boxes = "absolute x1, y1, x2, y2 in the pixels of orig_sizes"
+    else:
+        boxes = "normalised cx, cy, w, h in [0, 1] of the unpadded image"
+    sigmoid = isinstance(config, DeformableDETRConfig)
+    return {
+        "detrkit_version": __version__,
+        "model_type": config.model_type,
+        "preset": preset,
+        "preset_overrides": json.dumps(overrides),
+        "config": json.dumps(config.to_dict()),
+        "class_names": json.dumps(class_names_for(config)),
+        # images = (rgb / 255 - mean) / std, channels first
+        "image_mean": json.dumps(list(IMAGENET_MEAN)),
+        "image_std": json.dumps(list(IMAGENET_STD)),
+        "inputs": json.dumps(input_names),
+        "outputs": json.dumps(output_names),
+        "boxes": boxes,
+        # How pred_logits become scores: a sigmoid per class, or a softmax whose last class is
+        # "no object".
+        "classification": "sigmoid" if sigmoid else "softmax",
+    }

@@ -1,0 +1,112 @@
+"""ONNX export with torch.onnx's dynamo exporter, dynamic batch, height and width."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from detrkit.deploy.errors import ExportError, missing_onnx_packages
+from detrkit.deploy.graph import AXIS_NAMES, ExportedDetector
+
+# torch.onnx's exporter writes opset 18 and later natively; asked for older ones it runs ONNX's
+# version converter, which turns these graphs into invalid ones (at 17, a Split that ONNX Runtime
+# rejects).
+MIN_OPSET = 18
+DEFAULT_OPSET = 18
+
+
+def require_onnx() -> None:
+    """Raises ModuleNotFoundError naming the ``export`` extra when an ONNX package is missing."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise missing_onnx_packages(error) from None
+
+
+def check_opset(opset: int) -> None:
+    """Raises ValueError for an opset older than the exported operators need."""
+    if opset < MIN_OPSET:
+        raise ValueError(
+            f"opset {opset} is too old: detrkit's ONNX exports need opset {MIN_OPSET} or later "
+            "(torch.onnx writes 18 and up; converted to older opsets, its graphs are invalid)"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter prints its progress and logs constant-folding notes; keep the console for
+    detrkit's own messages."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def export_onnx(graph: ExportedDetector, size: tuple[int, int], opset: int, metadata: dict):
+    """Traces ``graph`` into an ``onnx_ir`` model with named dynamic axes and ``metadata``."""
+    require_onnx()
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                graph,
+                graph.example_inputs(size),
+                dynamo=True,
+                dynamic_shapes=graph.dynamic_shapes(),
+                input_names=graph.input_names,
+                output_names=graph.output_names,
+                opset_version=opset,
+                optimize=True,
+            )
+    except Exception as error:
+        raise ExportError(f"torch.onnx could not export the model: {error}") from error
+    model = program.model
+    _name_axes(model)
+    model.metadata_props.update(metadata)
+    return model
+
+
+def _name_axes(model) -> None:
+    """Replaces the tracer's symbol names (s31, s14, ...) of the inputs' dynamic axes with
+    ``batch``, ``height`` and ``width`` on the graph's inputs and outputs; raises ExportError
+    when the export fixed one of them."""
+    import onnx_ir as ir
+
+    renames = {}
+    for value in model.graph.inputs:
+        for axis, (dim, name) in enumerate(zip(value.shape, AXIS_NAMES[value.name])):
+            if name is None:
+                continue
+            if not isinstance(dim, ir.SymbolicDim):
+                raise ExportError(
+                    f"the ONNX export fixed axis {axis} ({name}) of {value.name} to {dim}; the "
+                    "model's code specialises on it"
+                )
+            renames[dim.value] = name
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        dims = [
+            ir.SymbolicDim(renames.get(d.value, d.value)) if isinstance(d, ir.SymbolicDim) else d
+            for d in value.shape
+        ]
+        value.shape = ir.Shape(dims)
+
+
+def save_onnx(model, path: Path) -> None:
+    """Writes one self-contained .onnx file (weights inside: every detrkit model is under the
+    2 GB protobuf limit)."""
+    import onnx_ir as ir
+
+    ir.save(model, path, format="protobuf")  # whatever the suffix

@@ -1,0 +1,17 @@
+"""Inference and explanation: running models on images and looking inside them."""
+
+from detrkit.inference.capture import AttentionRecord, Internals, SamplingRecord, capture_internals
+from detrkit.inference.coco_names import COCO_NAMES, class_names_for
+from detrkit.inference.detector import Detections, Detector, to_uint8_image
+
+__all__ = [
+    "COCO_NAMES",
+    "AttentionRecord",
+    "Detections",
+    "Detector",
+    "Internals",
+    "SamplingRecord",
+    "capture_internals",
+    "class_names_for",
+    "to_uint8_image",
+]

@@ -1,0 +1,207 @@
+"""Running a trained model on people's own images: :class:`Detector`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torchvision import tv_tensors
+
+from detrkit.checkpoints import load
+from detrkit.data import AugmentationConfig, make_val_transforms, pad_images, read_image
+from detrkit.inference.coco_names import class_names_for
+from detrkit.models import PostProcess
+from detrkit.models.inference_model import optimize_for_inference
+
+# What a Detector takes as one image.
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
+
+
+@dataclass
+class Detections:
+    """One image's detections, best first."""
+
+    boxes: Tensor  # [K, 4] absolute x1, y1, x2, y2 in the input image's pixels
+    scores: Tensor  # [K]
+    labels: Tensor  # [K] class indices
+    names: list[str]  # K class names
+    queries: Tensor  # [K] the object query each detection came from
+    image_size: tuple[int, int]  # the input image's (height, width)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def captions(self) -> list[str]:
+        """ "name score" per detection, as drawn on pictures."""
+        return [f"{name} {score:.2f}" for name, score in zip(self.names, self.scores.tolist())]
+
+    def as_dict(self) -> dict[str, Tensor]:
+        """The ``boxes`` / ``scores`` / ``labels`` dict that PostProcess returns."""
+        return {"boxes": self.boxes, "scores": self.scores, "labels": self.labels}
+
+
+def to_uint8_image(image: ImageInput) -> Tensor:
+    """Any supported image as RGB ``uint8`` ``[3, H, W]``.
+
+    Paths are read with :func:`detrkit.data.read_image` (raising ImageReadError naming the file).
+    PIL images are converted to RGB. numpy arrays are ``[H, W]`` or ``[H, W, C]`` (channels last,
+    as PIL and OpenCV give them, RGB order); tensors are ``[H, W]`` or ``[C, H, W]`` (channels first,
+    as torchvision's). Both may be ``uint8`` or floating point in [0, 1]; 1 channel is grey, 4 is
+    RGBA (alpha dropped).
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(Path(image))
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+    if isinstance(image, np.ndarray):
+        if image.ndim == 3:
+            image = np.moveaxis(image, -1, 0)  # [H, W, C] -> [C, H, W]
+        return _channels_first_to_uint8(torch.from_numpy(np.ascontiguousarray(image)), "array")
+    if isinstance(image, Tensor):
+        return _channels_first_to_uint8(image.detach().cpu(), "tensor")
+    raise TypeError(
+        f"an image must be a path, a PIL image, a numpy array or a tensor, got {type(image).__name__}"
+    )
+
+
+def _channels_first_to_uint8(image: Tensor, kind: str) -> Tensor:
+    if image.dim() == 2:
+        image = image[None]
+    if image.dim() != 3 or image.shape[0] not in (1, 3, 4):
+        layout = "[H, W, C]" if kind == "array" else "[C, H, W]"
+        raise ValueError(
+            f"an image {kind} must be {layout} with 1, 3 or 4 channels (or [H, W] grey), "
+            f"got shape {tuple(image.shape)}"
+        )
+    if min(image.shape[1:]) < 1:
+        raise ValueError(f"an image {kind} must not be empty, got shape {tuple(image.shape)}")
+    if image.dtype == torch.bool or image.is_floating_point():
+        image = image.float()
+        low, high = image.min().item(), image.max().item()
+        if low < 0 or high > 1:
+            raise ValueError(
+                f"a floating-point image {kind} must hold values in [0, 1], got [{low}, {high}]"
+            )
+        image = (image * 255).round().to(torch.uint8)
+    elif image.dtype != torch.uint8:
+        raise ValueError(f"an image {kind} must be uint8 or floating point, got {image.dtype}")
+    image = image[:3] if image.shape[0] == 4 else image.expand(3, -1, -1)
+    return image.contiguous()
+
+
+class Detector:
+    """A model with its preprocessing and post-processing: images in, named detections out.
+
+    >>> detector = Detector.from_checkpoint("detr-r50-e632da11.pth", threshold=0.7)
+    >>> found = detector("street.jpg")  # or a PIL image, an array, a tensor, or a list of them
+    >>> found.boxes, found.scores, found.names
+
+    Images are resized as at validation (short side ``size``, long side at most ``max_size``;
+    ``size=None`` keeps them as they are), normalised with ImageNet's mean and std and padded into
+    one batch; boxes come back in each input image's own pixels.
+
+    With a ``precision`` ("fp32", "bf16", or "fp16" on a GPU) the detector runs a copy of the
+    model prepared by :func:`~detrkit.models.optimize_for_inference` (batch norm folded, weights
+    channels-last when ``channels_last``, in that precision): faster, and in fp32 the same
+    detections. Without one (the default) it runs ``model`` itself.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        threshold: float = 0.5,
+        size: int | None = 800,
+        max_size: int = 1333,
+        device: str | torch.device | None = None,
+        precision: str | None = None,
+        channels_last: bool = True,
+    ) -> None:
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        if (size is not None and size < 1) or max_size < 1:
+            raise ValueError(f"size and max_size must be positive, got {size} and {max_size}")
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.model = model.to(self.device).eval()
+        if precision is not None:
+            self.model = optimize_for_inference(self.model, precision, channels_last)
+        self.config = model.config
+        self.threshold = threshold
+        self.size = size
+        self.max_size = max_size
+        self.class_names = class_names_for(self.config)
+        self.postprocess = PostProcess.for_config(self.config)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        threshold: float = 0.5,
+        **options,
+    ) -> Detector:
+        """Loads any checkpoint :func:`detrkit.load` reads; ``options`` as in the constructor."""
+        device = torch.device(device) if device is not None else _default_device()
+        return cls(load(path, map_location=device), threshold, device=device, **options)
+
+    def preprocess(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """RGB ``uint8`` ``[3, H_i, W_i]`` images -> the model's input: ``images`` ``[B, 3, H, W]``
+        (resized, normalised, padded) and ``mask`` ``[B, H, W]``, on the detector's device."""
+        resized = []
+        for image in images:
+            height, width = image.shape[-2:]
+            short_side = self.size or min(height, width)
+            max_size = self.max_size if self.size else max(height, width)
+            transforms = make_val_transforms(
+                AugmentationConfig(val_size=short_side, max_size=max_size)
+            )
+            resized.append(transforms(tv_tensors.Image(image)).as_subclass(Tensor))
+        batch, mask = pad_images(resized)
+        return batch.to(self.device), mask.to(self.device)
+
+    @torch.no_grad()
+    def detect(
+        self, images: Sequence[Tensor], threshold: float | None = None
+    ) -> tuple[list[Detections], dict]:
+        """Runs the model on RGB ``uint8`` ``[3, H, W]`` images; returns their detections scoring
+        at least ``threshold`` (default: the detector's) and the model's raw outputs."""
+        threshold = self.threshold if threshold is None else threshold
+        batch, mask = self.preprocess(images)
+        outputs = self.model(batch, mask)
+        sizes = torch.tensor([list(image.shape[-2:]) for image in images], device=self.device)
+        found = []
+        for image, result in zip(images, self.postprocess(outputs, sizes)):
+            keep = result["scores"] >= threshold
+            labels = result["labels"][keep].cpu()
+            found.append(
+                Detections(
+                    boxes=result["boxes"][keep].cpu(),
+                    scores=result["scores"][keep].cpu(),
+                    labels=labels,
+                    names=[self.class_names[int(label)] for label in labels],
+                    queries=result["queries"][keep].cpu(),
+                    image_size=tuple(image.shape[-2:]),
+                )
+            )
+        return found, outputs
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> Detections | list[Detections]:
+        """Detects objects in one image (returns its :class:`Detections`) or in a list of images
+        (returns a list). A 4-D tensor ``[B, C, H, W]`` counts as a list of B images."""
+        if isinstance(images, Tensor) and images.dim() == 4:
+            images = list(images)
+        single = not isinstance(images, (list, tuple))
+        pixels = [to_uint8_image(image) for image in ([images] if single else images)]
+        if not pixels:
+            raise ValueError("Detector was given an empty list of images")
+        found, _ = self.detect(pixels)
+        return found[0] if single else found
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,384 @@
+"""Deployment: ONNX and torch.export files that compute what PyTorch computes, at any size."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import detrkit
+from detrkit.cli.main import main
+from detrkit.deploy import ExportedModel, ExportError
+from detrkit.deploy.verify import compare
+from detrkit.models.backbone import resize_mask
+from detrkit.ops import ms_deform_attn_portable, ms_deform_attn_reference
+
+EXPORT_SIZE = (96, 128)  # traced with a batch of 2
+# Checked at batch sizes and image sizes that are not the export's (nor multiples of 32).
+CHECKS = [(1, (80, 100)), (3, (131, 147))]
+TOLERANCE = 1e-4
+TINY = dict(backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=1, num_queries=5)
+TINY.update(dim_feedforward=32, num_classes=3, dropout=0.0)
+MODELS = {
+    "detr": ("detr_r50", dict(dec_layers=1)),
+    # four levels: C3-C5 and the extra stride-2 level, each with its own padding mask
+    "deformable": ("deformable_detr", dict(dec_layers=2, backbone_norm="batch")),
+    "deformable_refine": ("deformable_detr_refine", dict(dec_layers=2, num_feature_levels=2)),
+    "deformable_two_stage": (
+        "deformable_detr_two_stage",
+        dict(dec_layers=2, num_feature_levels=2, backbone_norm="batch"),
+    ),
+}
+# The pairs run by default; the rest are marked slow (each export traces for 20-90 s on a CPU).
+FAST = {("detr", "onnx"), ("deformable_two_stage", "torch")}
+
+needs_onnx = pytest.mark.skipif(
+    any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxruntime", "onnxscript")),
+    reason="needs the export extra (onnx, onnxruntime, onnxscript)",
+)
+
+
+def tiny_model(name: str) -> torch.nn.Module:
+    """A small random model whose every weight and batch-norm statistic matters to its output
+    (the original initialisation zeroes the box heads' last layers)."""
+    preset, overrides = MODELS[name]
+    torch.manual_seed(0)
+    model = detrkit.build_model(preset, **TINY, **overrides).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1, generator=generator)
+                module.running_var.uniform_(0.5, 1.5, generator=generator)
+    return model
+
+
+def batch(size: tuple[int, int], count: int, padded: bool, seed: int = 0):
+    """Normalised images and their mask; with ``padded``, the first image is a smaller one
+    padded at the bottom and the right, as pad_images pads a batch of different sizes."""
+    height, width = size
+    images = torch.randn(count, 3, height, width, generator=torch.Generator().manual_seed(seed))
+    mask = torch.zeros(count, height, width, dtype=torch.bool)
+    if padded:
+        mask[0, height - height // 3 :] = True
+        mask[0, :, width - width // 4 :] = True
+        images = images.masked_fill(mask[:, None], 0.0)
+    return images, mask
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Exports each (model, format, options) once for the whole module."""
+    cache = {}
+
+    def get(name: str, format: str, **options) -> tuple[torch.nn.Module, Path]:
+        key = (name, format, tuple(sorted(options.items())))
+        if key not in cache:
+            model = tiny_model(name)
+            suffix = "onnx" if format == "onnx" else "pt2"
+            path = tmp_path_factory.mktemp("exports") / f"{name}.{suffix}"
+            detrkit.export(model, path, format, size=EXPORT_SIZE, **options)
+            cache[key] = model, path
+        return cache[key]
+
+    return get
+
+
+def assert_matches_pytorch(model, exported: ExportedModel, with_mask: bool = True) -> None:
+    """Every check size and batch, with and without padding: within TOLERANCE of PyTorch."""
+    for count, size in CHECKS:
+        for padded in (False, True) if with_mask else (False,):
+            images, mask = batch(size, count, padded)
+            with torch.no_grad():
+                expected = model(images, mask if with_mask else None)
+            inputs = {"images": images, "mask": mask} if with_mask else {"images": images}
+            actual = exported(**inputs)
+            for name in ("pred_logits", "pred_boxes"):
+                assert actual[name].shape == expected[name].shape, (name, count, size)
+                difference = (actual[name] - expected[name]).abs().max().item()
+                assert difference <= TOLERANCE, (name, count, size, padded, difference)
+
+
+def _marks(name: str, format: str) -> list:
+    marks = [needs_onnx] if format == "onnx" else []
+    return marks if (name, format) in FAST else [*marks, pytest.mark.slow]
+
+
+@pytest.mark.parametrize(
+    ("name", "format"),
+    [
+        pytest.param(name, format, marks=_marks(name, format), id=f"{name}-{format}")
+        for name in MODELS
+        for format in ("onnx", "torch")
+    ],
+)
+def test_export_matches_pytorch_at_other_sizes(exports, name, format):
+    model, path = exports(name, format)
+    exported = ExportedModel(path)
+    assert exported.format == format
+    assert exported.input_names == ["images", "mask"]
+    assert exported.output_names == ["pred_logits", "pred_boxes"]
+    if format == "onnx":  # standard operators only: no custom domain, no local functions
+        import onnx
+
+        graph = onnx.load(path)
+        assert {node.domain for node in graph.graph.node} == {""} and not graph.functions
+    assert_matches_pytorch(model, exported)
+
+
+@pytest.mark.parametrize("name", ["deformable_two_stage"])
+def test_torch_program_runs_with_torch_export_load(exports, name):
+    """The .pt2 is a plain torch.export archive, the fused attention op kept in it."""
+    model, path = exports(name, "torch")
+    program = torch.export.load(path)
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    if detrkit.ops.fused_kernel_available():
+        assert "detrkit.ms_deform_attn_forward.default" in targets
+    images, mask = batch(CHECKS[1][1], 3, padded=True)
+    logits, boxes = program.module()(images, mask)
+    with torch.no_grad():
+        expected = model(images, mask)
+    assert (logits - expected["pred_logits"]).abs().max() <= TOLERANCE
+    assert (boxes - expected["pred_boxes"]).abs().max() <= TOLERANCE
+
+
+@needs_onnx
+def test_cli_exports_verifies_and_records_metadata(tmp_path, capsys):
+    """`detrkit export` on a checkpoint: verified on its own, dynamic axes named, metadata set."""
+    import onnx
+
+    model = tiny_model("detr")
+    model.config.class_names = ["cat", "dog", "bird"]
+    detrkit.save(model, tmp_path / "checkpoint")
+    out = tmp_path / "detr.onnx"
+    argv = ["export", "--weights", str(tmp_path / "checkpoint"), "--out", str(out)]
+    assert main([*argv, "--size", *map(str, EXPORT_SIZE)]) == 0
+    printed = capsys.readouterr().out
+    assert "verified with ONNX Runtime on a batch of 3" in printed and "pred_logits" in printed
+
+    graph = onnx.load(out)
+    assert graph.opset_import[0].version == 18
+    dims = {
+        value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        for value in [*graph.graph.input, *graph.graph.output]
+    }
+    assert dims["images"] == ["batch", 3, "height", "width"]
+    assert dims["mask"] == ["batch", "height", "width"]
+    assert dims["pred_logits"] == ["batch", 5, 4]
+    metadata = {entry.key: entry.value for entry in graph.metadata_props}
+    assert metadata["detrkit_version"] == detrkit.__version__
+    assert metadata["preset"] == "detr_digits" and metadata["model_type"] == "detr"
+    assert json.loads(metadata["class_names"]) == ["cat", "dog", "bird"]
+    assert json.loads(metadata["image_mean"]) == [0.485, 0.456, 0.406]
+    assert json.loads(metadata["image_std"]) == [0.229, 0.224, 0.225]
+    assert json.loads(metadata["config"])["num_queries"] == 5
+
+    assert_matches_pytorch(detrkit.load(tmp_path / "checkpoint"), ExportedModel(out))
+
+
+@pytest.mark.slow
+def test_export_of_a_model_optimized_for_inference(tmp_path):
+    """optimize_for_inference's copy (batch norm folded, channels-last, chunked encoder MLP)
+    exports too, and computes what the model it came from computes."""
+    model = tiny_model("deformable")
+    optimized = detrkit.optimize_for_inference(model)
+    detrkit.export(optimized, tmp_path / "optimized.pt2", "torch", size=EXPORT_SIZE)
+    assert_matches_pytorch(model, ExportedModel(tmp_path / "optimized.pt2"))
+
+
+@pytest.mark.slow
+@needs_onnx
+def test_export_without_mask_input(exports):
+    model, path = exports("detr", "onnx", with_mask=False)
+    exported = ExportedModel(path)
+    assert exported.input_names == ["images"]
+    assert_matches_pytorch(model, exported, with_mask=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "format"),
+    [
+        pytest.param("detr", "onnx", marks=needs_onnx),
+        pytest.param("deformable_two_stage", "onnx", marks=needs_onnx),
+        ("deformable", "torch"),
+    ],
+)
+def test_postprocess_graph_gives_the_detectors_detections(exports, name, format):
+    """Images of three sizes through detrkit.Detector (resize, normalise, pad, model,
+    PostProcess) and through the exported graph fed Detector's preprocessed batch."""
+    model, path = exports(name, format, with_postprocess=True, num_select=12)
+    detector = detrkit.Detector(model, threshold=0.0, size=90, max_size=150, device="cpu")
+    detector.postprocess.num_select = 12
+    generator = torch.Generator().manual_seed(3)
+    pixels = [
+        torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator)
+        for h, w in [(120, 160), (200, 150), (90, 90)]
+    ]
+    found, _ = detector.detect(pixels)
+    images, mask = detector.preprocess(pixels)
+    orig_sizes = torch.tensor([list(p.shape[-2:]) for p in pixels])
+    actual = ExportedModel(path)(images=images, mask=mask, orig_sizes=orig_sizes)
+    expected = {
+        "scores": torch.stack([d.scores for d in found]),
+        "labels": torch.stack([d.labels for d in found]),
+        "boxes": torch.stack([d.boxes for d in found]),
+    }
+    assert actual["labels"].dtype == torch.int64
+    differences = compare(expected, actual, TOLERANCE, orig_sizes)
+    assert differences["labels"] == 0 and differences["scores"] <= TOLERANCE
+
+
+@pytest.mark.slow
+@needs_onnx
+def test_demo_model_export_keeps_its_detections(tmp_path):
+    """The demo's Deformable DETR (make demo) exported with post-processing finds what
+    detrkit.Detector finds on the digits validation images. Uses the trained demo checkpoint
+    when there is one (DETRKIT_DEMO_CHECKPOINT or runs/demo/checkpoint.pth); otherwise the
+    demo's architecture with random weights, as CI cannot train it first."""
+    from detrkit.data.digits import DigitsDetection
+
+    demo = Path(os.environ.get("DETRKIT_DEMO_CHECKPOINT", "runs/demo/checkpoint.pth"))
+    trained = demo.exists()
+    if trained:
+        model = detrkit.load(demo)
+    else:
+        torch.manual_seed(0)
+        model = detrkit.build_model("deformable_detr_digits", two_stage=True, dropout=0.0).eval()
+    path = tmp_path / "demo.onnx"
+    detrkit.export(model, path, with_postprocess=True, size=(120, 160))
+    # The demo validates at image_scale 0.15 of the original 800 / 1333. Threshold 0: every one
+    # of the 100 detections of each image is compared, not only the confident ones.
+    detector = detrkit.Detector(model, threshold=0.0, size=120, max_size=199, device="cpu")
+    exported = ExportedModel(path)
+    dataset = DigitsDetection("val", num_images=6)
+    pixels = [torch.from_numpy(dataset.scene(i).image).permute(2, 0, 1) for i in range(6)]
+    confident = 0
+    for start in (0, 3):  # batches of 3 images of different sizes, so padded
+        chunk = pixels[start : start + 3]
+        found, _ = detector.detect(chunk)
+        images, mask = detector.preprocess(chunk)
+        sizes = torch.tensor([list(p.shape[-2:]) for p in chunk])
+        actual = exported(images=images, mask=mask, orig_sizes=sizes)
+        expected = {
+            "scores": torch.stack([d.scores for d in found]),
+            "labels": torch.stack([d.labels for d in found]),
+            "boxes": torch.stack([d.boxes for d in found]),
+        }
+        assert compare(expected, actual, TOLERANCE, sizes)["labels"] == 0
+        confident += int((expected["scores"] >= 0.5).sum())
+    if trained:
+        assert confident > 0, "the trained demo model should find digits"
+
+
+def test_portable_attention_equals_reference():
+    """The gather decomposition ONNX runs: the same bilinear sampling as grid_sample, points
+    off the map included."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = torch.tensor([[13, 17], [7, 9], [4, 5], [1, 2]])
+    areas = shapes.prod(1)
+    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    value = torch.randn(2, int(areas.sum()), 3, 8, generator=generator)
+    locations = torch.rand(2, 11, 3, 4, 4, 2, generator=generator) * 1.4 - 0.2
+    weights = torch.rand(2, 11, 3, 4, 4, generator=generator)
+    expected = ms_deform_attn_reference(value, shapes, starts, locations, weights)
+    actual = ms_deform_attn_portable(value, shapes, starts, locations, weights)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_resize_mask_picks_the_pixels_interpolate_picks():
+    """resize_mask is index arithmetic (ONNX's Resize rounds differently at some sizes) that
+    must give exactly what the original's F.interpolate gives."""
+    generator = torch.Generator().manual_seed(0)
+    for height in range(1, 300, 7):
+        mask = torch.rand(1, height, 5, generator=generator) > 0.5
+        for out in {1, height, 2 * height, *(-(-height // s) for s in (2, 8, 16, 32, 64, 3))}:
+            expected = F.interpolate(mask[None].float(), size=(out, 5)).bool()[0]
+            assert torch.equal(resize_mask(mask, (out, 5)), expected), (height, out)
+
+
+def test_a_difference_above_tolerance_is_an_error_naming_the_output():
+    expected = {"pred_logits": torch.zeros(2, 5, 3), "pred_boxes": torch.zeros(2, 5, 4)}
+    actual = {"pred_logits": torch.zeros(2, 5, 3), "pred_boxes": torch.zeros(2, 5, 4)}
+    actual["pred_boxes"][1, 2, 0] = 3e-3
+    with pytest.raises(ExportError, match=r"pred_boxes differs from PyTorch by 3\.00e-03"):
+        compare(expected, actual, TOLERANCE)
+    assert compare(expected, expected, TOLERANCE) == {"pred_logits": 0.0, "pred_boxes": 0.0}
+
+
+def test_detections_may_swap_order_only_where_scores_tie():
+    sizes = torch.tensor([[100, 200]])
+    expected = {
+        "scores": torch.tensor([[0.9, 0.5, 0.5]]),
+        "labels": torch.tensor([[1, 2, 0]]),
+        "boxes": torch.tensor([[[0.0, 0, 10, 10], [5, 5, 9, 9], [1, 1, 2, 2]]]),
+    }
+    swapped = {k: v[:, [0, 2, 1]] for k, v in expected.items()}
+    assert compare(expected, swapped, TOLERANCE, sizes) == {"scores": 0, "boxes": 0, "labels": 0}
+    relabelled = {**expected, "labels": torch.tensor([[1, 1, 0]])}
+    with pytest.raises(ExportError, match="1 detections have no counterpart"):
+        compare(expected, relabelled, TOLERANCE, sizes)
+
+
+def test_bad_requests_fail_before_any_work(tmp_path):
+    model = tiny_model("detr")
+    with pytest.raises(ValueError, match="unknown export format 'tflite'"):
+        detrkit.export(model, tmp_path / "m.tflite", "tflite")
+    with pytest.raises(ValueError, match=r"opset 13 is too old.*18 or later"):
+        detrkit.export(model, tmp_path / "m.onnx", opset=13)
+    with pytest.raises(ExportError, match="does not exist"):
+        detrkit.export(model, tmp_path / "missing" / "m.onnx", "torch")
+    with pytest.raises(ExportError, match="is a directory"):
+        detrkit.export(model, tmp_path, "torch")
+    with pytest.raises(TypeError, match="detrkit model"):
+        detrkit.export(torch.nn.Linear(2, 2), tmp_path / "m.pt2", "torch")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_onnx_packages_name_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'detrkit\[export\]'"):
+        detrkit.export(tiny_model("detr"), tmp_path / "m.onnx")
+
+
+def test_failed_verification_leaves_nothing_behind(tmp_path, monkeypatch):
+    """The file is written to a temporary name and checked there; a mismatch removes it and
+    keeps whatever was at the path before."""
+    import detrkit.deploy as deploy
+
+    def fake_trace(graph, format, size, opset, metadata):
+        return lambda target: target.write_bytes(b"half an export")
+
+    def failing_check(path, graph, inputs, tolerance):
+        raise ExportError("pred_logits differs from PyTorch by 1.00e-02 (max abs)")
+
+    monkeypatch.setattr(deploy, "_trace", fake_trace)
+    monkeypatch.setattr(deploy, "verify_file", failing_check)
+    (tmp_path / "m.pt2").write_bytes(b"the previous export")
+    with pytest.raises(ExportError, match="pred_logits differs"):
+        detrkit.export(tiny_model("detr"), tmp_path / "m.pt2", "torch")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt2"]
+    assert (tmp_path / "m.pt2").read_bytes() == b"the previous export"
+
+
+def test_cli_reports_bad_input(tmp_path, capsys):
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    assert main(["export", "--weights", str(tmp_path / "bad.pth"), "--out", "m.onnx"]) == 2
+    assert "bad.pth" in capsys.readouterr().err
+    model = tiny_model("detr")
+    detrkit.save(model, tmp_path / "checkpoint")
+    argv = ["export", "--weights", str(tmp_path / "checkpoint")]
+    assert main([*argv, "--out", str(tmp_path / "no" / "m.onnx")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "m.onnx"), "--opset", "11"]) == 2
+    assert "opset 11 is too old" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--out", str(tmp_path / "m.onnx"), "--format", "tflite"])

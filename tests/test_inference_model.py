@@ -1,0 +1,203 @@
+"""optimize_for_inference: folded batch norm, channels-last and lower precisions keep the answers,
+and the options of Detector, ``detrkit predict`` and ``detrkit eval`` that use it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+import detrkit
+from conftest import padded_batch
+from detrkit.cli.main import main
+from detrkit.inference import Detector
+from detrkit.models import inference_model, optimize_for_inference
+from detrkit.models.inference_model import fold_batchnorms
+
+# Small transformers on the real ResNet-50 with frozen batch norm, so that folding meets the
+# modules of the published models.
+SMALL = dict(hidden_dim=32, nheads=2, enc_layers=2, dec_layers=2, dim_feedforward=64)
+MODELS = {
+    "detr": ("detr_r50", dict(num_queries=10)),
+    "deformable": ("deformable_detr", dict(num_queries=20, with_box_refine=True)),
+}
+# bf16 keeps 8 bits of mantissa: logits and normalised boxes of these random models move by
+# about 0.04 and 0.005 from fp32 (measured); the bounds leave room for other inputs.
+BF16_TOLERANCE = {"pred_logits": 0.15, "pred_boxes": 0.02}
+
+
+def randomise_norms_and_heads(model: nn.Module) -> nn.Module:
+    """Non-trivial batch-norm statistics (fresh ones are the identity) and box heads (Deformable
+    DETR's start at zero), so that what folding and precision change is visible."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (FrozenBatchNorm2d, nn.BatchNorm2d)):
+                channels = module.running_var.shape[0]
+                module.running_var.copy_(torch.rand(channels, generator=generator) + 0.5)
+                module.running_mean.copy_(0.1 * torch.randn(channels, generator=generator))
+                module.weight.copy_(torch.rand(channels, generator=generator) + 0.5)
+                module.bias.copy_(0.1 * torch.randn(channels, generator=generator))
+        for name, param in model.named_parameters():
+            if "bbox_embed" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def small_model(kind: str, **overrides) -> nn.Module:
+    preset, options = MODELS[kind]
+    torch.manual_seed(0)
+    model = detrkit.build_model(preset, **{**SMALL, **options, **overrides}).eval()
+    return randomise_norms_and_heads(model)
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, nn.Module]:
+    return {kind: small_model(kind) for kind in MODELS}
+
+
+def run(model: nn.Module, images: torch.Tensor, mask: torch.Tensor) -> dict:
+    with torch.inference_mode():
+        return model(images, mask)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_fp32_keeps_the_answers_on_a_padded_batch(kind, models, monkeypatch):
+    # Chunks of 100 tokens: the encoder MLP of Deformable DETR runs in several uneven chunks.
+    monkeypatch.setattr(inference_model, "ENCODER_MLP_CHUNK", 100)
+    model = models[kind]
+    images, mask = padded_batch()
+    assert mask[1].any()  # the second image is padded
+    optimized = optimize_for_inference(model)
+
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in optimized.modules())
+    stem = optimized.backbone[0].body["conv1"].weight
+    assert stem.is_contiguous(memory_format=torch.channels_last)
+    expected, got = run(model, images, mask), run(optimized, images, mask)
+    for key in ("pred_logits", "pred_boxes"):
+        assert got[key].dtype == torch.float32
+        torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=0)
+    assert expected["pred_boxes"].std() > 0.01  # the boxes differ: the comparison means something
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_each_option_alone_keeps_the_answers(kind, models):
+    images, mask = padded_batch()
+    expected = run(models[kind], images, mask)["pred_logits"]
+    for options in (dict(channels_last=False), dict(fold_batchnorm=False)):
+        got = run(optimize_for_inference(models[kind], **options), images, mask)["pred_logits"]
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_bf16_stays_within_its_tolerance(kind, models):
+    images, mask = padded_batch()
+    expected = run(models[kind], images, mask)
+    got = run(optimize_for_inference(models[kind], "bf16"), images, mask)
+    for key, tolerance in BF16_TOLERANCE.items():
+        assert got[key].dtype == torch.bfloat16
+        assert (got[key].float() - expected[key]).abs().max() < tolerance, key
+
+
+def test_two_stage_runs_in_bf16():
+    # The encoder's proposals are ranked by score, and near ties of a random model rank
+    # differently in bf16: only that it runs and gives finite boxes is checked here.
+    model = small_model("deformable", two_stage=True)
+    images, mask = padded_batch()
+    got = run(optimize_for_inference(model, "bf16"), images, mask)
+    assert got["pred_boxes"].float().isfinite().all()
+
+
+def test_the_model_passed_in_is_untouched(models):
+    model = models["detr"]
+    images, mask = padded_batch()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    expected = run(model, images, mask)["pred_logits"]
+    for precision in ("fp32", "bf16"):
+        optimize_for_inference(model, precision)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert all(
+        value.dtype == torch.float32 for value in after.values() if value.is_floating_point()
+    )
+    assert (
+        not model.backbone[0].body["conv1"].weight.is_contiguous(memory_format=torch.channels_last)
+    )
+    assert torch.equal(run(model, images, mask)["pred_logits"], expected)
+
+
+def test_trainable_batch_norm_folds_in_eval_mode():
+    # The digits presets train their ResNet-18's batch norm (nn.BatchNorm2d).
+    torch.manual_seed(0)
+    model = randomise_norms_and_heads(detrkit.build_model("detr_digits").eval())
+    norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    images, mask = padded_batch()
+    optimized = optimize_for_inference(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in optimized.modules())
+    torch.testing.assert_close(
+        run(optimized, images, mask)["pred_logits"],
+        run(model, images, mask)["pred_logits"],
+        atol=1e-4,
+        rtol=0,
+    )
+    # In train mode a batch norm normalises with the batch's statistics: it cannot fold.
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorms(model.train())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == norms
+
+
+def test_bad_precisions_are_refused(models):
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16, got 'int8'"):
+        optimize_for_inference(models["detr"], "int8")
+    with pytest.raises(ValueError, match="precision='fp16' needs a GPU"):
+        optimize_for_inference(models["detr"], "fp16")
+
+
+def image(seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, 70, 90), dtype=torch.uint8, generator=generator)
+
+
+def test_detector_precision(models):
+    model = models["deformable"]
+    plain = Detector(model, threshold=0.0, size=None, device="cpu")
+    fast = Detector(model, threshold=0.0, size=None, device="cpu", precision="fp32")
+    assert plain.model is model and fast.model is not model
+    for expected, got in zip(plain([image(0), image(1)]), fast([image(0), image(1)])):
+        torch.testing.assert_close(got.scores, expected.scores, atol=1e-4, rtol=0)
+        torch.testing.assert_close(got.boxes, expected.boxes, atol=1e-2, rtol=0)  # pixels
+    low = Detector(model, threshold=0.0, size=None, device="cpu", precision="bf16")(image(0))
+    assert low.boxes.dtype == torch.float32 and low.boxes.isfinite().all()
+    with pytest.raises(ValueError, match="precision='fp16' needs a GPU"):
+        Detector(model, device="cpu", precision="fp16")
+
+
+def test_predict_and_eval_take_a_precision(tmp_path, capsys):
+    torch.manual_seed(0)
+    weights = detrkit.save(detrkit.build_model("detr_digits"), tmp_path / "model")
+    image_dir = tmp_path / "in"
+    image_dir.mkdir()
+    from PIL import Image
+
+    Image.fromarray(image(0).permute(1, 2, 0).numpy()).save(image_dir / "1.png")
+    predict = ["predict", "--weights", str(weights), str(image_dir), "--threshold", "0"]
+    predict += ["--short-side", "64"]
+    assert main([*predict, "--out", str(tmp_path / "bf16"), "--precision", "bf16"]) == 0
+    assert json.loads((tmp_path / "bf16" / "detections.json").read_text())
+    assert main([*predict, "--out", str(tmp_path / "fp16"), "--precision", "fp16"]) == 2
+    assert "precision='fp16' needs a GPU" in capsys.readouterr().err
+
+    evaluate = ["eval", "--weights", str(weights), "--data", "digits", "--digits-val", "2"]
+    evaluate += ["--image-scale", "0.12"]
+    numbers = {}
+    for precision in ("reference", "fp32"):
+        options = [] if precision == "reference" else ["--precision", precision]
+        assert main([*evaluate, *options, "--out", str(tmp_path / precision)]) == 0
+        numbers[precision] = json.loads((tmp_path / precision / "metrics.json").read_text())
+    assert numbers["fp32"] == pytest.approx(numbers["reference"], abs=1e-3)
+    assert main([*evaluate, "--precision", "bf16", "--amp", "bf16"]) == 2
+    assert "choose one of amp ('bf16') and precision ('bf16')" in capsys.readouterr().err
