@@ -35,7 +35,8 @@ MODELS = {
         dict(dec_layers=2, num_feature_levels=2, backbone_norm="batch"),
     ),
 }
-# The pairs run by default; the rest are marked slow (each export traces for 20-90 s on a CPU).
+# The pairs `make test` runs; the rest are marked full (each export traces for 20-90 s on a CPU)
+# and run by `make test-full`.
 FAST = {("detr", "onnx"), ("deformable_two_stage", "torch")}
 
 needs_onnx = pytest.mark.skipif(
@@ -109,7 +110,7 @@ def assert_matches_pytorch(model, exported: ExportedModel, with_mask: bool = Tru
 
 def _marks(name: str, format: str) -> list:
     marks = [needs_onnx] if format == "onnx" else []
-    return marks if (name, format) in FAST else [*marks, pytest.mark.slow]
+    return marks if (name, format) in FAST else [*marks, pytest.mark.full]
 
 
 @pytest.mark.parametrize(
@@ -184,7 +185,7 @@ def test_cli_exports_verifies_and_records_metadata(tmp_path, capsys):
     assert_matches_pytorch(detrkit.load(tmp_path / "checkpoint"), ExportedModel(out))
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_export_of_a_model_optimized_for_inference(tmp_path):
     """optimize_for_inference's copy (batch norm folded, channels-last, chunked encoder MLP)
     exports too, and computes what the model it came from computes."""
@@ -194,7 +195,7 @@ def test_export_of_a_model_optimized_for_inference(tmp_path):
     assert_matches_pytorch(model, ExportedModel(tmp_path / "optimized.pt2"))
 
 
-@pytest.mark.slow
+@pytest.mark.full
 @needs_onnx
 def test_export_without_mask_input(exports):
     model, path = exports("detr", "onnx", with_mask=False)
@@ -203,7 +204,7 @@ def test_export_without_mask_input(exports):
     assert_matches_pytorch(model, exported, with_mask=False)
 
 
-@pytest.mark.slow
+@pytest.mark.full
 @pytest.mark.parametrize(
     ("name", "format"),
     [
@@ -237,7 +238,7 @@ def test_postprocess_graph_gives_the_detectors_detections(exports, name, format)
     assert differences["labels"] == 0 and differences["scores"] <= TOLERANCE
 
 
-@pytest.mark.slow
+@pytest.mark.full
 @needs_onnx
 def test_demo_model_export_keeps_its_detections(tmp_path):
     """The demo's Deformable DETR (make demo) exported with post-processing finds what

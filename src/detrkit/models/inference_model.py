@@ -2,7 +2,7 @@
 convolutional parts in channels-last layout, and the weights in the chosen precision.
 
 The model passed in is never changed: :func:`optimize_for_inference` returns a copy, for inference
-only (its batch norms are gone and no parameter requires gradients).
+only (its batch norms are gone).
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ def optimize_for_inference(
     """
     first = next(model.parameters(), None)
     dtype = precision_dtype(precision, first.device if first is not None else "cpu")
-    optimized = copy.deepcopy(model).eval().requires_grad_(False)
+    # Parameters keep requires_grad: inference runs under no_grad anyway, and torch.export
+    # specialises the batch size of matrix products with weights that require no gradient.
+    optimized = copy.deepcopy(model).eval()
     if fold_batchnorm:
         fold_batchnorms(optimized)
     if channels_last:
@@ -138,4 +140,4 @@ def fold_into_conv(conv: nn.Conv2d, norm: nn.Module) -> None:
     bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(var)
     new_bias = (bias - norm.running_mean.double()) * scale + beta
     conv.weight.copy_(conv.weight.double() * scale.view(-1, 1, 1, 1))
-    conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype), requires_grad=False)
+    conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype), conv.weight.requires_grad)
