@@ -8,6 +8,17 @@ import torch
 REFERENCE_DIR = Path(__file__).parent / "data" / "reference"
 SHARED_REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
+# A model small enough to train a few steps in seconds: every module of the real one is there.
+TINY_MODEL = {
+    "hidden_dim": 64,
+    "nheads": 2,
+    "enc_layers": 1,
+    "dec_layers": 2,
+    "dim_feedforward": 64,
+    "num_queries": 8,
+    "num_feature_levels": 2,
+}
+
 
 def padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Two differently sized random images padded into one batch (the second has padding)."""

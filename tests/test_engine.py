@@ -16,23 +16,13 @@ import torch
 from PIL import Image
 
 import detrkit
+from conftest import TINY_MODEL
 from detrkit.cli.main import main
 from detrkit.engine import train as train_module
 from detrkit.engine.config import TrainConfig
 from detrkit.engine.evaluate import COCO_METRICS, coco_metrics, to_coco_results
 from detrkit.engine.state import load_training_state
 from detrkit.loss import build_criterion
-
-# A model small enough to train a few steps in seconds: every module of the real one is there.
-TINY_MODEL = {
-    "hidden_dim": 64,
-    "nheads": 2,
-    "enc_layers": 1,
-    "dec_layers": 2,
-    "dim_feedforward": 64,
-    "num_queries": 8,
-    "num_feature_levels": 2,
-}
 
 
 def tiny_args(output: Path, *extra: str) -> list[str]:

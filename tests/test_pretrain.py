@@ -3,9 +3,13 @@
 import pytest
 import torch
 
+import detrkit
+from conftest import TINY_MODEL
 from detrkit.data.digits import digit_crops, make_scene
 from detrkit.engine.config import TrainConfig
 from detrkit.engine.pretrain import pretrain_backbone
+from detrkit.engine.state import load_training_state
+from detrkit.engine.train import train
 from detrkit.models.backbone import ResNetBackbone
 
 
@@ -51,3 +55,65 @@ def test_pretraining_is_refused_outside_the_digits():
         config.validate()
     with pytest.raises(ValueError, match="non-negative"):
         TrainConfig(backbone_pretrain_steps=-1).validate()
+    with pytest.raises(ValueError, match="backbone_pretrain_images"):
+        TrainConfig(backbone_pretrain_steps=10, backbone_pretrain_images=0).validate()
+
+
+def test_short_pretraining_runs_at_a_constant_rate():
+    # One-cycle cannot schedule under 20 steps; smoke runs of a few steps must still work.
+    crops, labels = digit_crops("train", 4, seed=0, side=24)
+    backbone = ResNetBackbone("resnet18", norm="batch")
+    before = backbone.body["layer4"][1].conv2.weight.clone()
+    for steps in (1, 5):
+        accuracy = pretrain_backbone(backbone, crops, labels, steps, batch_size=4, sizes=(24,))
+        assert 0.0 <= accuracy <= 1.0
+    assert not torch.equal(backbone.body["layer4"][1].conv2.weight, before)
+
+
+def test_freeze_as_pretrained_keeps_eval_outputs_and_fixes_the_first_layers():
+    torch.manual_seed(0)
+    backbone = ResNetBackbone("resnet18", return_layers=("layer2", "layer4"), norm="batch")
+    images, mask = torch.randn(2, 3, 64, 80), torch.zeros(2, 64, 80, dtype=torch.bool)
+    backbone.train()
+    for _ in range(3):  # running statistics away from their initial 0 and 1
+        backbone(images * 3 + 1, mask)
+    backbone.eval()
+    with torch.no_grad():
+        expected, _ = backbone(images, mask)
+    backbone.freeze_as_pretrained()
+    backbone.train()  # frozen batch norm ignores the mode
+    with torch.no_grad():
+        found, _ = backbone(images, mask)
+    for a, b in zip(found, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+    trainable = {n.split(".")[1] for n, p in backbone.named_parameters() if p.requires_grad}
+    assert trainable == {"layer2", "layer3", "layer4"}
+    # The state is that of a norm="frozen" backbone: it loads into one strictly.
+    frozen = ResNetBackbone("resnet18", return_layers=("layer2", "layer4"), norm="frozen")
+    frozen.load_state_dict(backbone.state_dict())
+    with torch.no_grad():
+        again, _ = frozen(images, mask)
+    for a, b in zip(again, found):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_training_after_pretraining_saves_a_frozen_norm_model(tmp_path):
+    config = TrainConfig(
+        model_options=TINY_MODEL,
+        output=str(tmp_path / "run"),
+        digits_train=6,
+        digits_val=2,
+        backbone_pretrain_steps=2,
+        batch_size=2,
+        epochs=1,
+        image_scale=0.12,
+        workers=0,
+    )
+    run_dir = train(config)
+    state = load_training_state(run_dir / "checkpoint.pth")
+    assert state["model_config"]["backbone_norm"] == "frozen"
+    model = detrkit.load(run_dir / "checkpoint.pth")  # strict: the layout matches the config
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    # Resuming rebuilds the preset (trainable batch norm) and must freeze it the same way.
+    train(config, resume=str(run_dir))

@@ -54,6 +54,9 @@ class TrainConfig:
     # Digits only: first train the backbone for this many steps to classify the training split's
     # digit crops (the stand-in for ImageNet pre-training; see detrkit.engine.pretrain).
     backbone_pretrain_steps: int = 0
+    backbone_pretrain_images: int | None = (
+        None  # training scenes to cut crops from (None: digits_train)
+    )
     workers: int = 2
     seed: int = 42
     device: str = "cpu"
@@ -82,6 +85,11 @@ class TrainConfig:
         if self.backbone_pretrain_steps < 0:
             raise ValueError(
                 f"backbone_pretrain_steps must be non-negative, got {self.backbone_pretrain_steps}"
+            )
+        if self.backbone_pretrain_images is not None and self.backbone_pretrain_images < 1:
+            raise ValueError(
+                "backbone_pretrain_images must be at least 1 (or None for digits_train), got "
+                f"{self.backbone_pretrain_images}"
             )
         if self.backbone_pretrain_steps and self.data != "digits":
             raise ValueError(

@@ -18,15 +18,17 @@ from torch import Tensor, nn
 from detrkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from detrkit.models.backbone import ResNetBackbone
 
+_MIN_ONE_CYCLE_STEPS = 20
+
 
 def pretrain_backbone(
     backbone: ResNetBackbone,
     crops: Tensor,
     labels: Tensor,
     steps: int,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    sizes: Sequence[int] = (24, 32, 48),
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    sizes: Sequence[int] = (24, 32, 48, 64),
     seed: int = 0,
     log: Callable[[dict[str, float]], None] | None = None,
     log_every: int = 50,
@@ -34,7 +36,7 @@ def pretrain_backbone(
     """Trains ``backbone`` in place to classify ``crops`` ``[N, 3, S, S]`` uint8 into ``labels``
     ``[N]`` through a linear layer on its last feature map (average-pooled), which is discarded
     afterwards. Each batch is resized to one of ``sizes`` so that the features serve objects of
-    several scales. AdamW with a one-cycle schedule.
+    several scales. AdamW with a one-cycle schedule (a constant rate below 20 steps).
 
     Returns the accuracy over the last ``log_every`` batches (training batches: a progress figure,
     not a validation result). ``log`` receives ``{"step", "loss", "accuracy"}`` records.
@@ -48,7 +50,12 @@ def pretrain_backbone(
     head = nn.Linear(backbone.num_channels[-1], num_classes).to(device)
     parameters = [p for p in backbone.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
+    if steps >= _MIN_ONE_CYCLE_STEPS:
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, lr, total_steps=steps, pct_start=0.1
+        )
+    else:  # one-cycle's warm-up would be under 2 steps, which it cannot schedule
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
     generator = torch.Generator().manual_seed(seed)

@@ -147,8 +147,13 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
 
     metrics = MetricsLog(run_dir, enabled=process.is_main)
     model.to(device)
-    if config.backbone_pretrain_steps and state is None:
-        _pretrain_backbone(model, config, metrics, log)
+    if config.backbone_pretrain_steps:
+        if state is None:
+            _pretrain_backbone(model, config, metrics, log)
+        # From here on the backbone is a pre-trained one, treated as the original recipe treats
+        # ImageNet weights (also on resume, so that the checkpoint's layout matches).
+        model.backbone[0].freeze_as_pretrained()
+        model.config = dataclasses.replace(model.config, backbone_norm="frozen")
     criterion = build_criterion(model.config).to(device)
     optimizer = build_optimizer(
         model, config.lr, config.lr_backbone, config.weight_decay, config.lr_linear_proj_mult
@@ -283,10 +288,11 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
 
 def _pretrain_backbone(model: nn.Module, config: TrainConfig, metrics: MetricsLog, log) -> None:
     """Classification pre-training of the backbone on the training split's digit crops."""
-    crops, labels = digit_crops("train", config.digits_train, config.seed)
+    scenes = config.backbone_pretrain_images or config.digits_train
+    crops, labels = digit_crops("train", scenes, config.seed)
     log(
         f"pre-training the backbone for {config.backbone_pretrain_steps} steps on "
-        f"{len(crops)} digit crops of the training split"
+        f"{len(crops)} digit crops of {scenes} training scenes"
     )
 
     def record(values: dict[str, float]) -> None:

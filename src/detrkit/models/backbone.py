@@ -52,15 +52,35 @@ class ResNetBackbone(nn.Module):
         keep = ["conv1", "bn1", "relu", "maxpool"] + [f"layer{i}" for i in range(1, last + 1)]
         self.body = nn.ModuleDict({name: getattr(resnet, name) for name in keep})
         if norm == "frozen":
-            for param_name, param in self.body.named_parameters():
-                if not param_name.startswith(("layer2", "layer3", "layer4")):
-                    param.requires_grad_(False)
+            self._fix_stem_and_layer1()
         self.return_layers = tuple(return_layers)
         self.num_channels = [RESNET_CHANNELS[name][layer] for layer in return_layers]
         self.strides = [
             {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 16 if dilation else 32}[layer]
             for layer in return_layers
         ]
+
+    def _fix_stem_and_layer1(self) -> None:
+        # The original trains only layer2-4 of a pre-trained ResNet: the first layers' generic
+        # edge and texture filters gain little from detection, and skipping their backward pass
+        # (the most expensive, at stride 4) saves time.
+        for param_name, param in self.body.named_parameters():
+            if not param_name.startswith(("layer2", "layer3", "layer4")):
+                param.requires_grad_(False)
+
+    def freeze_as_pretrained(self) -> None:
+        """Treats this backbone from now on as the original treats an ImageNet-trained one: every
+        batch norm becomes a ``FrozenBatchNorm2d`` holding its running statistics, and the stem and
+        ``layer1`` stop training. Eval-mode outputs are unchanged. For a ``norm="batch"`` backbone
+        after pre-training (see :mod:`detrkit.engine.pretrain`)."""
+        for name, module in list(self.body.named_modules()):
+            if isinstance(module, nn.BatchNorm2d):
+                frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+                for buffer in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(frozen, buffer).copy_(getattr(module, buffer).detach())
+                parent, _, child = name.rpartition(".")
+                setattr(self.body.get_submodule(parent) if parent else self.body, child, frozen)
+        self._fix_stem_and_layer1()
 
     def forward(self, images: Tensor, mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Returns the feature maps ``[B, C_l, H_l, W_l]`` and the padding mask resized to each."""

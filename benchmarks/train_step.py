@@ -1,0 +1,164 @@
+"""Training-step time of detrkit against Hugging Face transformers' own training step.
+
+    python benchmarks/train_step.py [--models detr deformable_detr] [--repeats 5]
+                                    [--size 512 640] [--batch 2] [--objects 5]
+
+One step is forward, loss (Hungarian matching and the set loss of the final and every auxiliary
+decoder layer), backward, gradient clipping at max norm 0.1 and an AdamW step. transformers' step
+is its model called with ``labels``; detrkit's is what ``detrkit train`` runs: the model,
+``build_criterion`` and ``build_optimizer``. Both start from the same randomly initialised weights
+(written by save_pretrained, read by detrkit.load), train the same parameters (ResNet stem and
+layer1 frozen on both sides, as in the original) and see the same batch.
+
+Before timing, the per-term losses of both on that batch, dropout off, are printed side by side:
+equal terms show that the two steps do the same work. Then both are timed in interleaved rounds
+(a change of load on a shared machine falls on both), median and shortest, as a ratio of
+transformers'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+import detrkit
+from detrkit.engine.optim import build_optimizer
+from detrkit.loss import build_criterion
+
+CLIP_MAX_NORM = 0.1
+
+
+def hf_training_model(name: str):
+    """A randomly initialised transformers model with auxiliary losses, as trained originally."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    if name == "detr":
+        return transformers.DetrForObjectDetection(transformers.DetrConfig(auxiliary_loss=True))
+    config = transformers.DeformableDetrConfig(auxiliary_loss=True)
+    return transformers.DeformableDetrForObjectDetection(config)
+
+
+def make_batch(batch: int, size: list[int], objects: int, num_classes: int, seed: int = 0):
+    """Random images and ``objects`` random boxes per image (normalised cx, cy, w, h)."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, *size, generator=generator)
+    mask = torch.zeros(batch, *size, dtype=torch.bool)
+    targets = []
+    for _ in range(batch):
+        centres = 0.2 + 0.6 * torch.rand(objects, 2, generator=generator)
+        sizes = 0.05 + 0.3 * torch.rand(objects, 2, generator=generator)
+        labels = torch.randint(num_classes, (objects,), generator=generator)
+        targets.append({"labels": labels, "boxes": torch.cat([centres, sizes], dim=1)})
+    return images, mask, targets
+
+
+def hf_step(model, optimizer, images, mask, targets):
+    labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+    outputs = model(pixel_values=images, pixel_mask=(~mask).long(), labels=labels)
+    optimizer.zero_grad(set_to_none=True)
+    outputs.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_MAX_NORM)
+    optimizer.step()
+    return outputs
+
+
+def detrkit_step(model, criterion, optimizer, images, mask, targets):
+    losses = criterion(model(images, mask), targets)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_MAX_NORM)
+    optimizer.step()
+    return losses
+
+
+def compare_losses(hf, ours, criterion, images, mask, targets) -> None:
+    """Final-layer and total losses of both, dropout off, no update."""
+    hf.eval()
+    ours.eval()
+    labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+    with torch.no_grad():
+        theirs = hf(pixel_values=images, pixel_mask=(~mask).long(), labels=labels)
+        mine = criterion(ours(images, mask), targets)
+    print("  losses, dropout off:          transformers    detrkit")
+    for name in ("loss_ce", "loss_bbox", "loss_giou"):
+        print(f"    {name:28s} {theirs.loss_dict[name].item():12.5f} {mine[name].item():10.5f}")
+    print(f"    {'weighted total':28s} {theirs.loss.item():12.5f} {mine['loss'].item():10.5f}")
+    hf.train()
+    ours.train()
+
+
+def compare(name: str, args) -> None:
+    hf = hf_training_model(name)
+    with tempfile.TemporaryDirectory() as directory:
+        hf.save_pretrained(directory)
+        ours = detrkit.load(directory)
+    criterion = build_criterion(ours.config)
+    images, mask, targets = make_batch(args.batch, args.size, args.objects, ours.config.num_classes)
+    trainable = {
+        "transformers": sum(p.numel() for p in hf.parameters() if p.requires_grad),
+        "detrkit": sum(p.numel() for p in ours.parameters() if p.requires_grad),
+    }
+    print(
+        f"\n{name}: batch {args.batch} at {args.size[0]}x{args.size[1]}, {args.objects} objects "
+        f"per image; trainable parameters: transformers {trainable['transformers']:,}, "
+        f"detrkit {trainable['detrkit']:,}"
+    )
+    compare_losses(hf, ours, criterion, images, mask, targets)
+
+    lr, lr_backbone = (1e-4, 1e-5) if name == "detr" else (2e-4, 2e-5)
+    hf_optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in hf.named_parameters() if "backbone" not in n]},
+            {
+                "params": [p for n, p in hf.named_parameters() if "backbone" in n],
+                "lr": lr_backbone,
+            },
+        ],
+        lr=lr,
+        weight_decay=1e-4,
+    )
+    multiplier = 1.0 if name == "detr" else 0.1
+    our_optimizer = build_optimizer(ours, lr, lr_backbone, 1e-4, multiplier)
+    steps = {
+        "transformers": lambda: hf_step(hf, hf_optimizer, images, mask, targets),
+        "detrkit": lambda: detrkit_step(ours, criterion, our_optimizer, images, mask, targets),
+    }
+    for step in steps.values():  # warm-up: allocations and optimiser state
+        step()
+    times = {key: [] for key in steps}
+    for _ in range(args.repeats):
+        for key, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - start)
+    print(f"  training step, {args.repeats} interleaved rounds after a warm-up: median (min)")
+    reference = times["transformers"]
+    for key, found in times.items():
+        median, best = statistics.median(found), min(found)
+        print(
+            f"    {key:14s} {median:8.3f} s ({best:6.3f} s) "
+            f"{median / statistics.median(reference):6.2f}x ({best / min(reference):4.2f}x)"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["detr", "deformable_detr"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--size", type=int, nargs=2, default=[512, 640], metavar=("H", "W"))
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--objects", type=int, default=5, help="target boxes per image")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name in args.models:
+        compare(name, args)
+
+
+if __name__ == "__main__":
+    main()
