@@ -97,6 +97,13 @@ def test_freeze_as_pretrained_keeps_eval_outputs_and_fixes_the_first_layers():
     for a, b in zip(again, found):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
+    # The frozen norms take the device and dtype the backbone has been moved to.
+    moved = ResNetBackbone("resnet18", return_layers=("layer2",), norm="batch").double()
+    moved.freeze_as_pretrained()
+    assert {b.dtype for b in moved.buffers()} == {torch.float64}
+    (features,), _ = moved(images.double(), mask)
+    assert features.dtype == torch.float64
+
 
 def test_training_after_pretraining_saves_a_frozen_norm_model(tmp_path):
     config = TrainConfig(

@@ -139,6 +139,13 @@ def _draw_box(ax, box: Sequence[float], color: str, gid: str, **style) -> Rectan
     return patch
 
 
+def _draw_point(ax, x: float, y: float, color: str, gid: str, **style):
+    """A large "+" at pixel ``(x, y)``: a query pixel or a reference point."""
+    marker = ax.scatter([float(x)], [float(y)], marker="+", s=160, c=color, linewidths=2, **style)
+    marker.set_gid(gid)
+    return marker
+
+
 def _overlay(ax, values: Tensor, image_size: Sequence[int], vmax: float, gid: str):
     """A map of values over the whole image, one square per feature-map cell (no smoothing)."""
     height, width = image_size
@@ -240,8 +247,7 @@ def encoder_attention_figure(
         ax = axes[index // cols][index % cols]
         _show_image(ax, image)
         _overlay(ax, values, image_size, float(values.max()), f"attention/pixel{index + 1}")
-        marker = ax.scatter([x], [y], marker="+", s=160, c="cyan", linewidths=2)
-        marker.set_gid(f"pixel/{index + 1}")
+        _draw_point(ax, x, y, "cyan", f"pixel/{index + 1}")
         ax.set_title(f"pixel ({x:.0f}, {y:.0f}) = cell ({row}, {col})", fontsize=9)
     return figure
 
@@ -281,16 +287,13 @@ def sampling_points_figure(
                 box = cxcywh_to_xyxy_pixels(reference / ratio.repeat(2).to(reference), image_size)
                 _draw_box(ax, box, "cyan", f"reference_box/{row}/{level}", linestyle="--")
             centre = to_image_pixels(reference[:2], ratio, image_size)
-            marker = ax.scatter(
-                [float(centre[0])],
-                [float(centre[1])],
-                marker="+",
-                s=160,
-                c="cyan",
-                linewidths=2,
+            _draw_point(
+                ax,
+                *centre,
+                "cyan",
+                f"reference/{row}/{level}",
                 zorder=3,  # above the sampling points around it
             )
-            marker.set_gid(f"reference/{row}/{level}")
             points = to_image_pixels(
                 record.sampling_locations[batch, query, :, level].reshape(-1, 2), ratio, image_size
             )  # [M * P, 2] pixels
@@ -343,16 +346,7 @@ def box_refinement_figure(
         )
     else:
         centre = to_image_pixels(initial, torch.ones(2), image_size)
-        marker = ax.scatter(
-            [float(centre[0])],
-            [float(centre[1])],
-            marker="+",
-            s=160,
-            c="white",
-            linewidths=2,
-            label="reference point",
-        )
-        marker.set_gid("initial")
+        _draw_point(ax, *centre, "white", "initial", label="reference point")
     colors = _layer_colors(len(references))
     for layer, box in enumerate(references):
         _draw_box(

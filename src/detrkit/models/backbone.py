@@ -75,7 +75,9 @@ class ResNetBackbone(nn.Module):
         after pre-training (see :mod:`detrkit.engine.pretrain`)."""
         for name, module in list(self.body.named_modules()):
             if isinstance(module, nn.BatchNorm2d):
-                frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+                frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps).to(
+                    module.running_mean  # same device and dtype: this may run after .to(device)
+                )
                 for buffer in ("weight", "bias", "running_mean", "running_var"):
                     getattr(frozen, buffer).copy_(getattr(module, buffer).detach())
                 parent, _, child = name.rpartition(".")
