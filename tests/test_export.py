@@ -256,9 +256,9 @@ def test_demo_model_export_keeps_its_detections(tmp_path):
         model = detrkit.build_model("deformable_detr_digits", two_stage=True, dropout=0.0).eval()
     path = tmp_path / "demo.onnx"
     detrkit.export(model, path, with_postprocess=True, size=(120, 160))
-    # The demo validates at image_scale 0.15 of the original 800 / 1333. Threshold 0: every one
-    # of the 100 detections of each image is compared, not only the confident ones.
-    detector = detrkit.Detector(model, threshold=0.0, size=120, max_size=199, device="cpu")
+    # The demo validates at image_scale 0.2 of the original 800 / 1333. Threshold 0: every
+    # detection of each image is compared, not only the confident ones.
+    detector = detrkit.Detector(model, threshold=0.0, size=160, max_size=266, device="cpu")
     exported = ExportedModel(path)
     dataset = DigitsDetection("val", num_images=6)
     pixels = [torch.from_numpy(dataset.scene(i).image).permute(2, 0, 1) for i in range(6)]
@@ -275,7 +275,7 @@ def test_demo_model_export_keeps_its_detections(tmp_path):
             "boxes": torch.stack([d.boxes for d in found]),
         }
         assert compare(expected, actual, TOLERANCE, sizes)["labels"] == 0
-        confident += int((expected["scores"] >= 0.5).sum())
+        confident += int((expected["scores"] >= 0.3).sum())
     if trained:
         assert confident > 0, "the trained demo model should find digits"
 

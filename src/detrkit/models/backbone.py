@@ -7,8 +7,8 @@ Module names follow the original checkpoints: ``backbone.0.body.<resnet layer>``
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import Tensor, nn
+from torchvision.models import resnet as tv_resnet
 from torchvision.ops import FrozenBatchNorm2d
 
 # Output channels of each stage: bottleneck ResNets (50, 101) and basic-block ones (18, 34).
@@ -17,6 +17,59 @@ RESNET_CHANNELS = {
     "resnet101": {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048},
     "resnet18": {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512},
     "resnet34": {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512},
+}
+
+
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
+    """``norm(conv(x))``, with a frozen batch norm folded into the convolution on the fly.
+
+    A frozen norm is an affine map per channel, ``y * s + (beta - mean * s)`` with
+    ``s = gamma / sqrt(var + eps)``, so it can scale the convolution's weights and become its bias:
+    one convolution instead of a convolution and two passes over its output (and, in training,
+    one fewer pass backward). Equal up to float rounding; gradients reach ``conv.weight`` through
+    the scaling. Any other norm runs after the convolution as usual.
+    """
+    if not isinstance(norm, FrozenBatchNorm2d):
+        return norm(conv(x))
+    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # [C_out]
+    shift = norm.bias - norm.running_mean * scale
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    return conv._conv_forward(x, conv.weight * scale.view(-1, 1, 1, 1), bias)
+
+
+class Bottleneck(tv_resnet.Bottleneck):
+    """torchvision's bottleneck block (same modules and names), its norms run by :func:`conv_norm`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        # In-place ReLUs, as torchvision's: every input they overwrite is a fresh tensor.
+        out = conv_norm(self.conv1, self.bn1, x).relu_()
+        out = conv_norm(self.conv2, self.bn2, out).relu_()
+        out = conv_norm(self.conv3, self.bn3, out)
+        return out.add_(_shortcut(self, x)).relu_()
+
+
+class BasicBlock(tv_resnet.BasicBlock):
+    """torchvision's basic block (same modules and names), its norms run by :func:`conv_norm`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = conv_norm(self.conv1, self.bn1, x).relu_()
+        out = conv_norm(self.conv2, self.bn2, out)
+        return out.add_(_shortcut(self, x)).relu_()
+
+
+def _shortcut(block: nn.Module, x: Tensor) -> Tensor:
+    if block.downsample is None:
+        return x
+    conv, norm = block.downsample
+    return conv_norm(conv, norm, x)
+
+
+# (block, blocks per stage) of torchvision's constructors, with the blocks above.
+RESNET_LAYOUTS = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+    "resnet101": (Bottleneck, [3, 4, 23, 3]),
 }
 
 
@@ -42,8 +95,8 @@ class ResNetBackbone(nn.Module):
             raise ValueError(f"dilation (DC5) needs a bottleneck ResNet, not {name}")
         if norm not in ("frozen", "batch"):
             raise ValueError(f"backbone norm must be 'frozen' or 'batch', got {norm!r}")
-        resnet = getattr(torchvision.models, name)(
-            weights=None,
+        resnet = tv_resnet.ResNet(
+            *RESNET_LAYOUTS[name],
             replace_stride_with_dilation=[False, False, dilation],
             norm_layer=FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d,
         )
@@ -89,7 +142,10 @@ class ResNetBackbone(nn.Module):
         features = []
         # Run in the weights' dtype (bf16 / fp16 after optimize_for_inference); a no-op in fp32.
         x = images.to(self.body["conv1"].weight.dtype)
+        x = conv_norm(self.body["conv1"], self.body["bn1"], x)
         for name, module in self.body.items():
+            if name in ("conv1", "bn1"):
+                continue
             x = module(x)
             if name in self.return_layers:
                 features.append(x)

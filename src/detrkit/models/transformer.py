@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detrkit.models.attention import MultiheadAttention
+from detrkit.ops import Dropout, relu_dropout
+
 
 def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
     return x if pos is None else x + pos
@@ -26,7 +29,12 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}
 
 def _feed_forward(layer: nn.Module, x: Tensor) -> Tensor:
     """The position-wise MLP; its Linear layers live on the owning layer, as in the checkpoints."""
-    return layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
+    hidden = layer.linear1(x)
+    if layer.activation is F.relu:  # the original's choice: one fused pass in training
+        hidden = relu_dropout(hidden, layer.dropout.p, layer.dropout.training)
+    else:
+        hidden = layer.dropout(layer.activation(hidden))
+    return layer.linear2(hidden)
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -42,14 +50,14 @@ class TransformerEncoderLayer(nn.Module):
         normalize_before: bool = False,
     ) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.activation = ACTIVATIONS[activation]
         self.normalize_before = normalize_before
 
@@ -81,19 +89,17 @@ class TransformerDecoderLayer(nn.Module):
         normalize_before: bool = False,
     ) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.multihead_attn = nn.MultiheadAttention(
-            d_model, nhead, dropout=dropout, batch_first=True
-        )
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
         self.activation = ACTIVATIONS[activation]
         self.normalize_before = normalize_before
 

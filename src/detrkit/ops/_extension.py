@@ -1,4 +1,5 @@
-"""Builds and loads the fused C++ kernel on first use, compiled once per machine and cached."""
+"""Builds and loads detrkit's C++ CPU kernels (multi-scale deformable attention, dropout) on
+first use, compiled once per machine and cached."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-_SOURCE = Path(__file__).parent / "csrc" / "ms_deform_attn_cpu.cpp"
+_SOURCES = [
+    Path(__file__).parent / "csrc" / name
+    for name in ("ms_deform_attn_cpu.cpp", "dropout_cpu.cpp", "bindings.cpp")
+]
 
 
 def _cpu_fingerprint() -> str:
@@ -42,8 +46,8 @@ def _build() -> ModuleType:
         cpp_logger.setLevel(previous_level)
 
     return cpp_extension.load(
-        name=f"detrkit_ms_deform_attn_{_cpu_fingerprint()}",
-        sources=[str(_SOURCE)],
+        name=f"detrkit_cpu_kernels_{_cpu_fingerprint()}",
+        sources=[str(source) for source in _SOURCES],
         # -fopenmp is required: at::parallel_for is a header template that otherwise compiles
         # to a serial loop inside an extension.
         extra_cflags=["-O3", "-march=native", "-fopenmp"],
@@ -54,7 +58,7 @@ def _build() -> ModuleType:
 
 @functools.cache
 def load_extension() -> ModuleType | None:
-    """The compiled kernel module, or ``None`` (after one warning) when it cannot be built."""
+    """The compiled kernels' module, or ``None`` (after one warning) when it cannot be built."""
     try:
         return _build()
     except Exception as error:  # any build failure (no compiler, no ninja, ...) falls back
@@ -63,8 +67,8 @@ def load_extension() -> ModuleType | None:
         first_line = message.splitlines()[0] if message else ""
         reason = type(error).__name__ + (f": {first_line[:300]}" if first_line else "")
         warnings.warn(
-            "detrkit: the fused ms_deform_attn CPU kernel could not be built "
-            f"({reason}); falling back to the pure PyTorch reference, which is much slower.",
+            "detrkit: the fused CPU kernels (ms_deform_attn, dropout) could not be built "
+            f"({reason}); falling back to pure PyTorch, which is much slower.",
             RuntimeWarning,
             stacklevel=2,
         )

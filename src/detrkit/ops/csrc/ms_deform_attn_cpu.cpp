@@ -12,7 +12,7 @@
 // centre i lies at (i + 0.5) / size, and a bilinear corner that falls off the map reads zero.
 // Arithmetic runs in at::opmath_type (fp32 for bf16/fp16, fp64 for fp64).
 
-#include <torch/extension.h>
+#include "kernels.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -417,6 +417,10 @@ void backward_kernel(const Sizes& s, int64_t num_chunks, const scalar_t* value,
   });
 }
 
+}  // namespace
+
+namespace detrkit {
+
 at::Tensor ms_deform_attn_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                   const at::Tensor& level_start_index,
                                   const at::Tensor& sampling_locations,
@@ -490,11 +494,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward(
   return {grad_value.to(value.scalar_type()), grad_sampling_locations, grad_attention_weights};
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Fused multi-scale deformable attention (CPU)";
-  m.def("forward", &ms_deform_attn_forward, "Forward: output [N, Lq, M * D]");
-  m.def("backward", &ms_deform_attn_backward,
-        "Backward: (grad_value, grad_sampling_locations, grad_attention_weights)");
-}
+}  // namespace detrkit

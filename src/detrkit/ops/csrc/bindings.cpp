@@ -1,0 +1,15 @@
+// Python bindings of detrkit's CPU kernels (one extension module, built on first use).
+#include "kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "detrkit CPU kernels: multi-scale deformable attention and dropout";
+  m.def("forward", &detrkit::ms_deform_attn_forward,
+        "ms_deform_attn forward: output [N, Lq, M * D]");
+  m.def("backward", &detrkit::ms_deform_attn_backward,
+        "ms_deform_attn backward: (grad_value, grad_sampling_locations, grad_attention_weights)");
+  m.def("dropout", &detrkit::dropout_apply,
+        "input * keep * 1 / (1 - p), keep drawn from (seed, element index)");
+  m.def("relu_dropout", &detrkit::relu_dropout_apply, "dropout(relu(input)) in one pass");
+  m.def("relu_dropout_backward", &detrkit::relu_dropout_backward,
+        "relu_dropout's input gradient from its output: grad * scale where output > 0");
+}

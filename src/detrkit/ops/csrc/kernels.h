@@ -1,0 +1,26 @@
+// The CPU kernels that bindings.cpp exposes to Python, one source file per operator.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <tuple>
+
+namespace detrkit {
+
+// ms_deform_attn_cpu.cpp
+at::Tensor ms_deform_attn_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                  const at::Tensor& level_start_index,
+                                  const at::Tensor& sampling_locations,
+                                  const at::Tensor& attention_weights);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward(
+    const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+    const at::Tensor& grad_output);
+
+// dropout_cpu.cpp
+at::Tensor dropout_apply(const at::Tensor& input, double p, int64_t seed);
+at::Tensor relu_dropout_apply(const at::Tensor& input, double p, int64_t seed);
+at::Tensor relu_dropout_backward(const at::Tensor& grad_output, const at::Tensor& output,
+                                 double p);
+
+}  // namespace detrkit

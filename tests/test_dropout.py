@@ -1,0 +1,256 @@
+"""The fused CPU dropout (detrkit.ops.dropout), the attention that uses it in training, and the
+backbone's on-the-fly batch-norm folding: the training-speed changes of issue 8."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet as tv_resnet
+from torchvision.ops import FrozenBatchNorm2d
+
+from detrkit.models.attention import MultiheadAttention
+from detrkit.models.backbone import BasicBlock, Bottleneck, ResNetBackbone, conv_norm
+from detrkit.ops import dropout, fast_dropout, fused_kernel_available, relu_dropout
+from detrkit.ops.fast_dropout import fused_dropout, fused_relu_dropout
+
+needs_fused = pytest.mark.skipif(
+    not fused_kernel_available(), reason="the fused CPU kernels could not be built"
+)
+
+
+def keep_factors(shape, p: float, seed: int, dtype=torch.float32) -> torch.Tensor:
+    """What the fused kernel multiplies each element by: 1 / (1 - p) where kept, else 0."""
+    return fused_dropout(torch.ones(shape, dtype=dtype), p, torch.tensor(seed))
+
+
+@needs_fused
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_drops_the_requested_fraction_and_scales_the_rest(p):
+    x = torch.rand(1_000_003) + 0.5  # odd size: the last element is a pair of its own
+    y = fused_dropout(x, p, torch.tensor(7))
+    kept = y != 0
+    dropped_fraction = 1 - kept.double().mean().item()
+    assert abs(dropped_fraction - p) < 5 * (p * (1 - p) / x.numel()) ** 0.5
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p))
+
+
+@needs_fused
+def test_mask_is_independent_per_element_and_a_function_of_the_seed():
+    shape = (64, 1000)
+    a, b = keep_factors(shape, 0.5, 1), keep_factors(shape, 0.5, 2)
+    assert torch.equal(a, keep_factors(shape, 0.5, 1))
+    assert not torch.equal(a, b)
+    # Neighbouring elements (the two halves of one hash) and rows are uncorrelated.
+    kept = (a != 0).double().flatten()
+    for lag in (1, 2, shape[1]):
+        correlation = torch.corrcoef(torch.stack([kept[:-lag], kept[lag:]]))[0, 1]
+        assert abs(correlation) < 0.02, lag
+
+
+@needs_fused
+def test_result_does_not_depend_on_the_thread_count():
+    x = torch.randn(300_001)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = fused_relu_dropout(x, 0.3, torch.tensor(5))
+        torch.set_num_threads(max(2, threads))
+        several = fused_relu_dropout(x, 0.3, torch.tensor(5))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, several)
+
+
+@needs_fused
+def test_non_contiguous_input_is_masked_by_logical_position():
+    x = torch.randn(40, 30)
+    seed = torch.tensor(3)
+    torch.testing.assert_close(
+        fused_dropout(x.t(), 0.2, seed), fused_dropout(x.t().contiguous(), 0.2, seed)
+    )
+
+
+@needs_fused
+def test_relu_dropout_is_relu_then_the_same_dropout():
+    x = torch.randn(5, 301, dtype=torch.float64, requires_grad=True)
+    seed = torch.tensor(11)
+    fused = fused_relu_dropout(x, 0.25, seed)
+    reference = F.relu(x) * keep_factors(x.shape, 0.25, 11, torch.float64)
+    torch.testing.assert_close(fused, reference, rtol=0, atol=0)
+    grad = torch.randn_like(x)
+    (fused_grad,) = torch.autograd.grad(fused, x, grad)
+    (reference_grad,) = torch.autograd.grad(reference, x, grad)
+    torch.testing.assert_close(fused_grad, reference_grad)
+
+
+@needs_fused
+def test_gradients_and_op_registration():
+    x = torch.randn(4, 33, dtype=torch.float64, requires_grad=True)
+    seed = torch.tensor(123)
+    assert torch.autograd.gradcheck(lambda t: fused_dropout(t, 0.3, seed), (x,))
+    assert torch.autograd.gradcheck(lambda t: fused_relu_dropout(t, 0.3, seed), (x,))
+    # Fake (meta) kernels, autograd registration and schema, as torch.compile relies on them.
+    torch.library.opcheck(fused_dropout, (x, 0.3, seed))
+    torch.library.opcheck(fused_relu_dropout, (x, 0.3, seed))
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_keep_their_dtype_and_mask(dtype):
+    x = torch.randn(1000)
+    y = fused_dropout(x.to(dtype), 0.4, torch.tensor(9))
+    assert y.dtype == dtype
+    reference = x * keep_factors(x.shape, 0.4, 9)
+    assert torch.equal(y != 0, reference != 0)
+    torch.testing.assert_close(y.float(), reference, rtol=1e-2, atol=1e-2)
+
+
+@needs_fused
+def test_manual_seed_makes_dropout_repeatable():
+    x = torch.randn(10_000)
+    torch.manual_seed(0)
+    first = (dropout(x, 0.1), relu_dropout(x, 0.1))
+    torch.manual_seed(0)
+    second = (dropout(x, 0.1), relu_dropout(x, 0.1))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not torch.equal(dropout(x, 0.1), dropout(x, 0.1))
+
+
+def test_falls_back_to_torch_where_the_kernel_does_not_apply(monkeypatch):
+    x = torch.randn(1000)
+    assert torch.equal(dropout(x, 0.1, training=False), x)
+    assert torch.equal(relu_dropout(x, 0.1, training=False), F.relu(x))
+    assert torch.equal(dropout(x, 0.0), x)
+    assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
+    # Without the extension (no compiler), torch's dropout runs: same mask as F.dropout.
+    monkeypatch.setattr(fast_dropout, "load_extension", lambda: None)
+    torch.manual_seed(3)
+    expected = F.dropout(x, 0.3)
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x, 0.3), expected)
+
+
+def test_attention_equals_torch_multihead_attention():
+    torch.manual_seed(0)
+    ours = MultiheadAttention(32, 4, dropout=1e-12, batch_first=True)
+    reference = nn.MultiheadAttention(32, 4, dropout=1e-12, batch_first=True)
+    reference.load_state_dict(ours.state_dict())
+    query, key = torch.randn(2, 7, 32), torch.randn(2, 11, 32)
+    padding = torch.zeros(2, 11, dtype=torch.bool)
+    padding[1, 8:] = True
+    # Training mode with (practically) no dropout: our own math against torch's, with gradients.
+    for mode in (True, False):
+        ours.train(mode)
+        reference.train(mode)
+        mine = ours(query, key, key, key_padding_mask=padding, need_weights=False)[0]
+        theirs = reference(query, key, key, key_padding_mask=padding, need_weights=False)[0]
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    ours.train()
+    reference.train()
+    mine = ours(query, key, key, key_padding_mask=padding, need_weights=False)[0]
+    theirs = reference(query, key, key, key_padding_mask=padding, need_weights=False)[0]
+    mine_grads = torch.autograd.grad(mine.square().sum(), list(ours.parameters()))
+    their_grads = torch.autograd.grad(theirs.square().sum(), list(reference.parameters()))
+    for a, b in zip(mine_grads, their_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_fused
+def test_attention_dropout_is_applied_and_unbiased():
+    torch.manual_seed(0)
+    attention = MultiheadAttention(16, 2, dropout=0.5, batch_first=True)
+    query, key = torch.randn(1, 5, 16), torch.randn(1, 9, 16)
+    attention.eval()
+    expected = attention(query, key, key, need_weights=False)[0]
+    attention.train()
+    with torch.no_grad():
+        draws = torch.stack([attention(query, key, key, need_weights=False)[0] for _ in range(800)])
+    assert not torch.allclose(draws[0], expected, atol=1e-3)  # something was dropped
+    # Dropout scales what it keeps by 1 / (1 - p): the average over draws is the eval output.
+    torch.testing.assert_close(draws.mean(0), expected, rtol=0, atol=0.06)
+
+
+def frozen_norm(channels: int, generator: torch.Generator) -> FrozenBatchNorm2d:
+    norm = FrozenBatchNorm2d(channels)
+    norm.weight.copy_(torch.rand(channels, generator=generator) + 0.5)
+    norm.bias.copy_(torch.randn(channels, generator=generator))
+    norm.running_mean.copy_(torch.randn(channels, generator=generator))
+    norm.running_var.copy_(torch.rand(channels, generator=generator) + 0.1)
+    return norm
+
+
+@pytest.mark.parametrize("conv_bias", [False, True])
+def test_conv_norm_folds_a_frozen_norm_exactly(conv_bias):
+    generator = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=conv_bias)
+    norm = frozen_norm(16, generator)
+    x = torch.randn(2, 8, 12, 10, generator=generator, requires_grad=True)
+    folded = conv_norm(conv, norm, x)
+    reference = norm(conv(x))
+    torch.testing.assert_close(folded, reference, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(reference.shape, generator=generator)
+    wrt = [x, *conv.parameters()]
+    for a, b in zip(
+        torch.autograd.grad(folded, wrt, grad), torch.autograd.grad(reference, wrt, grad)
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "planes"),
+    [(Bottleneck, tv_resnet.Bottleneck, 8), (BasicBlock, tv_resnet.BasicBlock, 32)],
+)
+def test_blocks_compute_what_torchvision_blocks_compute(ours, theirs, planes):
+    generator = torch.Generator().manual_seed(1)
+    downsample = nn.Sequential(nn.Conv2d(16, planes * ours.expansion, 1, stride=2, bias=False))
+    downsample.append(frozen_norm(planes * ours.expansion, generator))
+    block = ours(16, planes, stride=2, downsample=downsample, norm_layer=FrozenBatchNorm2d)
+    for name, module in block.named_children():
+        if isinstance(module, FrozenBatchNorm2d):
+            setattr(block, name, frozen_norm(module.weight.numel(), generator))
+    reference = theirs(16, planes, stride=2, downsample=downsample, norm_layer=FrozenBatchNorm2d)
+    reference.load_state_dict(block.state_dict())
+    x = torch.randn(2, 16, 9, 11, generator=generator)
+    torch.testing.assert_close(block(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_backbone_matches_torchvision_resnet_in_training():
+    """The whole ResNet-50 body, frozen norms with non-trivial statistics, gradients included."""
+    generator = torch.Generator().manual_seed(2)
+    backbone = ResNetBackbone("resnet50", return_layers=("layer2", "layer4"))
+    for module in backbone.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            module.load_state_dict(frozen_norm(module.weight.numel(), generator).state_dict())
+    reference = tv_resnet.resnet50(norm_layer=FrozenBatchNorm2d)
+    reference.load_state_dict(backbone.body.state_dict(), strict=False)
+    # In float64, so that only a difference in the computation, not rounding, shows.
+    backbone.double().train()
+    reference.double()
+    images = torch.randn(1, 3, 64, 96, generator=generator, dtype=torch.float64)
+    features, _ = backbone(images, torch.zeros(1, 64, 96, dtype=torch.bool))
+    x = reference.maxpool(reference.relu(reference.bn1(reference.conv1(images))))
+    expected = []
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        x = getattr(reference, name)(x)
+        if name in ("layer2", "layer4"):
+            expected.append(x)
+    # Random statistics make activations grow through the 16 blocks (to ~1e5 at layer4), so the
+    # comparison is relative to each tensor's largest value.
+    for mine, theirs in zip(features, expected):
+        assert_close_relative(mine, theirs, 1e-12)
+    loss = sum((f / f.detach().abs().max()).square().mean() for f in features)
+    reference_loss = sum((f / f.detach().abs().max()).square().mean() for f in expected)
+    trained = [n for n, p in backbone.body.named_parameters() if p.requires_grad]
+    assert trained and all(n.startswith(("layer2", "layer3", "layer4")) for n in trained)
+    mine = torch.autograd.grad(loss, [backbone.body.get_parameter(n) for n in trained])
+    theirs = torch.autograd.grad(reference_loss, [reference.get_parameter(n) for n in trained])
+    for name, a, b in zip(trained, mine, theirs):
+        assert_close_relative(a, b, 1e-9, name)
+
+
+def assert_close_relative(actual, expected, tolerance: float, name: str = "") -> None:
+    scale = expected.abs().max()
+    error = (actual - expected).abs().max() / scale
+    assert error < tolerance, f"{name}: largest difference {error:.2e} of the largest value"
