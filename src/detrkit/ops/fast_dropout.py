@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrkit.ops._extension import load_extension
+from detrkit.ops.dispatch import fused_kernel_available
 
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -99,7 +100,7 @@ def uses_fused_kernel(input: Tensor, p: float, training: bool) -> bool:
         and 0.0 < p < 1.0
         and input.device.type == "cpu"
         and input.dtype in _FUSED_DTYPES
-        and load_extension() is not None
+        and fused_kernel_available()
     )
 
 
