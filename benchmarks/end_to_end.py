@@ -171,9 +171,10 @@ def _logits(outputs) -> torch.Tensor:
     return (outputs.logits if hasattr(outputs, "logits") else outputs["pred_logits"]).float()
 
 
-def print_profile(key: str, run, rows: int) -> None:
-    """The ``rows`` operators with the most self CPU time in one forward (after the warm-ups)."""
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as profiler:
+def print_profile(key: str, run, rows: int, inference: bool = True) -> None:
+    """The ``rows`` operators with the most self CPU time in one call of ``run`` (after the
+    warm-ups), in inference mode unless ``inference`` is False (a training step)."""
+    with torch.inference_mode(inference), profile(activities=[ProfilerActivity.CPU]) as profiler:
         run()
     events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(event.self_cpu_time_total for event in events)

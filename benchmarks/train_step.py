@@ -1,7 +1,7 @@
 """Training-step time of detrkit against Hugging Face transformers' own training step.
 
     python benchmarks/train_step.py [--models detr deformable_detr] [--repeats 5]
-                                    [--size 512 640] [--batch 2] [--objects 5]
+                                    [--size 512 640] [--batch 2] [--objects 5] [--profile N]
 
 One step is forward, loss (Hungarian matching and the set loss of the final and every auxiliary
 decoder layer), backward, gradient clipping at max norm 0.1 and an AdamW step. transformers' step
@@ -15,7 +15,8 @@ Before timing, the final layer's loss terms of both on that batch, dropout off, 
 by side: equal terms show that the two steps do the same work. (Deformable DETR's totals differ:
 transformers weighs its classification loss 1, the original 2.) Then every step is timed in
 interleaved rounds (a change of load on a shared machine falls on all), median and shortest, as
-a ratio of transformers'.
+a ratio of transformers'. With ``--profile N``, the N operators with the most self CPU time in
+one more step of detrkit and of transformers (stem and layer1 frozen) are printed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import tempfile
 import time
 
 import torch
+from end_to_end import print_profile
 
 import detrkit
 from detrkit.engine.optim import build_optimizer
@@ -160,6 +162,9 @@ def compare(name: str, args) -> None:
             f"    {key:34s} {median:8.3f} s ({best:6.3f} s) "
             f"{median / statistics.median(reference):6.2f}x ({best / min(reference):4.2f}x)"
         )
+    if args.profile:
+        for key in ("detrkit", "transformers, stem+layer1 frozen"):
+            print_profile(key, steps[key], args.profile, inference=False)
 
 
 def main() -> None:
@@ -169,6 +174,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=[512, 640], metavar=("H", "W"))
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--objects", type=int, default=5, help="target boxes per image")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="print the top N operators of a step"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
