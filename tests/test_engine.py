@@ -86,6 +86,22 @@ def test_training_steps_overfit_a_fixed_batch():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.full
+def test_compiled_training_writes_the_same_kind_of_checkpoint(tmp_path):
+    """--compile trains through torch.compile (the fused dropout and deformable attention ops
+    included, backward too); the checkpoint keeps the plain model's keys. Minutes to compile."""
+    assert (
+        main(tiny_args(tmp_path, "--compile", "--epochs", "1", "--max-steps-per-epoch", "3")) == 0
+    )
+    losses = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [entry["loss"] for entry in losses if entry["type"] == "train"]
+    assert len(train_losses) == 3 and all(np.isfinite(train_losses))
+    weights = final_weights(tmp_path)
+    reference = detrkit.build_model("deformable_detr_digits", **TINY_MODEL).state_dict()
+    assert weights.keys() == reference.keys()
+    assert detrkit.load(tmp_path / "checkpoint.pth").config.hidden_dim == TINY_MODEL["hidden_dim"]
+
+
 def test_train_checkpoint_eval_finetune_from_the_cli(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(tiny_args(run_dir, "--epochs", "1")) == 0

@@ -182,6 +182,9 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True,
         )
+    if config.compile:
+        # Evaluation and checkpoints keep using `model`, so state-dict keys stay unprefixed.
+        trained = torch.compile(trained, dynamic=True)
     seeded_train = SeededSamples(train_set, config.seed)
     train_loader = make_loader(
         seeded_train,
