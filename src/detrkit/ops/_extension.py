@@ -73,3 +73,11 @@ def load_extension() -> ModuleType | None:
             stacklevel=2,
         )
         return None
+
+
+def required_extension(operator: str) -> ModuleType:
+    """The compiled kernels' module for ``operator``'s fused kernel; raises when it is not built."""
+    extension = load_extension()
+    if extension is None:
+        raise RuntimeError(f"the fused {operator} CPU kernel is not available on this machine")
+    return extension

@@ -18,17 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detrkit.ops._extension import load_extension
-from detrkit.ops.dispatch import fused_kernel_available
-
-_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+from detrkit.ops._extension import required_extension
+from detrkit.ops.dispatch import FUSED_CPU_DTYPES, fused_kernel_available
 
 
 def _kernel():
-    extension = load_extension()
-    if extension is None:
-        raise RuntimeError("the fused CPU kernels are not available on this machine")
-    return extension
+    return required_extension("dropout")
 
 
 @torch.library.custom_op("detrkit::dropout", mutates_args=(), device_types="cpu")
@@ -99,7 +94,7 @@ def uses_fused_kernel(input: Tensor, p: float, training: bool) -> bool:
         training
         and 0.0 < p < 1.0
         and input.device.type == "cpu"
-        and input.dtype in _FUSED_DTYPES
+        and input.dtype in FUSED_CPU_DTYPES
         and fused_kernel_available()
     )
 

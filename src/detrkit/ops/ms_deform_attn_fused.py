@@ -6,14 +6,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from detrkit.ops._extension import load_extension
+from detrkit.ops._extension import required_extension
 
 
 def _kernel():
-    extension = load_extension()
-    if extension is None:
-        raise RuntimeError("the fused ms_deform_attn CPU kernel is not available on this machine")
-    return extension
+    return required_extension("ms_deform_attn")
 
 
 @torch.library.custom_op("detrkit::ms_deform_attn_forward", mutates_args=(), device_types="cpu")
