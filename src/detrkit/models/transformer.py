@@ -30,10 +30,14 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}
 def _feed_forward(layer: nn.Module, x: Tensor) -> Tensor:
     """The position-wise MLP; its Linear layers live on the owning layer, as in the checkpoints."""
     hidden = layer.linear1(x)
-    if layer.activation is F.relu:  # the original's choice: one fused pass in training
-        hidden = relu_dropout(hidden, layer.dropout.p, layer.dropout.training)
-    else:
+    if layer.activation is not F.relu:
         hidden = layer.dropout(layer.activation(hidden))
+    elif layer.dropout.training:  # the original's activation: one fused pass with the dropout
+        hidden = relu_dropout(hidden, layer.dropout.p)
+    else:
+        # In place: linear1's output is fresh and its gradient needs none of it. A new [tokens,
+        # d_ffn] tensor would be mapped and faulted in page by page on large inputs.
+        hidden = hidden.relu_()
     return layer.linear2(hidden)
 
 
