@@ -12,6 +12,7 @@ import detrkit
 from conftest import padded_batch
 from detrkit import PostProcess, SetCriterion
 from detrkit.loss import HungarianMatcher, build_criterion
+from detrkit.models.deformable_attention import MSDeformAttn
 from test_checkpoints import official_args, write_official
 
 VARIANTS = {
@@ -196,3 +197,38 @@ def test_sigmoid_postprocess_takes_the_best_query_class_pairs():
         result["boxes"],
         torch.tensor([[0.0, 0.0, 100.0, 50.0], [80.0, 40.0, 120.0, 60.0], [0.0, 0.0, 100.0, 50.0]]),
     )
+
+
+@pytest.mark.parametrize("reference_size", [2, 4])
+@pytest.mark.parametrize("padding", ["none", "unpadded mask", "padded"])
+def test_sampling_before_projection_is_the_same_attention(reference_size, padding):
+    """optimize_for_inference's decoder order, value_proj after the sampling, against the
+    module's own: equal in float64 (rounding aside), with padded pixels and points off the map."""
+    torch.manual_seed(0)
+    attention = MSDeformAttn(d_model=16, n_levels=2, n_heads=4, n_points=3).double()
+    with torch.no_grad():  # offsets and weights that vary by query, and a value bias
+        for linear in (attention.sampling_offsets, attention.attention_weights):
+            linear.weight.normal_(0, 0.5)
+        attention.value_proj.bias.normal_()
+    spatial_shapes = torch.tensor([[6, 8], [3, 4]])
+    level_start_index = torch.tensor([0, 48])
+    memory = torch.randn(2, 60, 16, dtype=torch.float64)
+    query = torch.randn(2, 7, 16, dtype=torch.float64)
+    # Some points land off the map: references reach past the borders.
+    reference_points = torch.rand(2, 7, 2, reference_size, dtype=torch.float64) * 1.2 - 0.1
+    mask = None
+    if padding != "none":
+        mask = torch.zeros(2, 60, dtype=torch.bool)
+        if padding == "padded":
+            mask[1, 40:48] = True  # the last row of level 0
+            mask[1, 57:60] = True
+    args = (query, reference_points, memory, spatial_shapes, level_start_index, mask)
+
+    expected = attention(*args)
+    attention.sample_before_projection = True
+    got = attention(*args)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    # The padded pixels really are left out: garbage there changes nothing.
+    if padding == "padded":
+        memory[mask] = 1e6
+        torch.testing.assert_close(attention(*args), expected, rtol=0, atol=1e-12)

@@ -16,7 +16,10 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
 from detrkit.models.backbone import ResNetBackbone
-from detrkit.models.deformable_transformer import DeformableTransformerEncoderLayer
+from detrkit.models.deformable_transformer import (
+    DeformableTransformerDecoderLayer,
+    DeformableTransformerEncoderLayer,
+)
 
 # --precision choices -> the dtype of the weights and activations.
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,7 +68,8 @@ def optimize_for_inference(
             so does each new size.
 
     Deformable DETR's encoder MLP also runs over chunks of tokens (the same results, less
-    memory traffic).
+    memory traffic), and its decoder samples the memory before projecting it (the same up to
+    rounding; far less arithmetic for 300 queries).
     """
     first = next(model.parameters(), None)
     dtype = precision_dtype(precision, first.device if first is not None else "cpu")
@@ -79,6 +83,8 @@ def optimize_for_inference(
     for module in optimized.modules():
         if isinstance(module, DeformableTransformerEncoderLayer):
             module.ffn_chunk_tokens = ENCODER_MLP_CHUNK
+        if isinstance(module, DeformableTransformerDecoderLayer):
+            module.cross_attn.sample_before_projection = True
     optimized.to(dtype)
     # Freezing makes the weights constants, so inductor folds and pre-packs them.
     return torch.compile(optimized, options={"freezing": True}) if compile else optimized
