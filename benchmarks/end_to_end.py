@@ -18,6 +18,8 @@ batch 1, in inference mode. Prints, in one run:
   right after the throughput's);
 - peak memory of one batch-1 forward of each (growth of the resident set, one subprocess each);
 - with ``--profile N``, the N operators of detrkit with the most self CPU time, both ways;
+- with ``--stages``, the wall time of detrkit's backbone, encoder and decoder, both ways
+  (forward hooks, no profiler: the profiler inflates small operators several times over);
 - with ``--bf16``, the prepared model in bf16 (one run, no warm-up: without AMX or AVX-512 BF16
   a CPU runs bf16 matrix products very slowly) and its distance from fp32.
 """
@@ -94,6 +96,9 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N", help="print the top N operators of detrkit"
     )
+    parser.add_argument(
+        "--stages", action="store_true", help="time detrkit's backbone, encoder and decoder"
+    )
     parser.add_argument("--memory-of", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -135,6 +140,9 @@ def compare(name: str, images: torch.Tensor, mask: torch.Tensor, args, peak: flo
         if args.profile:
             for key in ("detrkit", "optimized"):
                 print_profile(key, runs[key], args.profile)
+        if args.stages:
+            for key, model in (("detrkit", ours), ("optimized", optimized)):
+                print_stages(key, model, runs[key], args.repeats)
         throughput(optimized, images, mask, args.batch, peak)
         if not args.no_memory:
             measure_memory(directory, args.size)
@@ -183,6 +191,37 @@ def print_profile(key: str, run, rows: int, inference: bool = True) -> None:
         share = event.self_cpu_time_total / total
         milliseconds = event.self_cpu_time_total / 1e3
         print(f"    {event.key:48s} {milliseconds:9.1f} ms {share:6.1%} {event.count:5d} calls")
+
+
+def print_stages(key: str, model, run, repeats: int) -> None:
+    """Median wall time, over ``repeats`` calls of ``run``, of each stage of ``model``."""
+    stages = {
+        "backbone": model.backbone,
+        "encoder": model.transformer.encoder,
+        "decoder": model.transformer.decoder,
+    }
+    spent = {name: [] for name in (*stages, "total")}
+    starts = {}
+    handles = []
+    for name, module in stages.items():
+        handles.append(
+            module.register_forward_pre_hook(
+                lambda *_, n=name: starts.__setitem__(n, time.perf_counter())
+            )
+        )
+        handles.append(
+            module.register_forward_hook(
+                lambda *_, n=name: spent[n].append(time.perf_counter() - starts[n])
+            )
+        )
+    with torch.inference_mode():
+        for _ in range(repeats):
+            spent["total"].append(_timed(run))
+    for handle in handles:
+        handle.remove()
+    medians = {name: statistics.median(times) for name, times in spent.items()}
+    medians["rest"] = medians["total"] - sum(medians[name] for name in stages)
+    print(f"  {key}: " + ", ".join(f"{n} {t * 1e3:.0f} ms" for n, t in medians.items()))
 
 
 def throughput(model, images: torch.Tensor, mask: torch.Tensor, batch: int, peak: float) -> None:
