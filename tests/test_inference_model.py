@@ -102,6 +102,18 @@ def test_bf16_stays_within_its_tolerance(kind, models):
         assert (got[key].float() - expected[key]).abs().max() < tolerance, key
 
 
+@pytest.mark.full
+def test_compiled_deformable_detr_keeps_the_answers(models):
+    """compile=True: inductor with frozen weights through the fused operator and the decoder's
+    sampling-first attention, on a padded batch. About two minutes to compile here."""
+    model = models["deformable"]
+    images, mask = padded_batch()
+    expected = run(model, images, mask)
+    got = run(optimize_for_inference(model, compile=True), images, mask)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=0)
+
+
 def test_two_stage_runs_in_bf16():
     # The encoder's proposals are ranked by score, and near ties of a random model rank
     # differently in bf16: only that it runs and gives finite boxes is checked here.
