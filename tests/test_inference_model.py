@@ -15,6 +15,7 @@ from conftest import padded_batch
 from detrkit.cli.main import main
 from detrkit.inference import Detector
 from detrkit.models import inference_model, optimize_for_inference
+from detrkit.models.batching import forward_in_chunks, runs_in_chunks
 from detrkit.models.inference_model import fold_batchnorms
 
 # Small transformers on the real ResNet-50 with frozen batch norm, so that folding meets the
@@ -72,6 +73,7 @@ def test_fp32_keeps_the_answers_on_a_padded_batch(kind, models, monkeypatch):
     images, mask = padded_batch()
     assert mask[1].any()  # the second image is padded
     optimized = optimize_for_inference(model)
+    assert optimized.cpu_images_per_forward == 1  # so this batch also checks the split
 
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in optimized.modules())
     stem = optimized.backbone[0].body["conv1"].weight
@@ -112,6 +114,43 @@ def test_compiled_deformable_detr_keeps_the_answers(models):
     got = run(optimize_for_inference(model, compile=True), images, mask)
     for key in ("pred_logits", "pred_boxes"):
         torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("images_per_forward", [1, 2])
+def test_batches_split_into_chunks_of_images_keep_every_output(images_per_forward):
+    """Every output (auxiliary layers and two-stage proposals included) of a batch of three, one
+    of them padded, run in chunks: the same as the whole batch, and the chunks are the size
+    asked for."""
+    model = small_model("deformable", two_stage=True)
+    images, mask = padded_batch()
+    images, mask = torch.cat([images, images.flip(0)[:1]]), torch.cat([mask, mask.flip(0)[:1]])
+    expected = run(model, images, mask)
+    sizes = []
+    model.backbone.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[0]))
+    model.cpu_images_per_forward = images_per_forward
+    got = run(model, images, mask)
+    assert sizes == {1: [1, 1, 1], 2: [2, 1]}[images_per_forward]
+    assert (
+        got.keys() == expected.keys() == {"pred_logits", "pred_boxes", "aux_outputs", "enc_outputs"}
+    )
+    assert len(got["aux_outputs"]) == len(expected["aux_outputs"]) == 1
+    pairs = [(got, expected), (got["enc_outputs"], expected["enc_outputs"])]
+    pairs += zip(got["aux_outputs"], expected["aux_outputs"])
+    for outputs, reference in pairs:
+        for key in ("pred_logits", "pred_boxes"):
+            assert outputs[key].shape[0] == 3
+            # Matrix products over fewer rows may round differently: fp32's 1e-4, as above.
+            torch.testing.assert_close(outputs[key], reference[key], atol=1e-4, rtol=0)
+
+
+def test_batches_on_other_devices_and_single_images_are_not_split():
+    images = torch.zeros(4, 3, 8, 8)
+    assert runs_in_chunks(1, images)
+    assert not runs_in_chunks(None, images)
+    assert not runs_in_chunks(4, images)
+    assert not runs_in_chunks(1, images.to("meta"))
+    with pytest.raises(ValueError, match="images_per_chunk"):
+        forward_in_chunks(lambda *_: {}, images, None, 0)
 
 
 def test_two_stage_runs_in_bf16():

@@ -1,0 +1,56 @@
+"""Running a batch of images a few at a time, for CPUs.
+
+Every stage of DETR and Deformable DETR in eval mode works on each image alone (convolutions, norms
+per token, attention within an image), so a batch run in chunks of images gives the same outputs.
+On a CPU it is faster: one 800x1066 image's feature maps and token sequences (about 18 MB each)
+stay in the last-level cache from one layer to the next, a batch of eight's do not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def forward_in_chunks(
+    forward: Callable[[Tensor, Tensor | None], dict],
+    images: Tensor,
+    mask: Tensor | None,
+    images_per_chunk: int,
+) -> dict:
+    """``forward(images, mask)`` over consecutive chunks of at most ``images_per_chunk`` images,
+    its outputs (tensors with the batch first, in dicts and lists) concatenated along the batch."""
+    if images_per_chunk < 1:
+        raise ValueError(f"images_per_chunk must be at least 1, got {images_per_chunk}")
+    outputs = [
+        forward(chunk, None if mask is None else mask[start : start + images_per_chunk])
+        for start, chunk in zip(
+            range(0, images.shape[0], images_per_chunk), images.split(images_per_chunk)
+        )
+    ]
+    return _concatenate(outputs)
+
+
+def _concatenate(parts: list[Any]) -> Any:
+    first = parts[0]
+    if isinstance(first, Tensor):
+        return torch.cat(parts)
+    if isinstance(first, dict):
+        return {key: _concatenate([part[key] for part in parts]) for key in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_concatenate(list(items)) for items in zip(*parts))
+    if first is None:
+        return None
+    raise TypeError(f"cannot concatenate model outputs of type {type(first).__name__}")
+
+
+def runs_in_chunks(images_per_chunk: int | None, images: Tensor) -> bool:
+    """Whether a model with ``cpu_images_per_forward = images_per_chunk`` splits ``images``."""
+    return (
+        images_per_chunk is not None
+        and images.device.type == "cpu"
+        and images.shape[0] > images_per_chunk
+    )
