@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +25,12 @@ from detrkit.ops import (
 IMPLEMENTATIONS = ["reference"] + (["cpu"] if fused_kernel_available() else [])
 needs_fused = pytest.mark.skipif(
     "cpu" not in IMPLEMENTATIONS, reason="the fused CPU kernel could not be built"
+)
+
+# The Triton kernels run on CUDA tensors only; without a GPU they are checked in Triton's
+# interpreter instead (test_triton_kernels_match_reference_in_the_interpreter).
+GPU_IMPLEMENTATIONS = (
+    ["triton"] if torch.cuda.is_available() and dispatch.triton_available() else []
 )
 
 FOUR_LEVELS = [(7, 9), (4, 5), (2, 3), (1, 2)]  # unequal, non-square
@@ -70,7 +80,7 @@ def output_and_grads(inputs, implementation: str, grad_seed: int = 1) -> list[Te
         implementation=implementation,
     )
     generator = torch.Generator().manual_seed(grad_seed)
-    grad_output = torch.randn(output.shape, generator=generator).to(output.dtype)
+    grad_output = torch.randn(output.shape, generator=generator).to(output)
     output.backward(grad_output)
     return [output.detach()] + [leaf.grad for leaf in leaves]
 
@@ -132,18 +142,53 @@ def test_backward_splits_queries_when_heads_are_fewer_than_threads():
 LOW_PRECISION_RTOL = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
 
 
-@needs_fused
+@pytest.mark.parametrize("implementation", GPU_IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", CASES)
+def test_gpu_fp32_matches_reference(implementation: str, case: str):
+    inputs = [t.cuda() for t in make_inputs(**CASES[case], queries=70)]
+    expected = output_and_grads(inputs, "reference")
+    actual = output_and_grads(inputs, implementation)
+    for name, a, e in zip(NAMES, actual, expected):
+        assert_close_fp32(a, e, name)
+
+
+@pytest.mark.skipif(not dispatch.triton_available(), reason="Triton is not installed")
+def test_triton_kernels_match_reference_in_the_interpreter():
+    """The GPU kernels' arithmetic, run on the CPU by Triton's interpreter: forward and backward
+    of every case above, a partial block of queries, fp64 and NaN (triton_interpreter_check.py)."""
+    script = Path(__file__).with_name("triton_interpreter_check.py")
+    result = subprocess.run(
+        [sys.executable, script.name],
+        cwd=script.parent,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(": ok") == len(CASES) + 3, result.stdout
+
+
+def test_triton_needs_cuda_tensors():
+    with pytest.raises(ValueError, match="implementation='triton' needs CUDA tensors"):
+        ms_deform_attn(*make_inputs(FOUR_LEVELS), implementation="triton")
+
+
+LOW_PRECISION_IMPLEMENTATIONS = IMPLEMENTATIONS[1:] + GPU_IMPLEMENTATIONS
+
+
+@pytest.mark.parametrize("implementation", LOW_PRECISION_IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", LOW_PRECISION_RTOL, ids=str)
-def test_low_precision_matches_fp32_reference(dtype: torch.dtype):
-    inputs = make_inputs(FOUR_LEVELS, channels=32, dtype=dtype)
-    actual = output_and_grads(inputs, "cpu")
+def test_low_precision_matches_fp32_reference(dtype: torch.dtype, implementation: str):
+    device = "cpu" if implementation == "cpu" else "cuda"
+    inputs = [t.to(device) for t in make_inputs(FOUR_LEVELS, channels=32, dtype=dtype)]
+    actual = output_and_grads(inputs, implementation)
     # The same (already rounded) inputs and grad_output, in fp32.
     upcast = [t.float() if t.is_floating_point() else t for t in inputs]
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = upcast
     leaves = [t.requires_grad_() for t in (value, sampling_locations, attention_weights)]
     output = ms_deform_attn_reference(value, spatial_shapes, level_start_index, *leaves[1:])
     grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(1))
-    output.backward(grad_output.to(dtype).float())
+    output.backward(grad_output.to(dtype).float().to(device))
     expected = [output.detach()] + [leaf.grad for leaf in leaves]
     for name, a, e in zip(NAMES, actual, expected):
         assert a.dtype == dtype

@@ -117,7 +117,7 @@ class DeformableDETR(nn.Module):
 
     def set_attention_implementation(self, implementation: str) -> None:
         """Which multi-scale deformable attention kernel every layer runs ("auto", "reference",
-        "cpu"; see :func:`detrkit.ops.ms_deform_attn`)."""
+        "cpu", "triton" on a GPU; see :func:`detrkit.ops.ms_deform_attn`)."""
         for module in self.modules():
             if isinstance(module, MSDeformAttn):
                 module.implementation = implementation

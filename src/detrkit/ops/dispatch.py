@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from typing import Literal
 
 import torch
@@ -9,13 +11,13 @@ from torch import Tensor
 
 from detrkit.ops._extension import load_extension
 from detrkit.ops._validation import check_ms_deform_attn_inputs
-from detrkit.ops.ms_deform_attn_fused import ms_deform_attn_forward
+from detrkit.ops.ms_deform_attn_fused import ms_deform_attn_forward, ms_deform_attn_triton_forward
 from detrkit.ops.ms_deform_attn_portable import ms_deform_attn_portable
 from detrkit.ops.ms_deform_attn_reference import ms_deform_attn_reference
 
-Implementation = Literal["auto", "reference", "cpu", "portable"]
+Implementation = Literal["auto", "reference", "cpu", "triton", "portable"]
 
-FUSED_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 # Treated as a constant under torch.compile / export, so that tracing never enters the build.
@@ -25,17 +27,32 @@ def fused_kernel_available() -> bool:
     return load_extension() is not None
 
 
+@torch.compiler.assume_constant_result
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton is installed (it comes with torch's CUDA builds on Linux)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def auto_implementation(
     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> Literal["reference", "cpu"]:
     """The implementation that ``implementation="auto"`` picks for inputs on ``device``."""
-    if (
-        torch.device(device).type == "cpu"
-        and dtype in FUSED_CPU_DTYPES
-        and fused_kernel_available()
-    ):
+    if torch.device(device).type == "cpu" and dtype in FUSED_DTYPES and fused_kernel_available():
         return "cpu"
     return "reference"
+
+
+# implementation -> (device type, whether it can run, the custom op, what is missing otherwise)
+FUSED_KERNELS = {
+    "cpu": (
+        "cpu",
+        fused_kernel_available,
+        ms_deform_attn_forward,
+        "the fused kernel could not be built",
+    ),
+    "triton": ("cuda", triton_available, ms_deform_attn_triton_forward, "Triton is not installed"),
+}
 
 
 def ms_deform_attn(
@@ -56,43 +73,36 @@ def ms_deform_attn(
         sampling_locations: ``[N, Lq, M, L, P, 2]``, (x, y) normalised to [0, 1] per level;
             points off the map read zeros (bilinear, like grid_sample with align_corners=False).
         attention_weights: ``[N, Lq, M, L, P]``.
-        implementation: ``"auto"`` (fused kernel when it applies, else reference),
-            ``"reference"`` (grid_sample), ``"cpu"`` (fused CPU kernel) or ``"portable"``
+        implementation: ``"auto"`` (fused CPU kernel when it applies, else reference),
+            ``"reference"`` (grid_sample), ``"cpu"`` (fused CPU kernel), ``"triton"`` (fused
+            Triton kernels for CUDA tensors; checked against the reference in Triton's
+            interpreter, not yet on a GPU, so "auto" does not pick it) or ``"portable"``
             (gathers with the level sizes kept as tensors, for ONNX export).
 
     Returns:
         ``[N, Lq, M * D]``, differentiable with respect to value, sampling_locations and
         attention_weights.
     """
-    check_ms_deform_attn_inputs(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-    )
+    inputs = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    check_ms_deform_attn_inputs(*inputs)
     if implementation == "auto":
         implementation = auto_implementation(value.device, value.dtype)
     if implementation == "reference":
-        return ms_deform_attn_reference(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-        )
+        return ms_deform_attn_reference(*inputs)
     if implementation == "portable":
-        return ms_deform_attn_portable(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-        )
-    if implementation != "cpu":
+        return ms_deform_attn_portable(*inputs)
+    if implementation not in FUSED_KERNELS:
         raise ValueError(
-            "implementation must be 'auto', 'reference', 'cpu' or 'portable', "
+            "implementation must be 'auto', 'reference', 'cpu', 'triton' or 'portable', "
             f"got {implementation!r}"
         )
-    if value.device.type != "cpu" or value.dtype not in FUSED_CPU_DTYPES:
+    device_type, available, kernel, missing = FUSED_KERNELS[implementation]
+    if value.device.type != device_type or value.dtype not in FUSED_DTYPES:
         raise ValueError(
-            "implementation='cpu' needs CPU tensors of dtype float32, float64, bfloat16 or "
-            f"float16, got value on {value.device} with dtype {value.dtype}"
+            f"implementation={implementation!r} needs {device_type.upper()} tensors of dtype "
+            f"float32, float64, bfloat16 or float16, got value on {value.device} with dtype "
+            f"{value.dtype}"
         )
-    if not fused_kernel_available():
-        raise RuntimeError("implementation='cpu' requested but the fused kernel could not be built")
-    return ms_deform_attn_forward(
-        value.contiguous(),
-        spatial_shapes.contiguous(),
-        level_start_index.contiguous(),
-        sampling_locations.contiguous(),
-        attention_weights.contiguous(),
-    )
+    if not available():
+        raise RuntimeError(f"implementation={implementation!r} requested but {missing}")
+    return kernel(*[tensor.contiguous() for tensor in inputs])

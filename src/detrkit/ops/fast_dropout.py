@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrkit.ops._extension import required_extension
-from detrkit.ops.dispatch import FUSED_CPU_DTYPES, fused_kernel_available
+from detrkit.ops.dispatch import FUSED_DTYPES, fused_kernel_available
 
 
 def _kernel():
@@ -94,7 +94,7 @@ def uses_fused_kernel(input: Tensor, p: float, training: bool) -> bool:
         training
         and 0.0 < p < 1.0
         and input.device.type == "cpu"
-        and input.dtype in FUSED_CPU_DTYPES
+        and input.dtype in FUSED_DTYPES
         and fused_kernel_available()
     )
 

@@ -1,0 +1,247 @@
+"""Multi-scale deformable attention for GPUs: Triton kernels, forward and backward.
+
+One program handles ``BLOCK_Q`` queries of one head of one image. For every level and point it
+resolves the bilinear corners of all its queries' sampling points at once and gathers each
+corner's ``D`` channels as a ``[BLOCK_Q, D]`` tile, accumulating in fp32 for fp32, bf16 and fp16
+inputs (fp64 for fp64). Layouts and the sampling convention are those of
+``csrc/ms_deform_attn_cpu.cpp`` (``grid_sample``: bilinear, zeros outside, ``align_corners=False``).
+
+The launchers below take tensors on any device that Triton runs on; with ``TRITON_INTERPRET=1``
+that includes the CPU, which is how the tests check these kernels on machines without a GPU.
+Triton is imported when this module is, so import it only where a kernel is wanted.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_Q = 64  # queries per program
+
+
+@triton.jit
+def _bilinear_corner(x0, y0, fx, fy, width, height, valid, DX: tl.constexpr, DY: tl.constexpr):
+    """Corner (x0 + DX, y0 + DY) of each point: its pixel index within the level, whether it
+    lies on the map, its bilinear weight and that weight's derivatives in x and y."""
+    cx = x0 + DX
+    cy = y0 + DY
+    inside = valid & (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
+    # Weights of the near (0) and far (1) corner along each axis: 1 - f and f.
+    wx = DX * fx + (1 - DX) * (1.0 - fx)
+    wy = DY * fy + (1 - DY) * (1.0 - fy)
+    sign_x = 2.0 * DX - 1.0
+    sign_y = 2.0 * DY - 1.0
+    return cy * width + cx, inside, wx * wy, sign_x * wy, sign_y * wx
+
+
+@triton.jit
+def _sampling_point(loc_ptr, point, valid, width, height, ACC: tl.constexpr):
+    """A point's (x, y) in the level's pixel units, split into the top-left corner and the
+    fractions past it; also whether it is NaN. Points far off the map are clamped to just
+    outside it (all corners then read zero), which keeps the int conversion in range."""
+    x = tl.load(loc_ptr + 2 * point, mask=valid, other=0.0).to(ACC)
+    y = tl.load(loc_ptr + 2 * point + 1, mask=valid, other=0.0).to(ACC)
+    is_nan = (x != x) | (y != y)
+    x = tl.where(is_nan, -2.0, x * width - 0.5)
+    y = tl.where(is_nan, -2.0, y * height - 0.5)
+    x = tl.minimum(tl.maximum(x, -2.0), width + 1.0)
+    y = tl.minimum(tl.maximum(y, -2.0), height + 1.0)
+    x0f = tl.floor(x)
+    y0f = tl.floor(y)
+    return x0f.to(tl.int64), y0f.to(tl.int64), x - x0f, y - y0f, is_nan
+
+
+@triton.jit
+def _forward_kernel(
+    value_ptr,  # [N, S, M, D]
+    shapes_ptr,  # [L, 2] (H, W)
+    starts_ptr,  # [L]
+    loc_ptr,  # [N, Lq, M, L, P, 2]
+    attn_ptr,  # [N, Lq, M, L, P]
+    out_ptr,  # [N, Lq, M * D]
+    S,
+    Lq,
+    M,
+    D,
+    L: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,  # accumulation dtype: fp32, or fp64 for fp64 inputs
+):
+    n_m = tl.program_id(1)
+    n = n_m // M
+    m = n_m % M
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)  # [BQ]
+    d = tl.arange(0, BLOCK_D)  # [BD]
+    valid = q < Lq
+    d_ok = d < D
+    row_stride = M * D
+    value_head = value_ptr + n.to(tl.int64) * S * row_stride + m * D
+    point0 = ((n.to(tl.int64) * Lq + q) * M + m) * (L * P)  # [BQ] into [N, Lq, M, L, P]
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
+    poisoned = q < 0  # all False: queries with a NaN location
+    for level in tl.static_range(L):
+        height = tl.load(shapes_ptr + 2 * level)
+        width = tl.load(shapes_ptr + 2 * level + 1)
+        start = tl.load(starts_ptr + level)
+        for p in tl.static_range(P):
+            point = point0 + level * P + p
+            x0, y0, fx, fy, is_nan = _sampling_point(loc_ptr, point, valid, width, height, ACC)
+            poisoned |= is_nan
+            attention = tl.load(attn_ptr + point, mask=valid, other=0.0).to(ACC)
+            for corner in tl.static_range(4):
+                pixel, inside, weight, _, _ = _bilinear_corner(
+                    x0, y0, fx, fy, width, height, valid, corner % 2, corner // 2
+                )
+                rows = value_head + (start + pixel)[:, None] * row_stride + d[None, :]
+                tile = tl.load(rows, mask=inside[:, None] & d_ok[None, :], other=0.0)
+                acc += (attention * weight)[:, None] * tile.to(ACC)
+    acc = tl.where(poisoned[:, None], float("nan"), acc)
+    out = out_ptr + ((n.to(tl.int64) * Lq + q) * M + m)[:, None] * D + d[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _backward_kernel(
+    value_ptr,  # [N, S, M, D]
+    shapes_ptr,
+    starts_ptr,
+    loc_ptr,
+    attn_ptr,
+    grad_out_ptr,  # [N, Lq, M * D]
+    grad_value_ptr,  # [N, S, M, D] fp32, accumulated atomically
+    grad_loc_ptr,  # [N, Lq, M, L, P, 2]
+    grad_attn_ptr,  # [N, Lq, M, L, P]
+    S,
+    Lq,
+    M,
+    D,
+    L: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,  # accumulation dtype: fp32, or fp64 for fp64 inputs
+):
+    n_m = tl.program_id(1)
+    n = n_m // M
+    m = n_m % M
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    d = tl.arange(0, BLOCK_D)
+    valid = q < Lq
+    d_ok = d < D
+    row_stride = M * D
+    head_offset = n.to(tl.int64) * S * row_stride + m * D
+    point0 = ((n.to(tl.int64) * Lq + q) * M + m) * (L * P)
+    grad_out = tl.load(
+        grad_out_ptr + ((n.to(tl.int64) * Lq + q) * M + m)[:, None] * D + d[None, :],
+        mask=valid[:, None] & d_ok[None, :],
+        other=0.0,
+    ).to(ACC)  # [BQ, BD]
+    for level in tl.static_range(L):
+        height = tl.load(shapes_ptr + 2 * level)
+        width = tl.load(shapes_ptr + 2 * level + 1)
+        start = tl.load(starts_ptr + level)
+        for p in tl.static_range(P):
+            point = point0 + level * P + p
+            x0, y0, fx, fy, _ = _sampling_point(loc_ptr, point, valid, width, height, ACC)
+            attention = tl.load(attn_ptr + point, mask=valid, other=0.0).to(ACC)
+            grad_attention = tl.zeros([BLOCK_Q], dtype=ACC)
+            grad_x = tl.zeros([BLOCK_Q], dtype=ACC)
+            grad_y = tl.zeros([BLOCK_Q], dtype=ACC)
+            for corner in tl.static_range(4):
+                pixel, inside, weight, dweight_dx, dweight_dy = _bilinear_corner(
+                    x0, y0, fx, fy, width, height, valid, corner % 2, corner // 2
+                )
+                offsets = head_offset + (start + pixel)[:, None] * row_stride + d[None, :]
+                tile_mask = inside[:, None] & d_ok[None, :]
+                tile = tl.load(value_ptr + offsets, mask=tile_mask, other=0.0).to(ACC)
+                # grad_output . value[corner]: how the sample moves the output.
+                dot = tl.sum(grad_out * tile, axis=1)  # [BQ]
+                grad_attention += weight * dot
+                grad_x += dweight_dx * dot
+                grad_y += dweight_dy * dot
+                tl.atomic_add(
+                    grad_value_ptr + offsets,
+                    (attention * weight)[:, None] * grad_out,
+                    mask=tile_mask,
+                )
+            tl.store(grad_attn_ptr + point, grad_attention, mask=valid)
+            # x = loc_x * W - 0.5, so d/d loc_x = W d/dx.
+            tl.store(grad_loc_ptr + 2 * point, attention * grad_x * width, mask=valid)
+            tl.store(grad_loc_ptr + 2 * point + 1, attention * grad_y * height, mask=valid)
+
+
+def _grid(value: Tensor, sampling_locations: Tensor) -> tuple[int, int]:
+    num_queries = sampling_locations.shape[1]
+    return (triton.cdiv(num_queries, BLOCK_Q), value.shape[0] * value.shape[2])
+
+
+def _sizes(value: Tensor, sampling_locations: Tensor) -> dict:
+    _, S, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    accumulate = tl.float64 if value.dtype == torch.float64 else tl.float32
+    block_d = triton.next_power_of_2(D)
+    return dict(S=S, Lq=Lq, M=M, D=D, L=L, P=P, BLOCK_Q=BLOCK_Q, BLOCK_D=block_d, ACC=accumulate)
+
+
+def _accumulation_dtype(value: Tensor) -> torch.dtype:
+    return torch.float64 if value.dtype == torch.float64 else torch.float32
+
+
+def forward(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """``[N, Lq, M * D]`` in value's dtype; contiguous inputs, shapes as in
+    :func:`detrkit.ops.ms_deform_attn`."""
+    N, _, M, D = value.shape
+    output = value.new_empty(N, sampling_locations.shape[1], M * D)
+    _forward_kernel[_grid(value, sampling_locations)](
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        output,
+        **_sizes(value, sampling_locations),
+    )
+    return output
+
+
+def backward(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    grad_output: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_value, grad_sampling_locations, grad_attention_weights)`` in the inputs' dtypes."""
+    # Many (query, point) pairs add into the same value rows: accumulate them in fp32 (fp64).
+    accumulate = dict(dtype=_accumulation_dtype(value), device=value.device)
+    grad_value = torch.zeros(value.shape, **accumulate)
+    grad_locations = torch.empty(sampling_locations.shape, **accumulate)
+    grad_weights = torch.empty(attention_weights.shape, **accumulate)
+    _backward_kernel[_grid(value, sampling_locations)](
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        grad_output,
+        grad_value,
+        grad_locations,
+        grad_weights,
+        **_sizes(value, sampling_locations),
+    )
+    return (
+        grad_value.to(value.dtype),
+        grad_locations.to(sampling_locations.dtype),
+        grad_weights.to(attention_weights.dtype),
+    )

@@ -1,0 +1,69 @@
+"""Checks the Triton kernels of multi-scale deformable attention on the CPU, in Triton's
+interpreter, against the grid_sample reference: forward and backward, every case of
+test_ms_deform_attn.py, partial query blocks, points off the map, fp64 and NaN.
+
+Run by test_ms_deform_attn.py in a subprocess, because TRITON_INTERPRET must be set before the
+kernels are defined: ``TRITON_INTERPRET=1 python tests/triton_interpreter_check.py``. Exits
+non-zero with the mismatch on failure; prints one line per case on success.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from detrkit.ops import ms_deform_attn_reference
+from test_ms_deform_attn import CASES, FOUR_LEVELS, NAMES, assert_close_fp32, make_inputs
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+from detrkit.ops import ms_deform_attn_triton  # noqa: E402  (after the check above)
+
+
+def reference_output_and_grads(inputs, grad_output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = inputs
+    leaves = [t.detach().requires_grad_() for t in (value, sampling_locations, attention_weights)]
+    output = ms_deform_attn_reference(leaves[0], spatial_shapes, level_start_index, *leaves[1:])
+    output.backward(grad_output)
+    return [output.detach()] + [leaf.grad for leaf in leaves]
+
+
+def triton_output_and_grads(inputs, grad_output):
+    output = ms_deform_attn_triton.forward(*inputs)
+    return [output, *ms_deform_attn_triton.backward(*inputs, grad_output)]
+
+
+def check(name: str, inputs, compare) -> None:
+    generator = torch.Generator().manual_seed(1)
+    N, _, M, D = inputs[0].shape
+    shape = (N, inputs[3].shape[1], M * D)
+    grad_output = torch.randn(shape, generator=generator).to(inputs[0].dtype)
+    expected = reference_output_and_grads(inputs, grad_output)
+    actual = triton_output_and_grads(inputs, grad_output)
+    for what, a, e in zip(NAMES, actual, expected):
+        assert a.dtype == e.dtype, f"{name} {what}: dtype {a.dtype}, expected {e.dtype}"
+        compare(a, e, f"{name} {what}")
+    print(f"{name}: ok")
+
+
+def main() -> None:
+    for case, options in CASES.items():
+        check(case, make_inputs(**options), assert_close_fp32)
+    # 70 queries: a full block of 64 and a partial one.
+    check("two_blocks", make_inputs([(6, 11)], heads=2, queries=70), assert_close_fp32)
+    check(
+        "float64",
+        make_inputs(FOUR_LEVELS, heads=2, channels=3, dtype=torch.float64),
+        lambda a, e, name: torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=name),
+    )
+    inputs = make_inputs(FOUR_LEVELS)
+    inputs[3][0, 1, 2, 3, 0, 1] = float("nan")
+    output = ms_deform_attn_triton.forward(*inputs).unflatten(-1, (8, -1))  # [N, Lq, M, D]
+    assert output[0, 1, 2].isnan().all(), "a NaN location must poison its query and head"
+    output[0, 1, 2] = 0
+    assert not output.isnan().any(), "a NaN location must not reach other queries or heads"
+    print("nan: ok")
+
+
+if __name__ == "__main__":
+    main()
