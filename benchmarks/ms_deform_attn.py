@@ -1,8 +1,9 @@
 """Times multi-scale deformable attention: PyTorch reference vs the fused kernel.
 
-Run ``python benchmarks/ms_deform_attn.py`` (``--device cuda`` times the reference on a GPU; the
-fused kernel is CPU-only). Sizes are Deformable DETR's for an 800x1066 image: the encoder
-(every pixel of the 4 levels is a query) and the decoder (300 queries).
+Run ``python benchmarks/ms_deform_attn.py`` for the fused CPU kernel, ``--device cuda`` for the
+Triton kernels on a GPU (each against the reference on the same device). Sizes are Deformable
+DETR's for an 800x1066 image: the encoder (every pixel of the 4 levels is a query) and the decoder
+(300 queries).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from detrkit.ops import fused_kernel_available, ms_deform_attn
+from detrkit.ops import dispatch, fused_kernel_available, ms_deform_attn
 
 SPATIAL_SHAPES = [(100, 134), (50, 67), (25, 34), (13, 17)]
 HEADS, CHANNELS, POINTS = 8, 32, 4  # M, D, P; d_model = M * D = 256
@@ -106,10 +107,13 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: skipping the --device cuda benchmark")
         return
-    fused = "cpu" if args.device == "cpu" and fused_kernel_available() else None
+    if args.device == "cpu":
+        fused = "cpu" if fused_kernel_available() else None
+    else:
+        fused = "triton" if dispatch.triton_available() else None
     print(
         f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-        f"median of {args.repeats} after {args.warmup} warm-up runs"
+        f"median of {args.repeats} after {args.warmup} warm-up runs, fused = {fused}"
     )
     if fused is None:
         print("(no fused kernel for this device: timing the reference only)")

@@ -15,7 +15,7 @@ from conftest import padded_batch
 from detrkit.cli.main import main
 from detrkit.inference import Detector
 from detrkit.models import inference_model, optimize_for_inference
-from detrkit.models.batching import forward_in_chunks, runs_in_chunks
+from detrkit.models.batching import forward_in_chunks, images_per_chunk
 from detrkit.models.inference_model import fold_batchnorms
 
 # Small transformers on the real ResNet-50 with frozen batch norm, so that folding meets the
@@ -73,7 +73,8 @@ def test_fp32_keeps_the_answers_on_a_padded_batch(kind, models, monkeypatch):
     images, mask = padded_batch()
     assert mask[1].any()  # the second image is padded
     optimized = optimize_for_inference(model)
-    assert optimized.cpu_images_per_forward == 1  # so this batch also checks the split
+    # Chunks of one image: this batch also checks the split.
+    monkeypatch.setattr(optimized, "cpu_pixels_per_forward", images[0, 0].numel())
 
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in optimized.modules())
     stem = optimized.backbone[0].body["conv1"].weight
@@ -127,7 +128,7 @@ def test_batches_split_into_chunks_of_images_keep_every_output(images_per_forwar
     expected = run(model, images, mask)
     sizes = []
     model.backbone.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[0]))
-    model.cpu_images_per_forward = images_per_forward
+    model.cpu_pixels_per_forward = images_per_forward * images[0, 0].numel()
     got = run(model, images, mask)
     assert sizes == {1: [1, 1, 1], 2: [2, 1]}[images_per_forward]
     assert (
@@ -143,12 +144,19 @@ def test_batches_split_into_chunks_of_images_keep_every_output(images_per_forwar
             torch.testing.assert_close(outputs[key], reference[key], atol=1e-4, rtol=0)
 
 
-def test_batches_on_other_devices_and_single_images_are_not_split():
-    images = torch.zeros(4, 3, 8, 8)
-    assert runs_in_chunks(1, images)
-    assert not runs_in_chunks(None, images)
-    assert not runs_in_chunks(4, images)
-    assert not runs_in_chunks(1, images.to("meta"))
+def test_chunks_are_sized_by_pixels_on_a_cpu_only():
+    images = torch.zeros(4, 3, 10, 10)  # 100 pixels each
+    assert images_per_chunk(100, images) == 1
+    assert images_per_chunk(50, images) == 1  # at least one image
+    assert images_per_chunk(250, images) == 2
+    assert images_per_chunk(400, images) is None  # the whole batch fits
+    assert images_per_chunk(None, images) is None
+    assert images_per_chunk(100, images.to("meta")) is None
+    model = small_model("detr")
+    budget = inference_model.CPU_PIXELS_PER_FORWARD
+    assert optimize_for_inference(model).cpu_pixels_per_forward == budget
+    # Compiled models run batches whole: chunks would be unrolled into the graph.
+    assert optimize_for_inference(model, compile=True)._orig_mod.cpu_pixels_per_forward is None
     with pytest.raises(ValueError, match="images_per_chunk"):
         forward_in_chunks(lambda *_: {}, images, None, 0)
 

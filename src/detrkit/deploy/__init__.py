@@ -122,8 +122,8 @@ def export(
             module.ffn_chunk_tokens = None
         if getattr(module, "sample_before_projection", False):
             module.sample_before_projection = False
-        if getattr(module, "cpu_images_per_forward", None) is not None:
-            module.cpu_images_per_forward = None
+        if getattr(module, "cpu_pixels_per_forward", None) is not None:
+            module.cpu_pixels_per_forward = None
     graph = ExportedDetector(source, with_mask, with_postprocess, num_select).eval()
     metadata = export_metadata(config, graph.input_names, graph.output_names)
     write = _trace(graph, format, tuple(size), opset, metadata)

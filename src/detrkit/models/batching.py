@@ -2,8 +2,9 @@
 
 Every stage of DETR and Deformable DETR in eval mode works on each image alone (convolutions, norms
 per token, attention within an image), so a batch run in chunks of images gives the same outputs.
-On a CPU it is faster: one 800x1066 image's feature maps and token sequences (about 18 MB each)
-stay in the last-level cache from one layer to the next, a batch of eight's do not.
+On a CPU it is faster for large images: one 800x1066 image's feature maps and token sequences
+(about 18 MB each) stay in the last-level cache from one layer to the next, a batch of eight's do
+not. Small images are better run together, so chunks are sized by their pixels.
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ def _concatenate(parts: list[Any]) -> Any:
     raise TypeError(f"cannot concatenate model outputs of type {type(first).__name__}")
 
 
-def runs_in_chunks(images_per_chunk: int | None, images: Tensor) -> bool:
-    """Whether a model with ``cpu_images_per_forward = images_per_chunk`` splits ``images``."""
-    return (
-        images_per_chunk is not None
-        and images.device.type == "cpu"
-        and images.shape[0] > images_per_chunk
-    )
+def images_per_chunk(pixels_per_forward: int | None, images: Tensor) -> int | None:
+    """How many of ``images`` to run at a time on a CPU so that a forward sees at most
+    ``pixels_per_forward`` pixels (but at least one image); None when the batch runs whole."""
+    if pixels_per_forward is None or images.device.type != "cpu":
+        return None
+    chunk = max(1, pixels_per_forward // (images.shape[-2] * images.shape[-1]))
+    return chunk if images.shape[0] > chunk else None

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from detrkit.models.backbone import Joiner, ResNetBackbone, resize_mask
-from detrkit.models.batching import forward_in_chunks, runs_in_chunks
+from detrkit.models.batching import forward_in_chunks, images_per_chunk
 from detrkit.models.config import DeformableDETRConfig
 from detrkit.models.deformable_attention import MSDeformAttn
 from detrkit.models.deformable_transformer import DeformableTransformer, inverse_sigmoid
@@ -36,9 +36,9 @@ class DeformableDETR(nn.Module):
         self.config = config
         hidden_dim = config.hidden_dim
         self.num_feature_levels = config.num_feature_levels
-        # Set by optimize_for_inference: on a CPU, run a batch this many images at a time
-        # (see detrkit.models.batching).
-        self.cpu_images_per_forward: int | None = None
+        # Set by optimize_for_inference: on a CPU, run a batch in chunks of images of at most
+        # this many pixels (see detrkit.models.batching).
+        self.cpu_pixels_per_forward: int | None = None
         self.transformer = DeformableTransformer(
             d_model=hidden_dim,
             nhead=config.nheads,
@@ -123,8 +123,9 @@ class DeformableDETR(nn.Module):
                 module.implementation = implementation
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> dict:
-        if runs_in_chunks(self.cpu_images_per_forward, images):
-            return forward_in_chunks(self.forward, images, mask, self.cpu_images_per_forward)
+        chunk = images_per_chunk(self.cpu_pixels_per_forward, images)
+        if chunk is not None:
+            return forward_in_chunks(self.forward, images, mask, chunk)
         if mask is None:
             mask = images.new_zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool)
         features, masks, positions = self.backbone(images, mask)
