@@ -15,7 +15,7 @@ from conftest import padded_batch
 from detrkit.cli.main import main
 from detrkit.inference import Detector
 from detrkit.models import inference_model, optimize_for_inference
-from detrkit.models.batching import forward_in_chunks, images_per_chunk
+from detrkit.models.chunking import forward_in_chunks, images_per_chunk
 from detrkit.models.inference_model import fold_batchnorms
 
 # Small transformers on the real ResNet-50 with frozen batch norm, so that folding meets the

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from detrkit.models.backbone import Joiner, ResNetBackbone, resize_mask
-from detrkit.models.batching import forward_in_chunks, images_per_chunk
+from detrkit.models.chunking import forward_in_chunks, images_per_chunk
 from detrkit.models.config import DeformableDETRConfig
 from detrkit.models.deformable_attention import MSDeformAttn
 from detrkit.models.deformable_transformer import DeformableTransformer, inverse_sigmoid
@@ -37,7 +37,7 @@ class DeformableDETR(nn.Module):
         hidden_dim = config.hidden_dim
         self.num_feature_levels = config.num_feature_levels
         # Set by optimize_for_inference: on a CPU, run a batch in chunks of images of at most
-        # this many pixels (see detrkit.models.batching).
+        # this many pixels (see detrkit.models.chunking).
         self.cpu_pixels_per_forward: int | None = None
         self.transformer = DeformableTransformer(
             d_model=hidden_dim,

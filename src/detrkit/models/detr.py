@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from detrkit.models.backbone import Joiner, ResNetBackbone
-from detrkit.models.batching import forward_in_chunks, images_per_chunk
+from detrkit.models.chunking import forward_in_chunks, images_per_chunk
 from detrkit.models.config import DETRConfig
 from detrkit.models.heads import MLP
 from detrkit.models.position_encoding import build_position_encoding
@@ -46,7 +46,7 @@ class DETR(nn.Module):
         position_embedding = build_position_encoding(config.position_embedding, hidden_dim)
         self.backbone = Joiner(backbone, position_embedding)
         # Set by optimize_for_inference: on a CPU, run a batch in chunks of images of at most
-        # this many pixels (see detrkit.models.batching).
+        # this many pixels (see detrkit.models.chunking).
         self.cpu_pixels_per_forward: int | None = None
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> dict:

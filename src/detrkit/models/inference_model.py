@@ -33,7 +33,7 @@ _BLOCK_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 # Whole, an 800x1066 image's is [17821, 1024], 73 MB, and every call faults in fresh pages.
 ENCODER_MLP_CHUNK = 4096
 
-# Pixels per forward on a CPU (detrkit.models.batching). Measured here (32 MB last-level cache),
+# Pixels per forward on a CPU (detrkit.models.chunking). Measured here (32 MB last-level cache),
 # batches of 8 against chunks: at 800x1066 and 400x533 chunks of one image were 5-25% faster, at
 # 300x400 and 200x266 the whole batch was 7-30% faster. One 800x1066 image is 852,800 pixels.
 CPU_PIXELS_PER_FORWARD = 1_000_000
