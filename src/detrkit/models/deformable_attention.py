@@ -136,7 +136,7 @@ class MSDeformAttn(nn.Module):
             )
         else:
             value = self.value_proj(input_flatten)
-            if input_padding_mask is not None:
+            if input_padding_mask is not None and _may_have_padding(input_padding_mask):
                 # In place: the projection's output is fresh and autograd needs none of it.
                 value = value.masked_fill_(input_padding_mask[..., None], 0.0)
             value = value.unflatten(-1, (self.n_heads, -1))  # [N, S, M, D]
@@ -193,7 +193,7 @@ class MSDeformAttn(nn.Module):
         if input_padding_mask is not None:
             in_image = in_image.masked_fill(input_padding_mask[..., None], 0.0)
             # Only when something is padded: the copy costs as much as the sampling.
-            if torch.compiler.is_compiling() or bool(input_padding_mask.any()):
+            if _may_have_padding(input_padding_mask):
                 input_flatten = input_flatten.masked_fill(input_padding_mask[..., None], 0.0)
         args = (spatial_shapes, level_start_index, locations, weights)
         sampled = self._sample(input_flatten.unsqueeze(2), *args)  # [N, Lq * M, C]
@@ -205,3 +205,11 @@ class MSDeformAttn(nn.Module):
         bias = self.value_proj.bias.view(heads, -1)  # [M, D]
         projected = projected + weight_in_image.view(batch, num_queries, heads, 1) * bias
         return projected.flatten(2)  # [N, Lq, M * D]
+
+
+def _may_have_padding(mask: Tensor) -> bool:
+    """False only when ``mask`` is known to hold no padding: checked on CPUs, where the answer is
+    at hand. Elsewhere reading it would wait for the GPU, and when compiling it is data."""
+    if mask.device.type != "cpu" or torch.compiler.is_compiling():
+        return True
+    return bool(mask.any())
