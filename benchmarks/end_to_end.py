@@ -58,6 +58,12 @@ def hf_model(name: str):
     return transformers.DeformableDetrForObjectDetection(config).eval()
 
 
+def synchronize(device: torch.device) -> None:
+    """Waits for the GPU's queued work (timings of GPU work must end with it); no-op on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def median_time(fn, repeats: int) -> float:
     fn()  # warm-up: allocations, one-time kernel selection
     times = []

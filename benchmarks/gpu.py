@@ -26,16 +26,11 @@ import tempfile
 import time
 
 import torch
-from end_to_end import hf_model
+from end_to_end import hf_model, synchronize
 
 import detrkit
 from detrkit.models import optimize_for_inference
 from detrkit.ops import dispatch
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def seconds_per_call(run, device: torch.device, repeats: int) -> float:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 8's GPU checks in one run, for a session lent a GPU: the GPU tests of the deformable
-# attention kernels, the kernel benchmark and the end-to-end comparison with transformers. Meant
-# for the device machines, whose python3 holds torch, Triton and transformers; detrkit runs from
-# src/. Every step's output is shown and kept in $OUT (default /tmp/gpu_check).
+# attention kernels, the kernel benchmark, the end-to-end comparison with transformers and the
+# training step against transformers'. Meant for the device machines, whose python3 holds torch,
+# Triton and transformers; detrkit runs from src/. Every step's output is shown and kept in $OUT
+# (default /tmp/gpu_check).
 #
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -23,3 +24,4 @@ step tests "$python" -m pytest -q -p no:cacheprovider tests/test_ms_deform_attn.
     -k "gpu or low_precision or interpreter or triton"
 step kernel "$python" benchmarks/ms_deform_attn.py --device cuda
 step models "$python" benchmarks/gpu.py
+step train "$python" benchmarks/train_step.py --device cuda --repeats 10

@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--models detr deformable_detr] [--repeats 5]
                                     [--size 512 640] [--batch 2] [--objects 5] [--profile N]
+                                    [--device cpu]
 
 One step is forward, loss (Hungarian matching and the set loss of the final and every auxiliary
 decoder layer), backward, gradient clipping at max norm 0.1 and an AdamW step. transformers' step
@@ -16,7 +17,8 @@ by side: equal terms show that the two steps do the same work. (Deformable DETR'
 transformers weighs its classification loss 1, the original 2.) Then every step is timed in
 interleaved rounds (a change of load on a shared machine falls on all), median and shortest, as
 a ratio of transformers'. With ``--profile N``, the N operators with the most self CPU time in
-one more step of detrkit and of transformers (stem and layer1 frozen) are printed.
+one more step of detrkit and of transformers (stem and layer1 frozen) are printed. With
+``--device cuda`` everything runs on the GPU, Deformable DETR's attention on the Triton kernels.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import tempfile
 import time
 
 import torch
-from end_to_end import print_profile
+from end_to_end import print_profile, synchronize
 
 import detrkit
 from detrkit.engine.optim import build_optimizer
@@ -47,7 +49,9 @@ def hf_training_model(name: str):
     return transformers.DeformableDetrForObjectDetection(config)
 
 
-def make_batch(batch: int, size: list[int], objects: int, num_classes: int, seed: int = 0):
+def make_batch(
+    batch: int, size: list[int], objects: int, num_classes: int, device: torch.device, seed: int = 0
+):
     """Random images and ``objects`` random boxes per image (normalised cx, cy, w, h)."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, *size, generator=generator)
@@ -57,8 +61,9 @@ def make_batch(batch: int, size: list[int], objects: int, num_classes: int, seed
         centres = 0.2 + 0.6 * torch.rand(objects, 2, generator=generator)
         sizes = 0.05 + 0.3 * torch.rand(objects, 2, generator=generator)
         labels = torch.randint(num_classes, (objects,), generator=generator)
-        targets.append({"labels": labels, "boxes": torch.cat([centres, sizes], dim=1)})
-    return images, mask, targets
+        boxes = torch.cat([centres, sizes], dim=1)
+        targets.append({"labels": labels.to(device), "boxes": boxes.to(device)})
+    return images.to(device), mask.to(device), targets
 
 
 def hf_step(model, optimizer, images, mask, targets):
@@ -97,12 +102,18 @@ def compare_losses(hf, ours, criterion, images, mask, targets) -> None:
 
 
 def compare(name: str, args) -> None:
+    device = torch.device(args.device)
     hf = hf_training_model(name)
     with tempfile.TemporaryDirectory() as directory:
         hf.save_pretrained(directory)
-        ours = detrkit.load(directory)
+        ours = detrkit.load(directory, map_location=device)
+    hf.to(device)
+    if device.type == "cuda" and hasattr(ours, "set_attention_implementation"):
+        ours.set_attention_implementation("triton")
     criterion = build_criterion(ours.config)
-    images, mask, targets = make_batch(args.batch, args.size, args.objects, ours.config.num_classes)
+    images, mask, targets = make_batch(
+        args.batch, args.size, args.objects, ours.config.num_classes, device
+    )
     trainable = {
         "transformers": sum(p.numel() for p in hf.parameters() if p.requires_grad),
         "detrkit": sum(p.numel() for p in ours.parameters() if p.requires_grad),
@@ -130,7 +141,7 @@ def compare(name: str, args) -> None:
     our_optimizer = build_optimizer(ours, lr, lr_backbone, 1e-4, multiplier)
     # transformers trains its whole ResNet; the original recipe (and detrkit) keeps the stem and
     # layer1 fixed. A second transformers model with those frozen shows what that alone is worth.
-    hf_frozen = hf_training_model(name)
+    hf_frozen = hf_training_model(name).to(device)
     hf_frozen.load_state_dict(hf.state_dict())
     for param_name, param in hf_frozen.named_parameters():
         if "backbone" in param_name and not any(f"layer{i}." in param_name for i in (2, 3, 4)):
@@ -151,8 +162,10 @@ def compare(name: str, args) -> None:
     times = {key: [] for key in steps}
     for _ in range(args.repeats):
         for key, step in steps.items():
+            synchronize(device)
             start = time.perf_counter()
             step()
+            synchronize(device)
             times[key].append(time.perf_counter() - start)
     print(f"  training step, {args.repeats} interleaved rounds after a warm-up: median (min)")
     reference = times["transformers"]
@@ -177,9 +190,13 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N", help="print the top N operators of a step"
     )
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: nothing to measure")
+        return
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}")
     for name in args.models:
         compare(name, args)
 
