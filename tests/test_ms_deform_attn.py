@@ -168,6 +168,38 @@ def test_triton_kernels_match_reference_in_the_interpreter():
     assert result.stdout.count(": ok") == len(CASES) + 3, result.stdout
 
 
+@pytest.mark.skipif(not dispatch.triton_available(), reason="Triton is not installed")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_triton_kernels_compile_for_an_h100(dtype: str):
+    """What the interpreter cannot check: that Triton compiles both kernels down to machine code
+    for a GPU (an H100, sm_90, with the ptxas that Triton ships), which needs no GPU present."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from detrkit.ops import ms_deform_attn_triton
+
+    constants = {"BLOCK_Q": ms_deform_attn_triton.BLOCK_Q, "BLOCK_D": 32, "ACC": tl.float32}
+    for kernel in (ms_deform_attn_triton._forward_kernel, ms_deform_attn_triton._backward_kernel):
+        signature, constexprs = {}, {}
+        for index, param in enumerate(kernel.params):
+            if param.is_constexpr:
+                signature[param.name] = "constexpr"
+                constexprs[(index,)] = constants[param.name]
+            elif param.name in ("shapes_ptr", "starts_ptr"):
+                signature[param.name] = "*i64"
+            elif param.name.startswith("grad_") and param.name != "grad_out_ptr":
+                signature[param.name] = "*fp32"  # the backward's fp32 accumulators
+            elif param.name.endswith("_ptr"):
+                signature[param.name] = f"*{dtype}"
+            else:
+                signature[param.name] = "i32"
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["cubin"], kernel.__name__
+
+
 def test_triton_needs_cuda_tensors():
     with pytest.raises(ValueError, match="implementation='triton' needs CUDA tensors"):
         ms_deform_attn(*make_inputs(FOUR_LEVELS), implementation="triton")

@@ -65,8 +65,8 @@ def _forward_kernel(
     Lq,
     M,
     D,
-    L: tl.constexpr,
-    P: tl.constexpr,
+    L,
+    P,
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,  # accumulation dtype: fp32, or fp64 for fp64 inputs
@@ -83,11 +83,11 @@ def _forward_kernel(
     point0 = ((n.to(tl.int64) * Lq + q) * M + m) * (L * P)  # [BQ] into [N, Lq, M, L, P]
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
     poisoned = q < 0  # all False: queries with a NaN location
-    for level in tl.static_range(L):
+    for level in range(L):
         height = tl.load(shapes_ptr + 2 * level)
         width = tl.load(shapes_ptr + 2 * level + 1)
         start = tl.load(starts_ptr + level)
-        for p in tl.static_range(P):
+        for p in range(P):
             point = point0 + level * P + p
             x0, y0, fx, fy, is_nan = _sampling_point(loc_ptr, point, valid, width, height, ACC)
             poisoned |= is_nan
@@ -119,8 +119,8 @@ def _backward_kernel(
     Lq,
     M,
     D,
-    L: tl.constexpr,
-    P: tl.constexpr,
+    L,
+    P,
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,  # accumulation dtype: fp32, or fp64 for fp64 inputs
@@ -140,11 +140,11 @@ def _backward_kernel(
         mask=valid[:, None] & d_ok[None, :],
         other=0.0,
     ).to(ACC)  # [BQ, BD]
-    for level in tl.static_range(L):
+    for level in range(L):
         height = tl.load(shapes_ptr + 2 * level)
         width = tl.load(shapes_ptr + 2 * level + 1)
         start = tl.load(starts_ptr + level)
-        for p in tl.static_range(P):
+        for p in range(P):
             point = point0 + level * P + p
             x0, y0, fx, fy, _ = _sampling_point(loc_ptr, point, valid, width, height, ACC)
             attention = tl.load(attn_ptr + point, mask=valid, other=0.0).to(ACC)
