@@ -26,13 +26,9 @@ def forward_in_chunks(
     its outputs (tensors with the batch first, in dicts and lists) concatenated along the batch."""
     if images_per_chunk < 1:
         raise ValueError(f"images_per_chunk must be at least 1, got {images_per_chunk}")
-    outputs = [
-        forward(chunk, None if mask is None else mask[start : start + images_per_chunk])
-        for start, chunk in zip(
-            range(0, images.shape[0], images_per_chunk), images.split(images_per_chunk)
-        )
-    ]
-    return _concatenate(outputs)
+    chunks = images.split(images_per_chunk)
+    masks = [None] * len(chunks) if mask is None else mask.split(images_per_chunk)
+    return _concatenate([forward(chunk, chunk_mask) for chunk, chunk_mask in zip(chunks, masks)])
 
 
 def _concatenate(parts: list[Any]) -> Any:

@@ -54,6 +54,29 @@ def _sampling_point(loc_ptr, point, valid, width, height, ACC: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(S, Lq, M, D, L, P, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's queries and head: where its head starts in a value row, the index of each
+    query's first point in [N, Lq, M, L, P] ([BQ]), the offsets of its [BQ, BD] tile in
+    [N, Lq, M * D], which queries exist ([BQ]), the channels ([BD]) and which of them exist."""
+    n = (tl.program_id(1) // M).to(tl.int64)
+    m = tl.program_id(1) % M
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    d = tl.arange(0, BLOCK_D)
+    query_head = (n * Lq + q) * M + m  # [BQ] into [N, Lq, M]
+    head_offset = n * S * M * D + m * D
+    tile = query_head[:, None] * D + d[None, :]
+    return head_offset, query_head * (L * P), tile, q < Lq, d, d < D
+
+
+@triton.jit
+def _level(shapes_ptr, starts_ptr, level):
+    """A level's height, width and first row in value."""
+    height = tl.load(shapes_ptr + 2 * level)
+    width = tl.load(shapes_ptr + 2 * level + 1)
+    return height, width, tl.load(starts_ptr + level)
+
+
+@triton.jit
 def _forward_kernel(
     value_ptr,  # [N, S, M, D]
     shapes_ptr,  # [L, 2] (H, W)
@@ -71,22 +94,14 @@ def _forward_kernel(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,  # accumulation dtype: fp32, or fp64 for fp64 inputs
 ):
-    n_m = tl.program_id(1)
-    n = n_m // M
-    m = n_m % M
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)  # [BQ]
-    d = tl.arange(0, BLOCK_D)  # [BD]
-    valid = q < Lq
-    d_ok = d < D
+    head_offset, point0, tile_offsets, valid, d, d_ok = _program_tile(
+        S, Lq, M, D, L, P, BLOCK_Q, BLOCK_D
+    )
     row_stride = M * D
-    value_head = value_ptr + n.to(tl.int64) * S * row_stride + m * D
-    point0 = ((n.to(tl.int64) * Lq + q) * M + m) * (L * P)  # [BQ] into [N, Lq, M, L, P]
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
-    poisoned = q < 0  # all False: queries with a NaN location
+    poisoned = tl.zeros([BLOCK_Q], dtype=tl.int1)  # queries with a NaN location
     for level in range(L):
-        height = tl.load(shapes_ptr + 2 * level)
-        width = tl.load(shapes_ptr + 2 * level + 1)
-        start = tl.load(starts_ptr + level)
+        height, width, start = _level(shapes_ptr, starts_ptr, level)
         for p in range(P):
             point = point0 + level * P + p
             x0, y0, fx, fy, is_nan = _sampling_point(loc_ptr, point, valid, width, height, ACC)
@@ -96,12 +111,12 @@ def _forward_kernel(
                 pixel, inside, weight, _, _ = _bilinear_corner(
                     x0, y0, fx, fy, width, height, valid, corner % 2, corner // 2
                 )
-                rows = value_head + (start + pixel)[:, None] * row_stride + d[None, :]
-                tile = tl.load(rows, mask=inside[:, None] & d_ok[None, :], other=0.0)
+                rows = head_offset + (start + pixel)[:, None] * row_stride + d[None, :]
+                tile = tl.load(value_ptr + rows, mask=inside[:, None] & d_ok[None, :], other=0.0)
                 acc += (attention * weight)[:, None] * tile.to(ACC)
     acc = tl.where(poisoned[:, None], float("nan"), acc)
-    out = out_ptr + ((n.to(tl.int64) * Lq + q) * M + m)[:, None] * D + d[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & d_ok[None, :])
+    tile_mask = valid[:, None] & d_ok[None, :]
+    tl.store(out_ptr + tile_offsets, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
@@ -125,25 +140,15 @@ def _backward_kernel(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,  # accumulation dtype: fp32, or fp64 for fp64 inputs
 ):
-    n_m = tl.program_id(1)
-    n = n_m // M
-    m = n_m % M
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    d = tl.arange(0, BLOCK_D)
-    valid = q < Lq
-    d_ok = d < D
+    head_offset, point0, tile_offsets, valid, d, d_ok = _program_tile(
+        S, Lq, M, D, L, P, BLOCK_Q, BLOCK_D
+    )
     row_stride = M * D
-    head_offset = n.to(tl.int64) * S * row_stride + m * D
-    point0 = ((n.to(tl.int64) * Lq + q) * M + m) * (L * P)
     grad_out = tl.load(
-        grad_out_ptr + ((n.to(tl.int64) * Lq + q) * M + m)[:, None] * D + d[None, :],
-        mask=valid[:, None] & d_ok[None, :],
-        other=0.0,
+        grad_out_ptr + tile_offsets, mask=valid[:, None] & d_ok[None, :], other=0.0
     ).to(ACC)  # [BQ, BD]
     for level in range(L):
-        height = tl.load(shapes_ptr + 2 * level)
-        width = tl.load(shapes_ptr + 2 * level + 1)
-        start = tl.load(starts_ptr + level)
+        height, width, start = _level(shapes_ptr, starts_ptr, level)
         for p in range(P):
             point = point0 + level * P + p
             x0, y0, fx, fy, _ = _sampling_point(loc_ptr, point, valid, width, height, ACC)
