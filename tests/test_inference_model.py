@@ -90,7 +90,7 @@ def test_fp32_keeps_the_answers_on_a_padded_batch(kind, models, monkeypatch):
 def test_each_option_alone_keeps_the_answers(kind, models):
     images, mask = padded_batch()
     expected = run(models[kind], images, mask)["pred_logits"]
-    for options in (dict(channels_last=False), dict(fold_batchnorm=False)):
+    for options in (dict(channels_last=False), dict(fold_batchnorm=False), dict(winograd=False)):
         got = run(optimize_for_inference(models[kind], **options), images, mask)["pred_logits"]
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 

@@ -1,13 +1,15 @@
-"""Custom operators: multi-scale deformable attention (fused CPU kernel and PyTorch reference) and
-dropout with a fast CPU mask."""
+"""Custom operators: multi-scale deformable attention (fused CPU kernel and PyTorch reference),
+dropout with a fast CPU mask, and Winograd 3x3 convolutions for CPU inference."""
 
 from detrkit.ops.dispatch import auto_implementation, fused_kernel_available, ms_deform_attn
 from detrkit.ops.fast_dropout import Dropout, dropout, relu_dropout
 from detrkit.ops.ms_deform_attn_portable import ms_deform_attn_portable
 from detrkit.ops.ms_deform_attn_reference import ms_deform_attn_reference
+from detrkit.ops.winograd import WinogradConv2d, winograd_conv2d, winograd_weight
 
 __all__ = [
     "Dropout",
+    "WinogradConv2d",
     "auto_implementation",
     "dropout",
     "fused_kernel_available",
@@ -15,4 +17,6 @@ __all__ = [
     "ms_deform_attn_portable",
     "ms_deform_attn_reference",
     "relu_dropout",
+    "winograd_conv2d",
+    "winograd_weight",
 ]

@@ -1,5 +1,5 @@
-"""Builds and loads detrkit's C++ CPU kernels (multi-scale deformable attention, dropout) on
-first use, compiled once per machine and cached."""
+"""Builds and loads detrkit's C++ CPU kernels (multi-scale deformable attention, dropout,
+Winograd convolution transforms) on first use, compiled once per machine and cached."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from types import ModuleType
 
 _SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("ms_deform_attn_cpu.cpp", "dropout_cpu.cpp", "bindings.cpp")
+    for name in ("ms_deform_attn_cpu.cpp", "dropout_cpu.cpp", "winograd_cpu.cpp", "bindings.cpp")
 ]
 
 
@@ -67,7 +67,7 @@ def load_extension() -> ModuleType | None:
         first_line = message.splitlines()[0] if message else ""
         reason = type(error).__name__ + (f": {first_line[:300]}" if first_line else "")
         warnings.warn(
-            "detrkit: the fused CPU kernels (ms_deform_attn, dropout) could not be built "
+            "detrkit: the fused CPU kernels (ms_deform_attn, dropout, Winograd) could not be built "
             f"({reason}); falling back to pure PyTorch, which is much slower.",
             RuntimeWarning,
             stacklevel=2,

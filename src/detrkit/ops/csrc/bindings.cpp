@@ -2,7 +2,7 @@
 #include "kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "detrkit CPU kernels: multi-scale deformable attention and dropout";
+  m.doc() = "detrkit CPU kernels: multi-scale deformable attention, dropout, Winograd transforms";
   m.def("forward", &detrkit::ms_deform_attn_forward,
         "ms_deform_attn forward: output [N, Lq, M * D]");
   m.def("backward", &detrkit::ms_deform_attn_backward,
@@ -12,4 +12,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("relu_dropout", &detrkit::relu_dropout_apply, "dropout(relu(input)) in one pass");
   m.def("relu_dropout_backward", &detrkit::relu_dropout_backward,
         "relu_dropout's input gradient from its output: grad * scale where output > 0");
+  m.def("winograd_input_transform", &detrkit::winograd_input_transform,
+        "[N, H, W, C] -> the 36 transformed [P, C] planes of F(4x4, 3x3)");
+  m.def("winograd_output_transform", &detrkit::winograd_output_transform,
+        "the 36 [P, C_out] product planes, bias -> [N, H, W, C_out]");
 }

@@ -23,4 +23,9 @@ at::Tensor relu_dropout_apply(const at::Tensor& input, double p, int64_t seed);
 at::Tensor relu_dropout_backward(const at::Tensor& grad_output, const at::Tensor& output,
                                  double p);
 
+// winograd_cpu.cpp
+at::Tensor winograd_input_transform(const at::Tensor& input);
+at::Tensor winograd_output_transform(const at::Tensor& products, const at::Tensor& bias,
+                                     int64_t batch, int64_t height, int64_t width);
+
 }  // namespace detrkit
