@@ -2,7 +2,7 @@
 
     python benchmarks/end_to_end.py [--models detr deformable_detr] [--repeats 5] [--size 800 1066]
                                     [--batch 8] [--profile N] [--compile] [--bf16]
-                                    [--no-memory]
+                                    [--no-memory] [--stages] [--keep-freed-memory]
 
 For each model a randomly initialised transformers model is saved with save_pretrained and loaded
 with detrkit.load (so both run the very same weights); all then run the same normalised image,
@@ -20,6 +20,8 @@ batch 1, in inference mode. Prints, in one run:
 - with ``--profile N``, the N operators of detrkit with the most self CPU time, both ways;
 - with ``--stages``, the wall time of detrkit's backbone, encoder and decoder, both ways
   (forward hooks, no profiler: the profiler inflates small operators several times over);
+- with ``--keep-freed-memory``, all of it with glibc's malloc keeping freed memory for reuse, as
+  the ``detrkit`` program runs (``detrkit.cli.allocator``);
 - with ``--bf16``, the prepared model in bf16 (one run, no warm-up: without AMX or AVX-512 BF16
   a CPU runs bf16 matrix products very slowly) and its distance from fp32.
 """
@@ -41,6 +43,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import detrkit
+from detrkit.cli.allocator import keep_freed_memory
 from detrkit.models import optimize_for_inference
 
 IMPLEMENTATIONS = ("transformers", "detrkit", "optimized")
@@ -105,6 +108,12 @@ def main() -> None:
     parser.add_argument(
         "--stages", action="store_true", help="time detrkit's backbone, encoder and decoder"
     )
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="run with glibc's malloc keeping freed memory, as the detrkit program does (for "
+        "every implementation: the setting is process-wide)",
+    )
     parser.add_argument("--memory-of", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -112,6 +121,8 @@ def main() -> None:
         print(json.dumps(forward_memory(args.memory_of, args.weights, args.size)))
         return
 
+    if args.keep_freed_memory and not keep_freed_memory():
+        parser.error("--keep-freed-memory: malloc's settings could not be made here")
     torch.manual_seed(0)
     images = torch.randn(1, 3, *args.size)
     mask = torch.zeros(1, *args.size, dtype=torch.bool)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import detrkit
 from conftest import small_detr
+from detrkit.cli import main as cli_main
 from detrkit.cli.main import main
 
 
@@ -39,3 +42,56 @@ def test_bad_checkpoint_is_reported_not_raised(tmp_path, capsys):
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     assert main(["inspect", str(tmp_path / "bad.pth")]) == 2
     assert "bad.pth: not a readable PyTorch checkpoint" in capsys.readouterr().err
+
+
+# Allocates, fills and frees 64 MB eight times with malloc itself and prints the page faults of
+# the last four. (torch's own 64-byte-aligned blocks reuse freed memory less predictably: an
+# aligned request needs a little more than the block just freed.)
+_FAULTS_OF_REUSE = """
+import ctypes, resource, sys
+from detrkit.cli.allocator import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+faults = []
+for _ in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(64_000_000)
+    ctypes.memset(block, 1, 64_000_000)
+    libc.free(block)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, sum(faults[4:]))
+"""
+
+
+def _faults_of_reuse(mode: str, **environment: str) -> tuple[str, int]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_"))}
+    result = subprocess.run(
+        [sys.executable, "-c", _FAULTS_OF_REUSE, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**env, **environment},
+    )
+    applied, faults = result.stdout.split()
+    return applied, int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_the_program_keeps_freed_memory_for_reuse():
+    # By default glibc unmaps a freed 64 MB block, and the next one faults in all its pages.
+    applied, faults = _faults_of_reuse("default")
+    assert faults >= 4 * 15_000  # four times 64 MB: 15,625 pages of 4 KB each
+    applied, faults = _faults_of_reuse("keep")
+    assert applied == "True" and faults == 0
+    # A user's own malloc settings are left alone.
+    applied, _ = _faults_of_reuse("keep", MALLOC_TRIM_THRESHOLD_="131072")
+    assert applied == "False"
+
+
+def test_the_console_script_sets_the_allocator_then_runs_main(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli_main, "keep_freed_memory", lambda: calls.append("allocator"))
+    monkeypatch.setattr(cli_main, "main", lambda: calls.append("main") or 0)
+    assert cli_main.run() == 0 and calls == ["allocator", "main"]

@@ -58,8 +58,12 @@ def test_the_module_computes_the_convolution_it_was_made_from():
     with torch.no_grad():
         torch.testing.assert_close(module(x), conv(x), atol=1e-5, rtol=0)
         conv.weight.mul_(2)
-        module.refresh()  # the transformed weights follow the new ones only when refreshed
+        assert not torch.allclose(module(x), conv(x), atol=1e-3)  # stale transformed weights
+        module.refresh()
         torch.testing.assert_close(module(x), conv(x), atol=2e-5, rtol=0)
+        before = module(x)
+        module.load_state_dict({"weight": -conv.weight})  # loading refreshes them too
+        torch.testing.assert_close(module(x), -before, atol=2e-5, rtol=0)
 
 
 @needs_fused

@@ -1,5 +1,5 @@
 import sys
 
-from detrkit.cli.main import main
+from detrkit.cli.main import run
 
-sys.exit(main())
+sys.exit(run())

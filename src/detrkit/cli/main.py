@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from detrkit.checkpoints import CheckpointError, load, save
+from detrkit.cli.allocator import keep_freed_memory
 from detrkit.cli.data import add_data_commands
 from detrkit.cli.export import add_export_commands
 from detrkit.cli.inference import add_inference_commands
@@ -88,5 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def run() -> int:
+    """The ``detrkit`` program: :func:`main` in a process whose allocator keeps freed memory for
+    reuse (see :mod:`detrkit.cli.allocator`)."""
+    keep_freed_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -65,8 +65,9 @@ class WinogradConv2d(nn.Conv2d):
     :func:`winograd_conv2d`: fp32 CPU inputs with gradients off. Anything else (training, another
     dtype or device, or ``use_winograd = False``) runs the usual convolution.
 
-    The transformed weights are computed once, by :meth:`from_conv`: change the weights after,
-    and call :meth:`refresh` (they are not saved in the state dict, which keeps ``Conv2d``'s).
+    The transformed weights are computed when it is made and when a state dict is loaded into it
+    (they are not saved in the state dict, which keeps ``Conv2d``'s): change the weights in any
+    other way, and call :meth:`refresh`.
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class WinogradConv2d(nn.Conv2d):
         )
         self.use_winograd = True
         self.refresh()
+        self.register_load_state_dict_post_hook(WinogradConv2d._refresh_after_loading)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> WinogradConv2d:
@@ -102,6 +104,9 @@ class WinogradConv2d(nn.Conv2d):
         bias = self.bias if self.bias is not None else self.weight.new_zeros(self.out_channels)
         self.register_buffer("transformed_weight", winograd_weight(self.weight), persistent=False)
         self.register_buffer("winograd_bias", bias.detach().clone(), persistent=False)
+
+    def _refresh_after_loading(self, incompatible_keys) -> None:
+        self.refresh()
 
     def forward(self, input: Tensor) -> Tensor:
         if (
