@@ -232,3 +232,33 @@ def test_sampling_before_projection_is_the_same_attention(reference_size, paddin
     if padding == "padded":
         memory[mask] = 1e6
         torch.testing.assert_close(attention(*args), expected, rtol=0, atol=1e-12)
+
+
+def test_merged_query_projections_compute_the_same_sampling():
+    """optimize_for_inference's one product for offsets and attention logits: the same sampling
+    in inference; with gradients on, the two layers run and are trained."""
+    torch.manual_seed(0)
+    attention = MSDeformAttn(d_model=16, n_levels=2, n_heads=4, n_points=3)
+    with torch.no_grad():
+        for linear in (attention.sampling_offsets, attention.attention_weights):
+            linear.weight.normal_(0, 0.5)
+    query = torch.randn(2, 7, 16)
+    reference_points = torch.rand(2, 7, 2, 2)
+    spatial_shapes = torch.tensor([[6, 8], [3, 4]])
+    with torch.no_grad():
+        expected = attention.sampling(query, reference_points, spatial_shapes)
+        attention.merge_query_projections()
+        got = attention.sampling(query, reference_points, spatial_shapes)
+        for tensor, reference in zip(got, expected, strict=True):
+            torch.testing.assert_close(tensor, reference, rtol=0, atol=1e-6)
+        # New weights take effect when merged again.
+        attention.sampling_offsets.bias.add_(1.0)
+        stale = attention.sampling(query, reference_points, spatial_shapes)[0]
+        attention.merge_query_projections()
+        merged = attention.sampling(query, reference_points, spatial_shapes)[0]
+        torch.testing.assert_close(stale, got[0])
+        assert (merged - stale).abs().min() > 0.1  # every offset moved by a pixel
+    locations, weights = attention.sampling(query, reference_points, spatial_shapes)
+    (locations.sum() + (weights * torch.randn_like(weights)).sum()).backward()
+    assert attention.sampling_offsets.weight.grad.abs().sum() > 0
+    assert attention.attention_weights.weight.grad.abs().sum() > 0

@@ -33,6 +33,10 @@ class MSDeformAttn(nn.Module):
         self.implementation = "auto"  # which ms_deform_attn kernel runs; see detrkit.ops
         # Set by optimize_for_inference where queries are few: see _sample_then_project.
         self.sample_before_projection = False
+        # Set by merge_query_projections (optimize_for_inference): sampling_offsets and
+        # attention_weights side by side, [M*L*P*3, C] and [M*L*P*3].
+        self.register_buffer("merged_query_weight", None, persistent=False)
+        self.register_buffer("merged_query_bias", None, persistent=False)
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -59,6 +63,15 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.zeros_(self.output_proj.bias)
 
+    @torch.no_grad()
+    def merge_query_projections(self) -> None:
+        """Has inference compute the sampling offsets and the attention logits with one matrix
+        product instead of two (one pass over the queries, a wider product). Gradients still use
+        the two layers; after changing their weights, call this again."""
+        layers = (self.sampling_offsets, self.attention_weights)
+        self.merged_query_weight = torch.cat([layer.weight for layer in layers])
+        self.merged_query_bias = torch.cat([layer.bias for layer in layers])
+
     def sampling(
         self, query: Tensor, reference_points: Tensor, spatial_shapes: Tensor
     ) -> tuple[Tensor, Tensor]:
@@ -71,8 +84,15 @@ class MSDeformAttn(nn.Module):
         """
         batch, num_queries, _ = query.shape
         shape = (batch, num_queries, self.n_heads, self.n_levels, self.n_points)
-        sampling_offsets = self.sampling_offsets(query).view(*shape, 2)  # [N, Lq, M, L, P, 2]
-        attention_weights = self.attention_weights(query).view(*shape[:3], -1)
+        if self.merged_query_weight is not None and not torch.is_grad_enabled():
+            both = F.linear(query, self.merged_query_weight, self.merged_query_bias)
+            sizes = [self.sampling_offsets.out_features, self.attention_weights.out_features]
+            sampling_offsets, attention_weights = both.split(sizes, -1)
+        else:
+            sampling_offsets = self.sampling_offsets(query)
+            attention_weights = self.attention_weights(query)
+        sampling_offsets = sampling_offsets.view(*shape, 2)  # [N, Lq, M, L, P, 2]
+        attention_weights = attention_weights.view(*shape[:3], -1)
         attention_weights = F.softmax(attention_weights, -1).view(shape)  # [N, Lq, M, L, P]
 
         if reference_points.shape[-1] == 2:

@@ -16,6 +16,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
 from detrkit.models.backbone import ResNetBackbone
+from detrkit.models.deformable_attention import MSDeformAttn
 from detrkit.models.deformable_transformer import (
     DeformableTransformerDecoderLayer,
     DeformableTransformerEncoderLayer,
@@ -96,6 +97,8 @@ def optimize_for_inference(
             module.ffn_chunk_tokens = ENCODER_MLP_CHUNK
         if isinstance(module, DeformableTransformerDecoderLayer):
             module.cross_attn.sample_before_projection = True
+        if isinstance(module, MSDeformAttn):
+            module.merge_query_projections()
     if hasattr(optimized, "cpu_pixels_per_forward") and not compile:
         # Compiled, the chunks would be unrolled into one graph per batch size.
         optimized.cpu_pixels_per_forward = CPU_PIXELS_PER_FORWARD
