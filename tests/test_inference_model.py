@@ -260,3 +260,61 @@ def test_predict_and_eval_take_a_precision(tmp_path, capsys):
     assert numbers["fp32"] == pytest.approx(numbers["reference"], abs=1e-3)
     assert main([*evaluate, "--precision", "bf16", "--amp", "bf16"]) == 2
     assert "choose one of amp ('bf16') and precision ('bf16')" in capsys.readouterr().err
+
+
+def test_bottlenecks_add_their_last_convolution_into_the_shortcut_in_place():
+    """optimize_for_inference's residual addition: conv3's product accumulates into the
+    shortcut's memory (the block's input when there is no downsampling), with the same result as
+    the block's usual forward; with gradients on, or maps not channels-last, the usual forward."""
+    from detrkit.models.backbone import Bottleneck, accumulate_pointwise, can_accumulate_pointwise
+
+    torch.manual_seed(0)
+    block = Bottleneck(32, 8).eval()  # 32 -> 8 -> 8 -> 32 channels, no downsampling
+    with torch.no_grad():
+        for norm in (block.bn1, block.bn2, block.bn3):
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 1.5)
+        inference_model.fold_into_conv(block.conv3, block.bn3)
+        block.bn3 = nn.Identity()
+    block.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 32, 9, 7).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = block(x.clone())
+        block.accumulate_into_shortcut = True
+        assert can_accumulate_pointwise(
+            block.conv3, torch.randn(2, 8, 9, 7).to(memory_format=torch.channels_last), x
+        )
+        inputs = x.clone()
+        got = block(inputs)
+        assert got.data_ptr() == inputs.data_ptr()  # the input's memory holds the output
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        # Not channels-last: the usual forward, and the input is left as it was.
+        plain = x.contiguous()
+        torch.testing.assert_close(block(plain), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(plain, x)
+    # With gradients on, the usual forward: autograd needs the input as it was.
+    inputs = x.clone().requires_grad_(True)
+    block(inputs).sum().backward()
+    assert inputs.grad is not None
+    torch.testing.assert_close(inputs.detach(), x)
+
+    accumulator = torch.randn(1, 4, 3, 5).to(memory_format=torch.channels_last)
+    conv = nn.Conv2d(6, 4, 1).to(memory_format=torch.channels_last)
+    source = torch.randn(1, 6, 3, 5).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = accumulator + conv(source)
+        torch.testing.assert_close(accumulate_pointwise(conv, source, accumulator), expected)
+    assert not can_accumulate_pointwise(nn.Conv2d(6, 4, 1, stride=2), source, accumulator)
+    assert not can_accumulate_pointwise(nn.Conv2d(6, 4, 3), source, accumulator)
+
+
+def test_optimize_for_inference_sets_the_in_place_residuals_of_folded_blocks(models):
+    from detrkit.models.backbone import Bottleneck
+
+    optimized = optimize_for_inference(models["detr"])
+    blocks = [m for m in optimized.modules() if isinstance(m, Bottleneck)]
+    assert len(blocks) == 16 and all(block.accumulate_into_shortcut for block in blocks)
+    unfolded = optimize_for_inference(models["detr"], fold_batchnorm=False)
+    assert not any(
+        m.accumulate_into_shortcut for m in unfolded.modules() if isinstance(m, Bottleneck)
+    )

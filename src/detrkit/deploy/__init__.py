@@ -116,9 +116,10 @@ def export(
     for module in source.modules():
         # optimize_for_inference's chunked encoder MLP makes as many chunks as the image size
         # asks, which a graph of dynamic size cannot; runtimes plan their own memory. Its
-        # decoder attention's reordered arithmetic, its batches split into single images and its
-        # Winograd convolutions (an extension's kernels, not graph operators) are left out too:
-        # exports run the model's own arithmetic on the whole batch.
+        # decoder attention's reordered arithmetic, its batches split into single images, its
+        # Winograd convolutions (an extension's kernels, not graph operators) and its in-place
+        # residual additions are left out too: exports run the model's own arithmetic on the
+        # whole batch.
         if getattr(module, "ffn_chunk_tokens", None) is not None:
             module.ffn_chunk_tokens = None
         if getattr(module, "sample_before_projection", False):
@@ -127,6 +128,8 @@ def export(
             module.cpu_pixels_per_forward = None
         if getattr(module, "use_winograd", False):
             module.use_winograd = False
+        if getattr(module, "accumulate_into_shortcut", False):
+            module.accumulate_into_shortcut = False
     graph = ExportedDetector(source, with_mask, with_postprocess, num_select).eval()
     metadata = export_metadata(config, graph.input_names, graph.output_names)
     write = _trace(graph, format, tuple(size), opset, metadata)

@@ -40,12 +40,49 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
 class Bottleneck(tv_resnet.Bottleneck):
     """torchvision's bottleneck block (same modules and names), its norms run by :func:`conv_norm`."""
 
+    # Set by optimize_for_inference (after folding bn3 into conv3): without gradients, add conv3's
+    # output into the shortcut's memory instead of into fresh memory; see accumulate_pointwise.
+    # The shortcut may be the block's input, which is then overwritten.
+    accumulate_into_shortcut = False
+
     def forward(self, x: Tensor) -> Tensor:
         # In-place ReLUs, as torchvision's: every input they overwrite is a fresh tensor.
         out = conv_norm(self.conv1, self.bn1, x).relu_()
         out = conv_norm(self.conv2, self.bn2, out).relu_()
+        if self.accumulate_into_shortcut and not torch.is_grad_enabled():
+            shortcut = _shortcut(self, x)
+            if can_accumulate_pointwise(self.conv3, out, shortcut):
+                return accumulate_pointwise(self.conv3, out, shortcut).relu_()
         out = conv_norm(self.conv3, self.bn3, out)
         return out.add_(_shortcut(self, x)).relu_()
+
+
+def can_accumulate_pointwise(conv: nn.Module, x: Tensor, accumulator: Tensor) -> bool:
+    """Whether :func:`accumulate_pointwise` computes ``accumulator + conv(x)`` here: a 1x1
+    stride-1 convolution, and maps of one dtype in channels-last memory."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.groups == 1
+        and x.dtype == accumulator.dtype == conv.weight.dtype
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and accumulator.is_contiguous(memory_format=torch.channels_last)
+        and accumulator.shape == (x.shape[0], conv.out_channels, *x.shape[2:])
+    )
+
+
+def accumulate_pointwise(conv: nn.Conv2d, x: Tensor, accumulator: Tensor) -> Tensor:
+    """``accumulator += conv(x)`` in place, for a 1x1 convolution of channels-last maps: one
+    matrix product that adds into ``accumulator``'s memory, not a fresh output (for an
+    800x1066 image, ``layer1``'s are 52 MB: mapped afresh by malloc, and faulted in, every time)
+    and an addition after it."""
+    rows = accumulator.permute(0, 2, 3, 1).view(-1, conv.out_channels)  # [B*H*W, C_out]
+    inputs = x.permute(0, 2, 3, 1).view(-1, conv.in_channels)  # [B*H*W, C_in]
+    rows.addmm_(inputs, conv.weight.view(conv.out_channels, conv.in_channels).t())
+    if conv.bias is not None:
+        rows.add_(conv.bias)
+    return accumulator
 
 
 class BasicBlock(tv_resnet.BasicBlock):

@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
+from detrkit.models.backbone import Bottleneck as DetrkitBottleneck
 from detrkit.models.backbone import ResNetBackbone
 from detrkit.models.deformable_attention import MSDeformAttn
 from detrkit.models.deformable_transformer import (
@@ -102,6 +103,10 @@ def optimize_for_inference(
     if hasattr(optimized, "cpu_pixels_per_forward") and not compile:
         # Compiled, the chunks would be unrolled into one graph per batch size.
         optimized.cpu_pixels_per_forward = CPU_PIXELS_PER_FORWARD
+    if fold_batchnorm and not compile:
+        for module in optimized.modules():
+            if isinstance(module, DetrkitBottleneck) and isinstance(module.bn3, nn.Identity):
+                module.accumulate_into_shortcut = True
     if winograd and dtype == torch.float32 and not compile and _on_cpu(optimized):
         use_winograd_convolutions(optimized)
     optimized.to(dtype)
