@@ -105,6 +105,8 @@ def test_only_3x3_stride_1_padding_1_convolutions_qualify():
             WinogradConv2d.from_conv(conv)
     with pytest.raises(ValueError, match=r"\[C_out, C_in, 3, 3\]"):
         winograd_weight(torch.randn(4, 4, 5, 5))
+    with pytest.raises(ValueError, match="must agree"):
+        winograd_conv2d(torch.randn(1, 3, 8, 8), torch.randn(36, 4, 4), torch.zeros(4))
 
 
 @needs_fused

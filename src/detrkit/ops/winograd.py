@@ -51,6 +51,11 @@ def winograd_conv2d(input: Tensor, transformed_weight: Tensor, bias: Tensor) -> 
     Returns:
         ``[N, C_out, H, W]`` in channels-last memory. Not differentiable.
     """
+    if input.dim() != 4 or transformed_weight.shape[:2] != (36, input.shape[1]):
+        raise ValueError(
+            f"winograd_conv2d: input [N, C_in, H, W] and transformed_weight [36, C_in, C_out] "
+            f"must agree, got {tuple(input.shape)} and {tuple(transformed_weight.shape)}"
+        )
     extension = required_extension("winograd")
     batch, _, height, width = input.shape
     pixels = input.permute(0, 2, 3, 1).contiguous()  # [N, H, W, C_in]; a view if channels-last
