@@ -63,6 +63,20 @@ def hf_model(name: str):
     return transformers.DeformableDetrForObjectDetection(config).eval()
 
 
+def add_keep_freed_memory_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="run with glibc's malloc keeping freed memory, as the detrkit program does (for "
+        "every implementation: the setting is process-wide)",
+    )
+
+
+def apply_keep_freed_memory_option(parser: argparse.ArgumentParser, args) -> None:
+    if args.keep_freed_memory and not keep_freed_memory():
+        parser.error("--keep-freed-memory: malloc's settings could not be made here")
+
+
 def synchronize(device: torch.device) -> None:
     """Waits for the GPU's queued work (timings of GPU work must end with it); no-op on a CPU."""
     if device.type == "cuda":
@@ -110,12 +124,7 @@ def main() -> None:
     parser.add_argument(
         "--stages", action="store_true", help="time detrkit's backbone, encoder and decoder"
     )
-    parser.add_argument(
-        "--keep-freed-memory",
-        action="store_true",
-        help="run with glibc's malloc keeping freed memory, as the detrkit program does (for "
-        "every implementation: the setting is process-wide)",
-    )
+    add_keep_freed_memory_option(parser)
     parser.add_argument("--memory-of", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -123,8 +132,7 @@ def main() -> None:
         print(json.dumps(forward_memory(args.memory_of, args.weights, args.size)))
         return
 
-    if args.keep_freed_memory and not keep_freed_memory():
-        parser.error("--keep-freed-memory: malloc's settings could not be made here")
+    apply_keep_freed_memory_option(parser, args)
     torch.manual_seed(0)
     images = torch.randn(1, 3, *args.size)
     mask = torch.zeros(1, *args.size, dtype=torch.bool)

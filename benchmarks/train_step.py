@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--models detr deformable_detr] [--repeats 5]
                                     [--size 512 640] [--batch 2] [--objects 5] [--profile N]
-                                    [--device cpu]
+                                    [--device cpu] [--keep-freed-memory]
 
 One step is forward, loss (Hungarian matching and the set loss of the final and every auxiliary
 decoder layer), backward, gradient clipping at max norm 0.1 and an AdamW step. transformers' step
@@ -19,6 +19,7 @@ interleaved rounds (a change of load on a shared machine falls on all), median a
 a ratio of transformers'. With ``--profile N``, the N operators with the most self CPU time in
 one more step of detrkit and of transformers (stem and layer1 frozen) are printed. With
 ``--device cuda`` everything runs on the GPU, Deformable DETR's attention on the Triton kernels.
+``--keep-freed-memory`` runs it all with malloc keeping freed memory, as ``detrkit train`` does.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ import tempfile
 import time
 
 import torch
-from end_to_end import print_profile, synchronize
+from end_to_end import (
+    add_keep_freed_memory_option,
+    apply_keep_freed_memory_option,
+    print_profile,
+    synchronize,
+)
 
 import detrkit
 from detrkit.engine.optim import build_optimizer
@@ -191,7 +197,9 @@ def main() -> None:
         "--profile", type=int, default=0, metavar="N", help="print the top N operators of a step"
     )
     parser.add_argument("--device", default="cpu")
+    add_keep_freed_memory_option(parser)
     args = parser.parse_args()
+    apply_keep_freed_memory_option(parser, args)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing to measure")
         return
