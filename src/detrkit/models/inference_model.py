@@ -80,9 +80,12 @@ def optimize_for_inference(
             so does each new size.
 
     Deformable DETR's encoder MLP also runs over chunks of tokens (the same results, less
-    memory traffic), and its decoder samples the memory before projecting it (the same up to
-    rounding; far less arithmetic for 300 queries). Unless compiled, a batch of large images on a
-    CPU runs a few images at a time (the same results; their activations stay in cache).
+    memory traffic), its attention's offsets and logits come from one matrix product, and its
+    decoder samples the memory before projecting it (the same up to rounding; far less
+    arithmetic for 300 queries). Unless compiled, the ResNet's bottlenecks add their last
+    convolution into the shortcut in place (no fresh output to allocate and add), and a batch of
+    large images on a CPU runs a few images at a time (the same results; their activations stay
+    in cache).
     """
     first = next(model.parameters(), None)
     dtype = precision_dtype(precision, first.device if first is not None else "cpu")
