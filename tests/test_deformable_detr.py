@@ -258,6 +258,14 @@ def test_merged_query_projections_compute_the_same_sampling():
         merged = attention.sampling(query, reference_points, spatial_shapes)[0]
         torch.testing.assert_close(stale, got[0])
         assert (merged - stale).abs().min() > 0.1  # every offset moved by a pixel
+        # Loading a state dict merges again by itself.
+        state = {
+            k: v + 1.0 if k == "sampling_offsets.bias" else v
+            for k, v in attention.state_dict().items()
+        }
+        attention.load_state_dict(state)
+        loaded = attention.sampling(query, reference_points, spatial_shapes)[0]
+        assert (loaded - merged).abs().min() > 0.1
     locations, weights = attention.sampling(query, reference_points, spatial_shapes)
     (locations.sum() + (weights * torch.randn_like(weights)).sum()).backward()
     assert attention.sampling_offsets.weight.grad.abs().sum() > 0

@@ -288,6 +288,12 @@ def test_bottlenecks_add_their_last_convolution_into_the_shortcut_in_place():
         got = block(inputs)
         assert got.data_ptr() == inputs.data_ptr()  # the input's memory holds the output
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        # A hook on conv3 must run: the usual forward, the input left as it was.
+        handle = block.conv3.register_forward_hook(lambda *args: None)
+        inputs = x.clone()
+        torch.testing.assert_close(block(inputs), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(inputs, x)
+        handle.remove()
         # Not channels-last: the usual forward, and the input is left as it was.
         plain = x.contiguous()
         torch.testing.assert_close(block(plain), expected, atol=1e-5, rtol=0)

@@ -50,20 +50,21 @@ def test_matches_a_direct_convolution(batch, in_channels, out_channels, height, 
 
 @needs_fused
 def test_the_module_computes_the_convolution_it_was_made_from():
+    torch.manual_seed(0)
     conv = nn.Conv2d(16, 24, 3, padding=1, bias=False)
     x = torch.randn(2, 16, 13, 10)
     module = WinogradConv2d.from_conv(conv)
     assert module.weight is conv.weight and module.bias is None  # shared, not copied
     assert list(module.state_dict()) == list(conv.state_dict())  # checkpoints are unchanged
     with torch.no_grad():
-        torch.testing.assert_close(module(x), conv(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(module(x), conv(x), atol=5e-5, rtol=0)
         conv.weight.mul_(2)
         assert not torch.allclose(module(x), conv(x), atol=1e-3)  # stale transformed weights
         module.refresh()
-        torch.testing.assert_close(module(x), conv(x), atol=2e-5, rtol=0)
+        torch.testing.assert_close(module(x), conv(x), atol=5e-5, rtol=0)
         before = module(x)
         module.load_state_dict({"weight": -conv.weight})  # loading refreshes them too
-        torch.testing.assert_close(module(x), -before, atol=2e-5, rtol=0)
+        torch.testing.assert_close(module(x), -before, atol=5e-5, rtol=0)
 
 
 @needs_fused
@@ -111,6 +112,7 @@ def test_only_3x3_stride_1_padding_1_convolutions_qualify():
 
 @needs_fused
 def test_optimize_for_inference_uses_it_for_the_resnet_on_a_cpu_in_fp32():
+    torch.manual_seed(0)
     model = detrkit.build_model(
         "detr_r50", hidden_dim=32, nheads=2, enc_layers=1, dec_layers=1, dim_feedforward=64
     ).eval()
@@ -124,6 +126,9 @@ def test_optimize_for_inference_uses_it_for_the_resnet_on_a_cpu_in_fp32():
     assert winograd_convolutions(model) == 0  # the model passed in is untouched
     assert winograd_convolutions(detrkit.optimize_for_inference(model, winograd=False)) == 0
     assert winograd_convolutions(detrkit.optimize_for_inference(model, "bf16")) == 0
+    # Unfolded frozen norms run their convolutions without calling them: no Winograd there.
+    unfolded = detrkit.optimize_for_inference(model, fold_batchnorm=False)
+    assert winograd_convolutions(unfolded) == 0
 
     # The backbone's features (what Winograd changes) stay within fp32 rounding of the model's.
     images = torch.randn(1, 3, 96, 128)

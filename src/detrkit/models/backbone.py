@@ -42,14 +42,18 @@ class Bottleneck(tv_resnet.Bottleneck):
 
     # Set by optimize_for_inference (after folding bn3 into conv3): without gradients, add conv3's
     # output into the shortcut's memory instead of into fresh memory; see accumulate_pointwise.
-    # The shortcut may be the block's input, which is then overwritten.
+    # The shortcut may be the block's input (the previous block's output), which is then
+    # overwritten; the backbone keeps no other reference to it: every stage's first block, whose
+    # input is the previous stage's returned feature map, has a downsampling shortcut.
     accumulate_into_shortcut = False
 
     def forward(self, x: Tensor) -> Tensor:
         # In-place ReLUs, as torchvision's: every input they overwrite is a fresh tensor.
         out = conv_norm(self.conv1, self.bn1, x).relu_()
         out = conv_norm(self.conv2, self.bn2, out).relu_()
-        if self.accumulate_into_shortcut and not torch.is_grad_enabled():
+        # Hooks on conv3 would not run: its module is not called.
+        hooked = self.conv3._forward_hooks or self.conv3._forward_pre_hooks
+        if self.accumulate_into_shortcut and not torch.is_grad_enabled() and not hooked:
             shortcut = _shortcut(self, x)
             if can_accumulate_pointwise(self.conv3, out, shortcut):
                 return accumulate_pointwise(self.conv3, out, shortcut).relu_()

@@ -37,6 +37,7 @@ class MSDeformAttn(nn.Module):
         # attention_weights side by side, [M*L*P*3, C] and [M*L*P*3].
         self.register_buffer("merged_query_weight", None, persistent=False)
         self.register_buffer("merged_query_bias", None, persistent=False)
+        self.register_load_state_dict_post_hook(MSDeformAttn._merge_again_after_loading)
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -67,10 +68,15 @@ class MSDeformAttn(nn.Module):
     def merge_query_projections(self) -> None:
         """Has inference compute the sampling offsets and the attention logits with one matrix
         product instead of two (one pass over the queries, a wider product). Gradients still use
-        the two layers; after changing their weights, call this again."""
+        the two layers. Loading a state dict merges again; after changing their weights in any
+        other way, call this again."""
         layers = (self.sampling_offsets, self.attention_weights)
         self.merged_query_weight = torch.cat([layer.weight for layer in layers])
         self.merged_query_bias = torch.cat([layer.bias for layer in layers])
+
+    def _merge_again_after_loading(self, incompatible_keys) -> None:
+        if self.merged_query_weight is not None:
+            self.merge_query_projections()
 
     def sampling(
         self, query: Tensor, reference_points: Tensor, spatial_shapes: Tensor

@@ -72,9 +72,10 @@ def optimize_for_inference(
             flattening into token sequences free.
         fold_batchnorm: fold every batch norm of the ResNet (frozen, or trainable in eval mode)
             into the convolution before it.
-        winograd: on a CPU in fp32, compute the ResNet's 3x3 stride-1 convolutions by
-            Winograd's F(4x4, 3x3) (:class:`~detrkit.ops.WinogradConv2d`): 4x fewer
-            multiplications, about 4x the rounding error of a direct convolution. Not compiled.
+        winograd: on a CPU in fp32, with batch norms folded, compute the ResNet's 3x3 stride-1
+            convolutions by Winograd's F(4x4, 3x3) (:class:`~detrkit.ops.WinogradConv2d`): 4x
+            fewer multiplications, about 4x the rounding error of a direct convolution. Not
+            compiled.
         compile: also compile the model with ``torch.compile`` (inductor, weights frozen into
             the graph). It pays for many images of one size: the first call takes minutes, and
             so does each new size.
@@ -82,8 +83,10 @@ def optimize_for_inference(
     Deformable DETR's encoder MLP also runs over chunks of tokens (the same results, less
     memory traffic), its attention's offsets and logits come from one matrix product, and its
     decoder samples the memory before projecting it (the same up to rounding; far less
-    arithmetic for 300 queries). Unless compiled, the ResNet's bottlenecks add their last
-    convolution into the shortcut in place (no fresh output to allocate and add), and a batch of
+    arithmetic for 300 queries). Unless compiled, and with batch norms folded, the ResNet's
+    bottlenecks add their last convolution into the shortcut in place (no fresh output to
+    allocate and add; a block's input is overwritten, so keep no reference to the output of a
+    block inside a stage, e.g. from a forward hook), and unless compiled, a batch of
     large images on a CPU runs a few images at a time (the same results; their activations stay
     in cache).
     """
@@ -110,7 +113,14 @@ def optimize_for_inference(
         for module in optimized.modules():
             if isinstance(module, DetrkitBottleneck) and isinstance(module.bn3, nn.Identity):
                 module.accumulate_into_shortcut = True
-    if winograd and dtype == torch.float32 and not compile and _on_cpu(optimized):
+    # After folding: an unfolded frozen norm runs its convolution through conv_norm, not forward.
+    if (
+        winograd
+        and fold_batchnorm
+        and dtype == torch.float32
+        and not compile
+        and _on_cpu(optimized)
+    ):
         use_winograd_convolutions(optimized)
     optimized.to(dtype)
     # Freezing makes the weights constants, so inductor folds and pre-packs them.
