@@ -51,14 +51,16 @@ class Bottleneck(tv_resnet.Bottleneck):
         # In-place ReLUs, as torchvision's: every input they overwrite is a fresh tensor.
         out = conv_norm(self.conv1, self.bn1, x).relu_()
         out = conv_norm(self.conv2, self.bn2, out).relu_()
-        # Hooks on conv3 would not run: its module is not called.
-        hooked = self.conv3._forward_hooks or self.conv3._forward_pre_hooks
-        if self.accumulate_into_shortcut and not torch.is_grad_enabled() and not hooked:
-            shortcut = _shortcut(self, x)
-            if can_accumulate_pointwise(self.conv3, out, shortcut):
-                return accumulate_pointwise(self.conv3, out, shortcut).relu_()
+        shortcut = _shortcut(self, x)
+        if self._may_accumulate() and can_accumulate_pointwise(self.conv3, out, shortcut):
+            return accumulate_pointwise(self.conv3, out, shortcut).relu_()
         out = conv_norm(self.conv3, self.bn3, out)
-        return out.add_(_shortcut(self, x)).relu_()
+        return out.add_(shortcut).relu_()
+
+    def _may_accumulate(self) -> bool:
+        # Hooks on conv3 would not run in place: its module is not called.
+        hooked = self.conv3._forward_hooks or self.conv3._forward_pre_hooks
+        return self.accumulate_into_shortcut and not torch.is_grad_enabled() and not hooked
 
 
 def can_accumulate_pointwise(conv: nn.Module, x: Tensor, accumulator: Tensor) -> bool:

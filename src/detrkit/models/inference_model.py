@@ -91,7 +91,8 @@ def optimize_for_inference(
     in cache).
     """
     first = next(model.parameters(), None)
-    dtype = precision_dtype(precision, first.device if first is not None else "cpu")
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = precision_dtype(precision, device)
     # Parameters keep requires_grad: inference runs under no_grad anyway, and torch.export
     # specialises the batch size of matrix products with weights that require no gradient.
     optimized = copy.deepcopy(model).eval()
@@ -109,19 +110,14 @@ def optimize_for_inference(
     if hasattr(optimized, "cpu_pixels_per_forward") and not compile:
         # Compiled, the chunks would be unrolled into one graph per batch size.
         optimized.cpu_pixels_per_forward = CPU_PIXELS_PER_FORWARD
+    # Both need the folded norms: an unfolded frozen norm runs its convolution through conv_norm,
+    # which neither calls the convolution module nor lets conv3 accumulate into the shortcut.
     if fold_batchnorm and not compile:
         for module in optimized.modules():
             if isinstance(module, DetrkitBottleneck) and isinstance(module.bn3, nn.Identity):
                 module.accumulate_into_shortcut = True
-    # After folding: an unfolded frozen norm runs its convolution through conv_norm, not forward.
-    if (
-        winograd
-        and fold_batchnorm
-        and dtype == torch.float32
-        and not compile
-        and _on_cpu(optimized)
-    ):
-        use_winograd_convolutions(optimized)
+        if winograd and dtype == torch.float32 and device.type == "cpu":
+            use_winograd_convolutions(optimized)
     optimized.to(dtype)
     # Freezing makes the weights constants, so inductor folds and pre-packs them.
     return torch.compile(optimized, options={"freezing": True}) if compile else optimized
@@ -139,10 +135,6 @@ def use_winograd_convolutions(model: nn.Module) -> int:
                     setattr(parent, name, WinogradConv2d.from_conv(child))
                     replaced += 1
     return replaced
-
-
-def _on_cpu(model: nn.Module) -> bool:
-    return all(parameter.device.type == "cpu" for parameter in model.parameters())
 
 
 def fold_batchnorms(model: nn.Module) -> int:
