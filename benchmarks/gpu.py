@@ -1,7 +1,7 @@
 """DETR and Deformable DETR on a GPU against Hugging Face transformers: latency, throughput, memory.
 
     python benchmarks/gpu.py [--models detr deformable_detr] [--size 800 1066] [--batch 8]
-                             [--repeats 20] [--device cuda]
+                             [--repeats 20] [--device cuda] [--profile N]
 
 For each model a randomly initialised transformers model is saved with save_pretrained and loaded
 with detrkit.load, so both run the same weights on the same normalised image. Timed (after
@@ -9,7 +9,8 @@ warm-ups, with the device synchronised around each call):
 
 - transformers fp32, and transformers under bf16 autocast;
 - detrkit prepared by ``optimize_for_inference`` in fp32, bf16 and fp16, Deformable DETR's
-  attention on the fused Triton kernels (``implementation="triton"``).
+  attention on the fused Triton kernels (``implementation="triton"``), and for Deformable DETR
+  once more in fp32 with the grid_sample reference attention.
 
 Prints per path: batch-1 latency (median), images/s at ``--batch``, the peak of allocated GPU
 memory in a batch-1 forward, the largest difference of the logits from transformers fp32, and
@@ -73,15 +74,41 @@ def paths(hf: torch.nn.Module, directory: str, device: torch.device) -> dict:
         "transformers bf16 autocast": lambda images, mask: hf_run(images, mask, torch.bfloat16),
     }
     precisions = ("fp32", "bf16", "fp16") if device.type == "cuda" else ("fp32", "bf16")
+    triton = device.type == "cuda" and dispatch.triton_available()
+    deformable = hasattr(ours, "set_attention_implementation")
     for precision in precisions:
         model = optimize_for_inference(ours, precision)
-        triton = device.type == "cuda" and dispatch.triton_available()
-        if triton and hasattr(model, "set_attention_implementation"):
+        if triton and deformable:
+            if precision == "fp32":  # what the Triton kernels are worth, end to end
+                reference = optimize_for_inference(ours, precision)
+                reference.set_attention_implementation("reference")
+                found["detrkit fp32, grid_sample attn"] = logits_of(reference)
             model.set_attention_implementation("triton")
-        found[f"detrkit {precision}"] = lambda images, mask, model=model: model(images, mask)[
-            "pred_logits"
-        ]
+        found[f"detrkit {precision}"] = logits_of(model)
     return found
+
+
+def logits_of(model: torch.nn.Module):
+    return lambda images, mask: model(images, mask)["pred_logits"]
+
+
+def print_gpu_profile(key: str, run, rows: int) -> None:
+    """The ``rows`` operators with the most self GPU time in one call of ``run``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        run()
+    events = sorted(profiler.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(event.self_device_time_total for event in events)
+    print(f"  {key}: top operators by self GPU time, of {total / 1e3:.1f} ms in all")
+    if total == 0:  # no GPU activity was recorded
+        return
+    for event in events[:rows]:
+        share = event.self_device_time_total / total
+        milliseconds = event.self_device_time_total / 1e3
+        print(
+            f"    {event.key[:60]:60s} {milliseconds:8.2f} ms {share:6.1%} {event.count:5d} calls"
+        )
 
 
 def compare(name: str, args, device: torch.device) -> None:
@@ -105,6 +132,13 @@ def compare(name: str, args, device: torch.device) -> None:
                 difference = (single().float() - reference).abs().max().item()
                 rows[key] = (latency, args.batch / batch_seconds, peak_memory_mb(single, device))
                 rows[key] += (difference,)
+            if args.profile and device.type == "cuda":
+                for key in ("transformers fp32", "detrkit fp32", "detrkit bf16"):
+                    print_gpu_profile(
+                        f"{name}, {key}, batch {args.batch}",
+                        functools.partial(runs[key], batch_images, batch_mask),
+                        args.profile,
+                    )
     print(f"\n{name}, {tuple(images.shape[-2:])}, {device}")
     base = rows["transformers fp32"][1]
     print(
@@ -126,6 +160,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print the N operators with the most GPU time at --batch, for transformers fp32 "
+        "and detrkit fp32 and bf16",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -1,27 +1,33 @@
 #!/usr/bin/env bash
 # Issue 8's GPU checks in one run, for a session lent a GPU: the GPU tests of the deformable
-# attention kernels, the kernel benchmark, the end-to-end comparison with transformers and the
-# training step against transformers'. Meant for the device machines, whose python3 holds torch,
-# Triton and transformers; detrkit runs from src/. Every step's output is shown and kept in $OUT
-# (default /tmp/gpu_check).
+# attention kernels, the end-to-end comparison with transformers (with a GPU profile), the
+# training step against transformers' and the kernel benchmark, most important first. Meant for
+# the device machines, whose python3 holds torch, Triton and transformers; detrkit runs from
+# src/. Each step has its own time limit, so that one that hangs leaves time to the rest; every
+# step's output is shown and kept in $OUT (default /tmp/gpu_check).
 #
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
 out=${OUT:-/tmp/gpu_check}
 python=${PYTHON:-python3}
 mkdir -p "$out"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 step() {
-    local name=$1
-    shift
-    echo "== $name: $*"
-    "$@" 2>&1 | tee "$out/$name.txt"
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
+    echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start))s"
 }
 
-step device nvidia-smi
-step tests "$python" -m pytest -q -p no:cacheprovider tests/test_ms_deform_attn.py \
-    -k "gpu or low_precision or interpreter or triton"
-step kernel "$python" benchmarks/ms_deform_attn.py --device cuda
-step models "$python" benchmarks/gpu.py
-step train "$python" benchmarks/train_step.py --device cuda --repeats 10
+step device 20 sh -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; \
+    $python -c 'import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)'"
+# The Triton kernels on the GPU (every test parametrised with them, and torch.compile of a module
+# around them). The interpreter test is left out: it checks the same arithmetic on the CPU.
+step tests 180 "$python" -m pytest -q -p no:cacheprovider tests/test_ms_deform_attn.py \
+    -k "(triton or gpu) and not interpreter and not compile_for_an_h100"
+step models 180 "$python" benchmarks/gpu.py --profile 8
+step train 120 "$python" benchmarks/train_step.py --device cuda --repeats 10
+step kernel 60 "$python" benchmarks/ms_deform_attn.py --device cuda

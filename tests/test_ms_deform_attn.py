@@ -36,6 +36,12 @@ GPU_IMPLEMENTATIONS = (
 FOUR_LEVELS = [(7, 9), (4, 5), (2, 3), (1, 2)]  # unequal, non-square
 
 
+def on_device_of(implementation: str, tensors):
+    """``tensors`` moved to the device that ``implementation`` runs on."""
+    device = "cuda" if implementation in GPU_IMPLEMENTATIONS else "cpu"
+    return [t.to(device) for t in tensors]
+
+
 def make_inputs(
     spatial_shapes: list[tuple[int, int]],
     batch: int = 2,
@@ -227,10 +233,13 @@ def test_low_precision_matches_fp32_reference(dtype: torch.dtype, implementation
         assert_close_fp32(a.float(), e, name, rtol=LOW_PRECISION_RTOL[dtype])
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS + GPU_IMPLEMENTATIONS)
 def test_gradcheck_float64(implementation: str):
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = make_inputs(
+    inputs = make_inputs(
         [(3, 4), (2, 2)], batch=2, heads=2, channels=3, queries=3, points=2, dtype=torch.float64
+    )
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = on_device_of(
+        implementation, inputs
     )
 
     def attention(value, sampling_locations, attention_weights):
@@ -251,15 +260,15 @@ def every_other(tensor: Tensor, dim: int) -> Tensor:
     """A view equal to tensor, taking every other element of a twice larger one along dim."""
     shape = list(tensor.shape)
     shape[dim] *= 2
-    larger = torch.zeros(shape, dtype=tensor.dtype)
+    larger = torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
     view = larger.narrow(dim, 0, shape[dim]).unflatten(dim, (-1, 2)).select(dim + 1, 0)
     view.copy_(tensor)
     return view
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS + GPU_IMPLEMENTATIONS)
 def test_non_contiguous_inputs(implementation: str):
-    inputs = make_inputs(FOUR_LEVELS, channels=8)
+    inputs = on_device_of(implementation, make_inputs(FOUR_LEVELS, channels=8))
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = inputs
     strided = (
         value.transpose(2, 3).contiguous().transpose(2, 3),  # same values, permuted strides
@@ -275,11 +284,10 @@ def test_non_contiguous_inputs(implementation: str):
         assert_close_fp32(a, e, name)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS + GPU_IMPLEMENTATIONS)
 def test_nan_location_propagates(implementation: str):
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = make_inputs(
-        FOUR_LEVELS
-    )
+    inputs = on_device_of(implementation, make_inputs(FOUR_LEVELS))
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = inputs
     sampling_locations[0, 1, 2, 3, 0, 1] = float("nan")
     output = ms_deform_attn(
         value,
@@ -294,10 +302,12 @@ def test_nan_location_propagates(implementation: str):
     assert not output.isnan().any()
 
 
-def test_auto_picks_fused_kernel_on_cpu():
+def test_auto_picks_the_fused_kernel_of_the_device():
     expected = "cpu" if fused_kernel_available() else "reference"
     assert auto_implementation("cpu", torch.float32) == expected
     assert auto_implementation("cpu", torch.bfloat16) == expected
+    expected = "triton" if dispatch.triton_available() else "reference"
+    assert auto_implementation("cuda", torch.float16) == expected
     assert auto_implementation("meta", torch.float32) == "reference"
 
 
@@ -353,6 +363,7 @@ class TinyAttention(nn.Module):
     def __init__(self, spatial_shapes: Tensor, level_start_index: Tensor, heads: int, dim: int):
         super().__init__()
         self.heads = heads
+        self.implementation = "auto"
         self.value_proj = nn.Linear(dim, dim)
         self.output_proj = nn.Linear(dim, dim)
         self.register_buffer("spatial_shapes", spatial_shapes)
@@ -366,6 +377,7 @@ class TinyAttention(nn.Module):
             self.level_start_index,
             sampling_locations,
             attention_weights,
+            implementation=self.implementation,
         )  # [N, Lq, M*D]
         return self.output_proj(output)
 
@@ -380,9 +392,14 @@ def tiny_module_and_inputs():
     return module, (x, sampling_locations, attention_weights)
 
 
-@needs_fused
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize(
+    "implementation", [pytest.param("cpu", marks=needs_fused), *GPU_IMPLEMENTATIONS]
+)
+def test_torch_compile_fullgraph_matches_eager(implementation: str):
     module, inputs = tiny_module_and_inputs()
+    inputs = on_device_of(implementation, inputs)
+    module.implementation = implementation
+    module.to(inputs[0].device)
     compiled = torch.compile(module, fullgraph=True, backend="inductor")
 
     def run(fn):

@@ -36,10 +36,15 @@ def triton_available() -> bool:
 
 def auto_implementation(
     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> Literal["reference", "cpu"]:
+) -> Literal["reference", "cpu", "triton"]:
     """The implementation that ``implementation="auto"`` picks for inputs on ``device``."""
-    if torch.device(device).type == "cpu" and dtype in FUSED_DTYPES and fused_kernel_available():
+    device_type = torch.device(device).type
+    if dtype not in FUSED_DTYPES:
+        return "reference"
+    if device_type == "cpu" and fused_kernel_available():
         return "cpu"
+    if device_type == "cuda" and triton_available():
+        return "triton"
     return "reference"
 
 
@@ -73,10 +78,9 @@ def ms_deform_attn(
         sampling_locations: ``[N, Lq, M, L, P, 2]``, (x, y) normalised to [0, 1] per level;
             points off the map read zeros (bilinear, like grid_sample with align_corners=False).
         attention_weights: ``[N, Lq, M, L, P]``.
-        implementation: ``"auto"`` (fused CPU kernel when it applies, else reference),
-            ``"reference"`` (grid_sample), ``"cpu"`` (fused CPU kernel), ``"triton"`` (fused
-            Triton kernels for CUDA tensors; checked against the reference in Triton's
-            interpreter, not yet on a GPU, so "auto" does not pick it) or ``"portable"``
+        implementation: ``"auto"`` (the fused kernel for the inputs' device when it is
+            available, else reference), ``"reference"`` (grid_sample), ``"cpu"`` (fused CPU
+            kernel), ``"triton"`` (fused Triton kernels for CUDA tensors) or ``"portable"``
             (gathers with the level sizes kept as tensors, for ONNX export).
 
     Returns:
