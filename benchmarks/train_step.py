@@ -116,7 +116,7 @@ def compare(name: str, args) -> None:
     hf.to(device)
     if device.type == "cuda" and hasattr(ours, "set_attention_implementation"):
         ours.set_attention_implementation("triton")
-    criterion = build_criterion(ours.config)
+    criterion = build_criterion(ours.config).to(device)
     images, mask, targets = make_batch(
         args.batch, args.size, args.objects, ours.config.num_classes, device
     )

@@ -186,8 +186,12 @@ def test_triton_kernels_compile_for_an_h100(dtype: str):
 
     from detrkit.ops import ms_deform_attn_triton
 
-    constants = {"BLOCK_Q": ms_deform_attn_triton.BLOCK_Q, "BLOCK_D": 32, "ACC": tl.float32}
-    for kernel in (ms_deform_attn_triton._forward_kernel, ms_deform_attn_triton._backward_kernel):
+    kernels = {
+        ms_deform_attn_triton._forward_kernel: ms_deform_attn_triton.FORWARD_CONFIG,
+        ms_deform_attn_triton._backward_kernel: ms_deform_attn_triton.BACKWARD_CONFIG,
+    }
+    for kernel, config in kernels.items():
+        constants = {"BLOCK_Q": config.block_q, "BLOCK_D": 32, "ACC": tl.float32}
         signature, constexprs = {}, {}
         for index, param in enumerate(kernel.params):
             if param.is_constexpr:
@@ -202,7 +206,9 @@ def test_triton_kernels_compile_for_an_h100(dtype: str):
             else:
                 signature[param.name] = "i32"
         source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        compiled = triton.compile(
+            source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
+        )
         assert compiled.asm["cubin"], kernel.__name__
 
 

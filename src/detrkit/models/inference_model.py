@@ -80,15 +80,14 @@ def optimize_for_inference(
             the graph). It pays for many images of one size: the first call takes minutes, and
             so does each new size.
 
-    Deformable DETR's encoder MLP also runs over chunks of tokens (the same results, less
-    memory traffic), its attention's offsets and logits come from one matrix product, and its
+    Deformable DETR's attention's offsets and logits come from one matrix product, and its
     decoder samples the memory before projecting it (the same up to rounding; far less
-    arithmetic for 300 queries). Unless compiled, and with batch norms folded, the ResNet's
-    bottlenecks add their last convolution into the shortcut in place (no fresh output to
-    allocate and add; a block's input is overwritten, so keep no reference to the output of a
-    block inside a stage, e.g. from a forward hook), and unless compiled, a batch of
-    large images on a CPU runs a few images at a time (the same results; their activations stay
-    in cache).
+    arithmetic for 300 queries). On a CPU, its encoder MLP also runs over chunks of tokens (the
+    same results, less memory traffic); unless compiled, and with batch norms folded, the
+    ResNet's bottlenecks add their last convolution into the shortcut in place (no fresh output
+    to allocate and add; a block's input is overwritten, so keep no reference to the output of a
+    block inside a stage, e.g. from a forward hook), and unless compiled, a batch of large
+    images runs a few images at a time (the same results; their activations stay in cache).
     """
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
@@ -100,8 +99,9 @@ def optimize_for_inference(
         fold_batchnorms(optimized)
     if channels_last:
         optimized.to(memory_format=torch.channels_last)
+    on_cpu = device.type == "cpu"
     for module in optimized.modules():
-        if isinstance(module, DeformableTransformerEncoderLayer):
+        if isinstance(module, DeformableTransformerEncoderLayer) and on_cpu:
             module.ffn_chunk_tokens = ENCODER_MLP_CHUNK
         if isinstance(module, DeformableTransformerDecoderLayer):
             module.cross_attn.sample_before_projection = True
@@ -112,11 +112,13 @@ def optimize_for_inference(
         optimized.cpu_pixels_per_forward = CPU_PIXELS_PER_FORWARD
     # Both need the folded norms: an unfolded frozen norm runs its convolution through conv_norm,
     # which neither calls the convolution module nor lets conv3 accumulate into the shortcut.
-    if fold_batchnorm and not compile:
+    # Both are for CPUs: on a GPU a fresh output costs no page faults, and a 1x1 convolution
+    # run as a matrix product would lose cuDNN's TF32 (matrix products stay exact fp32 by default).
+    if fold_batchnorm and not compile and on_cpu:
         for module in optimized.modules():
             if isinstance(module, DetrkitBottleneck) and isinstance(module.bn3, nn.Identity):
                 module.accumulate_into_shortcut = True
-        if winograd and dtype == torch.float32 and device.type == "cpu":
+        if winograd and dtype == torch.float32:
             use_winograd_convolutions(optimized)
     optimized.to(dtype)
     # Freezing makes the weights constants, so inductor folds and pre-packs them.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 from typing import Literal
 
@@ -27,11 +26,14 @@ def fused_kernel_available() -> bool:
     return load_extension() is not None
 
 
-@torch.compiler.assume_constant_result
-@functools.cache
+# Looked up once, at import (finding it imports nothing): torch.compile cannot trace the lookup,
+# and on a GPU it runs inside the compiled model.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
     """Whether Triton is installed (it comes with torch's CUDA builds on Linux)."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def auto_implementation(

@@ -13,12 +13,24 @@ Triton is imported when this module is, so import it only where a kernel is want
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_Q = 64  # queries per program
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How a kernel is launched: queries per program and warps per program."""
+
+    block_q: int
+    num_warps: int
+
+
+FORWARD_CONFIG = LaunchConfig(block_q=64, num_warps=4)
+BACKWARD_CONFIG = LaunchConfig(block_q=64, num_warps=4)
 
 
 @triton.jit
@@ -179,17 +191,29 @@ def _backward_kernel(
             tl.store(grad_loc_ptr + 2 * point + 1, attention * grad_y * height, mask=valid)
 
 
-def _grid(value: Tensor, sampling_locations: Tensor) -> tuple[int, int]:
+def _grid(value: Tensor, sampling_locations: Tensor, config: LaunchConfig) -> tuple[int, int]:
     num_queries = sampling_locations.shape[1]
-    return (triton.cdiv(num_queries, BLOCK_Q), value.shape[0] * value.shape[2])
+    return (triton.cdiv(num_queries, config.block_q), value.shape[0] * value.shape[2])
 
 
-def _sizes(value: Tensor, sampling_locations: Tensor) -> dict:
+def _sizes(value: Tensor, sampling_locations: Tensor, config: LaunchConfig) -> dict:
+    """The kernels' size arguments and compile-time constants, and the launch's warps."""
     _, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     accumulate = tl.float64 if value.dtype == torch.float64 else tl.float32
     block_d = triton.next_power_of_2(D)
-    return dict(S=S, Lq=Lq, M=M, D=D, L=L, P=P, BLOCK_Q=BLOCK_Q, BLOCK_D=block_d, ACC=accumulate)
+    return dict(
+        S=S,
+        Lq=Lq,
+        M=M,
+        D=D,
+        L=L,
+        P=P,
+        BLOCK_Q=config.block_q,
+        BLOCK_D=block_d,
+        ACC=accumulate,
+        num_warps=config.num_warps,
+    )
 
 
 def _accumulation_dtype(value: Tensor) -> torch.dtype:
@@ -202,19 +226,20 @@ def forward(
     level_start_index: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
+    config: LaunchConfig = FORWARD_CONFIG,
 ) -> Tensor:
     """``[N, Lq, M * D]`` in value's dtype; contiguous inputs, shapes as in
     :func:`detrkit.ops.ms_deform_attn`."""
     N, _, M, D = value.shape
     output = value.new_empty(N, sampling_locations.shape[1], M * D)
-    _forward_kernel[_grid(value, sampling_locations)](
+    _forward_kernel[_grid(value, sampling_locations, config)](
         value,
         spatial_shapes,
         level_start_index,
         sampling_locations,
         attention_weights,
         output,
-        **_sizes(value, sampling_locations),
+        **_sizes(value, sampling_locations, config),
     )
     return output
 
@@ -226,6 +251,7 @@ def backward(
     sampling_locations: Tensor,
     attention_weights: Tensor,
     grad_output: Tensor,
+    config: LaunchConfig = BACKWARD_CONFIG,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_value, grad_sampling_locations, grad_attention_weights)`` in the inputs' dtypes."""
     # Many (query, point) pairs add into the same value rows: accumulate them in fp32 (fp64).
@@ -233,7 +259,7 @@ def backward(
     grad_value = torch.zeros(value.shape, **accumulate)
     grad_locations = torch.empty(sampling_locations.shape, **accumulate)
     grad_weights = torch.empty(attention_weights.shape, **accumulate)
-    _backward_kernel[_grid(value, sampling_locations)](
+    _backward_kernel[_grid(value, sampling_locations, config)](
         value,
         spatial_shapes,
         level_start_index,
@@ -243,7 +269,7 @@ def backward(
         grad_value,
         grad_locations,
         grad_weights,
-        **_sizes(value, sampling_locations),
+        **_sizes(value, sampling_locations, config),
     )
     return (
         grad_value.to(value.dtype),
