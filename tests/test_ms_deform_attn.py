@@ -358,6 +358,18 @@ def test_invalid_inputs_name_the_argument(case: str):
         ms_deform_attn(*inputs)
 
 
+def test_checks_never_read_level_sizes_off_the_cpu():
+    """On a GPU, reading spatial_shapes or level_start_index makes the host wait for all queued
+    work. Meta tensors have no values: any read fails, so passing the checks shows none."""
+    from detrkit.ops._validation import check_ms_deform_attn_inputs
+
+    inputs = [t.to("meta") for t in make_inputs(FOUR_LEVELS)]
+    check_ms_deform_attn_inputs(*inputs)
+    # Checks of shapes and dtypes still apply.
+    with pytest.raises(ValueError, match="level_start_index"):
+        check_ms_deform_attn_inputs(*_set(STARTS, lambda t: t[:-1])(inputs))
+
+
 def test_invalid_implementation():
     with pytest.raises(ValueError, match="implementation"):
         ms_deform_attn(*make_inputs(FOUR_LEVELS), implementation="cuda")

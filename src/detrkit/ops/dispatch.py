@@ -76,7 +76,8 @@ def ms_deform_attn(
     Args:
         value: ``[N, S, M, D]``, the L levels flattened row-major and concatenated along S.
         spatial_shapes: int64 ``[L, 2]``, (H, W) of each level.
-        level_start_index: int64 ``[L]``, exclusive cumsum of H * W.
+        level_start_index: int64 ``[L]``, exclusive cumsum of H * W. Both are checked against
+            value only on the CPU: reading them off a GPU would make the host wait for it.
         sampling_locations: ``[N, Lq, M, L, P, 2]``, (x, y) normalised to [0, 1] per level;
             points off the map read zeros (bilinear, like grid_sample with align_corners=False).
         attention_weights: ``[N, Lq, M, L, P]``.
