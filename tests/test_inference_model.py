@@ -324,3 +324,33 @@ def test_optimize_for_inference_sets_the_in_place_residuals_of_folded_blocks(mod
     assert not any(
         m.accumulate_into_shortcut for m in unfolded.modules() if isinstance(m, Bottleneck)
     )
+
+
+@pytest.mark.parametrize("name", ["detr_r50", "deformable_detr_two_stage"])
+def test_off_a_cpu_the_forward_reads_no_values_and_skips_the_cpu_workarounds(name):
+    """On a GPU, every read of a tensor's values (``.item()``, ``bool()``, ``.cpu()``) makes
+    the host wait for the queued work. Meta tensors have no values, so any read fails: a whole
+    forward on them shows that inference reads none. The device also stands in for a GPU in
+    what optimize_for_inference chooses: none of its CPU-only steps."""
+    from detrkit.models.backbone import Bottleneck
+    from detrkit.models.deformable_transformer import DeformableTransformerEncoderLayer
+    from detrkit.ops.winograd import WinogradConv2d
+
+    with torch.device("meta"):
+        model = detrkit.build_model(name, num_queries=20, **SMALL).eval()
+    if hasattr(model, "set_attention_implementation"):
+        # The fused kernels need a real device; the portable operator is the model's only
+        # other path, and it too must not read the level sizes.
+        model.set_attention_implementation("portable")
+    for precision in ("fp32", "bf16"):
+        optimized = optimize_for_inference(model, precision)
+        modules = list(optimized.modules())
+        assert not any(isinstance(m, WinogradConv2d) for m in modules)
+        assert not any(m.accumulate_into_shortcut for m in modules if isinstance(m, Bottleneck))
+        encoder_layers = [m for m in modules if isinstance(m, DeformableTransformerEncoderLayer)]
+        assert all(layer.ffn_chunk_tokens is None for layer in encoder_layers)
+        images = torch.empty(2, 3, 96, 128, device="meta")
+        mask = torch.zeros(2, 96, 128, device="meta", dtype=torch.bool)
+        with torch.no_grad():
+            outputs = optimized(images, mask)
+        assert outputs["pred_boxes"].shape == (2, optimized.config.num_queries, 4)
