@@ -1,7 +1,7 @@
 """DETR and Deformable DETR on a GPU against Hugging Face transformers: latency, throughput, memory.
 
     python benchmarks/gpu.py [--models detr deformable_detr] [--size 800 1066] [--batch 8]
-                             [--repeats 20] [--device cuda] [--profile N]
+                             [--repeats 20] [--device cuda] [--profile N] [--compile]
 
 For each model a randomly initialised transformers model is saved with save_pretrained and loaded
 with detrkit.load, so both run the same weights on the same normalised image. Timed (after
@@ -10,7 +10,8 @@ warm-ups, with the device synchronised around each call):
 - transformers fp32, and transformers under bf16 autocast;
 - detrkit prepared by ``optimize_for_inference`` in fp32, bf16 and fp16, Deformable DETR's
   attention on the fused Triton kernels (``implementation="triton"``), and for Deformable DETR
-  once more in fp32 with the grid_sample reference attention.
+  once more in fp32 with the grid_sample reference attention; with ``--compile``, detrkit fp32
+  and bf16 compiled by ``torch.compile`` too.
 
 Prints per path: batch-1 latency (median), images/s at ``--batch``, the peak of allocated GPU
 memory in a batch-1 forward, the largest difference of the logits from transformers fp32, and
@@ -59,7 +60,7 @@ def peak_memory_mb(run, device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def paths(hf: torch.nn.Module, directory: str, device: torch.device) -> dict:
+def paths(hf: torch.nn.Module, directory: str, device: torch.device, compile: bool) -> dict:
     """Every path to time: its name -> a callable on (images, mask) that returns the logits.
     ``directory`` holds ``hf``'s weights, saved with save_pretrained."""
     hf = hf.to(device)
@@ -85,6 +86,10 @@ def paths(hf: torch.nn.Module, directory: str, device: torch.device) -> dict:
                 found["detrkit fp32, grid_sample attn"] = logits_of(reference)
             model.set_attention_implementation("triton")
         found[f"detrkit {precision}"] = logits_of(model)
+    if compile:  # "auto" attention: the Triton kernels on a GPU
+        for precision in ("fp32", "bf16"):
+            compiled = optimize_for_inference(ours, precision, compile=True)
+            found[f"detrkit {precision} compiled"] = logits_of(compiled)
     return found
 
 
@@ -121,7 +126,7 @@ def compare(name: str, args, device: torch.device) -> None:
         hf = hf_model(name)
         hf.save_pretrained(directory)
         with torch.inference_mode():
-            runs = paths(hf, directory, device)
+            runs = paths(hf, directory, device, args.compile)
             reference = runs["transformers fp32"](images, mask).float()
             rows = {}
             for key, run in runs.items():
@@ -160,6 +165,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time detrkit fp32 and bf16 compiled by torch.compile (minutes to compile)",
+    )
     parser.add_argument(
         "--profile",
         type=int,

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Issue 8's GPU checks in one run, for a session lent a GPU: the GPU tests of the deformable
 # attention kernels, the end-to-end comparison with transformers (with a GPU profile), the
-# training step against transformers', the kernel benchmark and the kernels' launch
-# configurations, most important first. Meant for the device machines, whose python3 holds
-# torch, Triton and transformers; detrkit runs from src/. Each step has its own time limit, so
-# that one that hangs leaves time to the rest; every step's output is shown and kept in $OUT
-# (default /tmp/gpu_check).
+# training step against transformers', the kernel benchmark, the kernels' launch configurations
+# and the models compiled by torch.compile, most important first. Meant for the device machines,
+# whose python3 holds torch, Triton and transformers; detrkit runs from src/. Each step has its
+# own time limit, so that one that hangs leaves time to the rest; every step's output is shown
+# and kept in $OUT (default /tmp/gpu_check).
 #
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -33,3 +33,5 @@ step models 180 "$python" benchmarks/gpu.py --profile 8
 step train 120 "$python" benchmarks/train_step.py --device cuda --repeats 10
 step kernel 60 "$python" benchmarks/ms_deform_attn.py --device cuda
 step tuning 180 "$python" benchmarks/ms_deform_attn_tuning.py
+# Last, as it may not finish in the time left: compiling takes minutes per model and precision.
+step compiled 300 "$python" benchmarks/gpu.py --compile --models deformable_detr detr

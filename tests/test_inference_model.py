@@ -117,6 +117,20 @@ def test_compiled_deformable_detr_keeps_the_answers(models):
         torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=0)
 
 
+def test_compiled_detr_keeps_the_answers_at_a_second_batch_size():
+    """compile=True, then a batch of one image and a padded batch of two, which recompiles.
+    inductor's frozen-weight Linear views its input as a matrix, which failed on the decoder
+    attention's transposed output at batch sizes above one. About 30 s to compile here."""
+    model = small_model("detr", enc_layers=1, dec_layers=1)
+    compiled = optimize_for_inference(model, compile=True)
+    images, mask = padded_batch()
+    for batch in (1, 2):
+        expected = run(model, images[:batch], mask[:batch])
+        got = run(compiled, images[:batch], mask[:batch])
+        for key in ("pred_logits", "pred_boxes"):
+            torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("images_per_forward", [1, 2])
 def test_batches_split_into_chunks_of_images_keep_every_output(images_per_forward):
     """Every output (auxiliary layers and two-stage proposals included) of a batch of three, one

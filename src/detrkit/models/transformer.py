@@ -116,9 +116,13 @@ class TransformerDecoderLayer(nn.Module):
         query_pos: Tensor | None,
     ) -> Tensor:
         # tgt, query_pos: [B, Q, C]; memory, pos: [B, HW, C]; memory_key_padding_mask: [B, HW]
+        # The attention outputs are made contiguous: nn.MultiheadAttention returns [B, Q, C]
+        # stored as [Q, B, C], and inductor's frozen-weight Linear (optimize_for_inference with
+        # compile=True) views the MLP's input as [B * Q, C], which fails for those strides at
+        # batch sizes above one (torch 2.14). A copy of [B, Q, C] costs nothing here.
         def self_attention(x: Tensor) -> Tensor:
             q = k = _with_pos(x, query_pos)
-            return self.self_attn(q, k, x, need_weights=False)[0]
+            return self.self_attn(q, k, x, need_weights=False)[0].contiguous()
 
         def cross_attention(x: Tensor) -> Tensor:
             return self.multihead_attn(
@@ -127,7 +131,7 @@ class TransformerDecoderLayer(nn.Module):
                 memory,
                 key_padding_mask=memory_key_padding_mask,
                 need_weights=False,
-            )[0]
+            )[0].contiguous()
 
         if self.normalize_before:
             tgt = tgt + self.dropout1(self_attention(self.norm1(tgt)))
