@@ -115,23 +115,23 @@ def test_train_checkpoint_eval_finetune_from_the_cli(tmp_path, capsys):
     assert config.lr == 2e-4 and config.lr_linear_proj_mult == 0.1  # the recipe's values
 
     out = tmp_path / "eval"
-    args = [
-        "eval",
-        "--weights",
-        str(run_dir / "checkpoint.pth"),
-        "--data",
-        "digits",
-        "--digits-val",
-        "4",
-        "--image-scale",
-        "0.12",
-        "--out",
-        str(out),
-    ]
-    assert main(args) == 0
+    args = ["eval", "--weights", str(run_dir / "checkpoint.pth"), "--data", "digits"]
+    capsys.readouterr()
+    # The data settings come from the training run: its images, scale and batch size.
+    assert main([*args, "--out", str(out)]) == 0
+    assert "the training run's batch_size=2, image_scale=0.12" in capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     # The same weights on the same images: the numbers the training run logged.
     assert metrics == {k: evaluation[k] for k in COCO_METRICS}
+
+    def images_evaluated() -> int:
+        return len({entry["image_id"] for entry in json.loads((out / "results.json").read_text())})
+
+    assert images_evaluated() == 4
+    # Options given on the command line win.
+    assert main([*args, "--digits-val", "3", "--out", str(out)]) == 0
+    assert "digits_val" not in capsys.readouterr().err
+    assert images_evaluated() == 3
     model = detrkit.load(run_dir / "checkpoint.pth")
     assert model.config.class_names == [str(d) for d in range(10)]
 

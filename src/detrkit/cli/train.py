@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 from detrkit.engine.config import TrainConfig
@@ -76,15 +77,24 @@ def add_train_commands(commands) -> None:
     evaluate.add_argument("--weights", required=True, help="anything detrkit.load reads")
     evaluate.add_argument("--data", required=True, help="digits or coco:VAL_IMAGES,VAL_JSON")
     evaluate.add_argument("--out", type=Path, help="write metrics.json and results.json here")
-    evaluate.add_argument("--batch-size", type=int, default=2)
-    evaluate.add_argument("--image-scale", type=float, default=1.0)
+    # Data settings default to the training run's when --weights is a checkpoint of detrkit
+    # train (evaluate_run.training_data_settings), else to evaluate_run.EVAL_DEFAULTS.
+    from_run = " (default: the training run's for a detrkit train checkpoint, else {})"
+    evaluate.add_argument("--batch-size", type=int, help="images per batch" + from_run.format(2))
+    evaluate.add_argument(
+        "--image-scale", type=float, help="image size factor" + from_run.format(1.0)
+    )
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     add_precision_option(evaluate, default=None)
     evaluate.add_argument("--workers", type=int, default=0)
-    evaluate.add_argument("--digits-val", type=int, default=200)
-    evaluate.add_argument("--seed", type=int, default=42)
-    evaluate.add_argument("--label-mapping", default="contiguous", choices=["contiguous", "coco"])
+    evaluate.add_argument("--digits-val", type=int, help="digits images" + from_run.format(200))
+    evaluate.add_argument("--seed", type=int, help="digits split seed" + from_run.format(42))
+    evaluate.add_argument(
+        "--label-mapping",
+        choices=["contiguous", "coco"],
+        help="class numbering" + from_run.format("contiguous"),
+    )
     evaluate.set_defaults(run=run_eval)
 
 
@@ -115,20 +125,32 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from detrkit.engine.evaluate_run import evaluate_checkpoint
+    from detrkit.engine.evaluate_run import (
+        EVAL_DEFAULTS,
+        evaluate_checkpoint,
+        training_data_settings,
+    )
 
+    from_run = training_data_settings(args.weights)
+    given = {name: getattr(args, name) for name in EVAL_DEFAULTS}
+    settings = {**EVAL_DEFAULTS, **from_run}
+    settings.update({name: value for name, value in given.items() if value is not None})
+    taken = {name: from_run[name] for name in from_run if given[name] is None}
+    if taken:
+        listed = ", ".join(f"{name}={value}" for name, value in taken.items())
+        print(f"detrkit eval: the training run's {listed}", file=sys.stderr)
     numbers = evaluate_checkpoint(
         args.weights,
         args.data,
         args.out,
-        args.batch_size,
-        args.image_scale,
+        settings["batch_size"],
+        settings["image_scale"],
         args.device,
         args.amp,
         args.workers,
-        args.digits_val,
-        args.seed,
-        args.label_mapping,
+        settings["digits_val"],
+        settings["seed"],
+        settings["label_mapping"],
         precision=args.precision,
     )
     print(json.dumps(numbers, indent=2))

@@ -34,18 +34,47 @@ def validation_set(
     raise ValueError(f"--data {data!r}: expected 'digits' or 'coco:...'")
 
 
+# What evaluate_checkpoint's data settings default to, and which fields of a training run's
+# TrainConfig they come from when the weights are a checkpoint written by ``detrkit train``.
+EVAL_DEFAULTS = {
+    "batch_size": 2,
+    "image_scale": 1.0,
+    "digits_val": 200,
+    "seed": 42,
+    "label_mapping": "contiguous",
+}
+
+
+def training_data_settings(weights: str | Path) -> dict:
+    """The data settings (those of :data:`EVAL_DEFAULTS`) of the training run that wrote
+    ``weights``, when it is a checkpoint of ``detrkit train``; else an empty dict.
+
+    Deformable DETR's outputs depend on the padding of a batch and on the image scale, so
+    evaluating as the run did reproduces the numbers it logged."""
+    path = Path(weights)
+    if not path.is_file() or path.suffix == ".safetensors":
+        return {}
+    from detrkit.checkpoints.official import read_torch_file
+
+    checkpoint = read_torch_file(path)
+    run = checkpoint.get("train_config") if isinstance(checkpoint, dict) else None
+    if not isinstance(run, dict):
+        return {}
+    return {name: run[name] for name in EVAL_DEFAULTS if name in run}
+
+
 def evaluate_checkpoint(
     weights: str,
     data: str,
     out: Path | None = None,
-    batch_size: int = 2,
-    image_scale: float = 1.0,
+    batch_size: int = EVAL_DEFAULTS["batch_size"],
+    image_scale: float = EVAL_DEFAULTS["image_scale"],
     device: str = "cpu",
     amp: str = "none",
     workers: int = 0,
-    digits_val: int = 200,
-    seed: int = 42,
-    label_mapping: str = "contiguous",
+    digits_val: int = EVAL_DEFAULTS["digits_val"],
+    seed: int = EVAL_DEFAULTS["seed"],
+    label_mapping: str = EVAL_DEFAULTS["label_mapping"],
     precision: str | None = None,
 ) -> dict[str, float | None]:
     """Loads ``weights``, predicts the validation split and returns the 12 COCO numbers; with
