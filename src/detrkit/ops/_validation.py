@@ -72,13 +72,12 @@ def check_ms_deform_attn_inputs(
         )
 
     # Reading the level sizes needs concrete values, which traced (fake) tensors do not have;
-    # the fused CPU kernel repeats these checks at run time, so nothing goes unchecked there.
-    # Off the CPU they are not read at all: on a GPU each read makes the host wait for all
-    # queued work, three times per call, and the GPU then idles while the host queues the next
-    # layer (likely why, on an H200, Deformable DETR's batch-1 forward took longer than
-    # transformers' though its GPU work was less). The models build them from the feature
-    # maps' own sizes.
-    if torch.compiler.is_compiling() or spatial_shapes.device.type != "cpu":
+    # the fused CPU kernel repeats these checks at run time. Off the CPU they are not read at
+    # all: on a GPU each read would make the host wait for all queued work, at every layer. The
+    # models build them from the feature maps' own sizes, and the Triton kernels read zeros for
+    # rows outside value rather than memory past it.
+    on_cpu = spatial_shapes.device.type == "cpu" and level_start_index.device.type == "cpu"
+    if torch.compiler.is_compiling() or not on_cpu:
         return
     areas = spatial_shapes[:, 0] * spatial_shapes[:, 1]
     if bool((spatial_shapes <= 0).any()):

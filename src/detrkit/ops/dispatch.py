@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Literal
 
@@ -36,16 +37,33 @@ def triton_available() -> bool:
     return _TRITON_INSTALLED
 
 
+@functools.cache
+def _gpu_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    """Whether Triton is installed and compiles for this GPU (compute capability 7.0 or newer)."""
+    if not triton_available():
+        return False
+    if torch.compiler.is_compiling():  # inductor needs such a GPU itself
+        return True
+    if not torch.cuda.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _gpu_capability(index) >= (7, 0)
+
+
 def auto_implementation(
     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> Literal["reference", "cpu", "triton"]:
     """The implementation that ``implementation="auto"`` picks for inputs on ``device``."""
-    device_type = torch.device(device).type
+    device = torch.device(device)
     if dtype not in FUSED_DTYPES:
         return "reference"
-    if device_type == "cpu" and fused_kernel_available():
+    if device.type == "cpu" and fused_kernel_available():
         return "cpu"
-    if device_type == "cuda" and triton_available():
+    if device.type == "cuda" and _triton_runs_on(device):
         return "triton"
     return "reference"
 
@@ -78,6 +96,7 @@ def ms_deform_attn(
         spatial_shapes: int64 ``[L, 2]``, (H, W) of each level.
         level_start_index: int64 ``[L]``, exclusive cumsum of H * W. Both are checked against
             value only on the CPU: reading them off a GPU would make the host wait for it.
+            There, wrong level sizes give wrong results (rows past value read as zeros).
         sampling_locations: ``[N, Lq, M, L, P, 2]``, (x, y) normalised to [0, 1] per level;
             points off the map read zeros (bilinear, like grid_sample with align_corners=False).
         attention_weights: ``[N, Lq, M, L, P]``.
@@ -112,4 +131,12 @@ def ms_deform_attn(
         )
     if not available():
         raise RuntimeError(f"implementation={implementation!r} requested but {missing}")
+    # The kernels read the level sizes where value is (the reference takes them anywhere).
+    inputs = (
+        value,
+        spatial_shapes.to(value.device),
+        level_start_index.to(value.device),
+        sampling_locations,
+        attention_weights,
+    )
     return kernel(*[tensor.contiguous() for tensor in inputs])

@@ -13,6 +13,8 @@ Triton is imported when this module is, so import it only where a kernel is want
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +83,14 @@ def _program_tile(S, Lq, M, D, L, P, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexp
 
 
 @triton.jit
+def _value_row(start, pixel, inside, S):
+    """A corner's row of value, and whether to read it: level sizes are not checked against
+    value on a GPU (that would wait for it), so wrong ones read zeros, never past value."""
+    row = start + pixel
+    return row, inside & (row >= 0) & (row < S)
+
+
+@triton.jit
 def _level(shapes_ptr, starts_ptr, level):
     """A level's height, width and first row in value."""
     height = tl.load(shapes_ptr + 2 * level)
@@ -123,7 +133,8 @@ def _forward_kernel(
                 pixel, inside, weight, _, _ = _bilinear_corner(
                     x0, y0, fx, fy, width, height, valid, corner % 2, corner // 2
                 )
-                rows = head_offset + (start + pixel)[:, None] * row_stride + d[None, :]
+                row, inside = _value_row(start, pixel, inside, S)
+                rows = head_offset + row[:, None] * row_stride + d[None, :]
                 tile = tl.load(value_ptr + rows, mask=inside[:, None] & d_ok[None, :], other=0.0)
                 acc += (attention * weight)[:, None] * tile.to(ACC)
     acc = tl.where(poisoned[:, None], float("nan"), acc)
@@ -172,7 +183,8 @@ def _backward_kernel(
                 pixel, inside, weight, dweight_dx, dweight_dy = _bilinear_corner(
                     x0, y0, fx, fy, width, height, valid, corner % 2, corner // 2
                 )
-                offsets = head_offset + (start + pixel)[:, None] * row_stride + d[None, :]
+                row, inside = _value_row(start, pixel, inside, S)
+                offsets = head_offset + row[:, None] * row_stride + d[None, :]
                 tile_mask = inside[:, None] & d_ok[None, :]
                 tile = tl.load(value_ptr + offsets, mask=tile_mask, other=0.0).to(ACC)
                 # grad_output . value[corner]: how the sample moves the output.
@@ -216,6 +228,30 @@ def _sizes(value: Tensor, sampling_locations: Tensor, config: LaunchConfig) -> d
     )
 
 
+def alert_not_deterministic() -> None:
+    """Under ``torch.use_deterministic_algorithms(True)``, what torch's own non-deterministic
+    operators do: raise, or warn with ``warn_only=True``. The backward's atomic additions into
+    grad_value sum in whatever order the GPU runs them."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (
+        "ms_deform_attn's Triton backward is not deterministic (atomic additions into grad_value)"
+    )
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, stacklevel=3)
+        return
+    raise RuntimeError(
+        f"{message}, but torch.use_deterministic_algorithms(True) is set; "
+        "torch.use_deterministic_algorithms(True, warn_only=True) allows it"
+    )
+
+
+def _on_device_of(value: Tensor):
+    """A context that makes value's GPU the current one (nothing for CPU tensors, which run in
+    Triton's interpreter)."""
+    return torch.cuda.device(value.device) if value.is_cuda else contextlib.nullcontext()
+
+
 def _accumulation_dtype(value: Tensor) -> torch.dtype:
     return torch.float64 if value.dtype == torch.float64 else torch.float32
 
@@ -232,15 +268,17 @@ def forward(
     :func:`detrkit.ops.ms_deform_attn`."""
     N, _, M, D = value.shape
     output = value.new_empty(N, sampling_locations.shape[1], M * D)
-    _forward_kernel[_grid(value, sampling_locations, config)](
-        value,
-        spatial_shapes,
-        level_start_index,
-        sampling_locations,
-        attention_weights,
-        output,
-        **_sizes(value, sampling_locations, config),
-    )
+    # Triton launches on the current device and its stream: make that value's device.
+    with _on_device_of(value):
+        _forward_kernel[_grid(value, sampling_locations, config)](
+            value,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+            output,
+            **_sizes(value, sampling_locations, config),
+        )
     return output
 
 
@@ -259,18 +297,20 @@ def backward(
     grad_value = torch.zeros(value.shape, **accumulate)
     grad_locations = torch.empty(sampling_locations.shape, **accumulate)
     grad_weights = torch.empty(attention_weights.shape, **accumulate)
-    _backward_kernel[_grid(value, sampling_locations, config)](
-        value,
-        spatial_shapes,
-        level_start_index,
-        sampling_locations,
-        attention_weights,
-        grad_output,
-        grad_value,
-        grad_locations,
-        grad_weights,
-        **_sizes(value, sampling_locations, config),
-    )
+    alert_not_deterministic()
+    with _on_device_of(value):
+        _backward_kernel[_grid(value, sampling_locations, config)](
+            value,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+            grad_output,
+            grad_value,
+            grad_locations,
+            grad_weights,
+            **_sizes(value, sampling_locations, config),
+        )
     return (
         grad_value.to(value.dtype),
         grad_locations.to(sampling_locations.dtype),
