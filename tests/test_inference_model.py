@@ -353,8 +353,8 @@ def test_off_a_cpu_the_forward_reads_no_values_and_skips_the_cpu_workarounds(nam
     with torch.device("meta"):
         model = detrkit.build_model(name, num_queries=20, **SMALL).eval()
     if hasattr(model, "set_attention_implementation"):
-        # The fused kernels need a real device; the portable operator is the model's only
-        # other path, and it too must not read the level sizes.
+        # The fused kernels need a real device, and the reference reads the level sizes to
+        # split value by level; the portable operator keeps them as tensors.
         model.set_attention_implementation("portable")
     for precision in ("fp32", "bf16"):
         optimized = optimize_for_inference(model, precision)

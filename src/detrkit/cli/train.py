@@ -136,6 +136,8 @@ def run_eval(args: argparse.Namespace) -> int:
     settings = {**EVAL_DEFAULTS, **from_run}
     settings.update({name: value for name, value in given.items() if value is not None})
     taken = {name: from_run[name] for name in from_run if given[name] is None}
+    if args.data != "digits":  # the digits split's settings do not apply
+        taken = {k: v for k, v in taken.items() if k not in ("digits_val", "seed")}
     if taken:
         listed = ", ".join(f"{name}={value}" for name, value in taken.items())
         print(f"detrkit eval: the training run's {listed}", file=sys.stderr)

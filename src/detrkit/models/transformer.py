@@ -119,7 +119,7 @@ class TransformerDecoderLayer(nn.Module):
         # The attention outputs are made contiguous: nn.MultiheadAttention returns [B, Q, C]
         # stored as [Q, B, C], and inductor's frozen-weight Linear (optimize_for_inference with
         # compile=True) views the MLP's input as [B * Q, C], which fails for those strides at
-        # batch sizes above one (torch 2.14). A copy of [B, Q, C] costs nothing here.
+        # batch sizes above one (torch 2.14). The copy is small: [B, Q, C] with Q queries.
         def self_attention(x: Tensor) -> Tensor:
             q = k = _with_pos(x, query_pos)
             return self.self_attn(q, k, x, need_weights=False)[0].contiguous()
