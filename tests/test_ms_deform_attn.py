@@ -161,7 +161,8 @@ def test_gpu_fp32_matches_reference(implementation: str, case: str):
 @pytest.mark.skipif(not dispatch.triton_available(), reason="Triton is not installed")
 def test_triton_kernels_match_reference_in_the_interpreter():
     """The GPU kernels' arithmetic, run on the CPU by Triton's interpreter: forward and backward
-    of every case above, a partial block of queries, fp64 and NaN (triton_interpreter_check.py)."""
+    of every case above, a partial block of queries, fp64, NaN and rows past value
+    (triton_interpreter_check.py)."""
     script = Path(__file__).with_name("triton_interpreter_check.py")
     result = subprocess.run(
         [sys.executable, script.name],
@@ -171,7 +172,7 @@ def test_triton_kernels_match_reference_in_the_interpreter():
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(": ok") == len(CASES) + 3, result.stdout
+    assert result.stdout.count(": ok") == len(CASES) + 4, result.stdout
 
 
 @pytest.mark.skipif(not dispatch.triton_available(), reason="Triton is not installed")

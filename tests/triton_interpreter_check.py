@@ -1,6 +1,7 @@
 """Checks the Triton kernels of multi-scale deformable attention on the CPU, in Triton's
 interpreter, against the grid_sample reference: forward and backward, every case of
-test_ms_deform_attn.py, partial query blocks, points off the map, fp64 and NaN.
+test_ms_deform_attn.py, partial query blocks, points off the map, fp64, NaN, and level
+sizes that reach past value.
 
 Run by test_ms_deform_attn.py in a subprocess, because TRITON_INTERPRET must be set before the
 kernels are defined: ``TRITON_INTERPRET=1 python tests/triton_interpreter_check.py``. Exits
@@ -63,6 +64,21 @@ def main() -> None:
     output[0, 1, 2] = 0
     assert not output.isnan().any(), "a NaN location must not reach other queries or heads"
     print("nan: ok")
+
+    # Level sizes are not checked against value on a GPU: rows past value must read zeros
+    # (not memory past the tensor) and take no gradient, as if value went on with zero rows.
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(FOUR_LEVELS)
+    shifted = level_start_index + 5  # the last level's rows now run past value
+    longer = torch.cat([value, value.new_zeros(value.shape[0], 5, *value.shape[2:])], 1)
+    grad_output = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * value.shape[3])
+    for what, past, within in zip(
+        NAMES,
+        triton_output_and_grads((value, spatial_shapes, shifted, locations, weights), grad_output),
+        triton_output_and_grads((longer, spatial_shapes, shifted, locations, weights), grad_output),
+    ):
+        within = within[:, : value.shape[1]] if what == "grad_value" else within
+        torch.testing.assert_close(past, within, rtol=0, atol=0, msg=f"rows past value: {what}")
+    print("rows_past_value: ok")
 
 
 if __name__ == "__main__":
