@@ -12,37 +12,23 @@ marked. The configuration in use is ``FORWARD_CONFIG`` / ``BACKWARD_CONFIG`` of
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import functools
 
 import torch
-from ms_deform_attn import make_inputs
+from ms_deform_attn import make_inputs, median_seconds
 
 FORWARD_CANDIDATES = [(q, w) for q in (16, 32, 64, 128) for w in (1, 2, 4, 8)]
 BACKWARD_CANDIDATES = [(q, w) for q in (16, 32, 64) for w in (2, 4, 8)]
 
 
-def median_ms(fn, device: str, repeats: int) -> float:
-    for _ in range(3):  # compiles on the first call
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def batched(inputs, batch: int):
     """The inputs of one image repeated over ``batch`` images."""
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = inputs
-    repeat = [t.expand(batch, *t.shape[1:]).contiguous() for t in (value, sampling_locations)]
-    weights = attention_weights.expand(batch, *attention_weights.shape[1:]).contiguous()
-    return repeat[0], spatial_shapes, level_start_index, repeat[1], weights
+    value, sampling_locations, attention_weights = (
+        t.expand(batch, *t.shape[1:]).contiguous()
+        for t in (value, sampling_locations, attention_weights)
+    )
+    return value, spatial_shapes, level_start_index, sampling_locations, attention_weights
 
 
 def sweep(name: str, run, candidates, device: str, repeats: int, current) -> None:
@@ -51,7 +37,8 @@ def sweep(name: str, run, candidates, device: str, repeats: int, current) -> Non
     timings = {}
     for block_q, num_warps in candidates:
         config = LaunchConfig(block_q, num_warps)
-        timings[config] = median_ms(lambda config=config: run(config), device, repeats)
+        # 3 warm-up calls: the first compiles.
+        timings[config] = 1e3 * median_seconds(functools.partial(run, config), device, 3, repeats)
     best = min(timings, key=timings.get)
     print(f"\n{name}: ms per call (* fastest, = in use)")
     for config, ms in timings.items():

@@ -246,10 +246,16 @@ def alert_not_deterministic() -> None:
     )
 
 
-def _on_device_of(value: Tensor):
-    """A context that makes value's GPU the current one (nothing for CPU tensors, which run in
-    Triton's interpreter)."""
-    return torch.cuda.device(value.device) if value.is_cuda else contextlib.nullcontext()
+def _launch(kernel, config: LaunchConfig, value: Tensor, *tensors: Tensor) -> None:
+    """Runs ``kernel`` on ``(value, *tensors)`` over its grid, sizes from value and the sampling
+    locations (``tensors[2]``), on value's GPU: Triton launches on the current device and its
+    stream (CPU tensors run in Triton's interpreter)."""
+    sampling_locations = tensors[2]
+    guard = torch.cuda.device(value.device) if value.is_cuda else contextlib.nullcontext()
+    with guard:
+        kernel[_grid(value, sampling_locations, config)](
+            value, *tensors, **_sizes(value, sampling_locations, config)
+        )
 
 
 def _accumulation_dtype(value: Tensor) -> torch.dtype:
@@ -268,17 +274,16 @@ def forward(
     :func:`detrkit.ops.ms_deform_attn`."""
     N, _, M, D = value.shape
     output = value.new_empty(N, sampling_locations.shape[1], M * D)
-    # Triton launches on the current device and its stream: make that value's device.
-    with _on_device_of(value):
-        _forward_kernel[_grid(value, sampling_locations, config)](
-            value,
-            spatial_shapes,
-            level_start_index,
-            sampling_locations,
-            attention_weights,
-            output,
-            **_sizes(value, sampling_locations, config),
-        )
+    _launch(
+        _forward_kernel,
+        config,
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        output,
+    )
     return output
 
 
@@ -298,19 +303,19 @@ def backward(
     grad_locations = torch.empty(sampling_locations.shape, **accumulate)
     grad_weights = torch.empty(attention_weights.shape, **accumulate)
     alert_not_deterministic()
-    with _on_device_of(value):
-        _backward_kernel[_grid(value, sampling_locations, config)](
-            value,
-            spatial_shapes,
-            level_start_index,
-            sampling_locations,
-            attention_weights,
-            grad_output,
-            grad_value,
-            grad_locations,
-            grad_weights,
-            **_sizes(value, sampling_locations, config),
-        )
+    _launch(
+        _backward_kernel,
+        config,
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        grad_output,
+        grad_value,
+        grad_locations,
+        grad_weights,
+    )
     return (
         grad_value.to(value.dtype),
         grad_locations.to(sampling_locations.dtype),
