@@ -86,6 +86,21 @@ def test_relu_dropout_is_relu_then_the_same_dropout():
 
 
 @needs_fused
+def test_relu_dropout_backward_blocks_non_finite_gradients_where_nothing_passed():
+    # float32 over many elements: the kernel's vectorised path, and its tail (1,003 % 8 = 3).
+    x = torch.randn(3, 1003, requires_grad=True)
+    output = fused_relu_dropout(x, 0.2, torch.tensor(4))
+    grad = torch.randn_like(x)
+    blocked = output == 0  # negative inputs and dropped elements
+    grad[blocked] = torch.tensor([float("inf"), float("nan")]).repeat(x.numel())[
+        : int(blocked.sum())
+    ]
+    (input_grad,) = torch.autograd.grad(output, x, grad)
+    assert torch.equal(input_grad[blocked], torch.zeros(int(blocked.sum())))
+    torch.testing.assert_close(input_grad[~blocked], grad[~blocked] * (1 / 0.8), rtol=0, atol=0)
+
+
+@needs_fused
 def test_gradients_and_op_registration():
     x = torch.randn(4, 33, dtype=torch.float64, requires_grad=True)
     seed = torch.tensor(123)

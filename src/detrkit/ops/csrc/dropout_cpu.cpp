@@ -91,6 +91,20 @@ at::Tensor dropout_impl(const at::Tensor& input, double p, int64_t seed) {
   return out;
 }
 
+// out[i] = g[i] * scale where y[i] > 0, else 0, written so that the compiler vectorises it: a
+// select of loaded values, then the multiply. (Selecting between g[i] * scale and 0 compiles to a
+// branch per element, as the multiply may not be speculated; on ReLU's random pattern that branch
+// is mispredicted about half the time, 7x slower.) Its own function, with __restrict__ pointers,
+// because the same loop inside the parallel_for lambda was not vectorised.
+template <typename scalar_t, typename acc_t>
+void relu_dropout_backward_range(const scalar_t* __restrict__ g, const scalar_t* __restrict__ y,
+                                 scalar_t* __restrict__ out, acc_t scale, int64_t size) {
+  for (int64_t i = 0; i < size; ++i) {
+    const acc_t kept = static_cast<acc_t>(y[i]) > acc_t(0) ? static_cast<acc_t>(g[i]) : acc_t(0);
+    out[i] = static_cast<scalar_t>(kept * scale);
+  }
+}
+
 }  // namespace
 
 namespace detrkit {
@@ -119,11 +133,8 @@ at::Tensor relu_dropout_backward(const at::Tensor& grad_output, const at::Tensor
         const scalar_t* y = output_c.const_data_ptr<scalar_t>();
         scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
         at::parallel_for(0, grad_c.numel(), /*grain_size=*/16384, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            out[i] = static_cast<acc_t>(y[i]) > acc_t(0)
-                         ? static_cast<scalar_t>(static_cast<acc_t>(g[i]) * scale)
-                         : scalar_t(0);
-          }
+          relu_dropout_backward_range<scalar_t, acc_t>(g + begin, y + begin, out + begin, scale,
+                                                       end - begin);
         });
       });
   return grad_input;
