@@ -14,6 +14,12 @@ from detrkit.models.attention import MultiheadAttention
 from detrkit.models.backbone import BasicBlock, Bottleneck, ResNetBackbone, conv_norm
 from detrkit.ops import dropout, fast_dropout, fused_kernel_available, relu_dropout
 from detrkit.ops.fast_dropout import fused_dropout, fused_relu_dropout
+from detrkit.ops.feed_forward import (
+    fused_relu_dropout_mlp,
+    fused_relu_dropout_mlp_backward,
+    relu_dropout_mlp,
+    uses_fused_mlp,
+)
 
 needs_fused = pytest.mark.skipif(
     not fused_kernel_available(), reason="the fused CPU kernels could not be built"
@@ -98,6 +104,68 @@ def test_relu_dropout_backward_blocks_non_finite_gradients_where_nothing_passed(
     (input_grad,) = torch.autograd.grad(output, x, grad)
     assert torch.equal(input_grad[blocked], torch.zeros(int(blocked.sum())))
     torch.testing.assert_close(input_grad[~blocked], grad[~blocked] * (1 / 0.8), rtol=0, atol=0)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_mlp_is_the_two_layers_around_relu_dropout(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(2, 301, 24, dtype=dtype, requires_grad=True)
+    linear1, linear2 = nn.Linear(24, 40, dtype=dtype), nn.Linear(40, 16, dtype=dtype)
+    params = [linear1.weight, linear1.bias, linear2.weight, linear2.bias]
+    seed = torch.tensor(21)
+    fused = fused_relu_dropout_mlp(x, *params, 0.3, seed)[0]
+    reference = linear2(fused_relu_dropout(linear1(x), 0.3, seed))
+    assert fused.shape == (2, 301, 16)
+    torch.testing.assert_close(fused, reference)
+    grad = torch.randn_like(fused)
+    fused_grads = torch.autograd.grad(fused, [x, *params], grad)
+    reference_grads = torch.autograd.grad(reference, [x, *params], grad)
+    for name, ours, theirs in zip(["x", "w1", "b1", "w2", "b2"], fused_grads, reference_grads):
+        torch.testing.assert_close(ours, theirs, msg=name)
+
+
+@needs_fused
+def test_fused_mlp_gradients_and_op_registration():
+    x = torch.randn(3, 7, 5, dtype=torch.float64, requires_grad=True)
+    params = [
+        torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        for shape in [(9, 5), (9,), (4, 9), (4,)]
+    ]
+    seed = torch.tensor(5)
+    # Through the output alone (hidden's gradient None, as in the models) and through both.
+    assert torch.autograd.gradcheck(
+        lambda *args: fused_relu_dropout_mlp(*args, 0.3, seed)[0], (x, *params)
+    )
+    assert torch.autograd.gradcheck(
+        lambda *args: fused_relu_dropout_mlp(*args, 0.3, seed), (x, *params)
+    )
+    torch.library.opcheck(fused_relu_dropout_mlp, (x, *params, 0.3, seed))
+    # The backward operator has no gradient of its own (no double backward).
+    x, params = x.detach(), [param.detach() for param in params]
+    hidden = fused_relu_dropout_mlp(x, *params, 0.3, seed)[1]
+    grad = torch.randn(3, 7, 4, dtype=torch.float64)
+    for grad_hidden in (None, torch.randn_like(hidden)):
+        args = (grad, x, params[0], params[2], hidden, 0.3, grad_hidden)
+        torch.library.opcheck(fused_relu_dropout_mlp_backward, args)
+
+
+@needs_fused
+def test_fused_mlp_steps_aside_where_it_would_change_what_runs():
+    x = torch.randn(10, 8)
+    linear1, linear2 = nn.Linear(8, 12), nn.Linear(12, 8)
+    assert uses_fused_mlp(x, linear1, linear2, 0.1)
+    assert not uses_fused_mlp(x, linear1, linear2, 0.0)
+    assert not uses_fused_mlp(x, nn.Linear(8, 12, bias=False), linear2, 0.1)
+    assert not uses_fused_mlp(x.double(), linear1, linear2, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not uses_fused_mlp(x, linear1, linear2, 0.1)
+    calls = []
+    handle = linear2.register_forward_hook(lambda module, args, output: calls.append(output))
+    assert not uses_fused_mlp(x, linear1, linear2, 0.1)
+    relu_dropout_mlp(x, linear1, linear2, 0.1)
+    handle.remove()
+    assert len(calls) == 1  # the hook ran: the layers were called
 
 
 @needs_fused
@@ -280,7 +348,8 @@ def test_training_step_through_the_fused_ops_compiles():
 
     def loss(x):
         hidden = relu_dropout(mlp[0](x), 0.2)
-        return dropout(mlp[1](hidden), 0.2).square().sum()
+        fused = relu_dropout_mlp(x, mlp[0], mlp[1], 0.2)
+        return dropout(mlp[1](hidden), 0.2).square().sum() + fused.square().sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="inductor")
     x = torch.randn(64, 16)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrkit.models.attention import MultiheadAttention
-from detrkit.ops import Dropout, relu_dropout
+from detrkit.ops import Dropout, relu_dropout_mlp
 
 
 def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
@@ -29,16 +29,14 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}
 
 def _feed_forward(layer: nn.Module, x: Tensor) -> Tensor:
     """The position-wise MLP; its Linear layers live on the owning layer, as in the checkpoints."""
+    if layer.activation is F.relu and layer.dropout.training:  # the original's activation
+        return relu_dropout_mlp(x, layer.linear1, layer.linear2, layer.dropout.p)
     hidden = layer.linear1(x)
-    if layer.activation is not F.relu:
-        hidden = layer.dropout(layer.activation(hidden))
-    elif layer.dropout.training:  # the original's activation: one fused pass with the dropout
-        hidden = relu_dropout(hidden, layer.dropout.p)
-    else:
+    if layer.activation is F.relu:
         # In place: linear1's output is fresh and its gradient needs none of it. A new [tokens,
         # d_ffn] tensor would be mapped and faulted in page by page on large inputs.
-        hidden = hidden.relu_()
-    return layer.linear2(hidden)
+        return layer.linear2(hidden.relu_())
+    return layer.linear2(layer.dropout(layer.activation(hidden)))
 
 
 class TransformerEncoderLayer(nn.Module):

@@ -1,8 +1,10 @@
 """Custom operators: multi-scale deformable attention (fused CPU kernel and PyTorch reference),
-dropout with a fast CPU mask, and Winograd 3x3 convolutions for CPU inference."""
+dropout with a fast CPU mask (alone, and inside the transformer's MLP for training), and Winograd
+3x3 convolutions for CPU inference."""
 
 from detrkit.ops.dispatch import auto_implementation, fused_kernel_available, ms_deform_attn
 from detrkit.ops.fast_dropout import Dropout, dropout, relu_dropout
+from detrkit.ops.feed_forward import relu_dropout_mlp
 from detrkit.ops.ms_deform_attn_portable import ms_deform_attn_portable
 from detrkit.ops.ms_deform_attn_reference import ms_deform_attn_reference
 from detrkit.ops.winograd import WinogradConv2d, winograd_conv2d, winograd_weight
@@ -17,6 +19,7 @@ __all__ = [
     "ms_deform_attn_portable",
     "ms_deform_attn_reference",
     "relu_dropout",
+    "relu_dropout_mlp",
     "winograd_conv2d",
     "winograd_weight",
 ]

@@ -65,7 +65,7 @@ def _relu_dropout_fake(input, p, seed):
 def fused_relu_dropout_backward(grad_output: Tensor, output: Tensor, p: float) -> Tensor:
     """The input gradient of :func:`fused_relu_dropout` from its output: an element passed (and
     was scaled by ``1 / (1 - p)``) exactly where the output is above zero."""
-    return _kernel().relu_dropout_backward(grad_output, output, p)
+    return _kernel().relu_dropout_backward(grad_output, output, p, False)
 
 
 @fused_relu_dropout_backward.register_fake

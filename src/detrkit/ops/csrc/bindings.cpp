@@ -10,8 +10,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dropout", &detrkit::dropout_apply,
         "input * keep * 1 / (1 - p), keep drawn from (seed, element index)");
   m.def("relu_dropout", &detrkit::relu_dropout_apply, "dropout(relu(input)) in one pass");
+  m.def("relu_dropout_", &detrkit::relu_dropout_in_place,
+        "relu_dropout written over its (contiguous) input");
   m.def("relu_dropout_backward", &detrkit::relu_dropout_backward,
-        "relu_dropout's input gradient from its output: grad * scale where output > 0");
+        "relu_dropout's input gradient from its output: grad * scale where output > 0; written "
+        "over grad_output when in_place");
   m.def("winograd_input_transform", &detrkit::winograd_input_transform,
         "[N, H, W, C] -> the 36 transformed [P, C] planes of F(4x4, 3x3)");
   m.def("winograd_output_transform", &detrkit::winograd_output_transform,

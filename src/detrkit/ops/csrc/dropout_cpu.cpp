@@ -70,13 +70,15 @@ void for_each_keep_factor(int64_t numel, KeepRule rule, double p, const Fn& fn) 
   });
 }
 
-// out[i] = f(input[i]) * factor(i), with f the identity or ReLU.
+// out[i] = f(input[i]) * factor(i), with f the identity or ReLU; out is input itself when
+// in_place (which needs a contiguous input), else a new tensor.
 template <bool kRelu>
-at::Tensor dropout_impl(const at::Tensor& input, double p, int64_t seed) {
+at::Tensor dropout_impl(const at::Tensor& input, double p, int64_t seed, bool in_place = false) {
   TORCH_CHECK(input.device().is_cpu(), "dropout: input must be on the CPU");
+  TORCH_CHECK(!in_place || input.is_contiguous(), "dropout: in place needs a contiguous input");
   const KeepRule rule = keep_rule(p, seed);
   const at::Tensor input_c = input.contiguous();
-  at::Tensor out = at::empty_like(input_c, at::MemoryFormat::Contiguous);
+  at::Tensor out = in_place ? input : at::empty_like(input_c, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, input.scalar_type(), "detrkit_dropout", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -91,18 +93,28 @@ at::Tensor dropout_impl(const at::Tensor& input, double p, int64_t seed) {
   return out;
 }
 
-// out[i] = g[i] * scale where y[i] > 0, else 0, written so that the compiler vectorises it: a
-// select of loaded values, then the multiply. (Selecting between g[i] * scale and 0 compiles to a
-// branch per element, as the multiply may not be speculated; on ReLU's random pattern that branch
-// is mispredicted about half the time, 7x slower.) Its own function, with __restrict__ pointers,
-// because the same loop inside the parallel_for lambda was not vectorised.
+// The input gradient where y[i] > 0, g[i] * scale, else 0, written so that the compiler
+// vectorises it: a select of loaded values, then the multiply. (Selecting between g[i] * scale and
+// 0 compiles to a branch per element, as the multiply may not be speculated; on ReLU's random
+// pattern that branch is mispredicted about half the time, 7x slower.) Functions of their own,
+// with __restrict__ pointers, because the same loop inside the parallel_for lambda was not
+// vectorised.
+template <typename scalar_t, typename acc_t>
+inline scalar_t relu_dropout_grad(scalar_t g, scalar_t y, acc_t scale) {
+  const acc_t kept = static_cast<acc_t>(y) > acc_t(0) ? static_cast<acc_t>(g) : acc_t(0);
+  return static_cast<scalar_t>(kept * scale);
+}
+
 template <typename scalar_t, typename acc_t>
 void relu_dropout_backward_range(const scalar_t* __restrict__ g, const scalar_t* __restrict__ y,
                                  scalar_t* __restrict__ out, acc_t scale, int64_t size) {
-  for (int64_t i = 0; i < size; ++i) {
-    const acc_t kept = static_cast<acc_t>(y[i]) > acc_t(0) ? static_cast<acc_t>(g[i]) : acc_t(0);
-    out[i] = static_cast<scalar_t>(kept * scale);
-  }
+  for (int64_t i = 0; i < size; ++i) out[i] = relu_dropout_grad(g[i], y[i], scale);
+}
+
+template <typename scalar_t, typename acc_t>
+void relu_dropout_backward_range_in_place(scalar_t* __restrict__ g, const scalar_t* __restrict__ y,
+                                          acc_t scale, int64_t size) {
+  for (int64_t i = 0; i < size; ++i) g[i] = relu_dropout_grad(g[i], y[i], scale);
 }
 
 }  // namespace
@@ -117,14 +129,21 @@ at::Tensor relu_dropout_apply(const at::Tensor& input, double p, int64_t seed) {
   return dropout_impl<true>(input, p, seed);
 }
 
+at::Tensor relu_dropout_in_place(const at::Tensor& input, double p, int64_t seed) {
+  return dropout_impl<true>(input, p, seed, /*in_place=*/true);
+}
+
 at::Tensor relu_dropout_backward(const at::Tensor& grad_output, const at::Tensor& output,
-                                 double p) {
+                                 double p, bool in_place) {
   // An output above zero was kept and positive: its gradient is the scale, all others zero.
   TORCH_CHECK(grad_output.sizes() == output.sizes(), "relu_dropout_backward: grad_output has shape ",
               grad_output.sizes(), " but output has ", output.sizes());
   const at::Tensor grad_c = grad_output.contiguous();
   const at::Tensor output_c = output.contiguous().to(grad_output.scalar_type());
-  at::Tensor grad_input = at::empty_like(grad_c, at::MemoryFormat::Contiguous);
+  TORCH_CHECK(!in_place || grad_output.is_contiguous(),
+              "relu_dropout_backward: in place needs a contiguous grad_output");
+  at::Tensor grad_input =
+      in_place ? grad_output : at::empty_like(grad_c, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, grad_c.scalar_type(), "detrkit_relu_dropout_backward", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -133,8 +152,13 @@ at::Tensor relu_dropout_backward(const at::Tensor& grad_output, const at::Tensor
         const scalar_t* y = output_c.const_data_ptr<scalar_t>();
         scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
         at::parallel_for(0, grad_c.numel(), /*grain_size=*/16384, [&](int64_t begin, int64_t end) {
-          relu_dropout_backward_range<scalar_t, acc_t>(g + begin, y + begin, out + begin, scale,
-                                                       end - begin);
+          if (in_place) {
+            relu_dropout_backward_range_in_place<scalar_t, acc_t>(out + begin, y + begin, scale,
+                                                                  end - begin);
+          } else {
+            relu_dropout_backward_range<scalar_t, acc_t>(g + begin, y + begin, out + begin, scale,
+                                                         end - begin);
+          }
         });
       });
   return grad_input;

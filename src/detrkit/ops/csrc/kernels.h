@@ -20,8 +20,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward(
 // dropout_cpu.cpp
 at::Tensor dropout_apply(const at::Tensor& input, double p, int64_t seed);
 at::Tensor relu_dropout_apply(const at::Tensor& input, double p, int64_t seed);
+at::Tensor relu_dropout_in_place(const at::Tensor& input, double p, int64_t seed);
 at::Tensor relu_dropout_backward(const at::Tensor& grad_output, const at::Tensor& output,
-                                 double p);
+                                 double p, bool in_place);
 
 // winograd_cpu.cpp
 at::Tensor winograd_input_transform(const at::Tensor& input);
