@@ -12,7 +12,8 @@ import detrkit
 from conftest import padded_batch
 from detrkit import PostProcess, SetCriterion
 from detrkit.loss import HungarianMatcher, build_criterion
-from detrkit.models.deformable_attention import MSDeformAttn
+from detrkit.models.deformable_attention import MSDeformAttn, _sampling_first_costs_less
+from detrkit.models.deformable_transformer import DeformableTransformerDecoderLayer
 from test_checkpoints import official_args, write_official
 
 VARIANTS = {
@@ -222,16 +223,37 @@ def test_sampling_before_projection_is_the_same_attention(reference_size, paddin
         if padding == "padded":
             mask[1, 40:48] = True  # the last row of level 0
             mask[1, 57:60] = True
+    query.requires_grad_(True)
+    memory.requires_grad_(True)
     args = (query, reference_points, memory, spatial_shapes, level_start_index, mask)
+    inputs = [query, memory, *attention.parameters()]
+    assert _sampling_first_costs_less(7, 60, 16, 4, 2, 3)  # so the flag below changes the order
 
     expected = attention(*args)
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, inputs, grad)
     attention.sample_before_projection = True
     got = attention(*args)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    # Trained in this order too (the decoder's default): the same gradients.
+    for got_grad, expected_grad in zip(torch.autograd.grad(got, inputs, grad), expected_grads):
+        torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=1e-10)
+    memory = memory.detach()
     # The padded pixels really are left out: garbage there changes nothing.
     if padding == "padded":
         memory[mask] = 1e6
         torch.testing.assert_close(attention(*args), expected, rtol=0, atol=1e-12)
+
+
+def test_sampling_first_where_queries_are_few_against_the_pixels():
+    # Deformable DETR at 800x1066: its decoder's 300 queries sample first, its encoder does not.
+    pixels = 100 * 134 + 50 * 67 + 25 * 34 + 13 * 17
+    assert _sampling_first_costs_less(300, pixels, 256, 8, 4, 4)
+    assert not _sampling_first_costs_less(pixels, pixels, 256, 8, 4, 4)
+    # Small images (64x64: 8x8 + 4x4 + 2x2 + 1x1 pixels) project first.
+    assert not _sampling_first_costs_less(300, 85, 256, 8, 4, 4)
+    layer = DeformableTransformerDecoderLayer()
+    assert layer.cross_attn.sample_before_projection
 
 
 def test_merged_query_projections_compute_the_same_sampling():

@@ -31,7 +31,9 @@ class MSDeformAttn(nn.Module):
         self.n_heads = n_heads
         self.n_points = n_points
         self.implementation = "auto"  # which ms_deform_attn kernel runs; see detrkit.ops
-        # Set by optimize_for_inference where queries are few: see _sample_then_project.
+        # Whether forward may sample the memory before value_proj where that costs fewer
+        # operations (few queries, many pixels): on in the decoder, off in exports. See
+        # _sample_then_project and _sampling_first_costs_less.
         self.sample_before_projection = False
         # Set by merge_query_projections (optimize_for_inference): sampling_offsets and
         # attention_weights side by side, [M*L*P*3, C] and [M*L*P*3].
@@ -151,7 +153,14 @@ class MSDeformAttn(nn.Module):
         sampling_locations, attention_weights = self.sampling(
             query, reference_points, spatial_shapes
         )
-        if self.sample_before_projection:
+        if self.sample_before_projection and _sampling_first_costs_less(
+            query.shape[1],
+            input_flatten.shape[1],
+            self.d_model,
+            self.n_heads,
+            self.n_levels,
+            self.n_points,
+        ):
             output = self._sample_then_project(
                 input_flatten,
                 spatial_shapes,
@@ -231,6 +240,17 @@ class MSDeformAttn(nn.Module):
         bias = self.value_proj.bias.view(heads, -1)  # [M, D]
         projected = projected + weight_in_image.view(batch, num_queries, heads, 1) * bias
         return projected.flatten(2)  # [N, Lq, M * D]
+
+
+def _sampling_first_costs_less(
+    num_queries: int, num_pixels: int, channels: int, heads: int, levels: int, points: int
+) -> bool:
+    """Whether :meth:`MSDeformAttn._sample_then_project` takes fewer multiply-adds than
+    projecting every pixel first: ``Lq`` queries against ``S`` pixels of ``C`` channels."""
+    samples = num_queries * levels * points * 4  # bilinear corners read, per head
+    project_first = num_pixels * channels * channels + samples * channels  # D per head, M heads
+    sample_first = samples * heads * channels + num_queries * channels * channels
+    return sample_first < project_first
 
 
 def _may_have_padding(mask: Tensor) -> bool:

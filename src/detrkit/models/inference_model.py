@@ -19,7 +19,6 @@ from detrkit.models.backbone import Bottleneck as DetrkitBottleneck
 from detrkit.models.backbone import ResNetBackbone
 from detrkit.models.deformable_attention import MSDeformAttn
 from detrkit.models.deformable_transformer import (
-    DeformableTransformerDecoderLayer,
     DeformableTransformerEncoderLayer,
 )
 from detrkit.ops.winograd import WinogradConv2d, is_winograd_compatible
@@ -80,14 +79,13 @@ def optimize_for_inference(
             the graph). It pays for many images of one size: the first call takes minutes, and
             so does each new size.
 
-    Deformable DETR's attention's offsets and logits come from one matrix product, and its
-    decoder samples the memory before projecting it (the same up to rounding; far less
-    arithmetic for 300 queries). On a CPU, its encoder MLP also runs over chunks of tokens (the
-    same results, less memory traffic); unless compiled, and with batch norms folded, the
-    ResNet's bottlenecks add their last convolution into the shortcut in place (no fresh output
-    to allocate and add; a block's input is overwritten, so keep no reference to the output of a
-    block inside a stage, e.g. from a forward hook), and unless compiled, a batch of large
-    images runs a few images at a time (the same results; their activations stay in cache).
+    Deformable DETR's attention's offsets and logits come from one matrix product. On a CPU, its
+    encoder MLP also runs over chunks of tokens (the same results, less memory traffic); unless
+    compiled, and with batch norms folded, the ResNet's bottlenecks add their last convolution
+    into the shortcut in place (no fresh output to allocate and add; a block's input is
+    overwritten, so keep no reference to the output of a block inside a stage, e.g. from a
+    forward hook), and unless compiled, a batch of large images runs a few images at a time (the
+    same results; their activations stay in cache).
     """
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
@@ -103,8 +101,6 @@ def optimize_for_inference(
     for module in optimized.modules():
         if isinstance(module, DeformableTransformerEncoderLayer) and on_cpu:
             module.ffn_chunk_tokens = ENCODER_MLP_CHUNK
-        if isinstance(module, DeformableTransformerDecoderLayer):
-            module.cross_attn.sample_before_projection = True
         if isinstance(module, MSDeformAttn):
             module.merge_query_projections()
     if hasattr(optimized, "cpu_pixels_per_forward") and not compile:
