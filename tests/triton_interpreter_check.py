@@ -52,6 +52,10 @@ def main() -> None:
         check(case, make_inputs(**options), assert_close_fp32)
     # 70 queries: a full block of 64 and a partial one.
     check("two_blocks", make_inputs([(6, 11)], heads=2, queries=70), assert_close_fp32)
+    # The decoder's sampling before projection: one head reading all 256 channels.
+    check(
+        "one_head_256_channels", make_inputs(FOUR_LEVELS, heads=1, channels=256), assert_close_fp32
+    )
     check(
         "float64",
         make_inputs(FOUR_LEVELS, heads=2, channels=3, dtype=torch.float64),
