@@ -13,6 +13,7 @@ import torch
 
 import detrkit
 from conftest import small_detr
+from detrkit.cli import allocator
 from detrkit.cli import main as cli_main
 from detrkit.cli.main import main
 
@@ -47,11 +48,15 @@ def test_bad_checkpoint_is_reported_not_raised(tmp_path, capsys):
 
 # Allocates, fills and frees 64 MB eight times with malloc itself and prints the page faults of
 # the last four. (torch's own 64-byte-aligned blocks reuse freed memory less predictably: an
-# aligned request needs a little more than the block just freed.)
+# aligned request needs a little more than the block just freed.) The allocator module, which
+# needs only the standard library, is loaded from its file: importing the detrkit package would
+# import torch, seconds in each of these subprocesses.
 _FAULTS_OF_REUSE = """
-import ctypes, resource, sys
-from detrkit.cli.allocator import keep_freed_memory
-applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+import ctypes, importlib.util, resource, sys
+spec = importlib.util.spec_from_file_location("allocator", sys.argv[2])
+allocator = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(allocator)
+applied = allocator.keep_freed_memory() if sys.argv[1] == "keep" else False
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
 libc.free.argtypes = (ctypes.c_void_p,)
@@ -69,7 +74,7 @@ print(applied, sum(faults[4:]))
 def _faults_of_reuse(mode: str, **environment: str) -> tuple[str, int]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_"))}
     result = subprocess.run(
-        [sys.executable, "-c", _FAULTS_OF_REUSE, mode],
+        [sys.executable, "-c", _FAULTS_OF_REUSE, mode, allocator.__file__],
         capture_output=True,
         text=True,
         check=True,
