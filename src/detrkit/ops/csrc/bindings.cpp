@@ -1,6 +1,8 @@
 // Python bindings of detrkit's CPU kernels (one extension module, built on first use).
 #include "kernels.h"
 
+#include <torch/csrc/utils/pybind.h>
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "detrkit CPU kernels: multi-scale deformable attention, dropout, Winograd transforms";
   m.def("forward", &detrkit::ms_deform_attn_forward,

@@ -17,6 +17,7 @@
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 
