@@ -34,17 +34,17 @@ def test_pretraining_learns_to_classify_the_crops():
         backbone,
         crops,
         labels,
-        steps=60,
+        steps=40,
         batch_size=32,
         lr=2e-3,
         sizes=(32,),
         log=records.append,
         log_every=20,
     )
-    assert [r["step"] for r in records] == [20, 40, 60]
-    # From chance (90% wrong over 10 digits) to clearly learning, on the training crops.
+    assert [r["step"] for r in records] == [20, 40]
+    # From chance (10% right over 10 digits) to clearly learning, on the training crops.
     assert records[-1]["loss"] < records[0]["loss"]
-    assert records[-1]["accuracy"] > 0.4
+    assert records[-1]["accuracy"] > 0.5
     changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v, before[k])]
     assert any(k.startswith("body.layer4") for k in changed)
 
