@@ -28,7 +28,8 @@ class ExportedModel:
     >>> outputs = exported(images=images, mask=mask)  # {"pred_logits": ..., "pred_boxes": ...}
     >>> exported.metadata["class_names"]  # JSON text
 
-    ONNX files run on ONNX Runtime's CPU provider, programs with ``torch.export.load``.
+    ONNX files run on ONNX Runtime's CPU provider, programs with ``torch.export.load``; a
+    program's ``ExportedProgram`` is kept as ``program``, for looking at its graph.
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
@@ -60,8 +61,8 @@ class ExportedModel:
         self.metadata = dict(self._session.get_modelmeta().custom_metadata_map)
 
     def _open_program(self) -> None:
-        program, self.metadata = load_program(self.path)
-        self._module = program.module()
+        self.program, self.metadata = load_program(self.path)
+        self._module = self.program.module()
 
     def __call__(self, **inputs: Tensor) -> dict[str, Tensor]:
         """Runs the model on CPU tensors named as its inputs; returns its outputs by name."""
