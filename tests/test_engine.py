@@ -176,10 +176,11 @@ def test_config_file_round_trip_and_bad_options(tmp_path):
         TrainConfig.from_file(tmp_path / "bad.json")
 
 
-def run_cli(args: list[str]) -> subprocess.Popen:
+def run_cli(args: list[str], launcher: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`python [launcher] -m detrkit args` on one thread, its output in ``stdout``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "detrkit", *args],
+        [sys.executable, *launcher, "-m", "detrkit", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -311,23 +312,14 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         *[f"--model-option={k}={v}" for k, v in TINY_MODEL.items()],
     ]
     # Both runs at once: each process is one-threaded and mostly start-up.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single_args = [*common, "--batch-size", "2", "--output", str(tmp_path / "single")]
-    double_args = [*common, "--batch-size", "1", "--output", str(tmp_path / "ddp")]
-    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    torchrun = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531")
     runs = [
-        subprocess.Popen(
-            [sys.executable, *launcher, "-m", "detrkit", *args],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for launcher, args in (([], single_args), (torchrun, double_args))
+        run_cli([*common, "--batch-size", "2", "--output", str(tmp_path / "single")]),
+        run_cli([*common, "--batch-size", "1", "--output", str(tmp_path / "ddp")], torchrun),
     ]
-    for run in runs:
-        output, _ = run.communicate()
-        assert run.returncode == 0, output
+    for process in runs:
+        output, _ = process.communicate()
+        assert process.returncode == 0, output
     # Two steps of AdamW: sums in another order differ in the last bits only.
     assert_same_weights(
         final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single"), atol=1e-5

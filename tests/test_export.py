@@ -150,13 +150,11 @@ def open_and_check_interface(path: Path, format: str) -> ExportedModel:
 @pytest.mark.full
 @pytest.mark.parametrize("name", ["deformable_two_stage"])
 def test_torch_program_runs_with_torch_export_load(exports, name):
-    """The .pt2 is a plain torch.export archive, the fused attention op kept in it. (ExportedModel
-    opens it the same way, in the tests `make test` runs; loading takes 5 s.)"""
+    """The .pt2 is a plain torch.export archive: torch.export.load alone runs it, without
+    ExportedModel's metadata. (The fused attention op in its graph is checked above, in the tests
+    `make test` runs; loading takes 5 s.)"""
     model, path = exports(name, "torch")
     program = torch.export.load(path)
-    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
-    if detrkit.ops.fused_kernel_available():
-        assert "detrkit.ms_deform_attn_forward.default" in targets
     images, mask = batch(CHECKS[1][1], 3, padded=True)
     logits, boxes = program.module()(images, mask)
     with torch.no_grad():
