@@ -23,8 +23,10 @@ batch 1, in inference mode. Prints, in one run:
   (forward hooks, no profiler: the profiler inflates small operators several times over);
 - with ``--keep-freed-memory``, all of it with glibc's malloc keeping freed memory for reuse, as
   the ``detrkit`` program runs (``detrkit.cli.allocator``);
-- with ``--bf16``, the prepared model in bf16 (one run, no warm-up: without AMX or AVX-512 BF16
-  a CPU runs bf16 matrix products very slowly) and its distance from fp32.
+- with ``--bf16``, the prepared model in bf16 and its distance from fp32. On a CPU with bf16
+  arithmetic (AVX-512 BF16 or AMX) it joins the interleaved rounds, and its throughput is given
+  against the bf16 matrix-multiply peak; elsewhere it is one run without a warm-up (such a CPU
+  runs bf16 matrix products very slowly: one forward of Deformable DETR takes minutes).
 """
 
 from __future__ import annotations
@@ -93,12 +95,17 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-    """The best fp32 GFLOP/s of a square matrix product on this machine, now."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak(size: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """The best GFLOP/s of a square matrix product in ``dtype`` on this machine, now."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
     return 2 * size**3 / best / 1e9
+
+
+def cpu_has_bf16_arithmetic() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def _timed(fn) -> float:
@@ -158,6 +165,10 @@ def compare(name: str, images: torch.Tensor, mask: torch.Tensor, args, peak: flo
             "detrkit": lambda: ours(images, mask),
             "optimized": lambda: optimized(images, mask),
         }
+        timed_bf16 = args.bf16 and cpu_has_bf16_arithmetic()
+        if timed_bf16:
+            low = optimize_for_inference(ours, "bf16")
+            runs["optimized bf16"] = lambda: low(images, mask)
         with torch.inference_mode():
             if args.compile:
                 runs["compiled"] = compiled_run(ours, images, mask)
@@ -171,9 +182,13 @@ def compare(name: str, images: torch.Tensor, mask: torch.Tensor, args, peak: flo
             for key, model in (("detrkit", ours), ("optimized", optimized)):
                 print_stages(key, model, runs[key], args.repeats)
         throughput(optimized, ours, images, mask, args.batch, peak)
+        if timed_bf16:
+            diff = (logits["optimized bf16"] - logits["optimized"]).abs().max()
+            print(f"  optimized bf16: logits' max |diff| from optimized fp32 {diff:.1e}")
+            throughput(low, ours, images, mask, args.batch, torch.bfloat16)
         if not args.no_memory:
             measure_memory(directory, args.size)
-        if args.bf16:
+        if args.bf16 and not timed_bf16:
             bf16_row(
                 ours, images, mask, logits["optimized"], statistics.median(times["transformers"])
             )
@@ -187,6 +202,9 @@ def interleaved_times(runs: dict, repeats: int) -> dict[str, list[float]]:
         for key, run in runs.items():
             times[key].append(_timed(run))
     return times
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
 def print_latency(name: str, times: dict, logits: dict, repeats: int) -> None:
@@ -252,11 +270,20 @@ def print_stages(key: str, model, run, repeats: int) -> None:
 
 
 def throughput(
-    model, reference, images: torch.Tensor, mask: torch.Tensor, batch: int, peak: float
+    model,
+    reference,
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    batch: int,
+    peak: float | torch.dtype,
 ) -> None:
     """Images/s of ``model`` at ``batch`` copies of the image, and its rate in GFLOP/s of the
     work counted in ``reference`` (the model as loaded: direct convolutions, whereas Winograd's
-    do fewer multiplications for the same result)."""
+    do fewer multiplications for the same result) as a fraction of the matmul peak: ``peak``
+    GFLOP/s, or the peak in that dtype, measured before and after."""
+    dtype = peak if isinstance(peak, torch.dtype) else torch.float32
+    if isinstance(peak, torch.dtype):
+        peak = matmul_peak(dtype=dtype)
     images, mask = images.expand(batch, -1, -1, -1).clone(), mask.expand(batch, -1, -1).clone()
     with torch.inference_mode():
         # The FLOP counter's module tracker hooks the autograd graph of parameters that require
@@ -269,11 +296,12 @@ def throughput(
     gflop = counter.get_total_flops() / 1e9  # per image: convolutions and matrix products
     rate = gflop * batch / seconds
     # The peak again, right after: the best of both, in case other jobs slowed the first one.
-    peak = max(peak, matmul_peak())
+    peak = max(peak, matmul_peak(dtype=dtype))
+    label = "optimized" if dtype == torch.float32 else f"optimized {_DTYPE_NAMES[dtype]}"
     print(
-        f"  optimized, batch {batch}: {batch / seconds:.2f} images/s, {gflop:.0f} GFLOP/image "
-        f"(conv + matmul, as loaded), {rate:.1f} GFLOP/s = {rate / peak:.0%} of the matmul peak "
-        f"({peak:.1f} GFLOP/s)"
+        f"  {label}, batch {batch}: {batch / seconds:.2f} images/s, {gflop:.0f} GFLOP/image "
+        f"(conv + matmul, as loaded), {rate:.1f} GFLOP/s = {rate / peak:.0%} of the "
+        f"{_DTYPE_NAMES[dtype]} matmul peak ({peak:.1f} GFLOP/s)"
     )
 
 
