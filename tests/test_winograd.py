@@ -37,15 +37,19 @@ def test_matches_a_direct_convolution(batch, in_channels, out_channels, height, 
     weight = torch.randn(out_channels, in_channels, 3, 3, generator=generator) / in_channels**0.5
     bias = torch.randn(out_channels, generator=generator)
     expected = exact_conv(x, weight, bias)
-    direct_error = (F.conv2d(x, weight, bias, padding=1).double() - expected).abs().max()
+    # The scale of fp32 rounding in a sum of products: the same convolution of absolute values.
+    # A bound in it does not depend on how accurate this machine's direct convolution is (the
+    # oneDNN kernels of an AVX-512 Xeon err 6x less than those of an AVX2 EPYC).
+    scale = exact_conv(x.abs(), weight.abs(), bias.abs()).max()
+    epsilon = torch.finfo(torch.float32).eps
 
     for layout in (torch.contiguous_format, torch.channels_last):
         got = winograd_conv2d(x.to(memory_format=layout), winograd_weight(weight), bias)
         assert got.shape == expected.shape
         assert got.is_contiguous(memory_format=torch.channels_last)
         error = (got.double() - expected).abs().max()
-        # F(4x4, 3x3)'s constants grow fp32 rounding a few times over a direct convolution's.
-        assert error <= max(10 * direct_error, 1e-6) and error < 1e-4 * expected.abs().max()
+        # F(4x4, 3x3)'s constants (up to 8) grow fp32 rounding: measured up to 15 eps * scale.
+        assert error <= 32 * epsilon * scale and error < 1e-4 * expected.abs().max()
 
 
 @needs_fused

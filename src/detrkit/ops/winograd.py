@@ -7,7 +7,9 @@ multiplications ``[tiles, C_in] @ [C_in, C_out]``, which run at the machine's ma
 the transforms around them are additions and small constant multiples (csrc/winograd_cpu.cpp).
 
 The price is rounding: the transforms' constants (up to 8, and 1/24 in the weights') make an fp32
-result's error about 4x a direct convolution's (2e-5 against 6e-6 on outputs of about 3).
+result's error several times a direct convolution's. At 256 channels, relative to the largest
+output: about 1e-5, against 2e-6 for oneDNN's direct convolution on an AVX2 CPU and 3e-7 on an
+AVX-512 one.
 """
 
 from __future__ import annotations
