@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--models detr deformable_detr] [--repeats 5]
                                     [--size 512 640] [--batch 2] [--objects 5] [--profile N]
-                                    [--device cpu] [--keep-freed-memory]
+                                    [--device cpu] [--keep-freed-memory] [--amp bf16]
 
 One step is forward, loss (Hungarian matching and the set loss of the final and every auxiliary
 decoder layer), backward, gradient clipping at max norm 0.1 and an AdamW step. transformers' step
@@ -20,6 +20,9 @@ a ratio of transformers'. With ``--profile N``, the N operators with the most se
 one more step of detrkit and of transformers (stem and layer1 frozen) are printed. With
 ``--device cuda`` everything runs on the GPU, Deformable DETR's attention on the Triton kernels.
 ``--keep-freed-memory`` runs it all with malloc keeping freed memory, as ``detrkit train`` does.
+``--amp bf16`` (or ``fp16`` on a GPU) runs every model's forward under ``torch.autocast``, as
+``detrkit train --amp`` does (detrkit's loss outside it, as in its engine; transformers computes
+its loss inside its forward); the ratios are then to transformers' step under the same autocast.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from end_to_end import (
 )
 
 import detrkit
+from detrkit.engine.evaluate import AUTOCAST_DTYPES
 from detrkit.engine.optim import build_optimizer
 from detrkit.loss import build_criterion
 
@@ -72,9 +76,10 @@ def make_batch(
     return images.to(device), mask.to(device), targets
 
 
-def hf_step(model, optimizer, images, mask, targets):
+def hf_step(model, optimizer, images, mask, targets, autocast):
     labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
-    outputs = model(pixel_values=images, pixel_mask=(~mask).long(), labels=labels)
+    with autocast():
+        outputs = model(pixel_values=images, pixel_mask=(~mask).long(), labels=labels)
     optimizer.zero_grad(set_to_none=True)
     outputs.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_MAX_NORM)
@@ -82,8 +87,10 @@ def hf_step(model, optimizer, images, mask, targets):
     return outputs
 
 
-def detrkit_step(model, criterion, optimizer, images, mask, targets):
-    losses = criterion(model(images, mask), targets)
+def detrkit_step(model, criterion, optimizer, images, mask, targets, autocast):
+    with autocast():
+        outputs = model(images, mask)
+    losses = criterion(outputs, targets)
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_MAX_NORM)
@@ -156,12 +163,19 @@ def compare(name: str, args) -> None:
     frozen_optimizer = torch.optim.AdamW(
         [p for p in hf_frozen.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4
     )
+    amp_dtype = AUTOCAST_DTYPES[args.amp]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
     steps = {
-        "transformers": lambda: hf_step(hf, hf_optimizer, images, mask, targets),
+        "transformers": lambda: hf_step(hf, hf_optimizer, images, mask, targets, autocast),
         "transformers, stem+layer1 frozen": lambda: hf_step(
-            hf_frozen, frozen_optimizer, images, mask, targets
+            hf_frozen, frozen_optimizer, images, mask, targets, autocast
         ),
-        "detrkit": lambda: detrkit_step(ours, criterion, our_optimizer, images, mask, targets),
+        "detrkit": lambda: detrkit_step(
+            ours, criterion, our_optimizer, images, mask, targets, autocast
+        ),
     }
     for step in steps.values():  # warm-up: allocations and optimiser state
         step()
@@ -173,7 +187,8 @@ def compare(name: str, args) -> None:
             step()
             synchronize(device)
             times[key].append(time.perf_counter() - start)
-    print(f"  training step, {args.repeats} interleaved rounds after a warm-up: median (min)")
+    amp = "" if amp_dtype is None else f", {args.amp} autocast"
+    print(f"  training step{amp}, {args.repeats} interleaved rounds after a warm-up: median (min)")
     reference = times["transformers"]
     for key, found in times.items():
         median, best = statistics.median(found), min(found)
@@ -197,6 +212,9 @@ def main() -> None:
         "--profile", type=int, default=0, metavar="N", help="print the top N operators of a step"
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--amp", default="none", choices=list(AUTOCAST_DTYPES), help="autocast of the forwards"
+    )
     add_keep_freed_memory_option(parser)
     args = parser.parse_args()
     apply_keep_freed_memory_option(parser, args)
