@@ -3,6 +3,7 @@
     python benchmarks/train_step.py [--models detr deformable_detr] [--repeats 5]
                                     [--size 512 640] [--batch 2] [--objects 5] [--profile N]
                                     [--device cpu] [--keep-freed-memory] [--amp bf16]
+                                    [--no-channels-last]
 
 One step is forward, loss (Hungarian matching and the set loss of the final and every auxiliary
 decoder layer), backward, gradient clipping at max norm 0.1 and an AdamW step. transformers' step
@@ -20,6 +21,8 @@ a ratio of transformers'. With ``--profile N``, the N operators with the most se
 one more step of detrkit and of transformers (stem and layer1 frozen) are printed. With
 ``--device cuda`` everything runs on the GPU, Deformable DETR's attention on the Triton kernels.
 ``--keep-freed-memory`` runs it all with malloc keeping freed memory, as ``detrkit train`` does.
+detrkit's model has its convolution weights in channels-last memory, as ``detrkit train`` does by
+default (``TrainConfig.channels_last``); ``--no-channels-last`` keeps the usual layout.
 ``--amp bf16`` (or ``fp16`` on a GPU) runs every model's forward under ``torch.autocast``, as
 ``detrkit train --amp`` does (detrkit's loss outside it, as in its engine; transformers computes
 its loss inside its forward); the ratios are then to transformers' step under the same autocast.
@@ -41,6 +44,7 @@ from end_to_end import (
 )
 
 import detrkit
+from detrkit.engine.config import TrainConfig
 from detrkit.engine.evaluate import AUTOCAST_DTYPES
 from detrkit.engine.optim import build_optimizer
 from detrkit.loss import build_criterion
@@ -123,6 +127,8 @@ def compare(name: str, args) -> None:
     hf.to(device)
     if device.type == "cuda" and hasattr(ours, "set_attention_implementation"):
         ours.set_attention_implementation("triton")
+    if args.channels_last:
+        ours.to(memory_format=torch.channels_last)
     criterion = build_criterion(ours.config).to(device)
     images, mask, targets = make_batch(
         args.batch, args.size, args.objects, ours.config.num_classes, device
@@ -214,6 +220,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--amp", default="none", choices=list(AUTOCAST_DTYPES), help="autocast of the forwards"
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=TrainConfig.channels_last,
+        help="detrkit's convolution weights channels-last, as detrkit train stores them",
     )
     add_keep_freed_memory_option(parser)
     args = parser.parse_args()

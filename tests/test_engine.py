@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -86,6 +87,53 @@ def test_training_steps_overfit_a_fixed_batch():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.parametrize("preset", ["detr_r50", "deformable_detr"])
+def test_channels_last_training_computes_the_same_gradients(preset):
+    """detrkit train stores convolution weights channels-last (TrainConfig.channels_last): the
+    same loss and gradients as the usual layout, up to float rounding, and the gradients keep
+    their parameters' layout."""
+    torch.manual_seed(0)
+    options = {
+        k: v
+        for k, v in TINY_MODEL.items()
+        if preset.startswith("deformable") or k != "num_feature_levels"
+    }
+    model = detrkit.build_model(preset, dropout=0.0, **options).train()
+    dataset = detrkit.data.DigitsDetection(
+        "train",
+        2,
+        transforms=detrkit.data.make_val_transforms(detrkit.data.AugmentationConfig().scaled(0.12)),
+    )
+    images, mask, targets = detrkit.data.collate_fn([dataset[0], dataset[1]])
+    criterion = build_criterion(model.config)
+    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    assert (
+        channels_last.backbone[0]
+        .body["conv1"]
+        .weight.is_contiguous(memory_format=torch.channels_last)
+    )
+    losses = []
+    for net in (model, channels_last):
+        loss = criterion(net(images, mask), targets)["loss"]
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)
+    for (name, param), other in zip(model.named_parameters(), channels_last.parameters()):
+        if param.grad is None:
+            assert other.grad is None, name
+            continue
+        assert other.grad.stride() == other.stride(), name
+        # oneDNN's channels-last kernels sum in another order. In the ResNet that can move a
+        # pre-activation across zero, so one ReLU passes a gradient in one layout and not in the
+        # other: on these tiny maps (tens of pixels) that is up to 6e-3 of a weight's largest
+        # gradient. Elsewhere the layouts agree to 1e-4; a layout mistake would be of order one.
+        tolerance = 2e-2 if name.startswith("backbone") else 1e-4
+        scale = param.grad.abs().max().clamp(min=1e-6)
+        torch.testing.assert_close(
+            other.grad / scale, param.grad / scale, rtol=0, atol=tolerance, msg=name
+        )
+
+
 @pytest.mark.full
 def test_compiled_training_writes_the_same_kind_of_checkpoint(tmp_path):
     """--compile trains through torch.compile (the fused dropout and deformable attention ops
@@ -113,6 +161,10 @@ def test_train_checkpoint_eval_finetune_from_the_cli(tmp_path, capsys):
     assert evaluation["epoch"] == 1 and set(COCO_METRICS) <= set(evaluation)
     config = TrainConfig.from_file(run_dir / "config.json")
     assert config.lr == 2e-4 and config.lr_linear_proj_mult == 0.1  # the recipe's values
+    # Trained in channels-last memory (the default), which the checkpoint keeps; the model loads
+    # from it in the usual layout, and evaluates to the same numbers below.
+    trained_conv = final_weights(run_dir)["backbone.0.body.layer2.0.conv2.weight"]
+    assert config.channels_last and trained_conv.is_contiguous(memory_format=torch.channels_last)
 
     out = tmp_path / "eval"
     args = ["eval", "--weights", str(run_dir / "checkpoint.pth"), "--data", "digits"]

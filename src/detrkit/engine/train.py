@@ -147,6 +147,8 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
 
     metrics = MetricsLog(run_dir, enabled=process.is_main)
     model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
     if config.backbone_pretrain_steps:
         if state is None:
             _pretrain_backbone(model, config, metrics, log)
