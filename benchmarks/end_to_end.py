@@ -185,7 +185,8 @@ def compare(name: str, images: torch.Tensor, mask: torch.Tensor, args, peak: flo
         if timed_bf16:
             diff = (logits["optimized bf16"] - logits["optimized"]).abs().max()
             print(f"  optimized bf16: logits' max |diff| from optimized fp32 {diff:.1e}")
-            throughput(low, ours, images, mask, args.batch, torch.bfloat16)
+            bf16_peak = matmul_peak(dtype=torch.bfloat16)
+            throughput(low, ours, images, mask, args.batch, bf16_peak, torch.bfloat16)
         if not args.no_memory:
             measure_memory(directory, args.size)
         if args.bf16 and not timed_bf16:
@@ -275,15 +276,13 @@ def throughput(
     images: torch.Tensor,
     mask: torch.Tensor,
     batch: int,
-    peak: float | torch.dtype,
+    peak: float,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
     """Images/s of ``model`` at ``batch`` copies of the image, and its rate in GFLOP/s of the
     work counted in ``reference`` (the model as loaded: direct convolutions, whereas Winograd's
-    do fewer multiplications for the same result) as a fraction of the matmul peak: ``peak``
-    GFLOP/s, or the peak in that dtype, measured before and after."""
-    dtype = peak if isinstance(peak, torch.dtype) else torch.float32
-    if isinstance(peak, torch.dtype):
-        peak = matmul_peak(dtype=dtype)
+    do fewer multiplications for the same result) as a fraction of the matrix-multiply peak in
+    ``dtype`` (the model's): the best of ``peak`` GFLOP/s and a measurement right after."""
     images, mask = images.expand(batch, -1, -1, -1).clone(), mask.expand(batch, -1, -1).clone()
     with torch.inference_mode():
         # The FLOP counter's module tracker hooks the autograd graph of parameters that require

@@ -66,15 +66,20 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
 
 
-def test_training_steps_overfit_a_fixed_batch():
-    torch.manual_seed(0)
-    model = detrkit.build_model("deformable_detr_digits", dropout=0.0, **TINY_MODEL).train()
+def two_digit_scenes():
+    """A batch of the first two built-in training scenes at the tiny runs' scale (0.12)."""
     dataset = detrkit.data.DigitsDetection(
         "train",
         2,
         transforms=detrkit.data.make_val_transforms(detrkit.data.AugmentationConfig().scaled(0.12)),
     )
-    images, mask, targets = detrkit.data.collate_fn([dataset[0], dataset[1]])
+    return detrkit.data.collate_fn([dataset[0], dataset[1]])
+
+
+def test_training_steps_overfit_a_fixed_batch():
+    torch.manual_seed(0)
+    model = detrkit.build_model("deformable_detr_digits", dropout=0.0, **TINY_MODEL).train()
+    images, mask, targets = two_digit_scenes()
     criterion = build_criterion(model.config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
@@ -99,12 +104,7 @@ def test_channels_last_training_computes_the_same_gradients(preset):
         if preset.startswith("deformable") or k != "num_feature_levels"
     }
     model = detrkit.build_model(preset, dropout=0.0, **options).train()
-    dataset = detrkit.data.DigitsDetection(
-        "train",
-        2,
-        transforms=detrkit.data.make_val_transforms(detrkit.data.AugmentationConfig().scaled(0.12)),
-    )
-    images, mask, targets = detrkit.data.collate_fn([dataset[0], dataset[1]])
+    images, mask, targets = two_digit_scenes()
     criterion = build_criterion(model.config)
     channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
     assert (
