@@ -55,6 +55,30 @@ def test_mask_is_independent_per_element_and_a_function_of_the_seed():
         assert abs(correlation) < 0.02, lag
 
 
+def splitmix_keep(numel: int, p: float, seed: int) -> torch.Tensor:
+    """The keep rule of csrc/dropout_cpu.cpp, written out in numpy: element 2k reads the low and
+    2k + 1 the high 32 bits of SplitMix64's output for counter k + 1."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as in C
+        counters = np.arange(1, (numel + 1) // 2 + 1, dtype=np.uint64)
+        z = np.uint64(seed % 2**64) + counters * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    halves = np.stack([z & np.uint64(0xFFFFFFFF), z >> np.uint64(32)], axis=1).reshape(-1)
+    return torch.from_numpy(halves[:numel] >= np.uint64(round(p * 2**32)))
+
+
+@needs_fused
+@pytest.mark.parametrize("numel", [1, 7, 2048, 4097, 100_001])
+def test_mask_is_the_documented_hash_of_seed_and_index(numel):
+    # Sizes around the kernel's chunks of 2,048 elements, and odd ones (a last half pair).
+    for seed in (0, -3, 2**62 + 12345):
+        kept = keep_factors(numel, 0.3, seed) != 0
+        assert torch.equal(kept, splitmix_keep(numel, 0.3, seed)), seed
+
+
 @needs_fused
 def test_result_does_not_depend_on_the_thread_count():
     x = torch.randn(300_001)
