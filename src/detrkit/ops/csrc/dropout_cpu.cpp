@@ -5,7 +5,7 @@
 // step. Here the keep decision of element i of the (contiguous) input is a pure function of
 // (seed, i): 32 bits of SplitMix64's output for counter i / 2, kept when they are at least
 // round(p * 2^32). That gives
-//   * speed: a few integer multiplies per pair of elements, in parallel;
+//   * speed: a few integer multiplies per pair of elements, vectorised and in parallel;
 //   * no stored mask: the backward pass applies the same function to the gradient;
 //   * the same result for any number of threads.
 // Kept elements are scaled by 1 / (1 - p), in at::opmath_type (fp32 for bf16/fp16).
