@@ -175,11 +175,14 @@ def compare(name: str, images: torch.Tensor, mask: torch.Tensor, args, peak: flo
             logits = {key: _logits(run()) for key, run in runs.items()}  # also the warm-up
             times = interleaved_times(runs, args.repeats)
         print_latency(name, times, logits, args.repeats)
+        models = {"detrkit": ours, "optimized": optimized}
+        if timed_bf16:
+            models["optimized bf16"] = low
         if args.profile:
-            for key in ("detrkit", "optimized"):
+            for key in models:
                 print_profile(key, runs[key], args.profile)
         if args.stages:
-            for key, model in (("detrkit", ours), ("optimized", optimized)):
+            for key, model in models.items():
                 print_stages(key, model, runs[key], args.repeats)
         throughput(optimized, ours, images, mask, args.batch, peak)
         if timed_bf16:

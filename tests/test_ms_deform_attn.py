@@ -262,6 +262,50 @@ def test_low_precision_matches_fp32_reference(dtype: torch.dtype, implementation
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS + GPU_IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION_RTOL, ids=str)
+@pytest.mark.parametrize("case", ["four_levels", "four_levels_odd_channels"])
+def test_low_precision_values_with_fp32_locations(
+    dtype: torch.dtype, implementation: str, case: str
+):
+    """bf16/fp16 values with fp32 locations and weights (as the models pass them under autocast)
+    give exactly the fp32 computation on the same numbers, rounded once to the values' dtype,
+    gradients included: the CPU kernel reads the narrow values as they are and accumulates in
+    fp32; the other implementations convert them."""
+    value, shapes, starts, locations, weights = on_device_of(
+        implementation, make_inputs(**CASES[case])
+    )
+    value = value.to(dtype)
+    generator = torch.Generator().manual_seed(1)
+    grad_output = torch.randn(
+        value.shape[0], locations.shape[1], value.shape[2] * value.shape[3], generator=generator
+    ).to(value)
+    results = []
+    for narrow_value, rounded in ((value, lambda t: t), (value.float(), lambda t: t.to(dtype))):
+        leaves = [t.detach().requires_grad_() for t in (narrow_value, locations, weights)]
+        output = rounded(
+            ms_deform_attn(
+                leaves[0], shapes, starts, leaves[1], leaves[2], implementation=implementation
+            )
+        )
+        output.backward(grad_output)
+        results.append([output.detach()] + [leaf.grad for leaf in leaves])
+    mixed, wide = results
+    for name, actual, expected, expected_dtype in zip(
+        NAMES, mixed, wide, [dtype, dtype, torch.float32, torch.float32]
+    ):
+        assert actual.dtype == expected_dtype, name
+        torch.testing.assert_close(actual, expected.to(expected_dtype), rtol=0, atol=0, msg=name)
+
+
+def test_locations_may_be_fp32_only_with_low_precision_values():
+    value, shapes, starts, locations, weights = make_inputs(FOUR_LEVELS)
+    with pytest.raises(ValueError, match="sampling_locations must have value's dtype"):
+        ms_deform_attn(value.double(), shapes, starts, locations, weights)
+    with pytest.raises(ValueError, match="attention_weights must have sampling_locations' dtype"):
+        ms_deform_attn(value.bfloat16(), shapes, starts, locations, weights.bfloat16())
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS + GPU_IMPLEMENTATIONS)
 def test_gradcheck_float64(implementation: str):
     inputs = make_inputs(
         [(3, 4), (2, 2)], batch=2, heads=2, channels=3, queries=3, points=2, dtype=torch.float64

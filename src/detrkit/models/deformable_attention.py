@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detrkit.ops import ms_deform_attn
+from detrkit.ops import coordinate_dtype_for, ms_deform_attn
 
 
 class MSDeformAttn(nn.Module):
@@ -101,7 +101,11 @@ class MSDeformAttn(nn.Module):
             attention_weights = self.attention_weights(query)
         sampling_offsets = sampling_offsets.view(*shape, 2)  # [N, Lq, M, L, P, 2]
         attention_weights = attention_weights.view(*shape[:3], -1)
-        attention_weights = F.softmax(attention_weights, -1).view(shape)  # [N, Lq, M, L, P]
+        # In the locations' dtype (fp32 when the projections run in bf16), as the operator takes
+        # them; converting in the softmax costs nothing extra.
+        coordinate_dtype = torch.promote_types(sampling_offsets.dtype, reference_points.dtype)
+        attention_weights = F.softmax(attention_weights, -1, dtype=coordinate_dtype)
+        attention_weights = attention_weights.view(shape)  # [N, Lq, M, L, P]
 
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: normalise by that level's (W, H), then add the
@@ -190,11 +194,12 @@ class MSDeformAttn(nn.Module):
     ) -> Tensor:
         """The operator on ``value`` ``[N, S, M, D]``: ``[N, Lq, M * D]`` in value's dtype."""
         # sampling_locations: [N, Lq, M, L, P, 2] normalised (x, y). With bf16/fp16 values
-        # (autocast, or a model in that precision) the operator, which takes one dtype, runs in
-        # fp32: in bf16 a location on a 134-pixel-wide level would be off by up to half a pixel.
+        # (autocast, or a model in that precision) they stay fp32, with the attention weights:
+        # in bf16 a location on a 134-pixel-wide level would be off by up to half a pixel. The
+        # values go in as they are: the CPU kernel gathers bf16 and accumulates in fp32.
         dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
         output = ms_deform_attn(
-            value.to(dtype),
+            value if dtype == coordinate_dtype_for(value.dtype) else value.to(dtype),
             spatial_shapes,
             level_start_index,
             sampling_locations.to(dtype),

@@ -2,6 +2,7 @@
 dropout with a fast CPU mask (alone, and inside the transformer's MLP for training), and Winograd
 3x3 convolutions for CPU inference."""
 
+from detrkit.ops._validation import coordinate_dtype_for
 from detrkit.ops.dispatch import auto_implementation, fused_kernel_available, ms_deform_attn
 from detrkit.ops.fast_dropout import Dropout, dropout, relu_dropout
 from detrkit.ops.feed_forward import relu_dropout_mlp
@@ -13,6 +14,7 @@ __all__ = [
     "Dropout",
     "WinogradConv2d",
     "auto_implementation",
+    "coordinate_dtype_for",
     "dropout",
     "fused_kernel_available",
     "ms_deform_attn",

@@ -6,6 +6,15 @@ import torch
 from torch import Tensor
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def coordinate_dtype_for(value_dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which sampling locations and attention weights may accompany values of
+    ``value_dtype``, besides that dtype itself: float32 for bfloat16 and float16 values."""
+    return torch.float32 if value_dtype in LOW_PRECISION else value_dtype
+
+
 def _check_rank(name: str, tensor: Tensor, rank: int, layout: str) -> None:
     if not isinstance(tensor, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor {layout}, got {type(tensor).__name__}")
@@ -29,12 +38,22 @@ def check_ms_deform_attn_inputs(
 
     if not value.dtype.is_floating_point:
         raise ValueError(f"value must be a floating-point tensor, got {value.dtype}")
+    coordinate_dtype = sampling_locations.dtype
+    if coordinate_dtype not in (value.dtype, coordinate_dtype_for(value.dtype)):
+        raise ValueError(
+            f"sampling_locations must have value's dtype {value.dtype}"
+            + (" or float32" if value.dtype in LOW_PRECISION else "")
+            + f", got {coordinate_dtype}"
+        )
+    if attention_weights.dtype != coordinate_dtype:
+        raise ValueError(
+            f"attention_weights must have sampling_locations' dtype {coordinate_dtype}, "
+            f"got {attention_weights.dtype}"
+        )
     for name, tensor in (
         ("sampling_locations", sampling_locations),
         ("attention_weights", attention_weights),
     ):
-        if tensor.dtype != value.dtype:
-            raise ValueError(f"{name} must have value's dtype {value.dtype}, got {tensor.dtype}")
         if tensor.device != value.device:
             raise ValueError(
                 f"{name} must be on value's device {value.device}, got {tensor.device}"

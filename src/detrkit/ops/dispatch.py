@@ -99,20 +99,29 @@ def ms_deform_attn(
             There, wrong level sizes give wrong results (rows past value read as zeros).
         sampling_locations: ``[N, Lq, M, L, P, 2]``, (x, y) normalised to [0, 1] per level;
             points off the map read zeros (bilinear, like grid_sample with align_corners=False).
-        attention_weights: ``[N, Lq, M, L, P]``.
+        attention_weights: ``[N, Lq, M, L, P]``, in sampling_locations' dtype: value's, or
+            float32 with bfloat16 / float16 values (which the CPU kernel reads as they are and
+            the other implementations convert to float32).
         implementation: ``"auto"`` (the fused kernel for the inputs' device when it is
             available, else reference), ``"reference"`` (grid_sample), ``"cpu"`` (fused CPU
             kernel), ``"triton"`` (fused Triton kernels for CUDA tensors) or ``"portable"``
             (gathers with the level sizes kept as tensors, for ONNX export).
 
     Returns:
-        ``[N, Lq, M * D]``, differentiable with respect to value, sampling_locations and
-        attention_weights.
+        ``[N, Lq, M * D]`` in value's dtype, differentiable with respect to value,
+        sampling_locations and attention_weights.
     """
     inputs = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     check_ms_deform_attn_inputs(*inputs)
     if implementation == "auto":
         implementation = auto_implementation(value.device, value.dtype)
+    if value.dtype != sampling_locations.dtype and implementation != "cpu":
+        output = ms_deform_attn(
+            value.to(sampling_locations.dtype),
+            *inputs[1:],
+            implementation=implementation,
+        )
+        return output.to(value.dtype)
     if implementation == "reference":
         return ms_deform_attn_reference(*inputs)
     if implementation == "portable":

@@ -8,6 +8,10 @@
 //   attention_weights   [N, Lq, M, L, P]
 //   output              [N, Lq, M * D]
 //
+// value, output and grad_output share one dtype. sampling_locations and attention_weights share
+// either that dtype or, for bf16/fp16 values, fp32 (coord_t below): a location in bf16 is off by
+// up to half a pixel on a 134-pixel-wide level, while bf16 values halve the bytes gathered.
+//
 // Sampling follows grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False): pixel
 // centre i lies at (i + 0.5) / size, and a bilinear corner that falls off the map reads zero.
 // Arithmetic runs in at::opmath_type (fp32 for bf16/fp16, fp64 for fp64).
@@ -124,9 +128,11 @@ Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
   TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
               "sampling_locations must be [N, Lq, M, L, P, 2]");
   TORCH_CHECK(attention_weights.dim() == 5, "attention_weights must be [N, Lq, M, L, P]");
-  TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type() &&
-                  attention_weights.scalar_type() == value.scalar_type(),
-              "value, sampling_locations and attention_weights must share a dtype");
+  const auto coords = sampling_locations.scalar_type();
+  TORCH_CHECK(attention_weights.scalar_type() == coords &&
+                  (coords == value.scalar_type() || coords == at::toOpMathType(value.scalar_type())),
+              "sampling_locations and attention_weights must share value's dtype or, for bf16/fp16 "
+              "values, be fp32");
   TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong &&
                   level_start_index.scalar_type() == at::kLong,
               "spatial_shapes and level_start_index must be int64");
@@ -244,10 +250,10 @@ inline void gather_block(const scalar_t* value_head, const Tap<acc_t>* taps, int
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename coord_t>
 void forward_kernel(const Sizes& s, const scalar_t* value, const int64_t* spatial_shapes,
-                    const int64_t* level_start_index, const scalar_t* sampling_locations,
-                    const scalar_t* attention_weights, scalar_t* output) {
+                    const int64_t* level_start_index, const coord_t* sampling_locations,
+                    const coord_t* attention_weights, scalar_t* output) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t row_stride = s.M * s.D;  // between consecutive rows of one head in value
   // Queries are independent and each writes only its own output row, so they split freely.
@@ -268,7 +274,7 @@ void forward_kernel(const Sizes& s, const scalar_t* value, const int64_t* spatia
             resolve_corners<acc_t>(sampling_locations[2 * point], sampling_locations[2 * point + 1],
                                    spatial_shapes[2 * l], spatial_shapes[2 * l + 1],
                                    level_start_index[l], row_stride, corners);
-            const acc_t attention = attention_weights[point];
+            const acc_t attention = static_cast<acc_t>(attention_weights[point]);
             for (int c = 0; c < corners.count; ++c) {
               taps[num_taps++] = {corners.offset[c], attention * corners.weight[c]};
               prefetch_row(value_head + corners.offset[c], s.D);
@@ -286,10 +292,10 @@ void forward_kernel(const Sizes& s, const scalar_t* value, const int64_t* spatia
 
 // For one query and head and one channel block: scatter weight * grad_output into grad_value at
 // every tap and accumulate grad_output . value[tap] into dots (summed over blocks by the caller).
-template <int kVectors, typename scalar_t, typename acc_t>
+template <int kVectors, typename scalar_t, typename coord_t, typename acc_t>
 inline void scatter_block(const scalar_t* value_head, acc_t* grad_value_head,
                           const BilinearCorners<acc_t>* point_corners,
-                          const scalar_t* attention_weights, int64_t num_points,
+                          const coord_t* attention_weights, int64_t num_points,
                           const scalar_t* grad_output, int64_t d0, acc_t* dots) {
   if constexpr (kVectors == 0) {
     const acc_t g = static_cast<acc_t>(grad_output[d0]);
@@ -326,15 +332,15 @@ inline void scatter_block(const scalar_t* value_head, acc_t* grad_value_head,
 
 // Gradients of one query and head: scatters into the head's slice of grad_value, and writes
 // the point's grad_sampling_locations and grad_attention_weights.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename coord_t, typename acc_t>
 inline void backward_query_head(const Sizes& s, int64_t point0, const scalar_t* value_head,
                                 acc_t* grad_value_head, const int64_t* spatial_shapes,
                                 const int64_t* level_start_index,
-                                const scalar_t* sampling_locations,
-                                const scalar_t* attention_weights, const scalar_t* grad_out,
+                                const coord_t* sampling_locations,
+                                const coord_t* attention_weights, const scalar_t* grad_out,
                                 BilinearCorners<acc_t>* point_corners, acc_t* dots,
-                                scalar_t* grad_sampling_locations,
-                                scalar_t* grad_attention_weights) {
+                                coord_t* grad_sampling_locations,
+                                coord_t* grad_attention_weights) {
   const int64_t num_points = s.L * s.P;
   for (int64_t l = 0; l < s.L; ++l) {
     for (int64_t p = 0; p < s.P; ++p) {
@@ -364,14 +370,14 @@ inline void backward_query_head(const Sizes& s, int64_t point0, const scalar_t* 
       grad_y += corners.dweight_dy[c] * dots[i * 4 + c];
     }
     const int64_t point = point0 + i;
-    const acc_t attention = attention_weights[point];
+    const acc_t attention = static_cast<acc_t>(attention_weights[point]);
     const int64_t l = i / s.P;
-    grad_attention_weights[point] = static_cast<scalar_t>(grad_attention);
+    grad_attention_weights[point] = static_cast<coord_t>(grad_attention);
     // Locations are normalised: pixel x = loc_x * W - 0.5, so d/dloc_x = W * d/dx.
     grad_sampling_locations[2 * point] =
-        static_cast<scalar_t>(attention * grad_x * static_cast<acc_t>(spatial_shapes[2 * l + 1]));
+        static_cast<coord_t>(attention * grad_x * static_cast<acc_t>(spatial_shapes[2 * l + 1]));
     grad_sampling_locations[2 * point + 1] =
-        static_cast<scalar_t>(attention * grad_y * static_cast<acc_t>(spatial_shapes[2 * l]));
+        static_cast<coord_t>(attention * grad_y * static_cast<acc_t>(spatial_shapes[2 * l]));
   }
 }
 
@@ -384,12 +390,12 @@ inline void backward_query_head(const Sizes& s, int64_t point0, const scalar_t* 
 // one thread. A thread walks its heads innermost, query by query, so that its reads of the
 // per-query tensors stay sequential (a head-outer loop strides through them and thrashes the
 // TLB). The buffer layout [C, N, S, M, D] makes the single-chunk case value's own layout.
-template <typename scalar_t>
+template <typename scalar_t, typename coord_t>
 void backward_kernel(const Sizes& s, int64_t num_chunks, const scalar_t* value,
                      const int64_t* spatial_shapes, const int64_t* level_start_index,
-                     const scalar_t* sampling_locations, const scalar_t* attention_weights,
+                     const coord_t* sampling_locations, const coord_t* attention_weights,
                      const scalar_t* grad_output, at::opmath_type<scalar_t>* grad_value_chunks,
-                     scalar_t* grad_sampling_locations, scalar_t* grad_attention_weights) {
+                     coord_t* grad_sampling_locations, coord_t* grad_attention_weights) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t row_stride = s.M * s.D;
   const int64_t num_points = s.L * s.P;
@@ -410,7 +416,7 @@ void backward_kernel(const Sizes& s, int64_t num_chunks, const scalar_t* value,
       for (int64_t q = chunk * queries_per_chunk; q < q_end; ++q) {
         const int64_t nq = n * s.Lq + q;
         for (int64_t m = m_begin; m < m_end; ++m) {
-          backward_query_head<scalar_t, acc_t>(
+          backward_query_head<scalar_t, coord_t, acc_t>(
               s, (nq * s.M + m) * num_points, value_n + m * s.D, grad_value_n + m * s.D,
               spatial_shapes, level_start_index, sampling_locations, attention_weights,
               grad_output + (nq * s.M + m) * s.D, point_corners.data(), dots.data(),
@@ -419,6 +425,18 @@ void backward_kernel(const Sizes& s, int64_t num_chunks, const scalar_t* value,
       }
     }
   });
+}
+
+// Calls fn(coord_t{}) with coord_t the C++ type of sampling_locations' dtype, which
+// check_inputs allows to be value's (scalar_t) or its accumulation type.
+template <typename scalar_t, typename Fn>
+inline void with_coord_type(const at::Tensor& sampling_locations, Fn&& fn) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (sampling_locations.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value) {
+    fn(scalar_t{});
+  } else {
+    fn(acc_t{});
+  }
 }
 
 }  // namespace
@@ -440,12 +458,15 @@ at::Tensor ms_deform_attn_forward(const at::Tensor& value, const at::Tensor& spa
   if (output.numel() == 0) return output;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, value.scalar_type(), "ms_deform_attn_forward", [&] {
-        forward_kernel<scalar_t>(s, value_c.const_data_ptr<scalar_t>(),
-                                 shapes_c.const_data_ptr<int64_t>(),
-                                 starts_c.const_data_ptr<int64_t>(),
-                                 locations_c.const_data_ptr<scalar_t>(),
-                                 weights_c.const_data_ptr<scalar_t>(),
-                                 output.mutable_data_ptr<scalar_t>());
+        with_coord_type<scalar_t>(locations_c, [&](auto coord) {
+          using coord_t = decltype(coord);
+          forward_kernel<scalar_t, coord_t>(s, value_c.const_data_ptr<scalar_t>(),
+                                            shapes_c.const_data_ptr<int64_t>(),
+                                            starts_c.const_data_ptr<int64_t>(),
+                                            locations_c.const_data_ptr<coord_t>(),
+                                            weights_c.const_data_ptr<coord_t>(),
+                                            output.mutable_data_ptr<scalar_t>());
+        });
       });
   return output;
 }
@@ -484,14 +505,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward(
   if (weights_c.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kBFloat16, at::kHalf, value.scalar_type(), "ms_deform_attn_backward", [&] {
-          backward_kernel<scalar_t>(
-              s, num_chunks, value_c.const_data_ptr<scalar_t>(),
-              shapes_c.const_data_ptr<int64_t>(), starts_c.const_data_ptr<int64_t>(),
-              locations_c.const_data_ptr<scalar_t>(), weights_c.const_data_ptr<scalar_t>(),
-              grad_output_c.const_data_ptr<scalar_t>(),
-              grad_value_chunks.mutable_data_ptr<at::opmath_type<scalar_t>>(),
-              grad_sampling_locations.mutable_data_ptr<scalar_t>(),
-              grad_attention_weights.mutable_data_ptr<scalar_t>());
+          with_coord_type<scalar_t>(locations_c, [&](auto coord) {
+            using coord_t = decltype(coord);
+            backward_kernel<scalar_t, coord_t>(
+                s, num_chunks, value_c.const_data_ptr<scalar_t>(),
+                shapes_c.const_data_ptr<int64_t>(), starts_c.const_data_ptr<int64_t>(),
+                locations_c.const_data_ptr<coord_t>(), weights_c.const_data_ptr<coord_t>(),
+                grad_output_c.const_data_ptr<scalar_t>(),
+                grad_value_chunks.mutable_data_ptr<at::opmath_type<scalar_t>>(),
+                grad_sampling_locations.mutable_data_ptr<coord_t>(),
+                grad_attention_weights.mutable_data_ptr<coord_t>());
+          });
         });
   }
   at::Tensor grad_value = num_chunks == 1 ? grad_value_chunks[0] : grad_value_chunks.sum(0);
