@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 from torchvision.ops import FrozenBatchNorm2d
 
 import detrkit
@@ -17,6 +18,7 @@ from detrkit.inference import Detector
 from detrkit.models import inference_model, optimize_for_inference
 from detrkit.models.chunking import forward_in_chunks, images_per_chunk
 from detrkit.models.inference_model import fold_batchnorms
+from detrkit.ops import onednn
 
 # Small transformers on the real ResNet-50 with frozen batch norm, so that folding meets the
 # modules of the published models.
@@ -103,6 +105,27 @@ def test_bf16_stays_within_its_tolerance(kind, models):
     for key, tolerance in BF16_TOLERANCE.items():
         assert got[key].dtype == torch.bfloat16
         assert (got[key].float() - expected[key]).abs().max() < tolerance, key
+
+
+@pytest.mark.skipif(
+    not onednn._operators_available(), reason="this torch build lacks oneDNN's fused operators"
+)
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_bf16_fuses_bias_and_relu_into_the_products(kind, models, monkeypatch):
+    """The backbone's ReLU'd convolutions and the MLPs run as oneDNN operators with the ReLU and
+    bias inside (detrkit.ops.onednn), with the outputs of the unfused model up to bf16 rounding."""
+    images, mask = padded_batch()
+    low = optimize_for_inference(models[kind], "bf16")
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        fused = run(low, images, mask)
+    names = {event.name for event in profiler.events()}
+    assert {"mkldnn::_convolution_pointwise", "mkldnn::_linear_pointwise"} <= names
+    monkeypatch.setattr(onednn, "_fuses", lambda module, x: False)
+    plain = run(low, images, mask)
+    for key, tolerance in BF16_TOLERANCE.items():
+        # Measured: equal to the bit. A bias added before rounding instead of after may differ.
+        difference = (fused[key].float() - plain[key].float()).abs().max()
+        assert difference < tolerance / 4, key
 
 
 @pytest.mark.full

@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.ops import FrozenBatchNorm2d
 
+from detrkit.ops import onednn
+
 # Output channels of each stage: bottleneck ResNets (50, 101) and basic-block ones (18, 34).
 RESNET_CHANNELS = {
     "resnet50": {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048},
@@ -37,6 +39,14 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     return conv._conv_forward(x, conv.weight * scale.view(-1, 1, 1, 1), bias)
 
 
+def conv_norm_relu(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
+    """``relu(norm(conv(x)))``. Once the norm is folded into the convolution (an Identity left in
+    its place), the ReLU runs inside the convolution in bf16 inference (:mod:`detrkit.ops.onednn`)."""
+    if isinstance(norm, nn.Identity):
+        return onednn.conv2d_relu(conv, x)
+    return conv_norm(conv, norm, x).relu_()
+
+
 class Bottleneck(tv_resnet.Bottleneck):
     """torchvision's bottleneck block (same modules and names), its norms run by :func:`conv_norm`."""
 
@@ -49,8 +59,8 @@ class Bottleneck(tv_resnet.Bottleneck):
 
     def forward(self, x: Tensor) -> Tensor:
         # In-place ReLUs, as torchvision's: every input they overwrite is a fresh tensor.
-        out = conv_norm(self.conv1, self.bn1, x).relu_()
-        out = conv_norm(self.conv2, self.bn2, out).relu_()
+        out = conv_norm_relu(self.conv1, self.bn1, x)
+        out = conv_norm_relu(self.conv2, self.bn2, out)
         shortcut = _shortcut(self, x)
         if self._may_accumulate() and can_accumulate_pointwise(self.conv3, out, shortcut):
             return accumulate_pointwise(self.conv3, out, shortcut).relu_()
@@ -95,7 +105,7 @@ class BasicBlock(tv_resnet.BasicBlock):
     """torchvision's basic block (same modules and names), its norms run by :func:`conv_norm`."""
 
     def forward(self, x: Tensor) -> Tensor:
-        out = conv_norm(self.conv1, self.bn1, x).relu_()
+        out = conv_norm_relu(self.conv1, self.bn1, x)
         out = conv_norm(self.conv2, self.bn2, out)
         return out.add_(_shortcut(self, x)).relu_()
 
@@ -185,9 +195,9 @@ class ResNetBackbone(nn.Module):
         features = []
         # Run in the weights' dtype (bf16 / fp16 after optimize_for_inference); a no-op in fp32.
         x = images.to(self.body["conv1"].weight.dtype)
-        x = conv_norm(self.body["conv1"], self.body["bn1"], x)
+        x = conv_norm_relu(self.body["conv1"], self.body["bn1"], x)
         for name, module in self.body.items():
-            if name in ("conv1", "bn1"):
+            if name in ("conv1", "bn1", "relu"):  # the stem, run above
                 continue
             x = module(x)
             if name in self.return_layers:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrkit.models.attention import MultiheadAttention
-from detrkit.ops import Dropout, relu_dropout_mlp
+from detrkit.ops import Dropout, onednn, relu_dropout_mlp
 
 
 def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
@@ -31,12 +31,10 @@ def _feed_forward(layer: nn.Module, x: Tensor) -> Tensor:
     """The position-wise MLP; its Linear layers live on the owning layer, as in the checkpoints."""
     if layer.activation is F.relu and layer.dropout.training:  # the original's activation
         return relu_dropout_mlp(x, layer.linear1, layer.linear2, layer.dropout.p)
-    hidden = layer.linear1(x)
     if layer.activation is F.relu:
-        # In place: linear1's output is fresh and its gradient needs none of it. A new [tokens,
-        # d_ffn] tensor would be mapped and faulted in page by page on large inputs.
-        return layer.linear2(hidden.relu_())
-    return layer.linear2(layer.dropout(layer.activation(hidden)))
+        # Dropout is off (eval mode). In bf16 inference, bias and ReLU run inside the product.
+        return onednn.linear(layer.linear2, onednn.linear(layer.linear1, x, relu=True))
+    return layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
 
 
 class TransformerEncoderLayer(nn.Module):

@@ -1,7 +1,9 @@
 """Custom operators: multi-scale deformable attention (fused CPU kernel and PyTorch reference),
-dropout with a fast CPU mask (alone, and inside the transformer's MLP for training), and Winograd
-3x3 convolutions for CPU inference."""
+dropout with a fast CPU mask (alone, and inside the transformer's MLP for training), Winograd
+3x3 convolutions for CPU inference, and convolutions and linear layers with bias and ReLU fused by
+oneDNN for bf16 inference (:mod:`detrkit.ops.onednn`)."""
 
+from detrkit.ops import onednn
 from detrkit.ops._validation import coordinate_dtype_for
 from detrkit.ops.dispatch import auto_implementation, fused_kernel_available, ms_deform_attn
 from detrkit.ops.fast_dropout import Dropout, dropout, relu_dropout
@@ -20,6 +22,7 @@ __all__ = [
     "ms_deform_attn",
     "ms_deform_attn_portable",
     "ms_deform_attn_reference",
+    "onednn",
     "relu_dropout",
     "relu_dropout_mlp",
     "winograd_conv2d",

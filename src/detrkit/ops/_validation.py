@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 

@@ -1,0 +1,76 @@
+"""detrkit.ops.onednn: bias and ReLU fused into bf16 convolutions and linear layers on CPUs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from detrkit.ops import onednn
+
+needs_operators = pytest.mark.skipif(
+    not onednn._operators_available(), reason="this torch build lacks oneDNN's fused operators"
+)
+
+
+def operators_run(fn) -> set[str]:
+    """The names of the oneDNN fused operators that ``fn()`` calls."""
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        fn()
+    names = {event.name for event in profiler.events()}
+    return {name for name in names if "_pointwise" in name}
+
+
+def bf16_layers(seed: int = 0) -> tuple[nn.Conv2d, nn.Linear]:
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(16, 24, 3, stride=2, padding=1).bfloat16()
+    linear = nn.Linear(24, 40).bfloat16()
+    return conv, linear
+
+
+@needs_operators
+def test_fused_forms_match_the_plain_operators_in_bf16():
+    conv, linear = bf16_layers()
+    images = torch.randn(2, 16, 19, 23).bfloat16().contiguous(memory_format=torch.channels_last)
+    tokens = torch.randn(3, 50, 24).bfloat16()
+    with torch.inference_mode():
+        assert operators_run(lambda: onednn.conv2d_relu(conv, images)) == {
+            "mkldnn::_convolution_pointwise"
+        }
+        assert operators_run(lambda: onednn.linear(linear, tokens)) == {"mkldnn::_linear_pointwise"}
+        # ReLU commutes with rounding: the convolution is the same kernel, bit for bit.
+        torch.testing.assert_close(
+            onednn.conv2d_relu(conv, images), conv(images).relu(), rtol=0, atol=0
+        )
+        # The bias joins the fp32 accumulator instead of the rounded product: within bf16
+        # rounding of the fp32 result.
+        expected = F.linear(tokens.float(), linear.weight.float(), linear.bias.float())
+        for relu in (False, True):
+            actual = onednn.linear(linear, tokens, relu=relu)
+            assert actual.dtype == torch.bfloat16 and actual.shape == (3, 50, 40)
+            wanted = expected.relu() if relu else expected
+            torch.testing.assert_close(actual.float(), wanted, rtol=2**-7, atol=1e-2)
+
+
+@needs_operators
+def test_plain_operators_run_outside_bf16_inference():
+    conv, linear = bf16_layers()
+    images = torch.randn(1, 16, 9, 11)
+    tokens = torch.randn(4, 24)
+    fp32_conv, fp32_linear = conv.float(), linear.float()
+    with torch.inference_mode():  # fp32: no faster fused, so the usual operators
+        assert operators_run(lambda: onednn.conv2d_relu(fp32_conv, images)) == set()
+        assert operators_run(lambda: onednn.linear(fp32_linear, tokens, relu=True)) == set()
+    conv, linear = bf16_layers()
+    # With autograd on, the usual operators, and gradients flow.
+    output = onednn.linear(linear, tokens.bfloat16(), relu=True)
+    output.float().sum().backward()
+    assert linear.weight.grad is not None
+    # A module with hooks is called, so the hooks run.
+    calls = []
+    conv.register_forward_hook(lambda *_: calls.append("conv"))
+    with torch.inference_mode():
+        assert operators_run(lambda: onednn.conv2d_relu(conv, images.bfloat16())) == set()
+    assert calls == ["conv"]
