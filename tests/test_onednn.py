@@ -44,6 +44,18 @@ def test_fused_forms_match_the_plain_operators_in_bf16():
         torch.testing.assert_close(
             onednn.conv2d_relu(conv, images), conv(images).relu(), rtol=0, atol=0
         )
+        # A residual block's end adds the shortcut to the fp32 accumulator, before rounding.
+        shortcut = torch.randn(2, 24, 10, 12).bfloat16()
+        assert operators_run(lambda: onednn.conv2d_add_relu(conv, images, shortcut)) == {
+            "mkldnn::_convolution_pointwise"
+        }
+        wide = F.conv2d(images.float(), conv.weight.float(), conv.bias.float(), 2, 1)
+        torch.testing.assert_close(
+            onednn.conv2d_add_relu(conv, images, shortcut).float(),
+            (wide + shortcut.float()).relu(),
+            rtol=2**-7,
+            atol=1e-2,
+        )
         # The bias joins the fp32 accumulator instead of the rounded product: within bf16
         # rounding of the fp32 result.
         expected = F.linear(tokens.float(), linear.weight.float(), linear.bias.float())
@@ -62,6 +74,8 @@ def test_plain_operators_run_outside_bf16_inference():
     fp32_conv, fp32_linear = conv.float(), linear.float()
     with torch.inference_mode():  # fp32: no faster fused, so the usual operators
         assert operators_run(lambda: onednn.conv2d_relu(fp32_conv, images)) == set()
+        shortcut = torch.randn(1, 24, 5, 6)
+        assert operators_run(lambda: onednn.conv2d_add_relu(fp32_conv, images, shortcut)) == set()
         assert operators_run(lambda: onednn.linear(fp32_linear, tokens, relu=True)) == set()
     conv, linear = bf16_layers()
     # With autograd on, the usual operators, and gradients flow.

@@ -47,6 +47,14 @@ def conv_norm_relu(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     return conv_norm(conv, norm, x).relu_()
 
 
+def conv_norm_add_relu(conv: nn.Conv2d, norm: nn.Module, x: Tensor, shortcut: Tensor) -> Tensor:
+    """``relu(norm(conv(x)) + shortcut)``, a residual block's end; fused as
+    :func:`conv_norm_relu`, the addition too."""
+    if isinstance(norm, nn.Identity):
+        return onednn.conv2d_add_relu(conv, x, shortcut)
+    return conv_norm(conv, norm, x).add_(shortcut).relu_()
+
+
 class Bottleneck(tv_resnet.Bottleneck):
     """torchvision's bottleneck block (same modules and names), its norms run by :func:`conv_norm`."""
 
@@ -62,10 +70,13 @@ class Bottleneck(tv_resnet.Bottleneck):
         out = conv_norm_relu(self.conv1, self.bn1, x)
         out = conv_norm_relu(self.conv2, self.bn2, out)
         shortcut = _shortcut(self, x)
-        if self._may_accumulate() and can_accumulate_pointwise(self.conv3, out, shortcut):
+        if (
+            self._may_accumulate()
+            and not onednn.fuses(self.conv3, out)  # bf16: faster still, in conv_norm_add_relu
+            and can_accumulate_pointwise(self.conv3, out, shortcut)
+        ):
             return accumulate_pointwise(self.conv3, out, shortcut).relu_()
-        out = conv_norm(self.conv3, self.bn3, out)
-        return out.add_(shortcut).relu_()
+        return conv_norm_add_relu(self.conv3, self.bn3, out, shortcut)
 
     def _may_accumulate(self) -> bool:
         # Hooks on conv3 would not run in place: its module is not called.
@@ -106,8 +117,7 @@ class BasicBlock(tv_resnet.BasicBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         out = conv_norm_relu(self.conv1, self.bn1, x)
-        out = conv_norm(self.conv2, self.bn2, out)
-        return out.add_(_shortcut(self, x)).relu_()
+        return conv_norm_add_relu(self.conv2, self.bn2, out, _shortcut(self, x))
 
 
 def _shortcut(block: nn.Module, x: Tensor) -> Tensor:

@@ -34,9 +34,15 @@ def _operators_available() -> bool:
     return True
 
 
-def _fuses(module: nn.Module, x: Tensor) -> bool:
-    """Whether ``module`` (a plain Conv2d or Linear) runs on ``x`` through oneDNN's fused form:
-    bf16 input and weights on a CPU, no autograd, no hooks to call, not being compiled."""
+def fuses(module: nn.Module, x: Tensor) -> bool:
+    """Whether ``module`` runs on ``x`` through oneDNN's fused forms: a plain Linear or a
+    zero-padded Conv2d, bf16 input and weights on a CPU, no autograd, no hooks to call, not being
+    compiled."""
+    if type(module) is nn.Conv2d:
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return False
+    elif type(module) is not nn.Linear:
+        return False
     return (
         x.dtype == torch.bfloat16
         and module.weight.dtype == torch.bfloat16
@@ -48,30 +54,33 @@ def _fuses(module: nn.Module, x: Tensor) -> bool:
     )
 
 
+def _convolution_arguments(conv: nn.Conv2d) -> tuple:
+    return conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups
+
+
 def conv2d_relu(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """``relu(conv(x))``, the ReLU fused into the convolution where :func:`_fuses` allows."""
-    if type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and _fuses(conv, x):
-        if isinstance(conv.padding, str):  # "same" / "valid": no fused form
-            return conv(x).relu_()
+    """``relu(conv(x))``, the ReLU inside the convolution where :func:`fuses` allows."""
+    if fuses(conv, x):
         return torch.ops.mkldnn._convolution_pointwise(
-            x,
-            conv.weight,
-            conv.bias,
-            conv.padding,
-            conv.stride,
-            conv.dilation,
-            conv.groups,
-            "relu",
-            [],
-            "",
+            x, *_convolution_arguments(conv), "relu", [], ""
         )
     return conv(x).relu_()
 
 
+def conv2d_add_relu(conv: nn.Conv2d, x: Tensor, other: Tensor) -> Tensor:
+    """``relu(conv(x) + other)`` (a residual block's end), the addition and ReLU inside the
+    convolution where :func:`fuses` allows."""
+    if fuses(conv, x) and other.dtype == x.dtype:
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, other, *_convolution_arguments(conv), "add", 1.0, "relu", [], ""
+        )
+    return conv(x).add_(other).relu_()
+
+
 def linear(layer: nn.Linear, x: Tensor, relu: bool = False) -> Tensor:
-    """``layer(x)``, or ``relu(layer(x))`` with ``relu``; bias and ReLU fused where
-    :func:`_fuses` allows."""
-    if type(layer) is nn.Linear and _fuses(layer, x):
+    """``layer(x)``, or ``relu(layer(x))`` with ``relu``; bias and ReLU inside the product where
+    :func:`fuses` allows."""
+    if fuses(layer, x):
         attribute = "relu" if relu else "none"
         return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, attribute, [], "")
     # In place: the layer's output is fresh and its gradient needs none of it. A new tensor
