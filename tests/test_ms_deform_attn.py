@@ -269,8 +269,9 @@ def test_low_precision_values_with_fp32_locations(
 ):
     """bf16/fp16 values with fp32 locations and weights (as the models pass them under autocast)
     give exactly the fp32 computation on the same numbers, rounded once to the values' dtype,
-    gradients included: the CPU kernel reads the narrow values as they are and accumulates in
-    fp32; the other implementations convert them."""
+    gradients included. The CPU kernel reads the narrow values as they are and accumulates in
+    fp32 (what this checks); for the other implementations the dispatcher converts them (this
+    checks that it does, and the result dtypes)."""
     value, shapes, starts, locations, weights = on_device_of(
         implementation, make_inputs(**CASES[case])
     )
@@ -299,6 +300,11 @@ def test_low_precision_values_with_fp32_locations(
 
 def test_locations_may_be_fp32_only_with_low_precision_values():
     value, shapes, starts, locations, weights = make_inputs(FOUR_LEVELS)
+    # A wrong implementation is named with the dtype the caller passed.
+    with pytest.raises(ValueError, match=r"dtype torch\.bfloat16"):
+        ms_deform_attn(
+            value.bfloat16(), shapes, starts, locations, weights, implementation="triton"
+        )
     with pytest.raises(ValueError, match="sampling_locations must have value's dtype"):
         ms_deform_attn(value.double(), shapes, starts, locations, weights)
     with pytest.raises(ValueError, match="attention_weights must have sampling_locations' dtype"):
@@ -508,6 +514,19 @@ def test_torch_export():
     targets = {str(node.target) for node in exported.graph.nodes}
     assert "detrkit.ms_deform_attn_forward.default" in targets
     torch.testing.assert_close(exported.module()(*inputs), module(*inputs))
+
+
+@needs_fused
+def test_torch_export_of_bf16_values_with_fp32_locations():
+    """The op's fake implementation gives the output value's dtype for mixed inputs, so a traced
+    graph agrees with eager."""
+    module, (x, locations, weights) = tiny_module_and_inputs()
+    module.to(torch.bfloat16)
+    inputs = (x.bfloat16(), locations, weights)
+    exported = torch.export.export(module, inputs)
+    eager = module(*inputs)
+    assert eager.dtype == torch.bfloat16
+    torch.testing.assert_close(exported.module()(*inputs), eager, rtol=0, atol=0)
 
 
 def test_build_failure_warns_once_and_falls_back(monkeypatch):

@@ -82,6 +82,19 @@ def test_plain_operators_run_outside_bf16_inference():
     output = onednn.linear(linear, tokens.bfloat16(), relu=True)
     output.float().sum().backward()
     assert linear.weight.grad is not None
+    with torch.inference_mode():
+        # Autocast to another dtype, an unbatched image and a broadcast shortcut: the usual path.
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert onednn.conv2d_relu(conv, images.bfloat16()).dtype == torch.float16
+        assert operators_run(lambda: onednn.conv2d_relu(conv, images[0].bfloat16())) == set()
+        bias_like = torch.randn(1, 24, 1, 1).bfloat16()
+
+        def broadcast():
+            return onednn.conv2d_add_relu(conv, images.bfloat16(), bias_like)
+
+        assert operators_run(broadcast) == set()
+        expected = (conv(images.bfloat16()) + bias_like).relu()
+        torch.testing.assert_close(broadcast(), expected, rtol=0, atol=0)
     # A module with hooks is called, so the hooks run.
     calls = []
     conv.register_forward_hook(lambda *_: calls.append("conv"))

@@ -205,9 +205,13 @@ class ResNetBackbone(nn.Module):
         features = []
         # Run in the weights' dtype (bf16 / fp16 after optimize_for_inference); a no-op in fp32.
         x = images.to(self.body["conv1"].weight.dtype)
-        x = conv_norm_relu(self.body["conv1"], self.body["bn1"], x)
+        # The stem's ReLU joins its convolution, unless it was replaced or is being watched.
+        relu = self.body["relu"]
+        fused_relu = type(relu) is nn.ReLU and not (relu._forward_hooks or relu._forward_pre_hooks)
+        stem = conv_norm_relu if fused_relu else conv_norm
+        x = stem(self.body["conv1"], self.body["bn1"], x)
         for name, module in self.body.items():
-            if name in ("conv1", "bn1", "relu"):  # the stem, run above
+            if name in ("conv1", "bn1") or (name == "relu" and fused_relu):  # run above
                 continue
             x = module(x)
             if name in self.return_layers:

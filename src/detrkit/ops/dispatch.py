@@ -115,31 +115,31 @@ def ms_deform_attn(
     check_ms_deform_attn_inputs(*inputs)
     if implementation == "auto":
         implementation = auto_implementation(value.device, value.dtype)
-    if value.dtype != sampling_locations.dtype and implementation != "cpu":
-        output = ms_deform_attn(
-            value.to(sampling_locations.dtype),
-            *inputs[1:],
-            implementation=implementation,
-        )
-        return output.to(value.dtype)
-    if implementation == "reference":
-        return ms_deform_attn_reference(*inputs)
-    if implementation == "portable":
-        return ms_deform_attn_portable(*inputs)
-    if implementation not in FUSED_KERNELS:
+    if implementation not in ("reference", "portable", *FUSED_KERNELS):
         raise ValueError(
             "implementation must be 'auto', 'reference', 'cpu', 'triton' or 'portable', "
             f"got {implementation!r}"
         )
-    device_type, available, kernel, missing = FUSED_KERNELS[implementation]
-    if value.device.type != device_type or value.dtype not in FUSED_DTYPES:
-        raise ValueError(
-            f"implementation={implementation!r} needs {device_type.upper()} tensors of dtype "
-            f"float32, float64, bfloat16 or float16, got value on {value.device} with dtype "
-            f"{value.dtype}"
+    if implementation in FUSED_KERNELS:
+        device_type, available, kernel, missing = FUSED_KERNELS[implementation]
+        if value.device.type != device_type or value.dtype not in FUSED_DTYPES:
+            raise ValueError(
+                f"implementation={implementation!r} needs {device_type.upper()} tensors of dtype "
+                f"float32, float64, bfloat16 or float16, got value on {value.device} with dtype "
+                f"{value.dtype}"
+            )
+        if not available():
+            raise RuntimeError(f"implementation={implementation!r} requested but {missing}")
+    if value.dtype != sampling_locations.dtype and implementation != "cpu":
+        # Only the CPU kernel reads narrow values with fp32 locations; the others run in fp32.
+        wide = ms_deform_attn(
+            value.to(sampling_locations.dtype), *inputs[1:], implementation=implementation
         )
-    if not available():
-        raise RuntimeError(f"implementation={implementation!r} requested but {missing}")
+        return wide.to(value.dtype)
+    if implementation == "reference":
+        return ms_deform_attn_reference(*inputs)
+    if implementation == "portable":
+        return ms_deform_attn_portable(*inputs)
     # The kernels read the level sizes where value is (the reference takes them anywhere).
     inputs = (
         value,

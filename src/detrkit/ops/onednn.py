@@ -36,11 +36,11 @@ def _operators_available() -> bool:
 
 
 def fuses(module: nn.Module, x: Tensor) -> bool:
-    """Whether ``module`` runs on ``x`` through oneDNN's fused forms: a plain Linear or a
-    zero-padded Conv2d, bf16 input and weights on a CPU, no autograd, no hooks to call, not being
-    compiled."""
+    """Whether ``module`` runs on ``x`` through oneDNN's fused forms: a plain Linear, or a
+    zero-padded Conv2d on a batch ``[N, C, H, W]``; bf16 input and weights on a CPU; no autograd,
+    autocast, hooks of the module's own, compiling or tracing."""
     if type(module) is nn.Conv2d:
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str) or x.dim() != 4:
             return False
     elif type(module) is not nn.Linear:
         return False
@@ -49,7 +49,9 @@ def fuses(module: nn.Module, x: Tensor) -> bool:
         and module.weight.dtype == torch.bfloat16
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
         and not (module._forward_hooks or module._forward_pre_hooks)
         and _operators_available()
     )
@@ -57,6 +59,17 @@ def fuses(module: nn.Module, x: Tensor) -> bool:
 
 def _convolution_arguments(conv: nn.Conv2d) -> tuple:
     return conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups
+
+
+def _output_shape(conv: nn.Conv2d, x: Tensor) -> torch.Size:
+    """``conv(x).shape`` for a batch ``x``, from the convolution's arithmetic."""
+    spatial = [
+        (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+        for size, pad, dilation, kernel, stride in zip(
+            x.shape[2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride
+        )
+    ]
+    return torch.Size([x.shape[0], conv.out_channels, *spatial])
 
 
 def conv2d_relu(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -70,8 +83,9 @@ def conv2d_relu(conv: nn.Conv2d, x: Tensor) -> Tensor:
 
 def conv2d_add_relu(conv: nn.Conv2d, x: Tensor, other: Tensor) -> Tensor:
     """``relu(conv(x) + other)`` (a residual block's end), the addition and ReLU inside the
-    convolution where :func:`fuses` allows."""
-    if fuses(conv, x) and other.dtype == x.dtype:
+    convolution where :func:`fuses` allows and ``other`` has the output's shape (the fused form
+    does not broadcast)."""
+    if fuses(conv, x) and other.dtype == x.dtype and other.shape == _output_shape(conv, x):
         return torch.ops.mkldnn._convolution_pointwise.binary(
             x, other, *_convolution_arguments(conv), "add", 1.0, "relu", [], ""
         )

@@ -28,7 +28,8 @@
 namespace {
 
 constexpr uint64_t kGoldenGamma = 0x9E3779B97F4A7C15ULL;  // SplitMix64's counter increment
-// Pairs of elements whose factors are drawn at a time: a stack buffer the size of L1's share.
+// Pairs of elements whose factors are drawn at a time: per thread, stack buffers of 24 KB (fp32
+// factors) to 32 KB (fp64), which stay in cache between the passes.
 constexpr int64_t kPairsPerChunk = 1024;
 
 // SplitMix64's output function (Steele, Lea and Flood, 2014).
@@ -63,6 +64,7 @@ KeepRule keep_rule(double p, int64_t seed) {
 template <typename acc_t>
 void keep_factors(KeepRule rule, acc_t scale, int64_t first_pair, int64_t pairs, acc_t* factors) {
   static_assert(sizeof(uint64_t) == 2 * sizeof(uint32_t));
+  static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the halves' order assumes it");
   uint64_t hashes[kPairsPerChunk];
   for (int64_t k = 0; k < pairs; ++k) hashes[k] = rule.bits(first_pair + k);
   uint32_t halves[2 * kPairsPerChunk];
