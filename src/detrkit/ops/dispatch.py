@@ -130,16 +130,26 @@ def ms_deform_attn(
             )
         if not available():
             raise RuntimeError(f"implementation={implementation!r} requested but {missing}")
+    if implementation == "reference":
+        run = ms_deform_attn_reference
+    elif implementation == "portable":
+        run = ms_deform_attn_portable
+    else:
+        run = functools.partial(_run_fused_kernel, kernel)
     if value.dtype != sampling_locations.dtype and implementation != "cpu":
         # Only the CPU kernel reads narrow values with fp32 locations; the others run in fp32.
-        wide = ms_deform_attn(
-            value.to(sampling_locations.dtype), *inputs[1:], implementation=implementation
-        )
-        return wide.to(value.dtype)
-    if implementation == "reference":
-        return ms_deform_attn_reference(*inputs)
-    if implementation == "portable":
-        return ms_deform_attn_portable(*inputs)
+        return run(value.to(sampling_locations.dtype), *inputs[1:]).to(value.dtype)
+    return run(*inputs)
+
+
+def _run_fused_kernel(
+    kernel,
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
     # The kernels read the level sizes where value is (the reference takes them anywhere).
     inputs = (
         value,

@@ -10,7 +10,8 @@
 //
 // value, output and grad_output share one dtype. sampling_locations and attention_weights share
 // either that dtype or, for bf16/fp16 values, fp32 (coord_t below): a location in bf16 is off by
-// up to half a pixel on a 134-pixel-wide level, while bf16 values halve the bytes gathered.
+// up to half a pixel on a 134-pixel-wide level, while the values are read as they are, with no
+// fp32 copy of the whole memory.
 //
 // Sampling follows grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False): pixel
 // centre i lies at (i + 0.5) / size, and a bilinear corner that falls off the map reads zero.
