@@ -47,6 +47,27 @@ def check(name: str, inputs, compare) -> None:
     print(f"{name}: ok")
 
 
+def check_narrow_values_with_fp32_locations() -> None:
+    """bf16 / fp16 values with fp32 locations and weights, as the models pass them: the kernels'
+    fp32 results on the same numbers, with output and grad_value rounded once (the interpreter
+    runs programs in turn, so even the atomic additions sum in the same order). The fp32
+    gradients must match exactly; so must the fp16 results. The interpreter truncates fp32 to
+    bf16 where a GPU rounds to nearest (and torch does), so bf16 results may be an ulp apart."""
+    for dtype in (torch.bfloat16, torch.float16):
+        value, *rest = make_inputs(FOUR_LEVELS, heads=2, channels=32)
+        value = value.to(dtype)
+        grad_output = torch.randn(value.shape[0], rest[2].shape[1], 64).to(dtype)
+        mixed = triton_output_and_grads((value, *rest), grad_output)
+        wide = triton_output_and_grads((value.float(), *rest), grad_output.float())
+        for what, a, e in zip(NAMES, mixed, wide):
+            narrow = what in ("output", "grad_value")
+            expected = e.to(dtype) if narrow else e
+            assert a.dtype == expected.dtype, f"{dtype} {what}: dtype {a.dtype}"
+            ulp = 2**-7 if narrow and dtype == torch.bfloat16 else 0
+            torch.testing.assert_close(a, expected, rtol=ulp, atol=0, msg=f"{dtype} {what}")
+    print("narrow_values_fp32_locations: ok")
+
+
 def main() -> None:
     # Two heads where a case leaves the default of eight: the interpreter runs every program in
     # turn, and heads only multiply programs that index the same way.
@@ -63,6 +84,7 @@ def main() -> None:
         make_inputs(FOUR_LEVELS, heads=2, channels=3, dtype=torch.float64),
         lambda a, e, name: torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=name),
     )
+    check_narrow_values_with_fp32_locations()
     inputs = make_inputs(FOUR_LEVELS, heads=3)
     inputs[3][0, 1, 2, 3, 0, 1] = float("nan")
     output = ms_deform_attn_triton.forward(*inputs).unflatten(-1, (3, -1))  # [N, Lq, M, D]

@@ -196,7 +196,7 @@ class MSDeformAttn(nn.Module):
         # sampling_locations: [N, Lq, M, L, P, 2] normalised (x, y). With bf16/fp16 values
         # (autocast, or a model in that precision) they stay fp32, with the attention weights:
         # in bf16 a location on a 134-pixel-wide level would be off by up to half a pixel. The
-        # values go in as they are: the CPU kernel gathers bf16 and accumulates in fp32.
+        # values go in as they are: the fused kernels gather bf16 and accumulate in fp32.
         dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
         output = ms_deform_attn(
             value if dtype == coordinate_dtype_for(value.dtype) else value.to(dtype),

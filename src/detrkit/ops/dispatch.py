@@ -100,8 +100,8 @@ def ms_deform_attn(
         sampling_locations: ``[N, Lq, M, L, P, 2]``, (x, y) normalised to [0, 1] per level;
             points off the map read zeros (bilinear, like grid_sample with align_corners=False).
         attention_weights: ``[N, Lq, M, L, P]``, in sampling_locations' dtype: value's, or
-            float32 with bfloat16 / float16 values (which the CPU kernel reads as they are and
-            the other implementations convert to float32).
+            float32 with bfloat16 / float16 values (which the fused kernels read as they are
+            and the reference and portable implementations convert to float32).
         implementation: ``"auto"`` (the fused kernel for the inputs' device when it is
             available, else reference), ``"reference"`` (grid_sample), ``"cpu"`` (fused CPU
             kernel), ``"triton"`` (fused Triton kernels for CUDA tensors) or ``"portable"``
@@ -136,8 +136,8 @@ def ms_deform_attn(
         run = ms_deform_attn_portable
     else:
         run = functools.partial(_run_fused_kernel, kernel)
-    if value.dtype != sampling_locations.dtype and implementation != "cpu":
-        # Only the CPU kernel reads narrow values with fp32 locations; the others run in fp32.
+    if value.dtype != sampling_locations.dtype and implementation not in FUSED_KERNELS:
+        # Only the fused kernels read narrow values with fp32 locations; the others run in fp32.
         return run(value.to(sampling_locations.dtype), *inputs[1:]).to(value.dtype)
     return run(*inputs)
 

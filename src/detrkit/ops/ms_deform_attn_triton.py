@@ -3,8 +3,10 @@
 One program handles ``BLOCK_Q`` queries of one head of one image. For every level and point it
 resolves the bilinear corners of all its queries' sampling points at once and gathers each
 corner's ``D`` channels as a ``[BLOCK_Q, D]`` tile, accumulating in fp32 for fp32, bf16 and fp16
-inputs (fp64 for fp64). Layouts and the sampling convention are those of
-``csrc/ms_deform_attn_cpu.cpp`` (``grid_sample``: bilinear, zeros outside, ``align_corners=False``).
+inputs (fp64 for fp64). bf16 and fp16 values may come with fp32 locations and weights: every load
+is converted to the accumulation dtype, so the kernels read each input in its own. Layouts and
+the sampling convention are those of ``csrc/ms_deform_attn_cpu.cpp`` (``grid_sample``: bilinear,
+zeros outside, ``align_corners=False``).
 
 The launchers below take tensors on any device that Triton runs on; with ``TRITON_INTERPRET=1``
 that includes the CPU, which is how the tests check these kernels on machines without a GPU.
