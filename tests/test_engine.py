@@ -21,7 +21,13 @@ from conftest import TINY_MODEL
 from detrkit.cli.main import main
 from detrkit.engine import train as train_module
 from detrkit.engine.config import TrainConfig
-from detrkit.engine.evaluate import COCO_METRICS, coco_metrics, to_coco_results
+from detrkit.engine.datasets import EpochBatches
+from detrkit.engine.evaluate import (
+    COCO_METRICS,
+    coco_metrics,
+    merge_rank_results,
+    to_coco_results,
+)
 from detrkit.engine.state import load_training_state
 from detrkit.loss import build_criterion
 
@@ -217,6 +223,26 @@ def test_train_checkpoint_eval_finetune_from_the_cli(tmp_path, capsys):
     frozen = ("layer2.0.conv1.weight", "conv1.weight", "bn1.running_mean", "layer1.0.bn2.weight")
     for name in frozen:
         assert torch.equal(tuned[f"backbone.0.body.{name}"], before[f"backbone.0.body.{name}"])
+
+
+def test_checkpoint_of_an_ema_run_loads_the_weights_it_evaluated(tmp_path, capsys):
+    """With --ema-decay the run evaluates the averaged weights: loading its checkpoint (eval,
+    predict, export, fine-tuning) gives those, and `detrkit eval` repeats the logged numbers;
+    the raw weights stay in the checkpoint for resuming."""
+    run_dir = tmp_path / "run"
+    assert main(tiny_args(run_dir, "--epochs", "1", "--ema-decay", "0.5")) == 0
+    state = load_training_state(run_dir / "checkpoint.pth")
+    loaded = detrkit.load(run_dir / "checkpoint.pth").state_dict()
+    name = "transformer.decoder.layers.0.linear1.weight"
+    assert torch.equal(loaded[name], state["ema"][f"module.{name}"])
+    assert not torch.equal(loaded[name], state["model"][name])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (evaluation,) = [r for r in records if r["type"] == "eval"]
+    out = tmp_path / "eval"
+    checkpoint = str(run_dir / "checkpoint.pth")
+    assert main(["eval", "--weights", checkpoint, "--data", "digits", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == {k: evaluation[k] for k in COCO_METRICS}
 
 
 def test_config_file_round_trip_and_bad_options(tmp_path):
@@ -439,6 +465,24 @@ def test_evaluation_equals_pycocotools_on_hand_made_predictions():
     expected = [None if v < 0 else v for v in evaluator.stats]
     assert [ours[name] for name in COCO_METRICS] == pytest.approx(expected)
     assert 0 < ours["AP50"] < 1
+
+
+def test_distributed_evaluation_counts_each_image_once():
+    """Five images over two processes: the sampler pads one share with a repeated image, whose
+    detections (from the first process that saw it) must reach COCOeval once."""
+    shares = [
+        [i for batch in EpochBatches(range(5), 2, 0, False, 2, rank) for i in batch]
+        for rank in range(2)
+    ]
+    assert sorted(shares[0] + shares[1]) == [0, 0, 1, 2, 3, 4]  # what the merge must undo
+    parts = [
+        [{"image_id": i, "score": 0.5 + rank / 10} for i in share for _ in range(2)]
+        for rank, share in enumerate(shares)
+    ]
+    parts[1].append({"image_id": 9, "score": 0.1})  # an image only a later process has
+    merged = merge_rank_results(parts)
+    assert sorted(entry["image_id"] for entry in merged) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 9]
+    assert all(e["score"] == 0.5 for e in merged if e["image_id"] in shares[0])
 
 
 def test_unreadable_training_images_are_counted_in_the_log(tmp_path, capsys):

@@ -50,8 +50,21 @@ def read_checkpoint(
     checkpoint = read_torch_file(path, map_location)
     state_dict, args = split_official(path, checkpoint)
     if isinstance(checkpoint.get("model_config"), dict):  # written by detrkit's training
+        if isinstance(checkpoint.get("ema"), dict):
+            state_dict = averaged_weights(path, checkpoint["ema"])
         return state_dict, config_from_dict(path, checkpoint["model_config"])
     return state_dict, infer_config(path, state_dict, args)
+
+
+def averaged_weights(path: Path, ema_state: dict[str, Any]) -> dict[str, Tensor]:
+    """The model's weights in the state of a training run's ``AveragedModel`` (its EMA): the
+    weights the run evaluated and drew its predictions with, so the ones a loaded checkpoint
+    should give. The raw weights stay in the checkpoint's ``"model"`` entry for resuming."""
+    prefix = "module."
+    weights = {k[len(prefix) :]: v for k, v in ema_state.items() if k.startswith(prefix)}
+    if not weights or not all(isinstance(v, Tensor) for v in weights.values()):
+        raise CheckpointError(path, "its 'ema' entry holds no averaged model weights")
+    return weights
 
 
 def load_weights(

@@ -69,12 +69,25 @@ def coco_metrics(coco_gt, results: list[dict]) -> dict[str, float | None]:
 
 
 def gather_results(results: list[dict]) -> list[dict]:
-    """All processes' results on every process (identity without torch.distributed)."""
+    """All processes' results on every process (identity without torch.distributed), each image
+    once (:func:`merge_rank_results`)."""
     if not (dist.is_available() and dist.is_initialized()):
         return results
     gathered: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, results)
-    return [entry for part in gathered for entry in part]
+    return merge_rank_results(gathered)
+
+
+def merge_rank_results(parts: Sequence[list[dict]]) -> list[dict]:
+    """The processes' COCO results as one list, an image's entries taken from the first process
+    that has any. ``DistributedSampler`` pads the processes' shares to equal length by repeating
+    images; counted twice, a repeated image's detections would be false positives."""
+    merged: list[dict] = []
+    earlier: set[int] = set()
+    for part in parts:
+        merged.extend(entry for entry in part if entry["image_id"] not in earlier)
+        earlier.update(entry["image_id"] for entry in part)
+    return merged
 
 
 @torch.no_grad()
