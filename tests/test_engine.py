@@ -224,6 +224,18 @@ def test_train_checkpoint_eval_finetune_from_the_cli(tmp_path, capsys):
     for name in frozen:
         assert torch.equal(tuned[f"backbone.0.body.{name}"], before[f"backbone.0.body.{name}"])
 
+    # Model options override the checkpoint's config as they override a preset's (num_classes
+    # included, which the dataset also sets).
+    args[args.index(str(tuned_dir))] = str(tmp_path / "again")
+    assert main([*args, "--num-classes", "2", "--model-option=dropout=0.0"]) == 0
+    assert "(10 -> 2 classes)" in capsys.readouterr().out
+    again = load_training_state(tmp_path / "again" / "checkpoint.pth")
+    assert again["model_config"]["dropout"] == 0.0
+    assert main([*args, "--model-option=no_such_field=1"]) == 2
+    assert f"unknown options for {run_dir / 'checkpoint.pth'}: no_such_field" in (
+        capsys.readouterr().err
+    )
+
 
 def test_checkpoint_of_an_ema_run_loads_the_weights_it_evaluated(tmp_path, capsys):
     """With --ema-decay the run evaluates the averaged weights: loading its checkpoint (eval,
@@ -310,6 +322,52 @@ def test_killed_and_interrupted_runs_resume_to_the_same_weights(tmp_path):
     assert_same_weights(final_weights(stopped_dir), expected)
 
 
+def test_gradient_accumulation_windows_end_with_the_epoch_and_bound_a_stop(tmp_path, monkeypatch):
+    """--grad-accum 2: an epoch cut short (here to 3 batches) steps on its last, lone batch
+    rather than carrying its gradient into the next epoch; and a stop requested inside a window
+    takes effect after the window, so the resumed run ends with the uninterrupted run's
+    weights."""
+    steps = []
+    real_build = train_module.build_optimizer
+
+    def counting_optimizer(*args, **kwargs):
+        optimizer = real_build(*args, **kwargs)
+        optimizer.register_step_post_hook(lambda *_: steps.append(1))
+        return optimizer
+
+    monkeypatch.setattr(train_module, "build_optimizer", counting_optimizer)
+    cut = ["--grad-accum", "2", "--max-steps-per-epoch", "3", "--eval-every", "2"]
+    assert main(tiny_args(tmp_path / "cut", *cut)) == 0
+    assert len(steps) == 4  # per epoch: batches 1-2, then batch 3 alone
+
+    class StopAfterFirstLook(train_module._StopRequest):
+        """A SIGTERM that arrives while the first window's first batch trains."""
+
+        looked = False
+
+        @property
+        def signal(self):
+            answer = signal.SIGTERM if self.looked else None
+            self.looked = True
+            return answer
+
+        @signal.setter
+        def signal(self, value):
+            pass
+
+    one_epoch = ["--epochs", "1", "--grad-accum", "2"]
+    assert main(tiny_args(tmp_path / "reference", *one_epoch)) == 0
+    stopped_dir = tmp_path / "stopped"
+    monkeypatch.setattr(train_module, "_StopRequest", StopAfterFirstLook)
+    with pytest.raises(SystemExit) as stopped:
+        main(tiny_args(stopped_dir, *one_epoch))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert load_training_state(stopped_dir / "checkpoint.pth")["batch_in_epoch"] == 2
+    monkeypatch.undo()
+    assert main(tiny_args(stopped_dir, *one_epoch, "--resume", str(stopped_dir))) == 0
+    assert_same_weights(final_weights(stopped_dir), final_weights(tmp_path / "reference"))
+
+
 def test_non_finite_loss_stops_training_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
     real_build = train_module.build_criterion
     calls = {"n": 0}
@@ -332,7 +390,8 @@ def test_non_finite_loss_stops_training_and_keeps_the_checkpoint(tmp_path, monke
     run_dir = tmp_path / "run"
     assert main(tiny_args(run_dir)) == 1
     message = capsys.readouterr().out
-    assert "non-finite loss (nan) at step 5 (epoch 2, batch 1)" in message
+    assert "non-finite loss at step 5 (epoch 2, batch 1)" in message
+    assert "loss=nan" in message
     assert load_training_state(run_dir / "checkpoint.pth")["epoch"] == 1
 
 

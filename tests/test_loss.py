@@ -109,6 +109,28 @@ def test_auxiliary_losses_and_total():
     torch.testing.assert_close(losses["loss"], expected)
 
 
+@pytest.mark.parametrize("classification", ["softmax", "focal"])
+def test_non_finite_predictions_give_a_non_finite_loss(classification: str):
+    """A diverging run's NaN predictions reach the loss, which the training loop checks and
+    reports with its step, instead of failing inside scipy's assignment."""
+    outputs, targets = perfect_prediction()
+    if classification == "focal":  # sigmoids over the classes: no "no object" logit
+        outputs["pred_logits"] = outputs["pred_logits"][..., :-1]
+    outputs["pred_boxes"][0, 1] = float("nan")
+    outputs["pred_logits"][1, 2, 0] = float("inf")
+    losses = SetCriterion(NUM_CLASSES, classification=classification)(outputs, targets)
+    assert not torch.isfinite(losses["loss"])
+
+
+@pytest.mark.parametrize("classification", ["softmax", "focal"])
+@pytest.mark.parametrize("bad_label", [-1, NUM_CLASSES, NUM_CLASSES + 3])
+def test_labels_outside_the_classes_are_refused(classification: str, bad_label: int):
+    outputs, targets = perfect_prediction()
+    targets[1]["labels"] = torch.tensor([bad_label])
+    with pytest.raises(ValueError, match=r"targets\[1\]\['labels'\] must lie in 0..3"):
+        SetCriterion(NUM_CLASSES, classification=classification)(outputs, targets)
+
+
 def test_empty_targets_give_a_finite_loss_with_gradients():
     logits = torch.randn(2, 5, NUM_CLASSES + 1, requires_grad=True)
     boxes = torch.rand(2, 5, 4, requires_grad=True)

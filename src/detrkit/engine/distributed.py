@@ -38,3 +38,14 @@ def init_distributed(device: str) -> ProcessInfo:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is true on any process (``flag`` itself in a single process). Every
+    process must call it at the same point: a decision to stop, taken by one process alone,
+    would leave the others waiting in the next collective."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    agreed = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    return bool(agreed.item())

@@ -22,7 +22,7 @@ from detrkit.checkpoints.load import load_weights, read_checkpoint
 from detrkit.data.digits import digit_crops
 from detrkit.engine.config import TrainConfig
 from detrkit.engine.datasets import SeededSamples, build_datasets, coco_ground_truth, make_loader
-from detrkit.engine.distributed import ProcessInfo, barrier, init_distributed
+from detrkit.engine.distributed import ProcessInfo, any_process, barrier, init_distributed
 from detrkit.engine.evaluate import (
     AUTOCAST_DTYPES,
     coco_metrics,
@@ -42,6 +42,7 @@ from detrkit.engine.state import (
 from detrkit.engine.visualize import draw_predictions
 from detrkit.loss import build_criterion
 from detrkit.models import PostProcess, build_config, model_from_config
+from detrkit.models.presets import override_config
 
 
 class TrainingError(RuntimeError):
@@ -82,12 +83,12 @@ def build_training_model(config: TrainConfig, train_set, log) -> nn.Module:
     the class count differs)."""
     num_classes = train_set.num_classes
     class_names = list(train_set.class_names)
+    options = {"num_classes": num_classes, "class_names": class_names, **config.model_options}
     if config.finetune:
         state_dict, base = read_checkpoint(config.finetune)
+        model_config = override_config(base, str(config.finetune), **options)
+        num_classes = model_config.num_classes
         reset = base.num_classes != num_classes
-        model_config = dataclasses.replace(
-            base, num_classes=num_classes, class_names=class_names, **config.model_options
-        )
         model = model_from_config(model_config)
         load_weights(model, state_dict, config.finetune, reset_class_head=reset)
         log(
@@ -99,7 +100,6 @@ def build_training_model(config: TrainConfig, train_set, log) -> nn.Module:
             )
         )
     else:
-        options = {"num_classes": num_classes, "class_names": class_names, **config.model_options}
         model = model_from_config(build_config(config.model, **options))
     if config.freeze_backbone:
         for param in model.backbone.parameters():
@@ -348,11 +348,15 @@ def _train_one_epoch(
         dynamic_ncols=True,
     )
     batch_index = first_batch
+    end = first_batch + total  # the index of the batch after the epoch's last
     skipped_images = 0
     for images, mask, targets in loader:
         if progress.n >= total:
             break
-        if stop.signal is not None:
+        # Honoured between accumulation windows only, and by all processes at once: the
+        # checkpoint then holds no half-accumulated gradient, and a resume repeats the run.
+        at_window_start = batch_index % config.grad_accum == 0
+        if at_window_start and any_process(stop.signal is not None, device):
             progress.close()
             return step, batch_index
         skipped_images += sum(int(t.get("skipped", 0)) for t in targets)
@@ -362,16 +366,18 @@ def _train_one_epoch(
             outputs = model(images, mask)
         losses = criterion(outputs, targets)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
+        if any_process(not bool(torch.isfinite(loss)), device):
             progress.close()
             raise TrainingError(
-                f"non-finite loss ({loss.item()}) at step {step} (epoch {epoch + 1}, batch "
-                f"{batch_index}); training stopped, the last good checkpoint is kept "
-                f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items() if k != 'loss')})"
+                f"non-finite loss at step {step} (epoch {epoch + 1}, batch {batch_index}); "
+                "training stopped, the last good checkpoint is kept (this process's losses: "
+                f"{', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())})"
             )
         scaler.scale(loss / config.grad_accum).backward()
         batch_index += 1
-        if batch_index % config.grad_accum == 0 or batch_index == len(loader) + first_batch:
+        # The last window of an epoch (cut short by its end or max_steps_per_epoch) steps too:
+        # its gradient must not carry over into the next epoch.
+        if batch_index % config.grad_accum == 0 or batch_index == end:
             scaler.unscale_(optimizer)
             if config.clip_max_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_max_norm)

@@ -83,6 +83,7 @@ class SetCriterion(nn.Module):
         self.register_buffer("empty_weight", empty_weight)
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+        self.check_labels(targets)
         num_boxes = num_boxes_across_processes(targets, outputs["pred_logits"].device)
         aux_outputs = outputs.get("aux_outputs", [])
         layers = [(outputs, targets, "")]
@@ -109,6 +110,17 @@ class SetCriterion(nn.Module):
             losses["cardinality_error"] = self.cardinality_error(outputs, targets)
         losses["loss"] = total
         return losses
+
+    def check_labels(self, targets: list[dict]) -> None:
+        """Raises ValueError naming the first target whose labels fall outside 0..C-1: the
+        softmax loss would take label C for "no object", and the focal loss would fail to index."""
+        for index, target in enumerate(targets):
+            labels = target["labels"]
+            if len(labels) and bool(((labels < 0) | (labels >= self.num_classes)).any()):
+                raise ValueError(
+                    f"targets[{index}]['labels'] must lie in 0..{self.num_classes - 1} "
+                    f"(num_classes={self.num_classes}), got {labels.tolist()}"
+                )
 
     def layer_losses(self, outputs: dict, targets: list[dict], num_boxes: float) -> dict:
         """The losses of one layer's predictions (matching included)."""

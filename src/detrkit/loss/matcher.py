@@ -61,6 +61,9 @@ class HungarianMatcher(nn.Module):
             self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
         )
         cost = cost.view(batch, num_queries, -1).cpu()  # [B, Q, T]
+        # scipy refuses non-finite costs, which a diverging run's predictions give: matched
+        # anyway, they make the loss non-finite, which the training loop reports with its step.
+        cost = cost.nan_to_num(nan=1e8, posinf=1e8, neginf=-1e8)
 
         indices = []
         for i, image_cost in enumerate(cost.split(sizes, -1)):

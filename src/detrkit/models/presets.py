@@ -61,12 +61,17 @@ def build_config(name: str, **overrides: Any) -> ModelConfig:
     """The preset's config with ``overrides`` applied (unknown fields are an error)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
-    preset = PRESETS[name]
-    known = {f.name for f in dataclasses.fields(preset)}
+    return override_config(PRESETS[name], name, **overrides)
+
+
+def override_config(config: ModelConfig, source: str, **overrides: Any) -> ModelConfig:
+    """``config`` with ``overrides`` applied; unknown fields are an error naming ``source`` (the
+    preset or checkpoint the config came from)."""
+    known = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ValueError(f"unknown options for {name}: {', '.join(unknown)}")
-    return dataclasses.replace(preset, **overrides)
+        raise ValueError(f"unknown options for {source}: {', '.join(unknown)}")
+    return dataclasses.replace(config, **overrides)
 
 
 def model_from_config(config: ModelConfig) -> nn.Module:
