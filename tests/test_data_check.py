@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from detrkit.cli.data import add_data_commands
-from detrkit.data import check_dataset, write_digits_coco
+from detrkit.data import CocoDetection, check_dataset, write_digits_coco
 
 
 def run_cli(*argv: str) -> int:
@@ -64,7 +64,7 @@ def flawed(tmp_path: Path) -> tuple[Path, Path]:
         box(5, 1, [10, 10, 20, -3]),  # negative height
         box(6, 1, [70, 50, 20, 20]),  # partly outside
         box(7, 1, [100, 10, 5, 5]),  # wholly outside
-        {"id": 8, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3]},  # malformed
+        {"image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]},  # no id
         box(9, 6, [1, 1, 5, 5]),
     ]
     categories = [{"id": 1, "name": "thing"}]
@@ -87,7 +87,7 @@ def test_every_kind_of_problem_is_reported(flawed):
         "unknown_category_id": 1,
         "empty_box": 2,
         "box_outside_image": 2,
-        "malformed_annotation": 1,
+        "annotation_without_id": 1,
         "image_without_annotations": 3,  # bare.png, plus the missing and the truncated ones
     }
     assert all(problem.severity == "warning" for problem in report.problems.values())
@@ -138,6 +138,15 @@ def test_unusable_datasets_are_errors(tmp_path):
     no_categories = write_json(tmp_path / "no_categories.json", images, annotations, [])
     report = check_dataset(tmp_path, no_categories)
     assert report.problems["no_categories"].severity == "error"
+
+    # A box that is not 4 finite numbers: the loader refuses the file, so the check does too.
+    for bbox in ([1, 2, 3], [1, 2, float("nan"), 4], [1, True, 3, 4]):
+        malformed = [box(1, 1, [1, 1, 5, 5]), box(2, 1, bbox)]
+        path = write_json(tmp_path / "malformed.json", images, malformed, categories)
+        report = check_dataset(tmp_path, path)
+        assert report.problems["malformed_annotation"].severity == "error" and not report.ok
+        with pytest.raises(ValueError, match=r"annotations\[1\] has bbox .* 4 finite numbers"):
+            CocoDetection(tmp_path, path)
 
 
 def test_cli_check_exit_codes(tmp_path, flawed, capsys):

@@ -120,6 +120,17 @@ def test_training_step_reaches_every_trainable_parameter(preset):
     assert no_grad == []
 
 
+def test_two_stage_on_images_too_small_for_its_proposals():
+    """20 proposals need 20 encoder positions: a 16x16 image gives 4 + 1 + 1 + 1 = 7, which
+    must raise a clear error rather than topk's index error."""
+    model = small_deformable("deformable_detr_two_stage").eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="too small for two_stage_num_proposals"):
+        model(torch.randn(1, 3, 16, 16), torch.zeros(1, 16, 16, dtype=torch.bool))
+    with torch.no_grad():
+        outputs = model(torch.randn(1, 3, 96, 96), torch.zeros(1, 96, 96, dtype=torch.bool))
+    assert outputs["pred_boxes"].shape == (1, 20, 4)
+
+
 def test_two_stage_proposals_on_a_padded_batch():
     """Padded positions and proposals near the border become +inf (in logit space) with zeroed
     memory; a padded batch gives finite outputs. As in the original (and transformers), the top-k

@@ -116,6 +116,9 @@ def test_threshold_and_names():
     kept = Detector(model, threshold=cut, size=64, device="cpu")(random_image())
     assert len(kept) == int((everything.scores >= cut).sum()) and len(kept) < len(everything)
     assert all(name.startswith("digit ") for name in kept.names)
+    # Best first (DETR's post-processing lists them in query order), a detection a query.
+    assert torch.equal(everything.scores, everything.scores.sort(descending=True).values)
+    assert sorted(everything.queries.tolist()) == list(range(model.config.num_queries))
     coco = Detector(tiny("detr_digits", num_classes=91), threshold=0.0, size=64, device="cpu")
     found = coco(random_image())
     assert found.names == [COCO_NAMES[int(label)] for label in found.labels]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image
 
-from detrkit.data.coco import read_coco_json, read_image
+from detrkit.data.coco import is_xywh, read_coco_json, read_image
 
 Severity = Literal["error", "warning"]
 
@@ -82,10 +81,6 @@ class Report:
         else:
             lines.append(f"UNUSABLE: {len(self.errors)} kinds of errors")
         return "\n".join(lines)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_dataset(
@@ -202,30 +197,41 @@ def _check_annotations(
     annotated: set[int] = set()
     usable = 0
     for i, annotation in enumerate(annotations):
-        fields = ("id", "image_id", "category_id", "bbox")
-        bbox = annotation.get("bbox") if isinstance(annotation, dict) else None
+        fields = ("image_id", "category_id", "bbox")
         if (
             not isinstance(annotation, dict)
             or any(name not in annotation for name in fields)
-            or not isinstance(bbox, list)
-            or len(bbox) != 4
-            or not all(_is_number(v) for v in bbox)
-            or not all(_is_id(annotation[name]) for name in fields[:3])
+            or not is_xywh(annotation["bbox"])
+            or not all(_is_id(annotation[name]) for name in fields[:2])
         ):
+            # CocoDetection refuses such a file (it would not guess what the entry meant).
             report.add(
                 "malformed_annotation",
-                "warning",
-                "annotations without integer id, image_id, category_id or a bbox of 4 numbers "
-                "(ignored)",
+                "error",
+                "annotations lacking an integer image_id or category_id, or a bbox of 4 finite "
+                "numbers",
                 f"annotations[{i}]",
             )
             continue
-        where = f"annotation id {annotation['id']} (image id {annotation['image_id']})"
-        if annotation["id"] in annotation_ids:
+        where = f"annotations[{i}] (image id {annotation['image_id']})"
+        if not _is_id(annotation.get("id")):
             report.add(
-                "duplicate_annotation_id", "warning", "annotations repeating an earlier id", where
+                "annotation_without_id",
+                "warning",
+                "annotations without an integer id (fine for training; pycocotools, which "
+                "evaluates on this file, needs one)",
+                where,
             )
-        annotation_ids.add(annotation["id"])
+        elif annotation["id"] in annotation_ids:
+            report.add(
+                "duplicate_annotation_id",
+                "warning",
+                "annotations repeating an earlier id",
+                f"annotation id {annotation['id']} (image id {annotation['image_id']})",
+            )
+        else:
+            annotation_ids.add(annotation["id"])
+        bbox = annotation["bbox"]
         if annotation["image_id"] not in images:
             report.add(
                 "unknown_image_id", "warning", "annotations of images not in the file", where

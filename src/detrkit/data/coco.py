@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -108,6 +109,18 @@ def _require(entry: Any, fields: Sequence[str], where: str, path: Path) -> None:
             raise ValueError(f"{path}: {where} has {name} {value!r}; expected an integer")
 
 
+def is_xywh(bbox: Any) -> bool:
+    """Whether ``bbox`` is a COCO box as this reader takes it: a list of 4 finite numbers."""
+    return (
+        isinstance(bbox, list)
+        and len(bbox) == 4
+        and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in bbox
+        )
+    )
+
+
 class _Objects:
     """One image's non-crowd annotations of known categories (boxes as x, y, w, h)."""
 
@@ -203,12 +216,10 @@ class CocoDetection(Dataset):
             where = f"annotations[{i}]"
             _require(annotation, ("image_id", "category_id", "bbox"), where, path)
             bbox = annotation["bbox"]
-            if (
-                not isinstance(bbox, list)
-                or len(bbox) != 4
-                or not all(isinstance(v, (int, float)) for v in bbox)
-            ):
-                raise ValueError(f"{path}: {where} has bbox {bbox!r}; expected [x, y, w, h]")
+            if not is_xywh(bbox):
+                raise ValueError(
+                    f"{path}: {where} has bbox {bbox!r}; expected [x, y, w, h], 4 finite numbers"
+                )
             if annotation.get("iscrowd", 0):
                 continue
             position = self._position.get(annotation["image_id"])

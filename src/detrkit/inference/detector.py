@@ -176,7 +176,10 @@ class Detector:
         sizes = torch.tensor([list(image.shape[-2:]) for image in images], device=self.device)
         found = []
         for image, result in zip(images, self.postprocess(outputs, sizes)):
-            keep = result["scores"] >= threshold
+            scores = result["scores"]
+            # Best first: DETR's post-processing lists detections in query order.
+            keep = torch.nonzero(scores >= threshold).squeeze(1)
+            keep = keep[scores[keep].argsort(descending=True, stable=True)]
             labels = result["labels"][keep].cpu()
             found.append(
                 Detections(

@@ -416,6 +416,13 @@ class DeformableTransformer(nn.Module):
             )
             # Class-agnostic: proposals are ranked by their first logit, the encoder loss's label.
             topk = self.two_stage_num_proposals
+            # Not when tracing: a dynamic size compared here would become a guard on the export.
+            if memory.shape[1] < topk and not torch.compiler.is_compiling():
+                raise ValueError(
+                    f"two-stage Deformable DETR takes its {topk} queries from the encoder's "
+                    f"positions, but these images give only {memory.shape[1]} (feature maps "
+                    f"{shapes}): the images are too small for two_stage_num_proposals={topk}"
+                )
             topk_proposals = torch.topk(enc_outputs_class[..., 0], topk, dim=1)[1]  # [B, K]
             topk_coords_unact = torch.gather(
                 enc_outputs_coord_unact, 1, topk_proposals.unsqueeze(-1).expand(-1, -1, 4)
