@@ -131,6 +131,14 @@ def test_native_round_trip(tmp_path):
     assert loaded.config == model.config
     assert_same_outputs(outputs_of(loaded), outputs_of(model))
 
+    # Each file is replaced atomically, the pair is not: a save interrupted between the two
+    # (new weights, old config) is found out instead of loading with the wrong class names.
+    old_config = (tmp_path / "ckpt" / "detrkit.json").read_text()
+    detrkit.save(small_detr(class_names=[f"d{i}" for i in range(7)]), tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "detrkit.json").write_text(old_config)
+    with pytest.raises(CheckpointError, match=r"saved with another config.*interrupted save"):
+        detrkit.load(tmp_path / "ckpt")
+
 
 def test_missing_file():
     with pytest.raises(CheckpointError, match="no such file"):

@@ -16,6 +16,8 @@ from detrkit.models.config import DeformableDETRConfig, DETRConfig, ModelConfig
 
 CONFIG_FILE = "detrkit.json"
 WEIGHTS_FILE = "model.safetensors"
+# The metadata entry of the weights file that repeats the config of detrkit.json.
+CONFIG_KEY = "detrkit_config"
 FORMAT_VERSION = 1
 CONFIG_TYPES = {cls.model_type: cls for cls in (DETRConfig, DeformableDETRConfig)}
 
@@ -70,7 +72,10 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
         "detrkit_version": __version__,
         "config": config.to_dict(),
     }
-    write_atomically(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p))
+    # The weights carry their config too: each file is replaced atomically, but not the pair, so
+    # a save interrupted between the two would leave new weights beside an old config.
+    weights_meta = {CONFIG_KEY: json.dumps(meta["config"], sort_keys=True)}
+    write_atomically(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, weights_meta))
     write_atomically(
         directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n")
     )
@@ -120,4 +125,21 @@ def read_native_directory(
     weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():
         raise CheckpointError(path, f"no {WEIGHTS_FILE} next to {CONFIG_FILE}")
-    return read_safetensors(weights_file, map_location), config
+    state_dict = read_safetensors(weights_file, map_location)
+    saved_with = _config_saved_with(weights_file)
+    if saved_with is not None and saved_with != meta.get("config"):
+        raise CheckpointError(
+            path,
+            f"{WEIGHTS_FILE} was saved with another config than {CONFIG_FILE} holds (an "
+            "interrupted save?); save the model again",
+        )
+    return state_dict, config
+
+
+def _config_saved_with(weights_file: Path) -> dict[str, Any] | None:
+    """The config stored in the weights file's metadata (None for files saved before it was)."""
+    from safetensors import safe_open
+
+    with safe_open(weights_file, "pt") as weights:  # read_safetensors has checked the file
+        stored = (weights.metadata() or {}).get(CONFIG_KEY)
+    return None if stored is None else json.loads(stored)

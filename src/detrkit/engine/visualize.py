@@ -33,7 +33,8 @@ def draw_predictions(
     device = next(model.parameters()).device
     samples = [dataset[i] for i in range(min(num_images, len(dataset)))]
     images, mask, targets = collate_fn(samples)
-    outputs = model(images.to(device), mask.to(device))
+    with torch.no_grad():
+        outputs = model(images.to(device), mask.to(device))
     sizes = torch.stack([t["size"] for t in targets]).to(device)
     detections = PostProcess.for_config(model.config)(outputs, sizes)
     names = model.config.class_names or [str(i) for i in range(model.config.num_classes)]

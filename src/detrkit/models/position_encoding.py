@@ -16,7 +16,7 @@ class PositionEmbeddingSine(nn.Module):
 
     Positions are cumulative sums over the *unpadded* area, so an image's encoding does not depend on
     how much padding its batch added. With ``normalize`` they are scaled to ``[0, scale]`` per image.
-    ``offset`` is subtracted before normalising: 0 for DETR, -0.5 for Deformable DETR (pixel centres).
+    ``offset`` is added before normalising: 0 for DETR, -0.5 for Deformable DETR (pixel centres).
     """
 
     def __init__(
