@@ -12,6 +12,7 @@ from PIL import Image
 
 from detrkit.cli.data import add_data_commands
 from detrkit.data import CocoDetection, check_dataset, write_digits_coco
+from detrkit.inference.predict import image_ids
 
 
 def run_cli(*argv: str) -> int:
@@ -175,6 +176,10 @@ def test_cli_make_digits(tmp_path, capsys):
     assert len(list((out / "train").glob("*.png"))) == 3
     assert len(list((out / "val").glob("*.png"))) == 2
     assert (out / "annotations" / "instances_val.json").is_file()
+    # `detrkit predict` reads an image id off a numeric file name: it must be the file's id.
+    listed = json.loads((out / "annotations" / "instances_val.json").read_text())["images"]
+    files = [out / "val" / image["file_name"] for image in listed]
+    assert image_ids(files) == [image["id"] for image in listed] == [1, 2]
     assert "wrote 3 train images" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         run_cli("data", "make-digits", str(out), "--train", "-1", "--val", "2")

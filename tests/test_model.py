@@ -8,6 +8,8 @@ import torch
 import detrkit
 from conftest import small_detr
 from detrkit import pad_images
+from detrkit.cli.train import _model_option
+from detrkit.models import build_config
 from detrkit.models.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
 
 
@@ -109,3 +111,21 @@ def test_build_model_presets_and_errors():
         detrkit.build_model("detr_r50", num_clases=3)
     with pytest.raises(ValueError, match="divisible by nheads"):
         detrkit.build_model("detr_r50", nheads=7)
+    # Values of the wrong kind are refused by name; a string "False" is not false.
+    wrong = {"two_stage": "False", "num_queries": "abc", "dropout": True, "class_names": [1, 2]}
+    for name, value in wrong.items():
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            build_config("deformable_detr", **{name: value})
+    assert build_config(
+        "detr_r50", dropout=0, class_names=("a", "b"), num_classes=2
+    ).class_names == [
+        "a",
+        "b",
+    ]
+
+
+def test_command_line_model_options_take_python_and_json_booleans():
+    assert _model_option("two_stage=False") == ("two_stage", False)
+    assert _model_option("two_stage=true") == ("two_stage", True)
+    assert _model_option("num_queries=50") == ("num_queries", 50)
+    assert _model_option("backbone=resnet18") == ("backbone", "resnet18")

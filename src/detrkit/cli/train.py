@@ -25,10 +25,12 @@ def _model_option(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep:
         raise argparse.ArgumentTypeError(f"--model-option {text!r}: expected KEY=VALUE")
+    if value.lower() in ("true", "false"):  # Python's spelling as well as JSON's
+        return key, value.lower() == "true"
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:
-        return key, value  # a bare string such as resnet18
+        return key, value  # a bare string such as resnet18; the config checks its kind
 
 
 def add_precision_option(parser: argparse.ArgumentParser, default: str | None) -> None:

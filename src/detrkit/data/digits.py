@@ -261,7 +261,9 @@ def write_digits_coco(
         images, annotations = [], []
         for index in range(count):
             scene = make_scene(split, index, seed)
-            file_name = f"{index:06d}.png"
+            # Named by image id, as COCO names its files: `detrkit predict` reads the id back
+            # from the name, so its results score against these annotations. Ids start at 1.
+            file_name = f"{index + 1:06d}.png"
             # Level 1: several times faster to write than the default, for slightly larger files.
             Image.fromarray(scene.image).save(images_dir / file_name, compress_level=1)
             height, width = scene.image.shape[:2]

@@ -32,6 +32,7 @@ class ModelConfig:
     model_type: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.backbone not in ("resnet50", "resnet101", "resnet18", "resnet34"):
             raise ValueError(
                 f"backbone must be resnet18, resnet34, resnet50 or resnet101, got {self.backbone!r}"
@@ -56,6 +57,30 @@ class ModelConfig:
                 f"class_names has {len(self.class_names)} entries but num_classes is "
                 f"{self.num_classes}"
             )
+
+    def _check_types(self) -> None:
+        """Raises ValueError naming the first field whose value is not of its kind: a string
+        "False" from a command line must not switch a feature on by being non-empty."""
+        for f in dataclasses.fields(self):
+            value, default = getattr(self, f.name), f.default
+            if isinstance(default, bool):
+                kind, ok = "true or false", isinstance(value, bool)
+            elif isinstance(default, (int, float)):
+                whole = isinstance(default, int)
+                kind = "an integer" if whole else "a number"
+                ok = isinstance(value, int if whole else (int, float))
+                ok = ok and not isinstance(value, bool)
+            elif isinstance(default, str):
+                kind, ok = "a string", isinstance(value, str)
+            else:  # class_names
+                kind = "a list of names or null"
+                ok = value is None or (
+                    isinstance(value, (list, tuple)) and all(isinstance(n, str) for n in value)
+                )
+                if ok and value is not None:
+                    self.class_names = list(value)
+            if not ok:
+                raise ValueError(f"{f.name} must be {kind}, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_type": self.model_type, **dataclasses.asdict(self)}
