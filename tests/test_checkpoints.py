@@ -127,6 +127,13 @@ def test_native_round_trip(tmp_path):
     model = small_detr(class_names=[f"c{i}" for i in range(7)])
     detrkit.save(model, tmp_path / "ckpt")
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["detrkit.json", "model.safetensors"]
+    # Written through private temporary files, yet with a new file's usual mode.
+    umask = os.umask(0o022)
+    try:
+        detrkit.save(model, tmp_path / "shared")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "shared" / "model.safetensors").stat().st_mode & 0o777 == 0o644
     loaded = detrkit.load(tmp_path / "ckpt")
     assert loaded.config == model.config
     assert_same_outputs(outputs_of(loaded), outputs_of(model))

@@ -209,6 +209,12 @@ def test_unreadable_images_are_skipped_or_raise(coco_dir):
         assert int(dataset[6][1]["image_id"]) == 11  # wraps around, past the truncated one
     assert dataset.skipped == 2
 
+    # Strict (as evaluation reads): a missing file is found at once, an undecodable one when read.
+    with pytest.raises(
+        ImageReadError, match=r"1 of the 7 images .* are not there, e.g. plain\.bmp"
+    ):
+        CocoDetection(images_dir, path, strict=True)
+    (images_dir / "plain.bmp").write_bytes(b"")
     strict = CocoDetection(images_dir, path, strict=True)
     with pytest.raises(ImageReadError, match=r"rgb\.jpg"):
         strict[0]

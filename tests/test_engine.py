@@ -29,6 +29,7 @@ from detrkit.engine.evaluate import (
     to_coco_results,
 )
 from detrkit.engine.state import load_training_state
+from detrkit.engine.train import resumed_config
 from detrkit.loss import build_criterion
 
 
@@ -264,6 +265,36 @@ def test_config_file_round_trip_and_bad_options(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"epochs": 1, "learning_rate": 1}))
     with pytest.raises(ValueError, match=r"bad\.json: unknown training options: learning_rate"):
         TrainConfig.from_file(tmp_path / "bad.json")
+    # Out-of-range values are refused before anything is built or written.
+    for option, value in [("epochs", "-1"), ("batch-size", "0"), ("image-scale", "0")]:
+        run_dir = tmp_path / option
+        assert main(tiny_args(run_dir, f"--{option}", value)) == 2
+        assert not run_dir.exists()
+
+
+def test_resume_takes_only_the_changes_a_resume_allows(tmp_path, capsys):
+    stored = TrainConfig(model="detr_digits", epochs=2, lr=1e-4, workers=2)
+    given = TrainConfig(epochs=4, workers=0, lr=None)  # lr unset: the run's value holds
+    resumed = resumed_config(given, stored, epochs_done=2)
+    assert (resumed.epochs, resumed.workers, resumed.lr, resumed.model) == (
+        4,
+        0,
+        1e-4,
+        "detr_digits",
+    )
+    with pytest.raises(ValueError, match=r"lr=0\.5 \(the run's: 0\.0001\)"):
+        resumed_config(TrainConfig(lr=0.5), stored, epochs_done=1)
+    with pytest.raises(ValueError, match="already trained 2 epochs"):
+        resumed_config(TrainConfig(epochs=1), stored, epochs_done=2)
+
+    # Fine-tuning: the checkpoint sets the model; a --model of another kind is an error.
+    run_dir = tmp_path / "run"
+    assert main(tiny_args(run_dir, "--epochs", "1", "--max-steps-per-epoch", "1")) == 0
+    args = tiny_args(tmp_path / "tuned", "--finetune", str(run_dir / "checkpoint.pth"))
+    args[args.index("deformable_detr_digits")] = "detr_digits"
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "holds a deformable_detr model, but --model is detr_digits" in capsys.readouterr().err
 
 
 def run_cli(args: list[str], launcher: tuple[str, ...] = ()) -> subprocess.Popen:

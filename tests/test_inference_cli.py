@@ -207,3 +207,28 @@ def test_a_training_runs_checkpoint_sees_images_at_the_runs_scale(tmp_path, caps
     scaled = json.loads((tmp_path / "a" / "detections.json").read_text())
     given = json.loads((tmp_path / "b" / "detections.json").read_text())
     assert scaled != given  # the model saw 80 x 120, then 64 x 96
+    # The Python API does the same, unless told a size.
+    detector = detrkit.Detector.from_checkpoint(run / "checkpoint.pth", device="cpu")
+    assert (detector.size, detector.max_size) == (80, 133)
+    detector = detrkit.Detector.from_checkpoint(run / "checkpoint.pth", device="cpu", size=64)
+    assert (detector.size, detector.max_size) == (64, 1333)
+
+
+def test_bad_devices_and_eval_settings_are_named(tmp_path, capsys):
+    detrkit.save(detrkit.build_model("detr_digits"), tmp_path / "model")
+    weights = ["--weights", str(tmp_path / "model")]
+    (tmp_path / "file").write_text("")
+    bad = {
+        ("--device", "banana"): "device 'banana' is not a device torch knows",
+        ("--batch-size", "0"): "batch_size must be at least 1",
+        ("--image-scale", "-1"): "image_scale must be positive",
+        ("--out", str(tmp_path / "file")): "a file is there",
+    }
+    if not torch.cuda.is_available():
+        bad[("--device", "cuda")] = "no CUDA GPU is available here"
+    for option, message in bad.items():
+        assert main(["eval", *weights, "--data", "digits", *option]) == 2
+        assert message in capsys.readouterr().err
+    predict = ["predict", *weights, str(tmp_path / "file"), "--out", str(tmp_path / "out")]
+    assert main([*predict, "--device", "banana"]) == 2
+    assert "device 'banana'" in capsys.readouterr().err

@@ -27,10 +27,23 @@ from detrkit.models.presets import model_from_config
 CLASS_HEAD_PREFIXES = ("class_embed.", "transformer.decoder.class_embed.")
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device; ValueError naming it when torch knows no such device or
+    it is a GPU this machine does not have."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device {device!r} is not a device torch knows ({error})") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is available here")
+    return parsed
+
+
 def read_checkpoint(
     path: str | os.PathLike, map_location: str | torch.device = "cpu"
 ) -> tuple[dict[str, Tensor], ModelConfig]:
     """Reads any supported checkpoint into (state dict with official names, config)."""
+    check_device(map_location)  # else torch.load's complaint would read as a corrupt file
     path = Path(path)
     if not path.exists():
         raise CheckpointError(path, "no such file or directory")

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from detrkit.cli.train import _model_option, add_precision_option
+from detrkit.inference.detector import MAX_SIZE, SHORT_SIDE, training_image_scale
 from detrkit.models import available_models
 
 # The validation resize of the original recipe: short side 800, long side at most 1333.
-SHORT_SIDE, MAX_SIZE = 800, 1333
 
 
 def _threshold(text: str) -> float:
@@ -45,44 +44,30 @@ def _pixel(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(f"expected X,Y in image pixels, got {text!r}") from None
 
 
-def training_image_scale(weights: str) -> tuple[float, Path] | None:
-    """The ``image_scale`` of the detrkit training run a checkpoint sits in (its config.json),
-    if any: a model trained on small images should see small images."""
-    path = Path(weights)
-    config = (path if path.is_dir() else path.parent) / "config.json"
-    try:
-        values = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(values, dict) or not {"image_scale", "model", "data"} <= set(values):
-        return None  # not a training run's config (e.g. a Hugging Face config.json)
-    return float(values["image_scale"]), config
-
-
 def make_detector(args: argparse.Namespace):
     """The Detector the ``--weights``, ``--threshold``, ``--device`` and size options describe."""
     from detrkit.inference import Detector
 
-    short_side, max_size = args.short_side, args.max_size
-    if short_side is None:
-        short_side = SHORT_SIDE
-        found = training_image_scale(args.weights)
-        if found is not None and found[0] != 1.0:
-            scale, config = found
-            short_side, max_size = round(SHORT_SIDE * scale), round(MAX_SIZE * scale)
-            print(
-                f"detrkit: resizing to short side {short_side}, long side at most {max_size} "
-                f"(image_scale {scale} of the training run, {config})",
-                file=sys.stderr,
-            )
-    return Detector.from_checkpoint(
+    # Without --short-side the Detector takes the training run's image scale, if any.
+    sizes = {}
+    if args.short_side is not None or args.max_size is not None:
+        short_side = SHORT_SIDE if args.short_side is None else args.short_side
+        sizes = {"size": short_side or None, "max_size": args.max_size or MAX_SIZE}
+    detector = Detector.from_checkpoint(
         args.weights,
         device=args.device,
         threshold=args.threshold,
-        size=short_side or None,
-        max_size=max_size,
         precision=args.precision,
+        **sizes,
     )
+    found = training_image_scale(args.weights)
+    if not sizes and found is not None:
+        print(
+            f"detrkit: resizing to short side {detector.size}, long side at most "
+            f"{detector.max_size} (image_scale {found[0]} of the training run, {found[1]})",
+            file=sys.stderr,
+        )
+    return detector
 
 
 def check_output_directory(out: Path) -> None:
@@ -173,7 +158,9 @@ def _add_detector_options(parser: argparse.ArgumentParser, threshold: float) -> 
         "scaled by the image_scale of the training run the checkpoint comes from)",
     )
     parser.add_argument(
-        "--max-size", type=_positive, default=MAX_SIZE, help="bound on the long side"
+        "--max-size",
+        type=_positive,
+        help=f"bound on the long side (default {MAX_SIZE}, or scaled as --short-side)",
     )
     add_precision_option(parser, default="fp32")
 

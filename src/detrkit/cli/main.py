@@ -13,6 +13,7 @@ from detrkit.cli.data import add_data_commands
 from detrkit.cli.export import add_export_commands
 from detrkit.cli.inference import add_inference_commands
 from detrkit.cli.train import add_train_commands
+from detrkit.data import ImageReadError
 from detrkit.models import PRESETS
 from detrkit.version import __version__
 
@@ -84,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (CheckpointError, ValueError, FileNotFoundError) as error:
+    except (CheckpointError, ValueError, FileNotFoundError, ImageReadError) as error:
         print(f"detrkit: error: {error}", file=sys.stderr)
         return 2
 

@@ -146,7 +146,9 @@ class CocoDetection(Dataset):
     ``label_mapping="contiguous"`` numbers the sorted category ids 0..K-1 (custom datasets);
     ``"coco"`` uses the category ids themselves as labels (the 91-class COCO models).
 
-    An unreadable image raises :class:`ImageReadError` with ``strict=True``. Otherwise it is
+    An unreadable image raises :class:`ImageReadError` with ``strict=True`` (a missing one, at
+    construction), as evaluation needs: its objects would count as missed, and the image read
+    in its place would count twice. Otherwise it is
     warned about once and skipped: the item at the next index (wrapping around) that can be read
     is returned in its place, its target's ``skipped`` says how many files it stepped over, and
     the dataset's ``skipped`` counts the unreadable files found so far (in this process: each
@@ -175,6 +177,13 @@ class CocoDetection(Dataset):
         self._index_categories(data["categories"])
         self._index_images(data["images"])
         self._index_annotations(data["annotations"])
+        if strict:  # found now, not images into an epoch
+            missing = [name for name in self._files if not (self.images_dir / name).is_file()]
+            if missing:
+                raise ImageReadError(
+                    f"{self.images_dir}: {len(missing)} of the {len(self)} images listed in "
+                    f"{self.annotations_json} are not there, e.g. {', '.join(missing[:3])}"
+                )
 
     def _index_categories(self, categories: list[Any]) -> None:
         path = self.annotations_json

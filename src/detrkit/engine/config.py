@@ -23,11 +23,15 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+DEFAULT_MODEL = "deformable_detr_digits"
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on. ``model_options`` override the model preset."""
 
-    model: str = "deformable_detr_digits"
+    # A preset name. None: the --finetune checkpoint's model, or else DEFAULT_MODEL.
+    model: str | None = None
     model_options: dict[str, Any] = field(default_factory=dict)
     data: str = "digits"  # "digits" or "coco:TRAIN_IMAGES,TRAIN_JSON,VAL_IMAGES,VAL_JSON"
     label_mapping: str = "contiguous"  # COCO data: "coco" keeps category ids (91-class models)
@@ -80,13 +84,23 @@ class TrainConfig:
         return dataclasses.replace(self, **values)
 
     def validate(self) -> None:
+        """Raises ValueError naming the first field out of its range (unresolved None fields
+        are left to :meth:`resolved`)."""
+        at_least_one = ("grad_accum", "eval_every", "checkpoint_every", "log_every")
+        at_least_one += ("epochs", "batch_size", "digits_train", "digits_val")
+        at_least_one += ("max_steps_per_epoch", "lr_drop")
+        for name in at_least_one:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if not self.image_scale > 0:
+            raise ValueError(f"image_scale must be positive, got {self.image_scale}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be non-negative, got {self.workers}")
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
         if self.amp == "fp16" and not self.device.startswith("cuda"):
             raise ValueError("amp 'fp16' needs a CUDA device; use 'bf16' on the CPU")
-        for name in ("grad_accum", "eval_every", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.backbone_pretrain_steps < 0:

@@ -35,7 +35,8 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
         mapping = config.label_mapping
         return (
             CocoDetection(parts[0], parts[1], train_transforms, label_mapping=mapping),
-            CocoDetection(parts[2], parts[3], val_transforms, label_mapping=mapping),
+            # Evaluated on: every image must be read (see CocoDetection's strict).
+            CocoDetection(parts[2], parts[3], val_transforms, label_mapping=mapping, strict=True),
         )
     raise ValueError(f"--data {config.data!r}: expected 'digits' or 'coco:...'")
 

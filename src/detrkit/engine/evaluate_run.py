@@ -30,7 +30,10 @@ def validation_set(
         parts = data.removeprefix("coco:").split(",")
         if len(parts) not in (2, 4):
             raise ValueError(f"--data {data!r}: expected coco:VAL_IMAGES,VAL_JSON")
-        return CocoDetection(parts[-2], parts[-1], transforms, label_mapping=label_mapping)
+        # Every image must be read: evaluating some would score the others' objects as missed.
+        return CocoDetection(
+            parts[-2], parts[-1], transforms, label_mapping=label_mapping, strict=True
+        )
     raise ValueError(f"--data {data!r}: expected 'digits' or 'coco:...'")
 
 
@@ -82,6 +85,13 @@ def evaluate_checkpoint(
     ``precision``, runs the model prepared by :func:`~detrkit.models.optimize_for_inference`."""
     if precision is not None and amp != "none":
         raise ValueError(f"choose one of amp ({amp!r}) and precision ({precision!r}), not both")
+    for name, value in (("batch_size", batch_size), ("digits_val", digits_val)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if not image_scale > 0:
+        raise ValueError(f"image_scale must be positive, got {image_scale}")
+    if out is not None and out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file is there; the results go into a directory")
     model = detrkit.load(weights, map_location=device)
     if precision is not None:
         model = optimize_for_inference(model, precision)

@@ -20,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from detrkit.checkpoints.load import load_weights, read_checkpoint
 from detrkit.data.digits import digit_crops
-from detrkit.engine.config import TrainConfig
+from detrkit.engine.config import DEFAULT_MODEL, TrainConfig
 from detrkit.engine.datasets import SeededSamples, build_datasets, coco_ground_truth, make_loader
 from detrkit.engine.distributed import ProcessInfo, any_process, barrier, init_distributed
 from detrkit.engine.evaluate import (
@@ -78,6 +78,38 @@ def new_run_dir(root: Path = Path("runs")) -> Path:
     raise RuntimeError(f"no free run directory under {root}")
 
 
+# What a resumed run may change: how long it runs, where, and how often it reports.
+RESUMABLE_CHANGES = ("epochs", "device", "workers", "log_every", "eval_every", "checkpoint_every")
+
+
+def resumed_config(given: TrainConfig, stored: TrainConfig, epochs_done: int) -> TrainConfig:
+    """The interrupted run's config, with the changes ``given`` asks for where a resume allows
+    them (:data:`RESUMABLE_CHANGES`; ``epochs`` extends or shortens the run). Any other field
+    that ``given`` sets to something else than both the default and the stored run's value is
+    an error: silently ignored, it would make the resumed run other than the one asked for."""
+    default = TrainConfig()
+    changes, refused = {}, []
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(given, f.name)
+        if f.name == "output" or value in (getattr(default, f.name), getattr(stored, f.name)):
+            continue
+        if f.name in RESUMABLE_CHANGES:
+            changes[f.name] = value
+        else:
+            refused.append(f"{f.name}={value!r} (the run's: {getattr(stored, f.name)!r})")
+    if refused:
+        raise ValueError(
+            "a resumed run keeps its config; only "
+            f"{', '.join(RESUMABLE_CHANGES)} may change, but these were given: "
+            + "; ".join(refused)
+        )
+    if changes.get("epochs", epochs_done + 1) <= epochs_done:
+        raise ValueError(
+            f"epochs={changes['epochs']}: the run has already trained {epochs_done} epochs"
+        )
+    return dataclasses.replace(stored, **changes)
+
+
 def build_training_model(config: TrainConfig, train_set, log) -> nn.Module:
     """The preset with the dataset's classes, or the fine-tuning checkpoint (new class head when
     the class count differs)."""
@@ -86,6 +118,12 @@ def build_training_model(config: TrainConfig, train_set, log) -> nn.Module:
     options = {"num_classes": num_classes, "class_names": class_names, **config.model_options}
     if config.finetune:
         state_dict, base = read_checkpoint(config.finetune)
+        if config.model is not None and build_config(config.model).model_type != base.model_type:
+            raise ValueError(
+                f"--finetune {config.finetune} holds a {base.model_type} model, but --model is "
+                f"{config.model}: leave --model out (the checkpoint sets the model; "
+                "--model-option changes its fields)"
+            )
         model_config = override_config(base, str(config.finetune), **options)
         num_classes = model_config.num_classes
         reset = base.num_classes != num_classes
@@ -124,14 +162,17 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         if process.is_main:
             print(f"[detrkit] {message}", flush=True)
 
+    config.validate()
     state: dict[str, Any] | None = None
     if resume and checkpoint_path.exists():
         state = load_training_state(checkpoint_path)
-        config = TrainConfig(**state["train_config"])
+        config = resumed_config(config, TrainConfig(**state["train_config"]), state["epoch"])
         config.output = str(run_dir)
         log(f"resuming {run_dir} at epoch {state['epoch']}, batch {state['batch_in_epoch']}")
     elif resume and resume != "auto":
         raise FileNotFoundError(f"--resume {resume}: no {CHECKPOINT_NAME} there")
+    if config.model is None and not config.finetune:
+        config.model = DEFAULT_MODEL
 
     torch.manual_seed(config.seed)
     if config.deterministic:
@@ -230,7 +271,8 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
             },
         )
 
-    log(f"training {config.model} on {config.data} for {config.epochs} epochs -> {run_dir}")
+    what = config.model or f"{model.config.model_type} from {config.finetune}"
+    log(f"training {what} on {config.data} for {config.epochs} epochs -> {run_dir}")
     if state is not None:  # last, so that nothing set up above draws from the restored streams
         set_rng_state(state["rng"])
     with _StopRequest() as stop:

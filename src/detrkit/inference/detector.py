@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,10 +15,14 @@ from torch import Tensor, nn
 from torchvision import tv_tensors
 
 from detrkit.checkpoints import load
+from detrkit.checkpoints.load import check_device
 from detrkit.data import AugmentationConfig, make_val_transforms, pad_images, read_image
 from detrkit.inference.coco_names import class_names_for
 from detrkit.models import PostProcess
 from detrkit.models.inference_model import optimize_for_inference
+
+# The original's validation resize: short side 800, long side at most 1333.
+SHORT_SIDE, MAX_SIZE = 800, 1333
 
 # What a Detector takes as one image.
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
@@ -44,6 +49,21 @@ class Detections:
     def as_dict(self) -> dict[str, Tensor]:
         """The ``boxes`` / ``scores`` / ``labels`` dict that PostProcess returns."""
         return {"boxes": self.boxes, "scores": self.scores, "labels": self.labels}
+
+
+def training_image_scale(weights: str | os.PathLike) -> tuple[float, Path] | None:
+    """The ``image_scale`` of the ``detrkit train`` run a checkpoint sits in (read from the run's
+    config.json) and that file, when it is not 1; else None."""
+    path = Path(weights)
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    try:
+        values = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(values, dict) or not {"image_scale", "model", "data"} <= set(values):
+        return None  # not a training run's config (e.g. a Hugging Face config.json)
+    scale = values["image_scale"]
+    return (float(scale), config) if scale != 1 else None
 
 
 def to_uint8_image(image: ImageInput) -> Tensor:
@@ -116,8 +136,8 @@ class Detector:
         self,
         model: nn.Module,
         threshold: float = 0.5,
-        size: int | None = 800,
-        max_size: int = 1333,
+        size: int | None = SHORT_SIDE,
+        max_size: int = MAX_SIZE,
         device: str | torch.device | None = None,
         precision: str | None = None,
         channels_last: bool = True,
@@ -126,7 +146,7 @@ class Detector:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         if (size is not None and size < 1) or max_size < 1:
             raise ValueError(f"size and max_size must be positive, got {size} and {max_size}")
-        self.device = torch.device(device) if device is not None else _default_device()
+        self.device = check_device(device) if device is not None else _default_device()
         self.model = model.to(self.device).eval()
         if precision is not None:
             self.model = optimize_for_inference(self.model, precision, channels_last)
@@ -145,8 +165,15 @@ class Detector:
         threshold: float = 0.5,
         **options,
     ) -> Detector:
-        """Loads any checkpoint :func:`detrkit.load` reads; ``options`` as in the constructor."""
-        device = torch.device(device) if device is not None else _default_device()
+        """Loads any checkpoint :func:`detrkit.load` reads; ``options`` as in the constructor.
+
+        A checkpoint of a ``detrkit train`` run at an ``image_scale`` other than 1 resizes images
+        by that scale unless ``size`` or ``max_size`` is given: a model trained on small images
+        finds little on large ones (:func:`training_image_scale`)."""
+        device = check_device(device) if device is not None else _default_device()
+        found = training_image_scale(path)
+        if found is not None and not {"size", "max_size"} & set(options):
+            options.update(size=round(SHORT_SIDE * found[0]), max_size=round(MAX_SIZE * found[0]))
         return cls(load(path, map_location=device), threshold, device=device, **options)
 
     def preprocess(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
