@@ -109,10 +109,13 @@ def test_official_layout_round_trip(tmp_path, overrides, args_values, bare):
     assert_same_outputs(outputs_of(loaded), outputs_of(model))
 
 
-def test_resnet101_is_recognised_from_its_weights(tmp_path):
-    model = detrkit.build_model("detr_r101", enc_layers=1, dec_layers=1, dim_feedforward=32)
-    loaded = detrkit.load(write_official(model, tmp_path / "r101.pth", bare=True))
-    assert loaded.config.backbone == "resnet101"
+@pytest.mark.parametrize("backbone", ["resnet101", "resnet18", "resnet34"])
+def test_backbone_depth_is_recognised_from_its_weights(tmp_path, backbone):
+    model = detrkit.build_model(
+        "detr_r50", backbone=backbone, enc_layers=1, dec_layers=1, dim_feedforward=32
+    )
+    loaded = detrkit.load(write_official(model, tmp_path / f"{backbone}.pth", bare=True))
+    assert loaded.config.backbone == backbone
 
 
 def test_bare_safetensors_file(tmp_path):

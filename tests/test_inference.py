@@ -132,6 +132,8 @@ def test_bad_inputs_are_named(tmp_path):
         detector(torch.zeros(5, 10, 10, dtype=torch.uint8))
     with pytest.raises(ImageReadError, match=r"missing\.png: no such image file"):
         detector(tmp_path / "missing.png")
+    with pytest.raises(ImageReadError, match="a folder, not an image file"):
+        detector(tmp_path)
     with pytest.raises(TypeError, match="got int"):
         detector(3)
     with pytest.raises(ValueError, match="threshold must be in"):

@@ -82,12 +82,20 @@ def layer_count(state_dict: dict[str, Tensor], prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
+def resnet_depth(state_dict: dict[str, Tensor]) -> str:
+    """Which ResNet the backbone's weights are: bottleneck blocks (a conv3) make a ResNet-50 or
+    -101, basic blocks a ResNet-18 or -34; the number of blocks in layer3 tells them apart."""
+    bottleneck = "backbone.0.body.layer1.0.conv3.weight" in state_dict
+    blocks = layer_count(state_dict, "backbone.0.body.layer3.")
+    if bottleneck:
+        return "resnet101" if blocks > 6 else "resnet50"
+    return "resnet34" if blocks > 2 else "resnet18"
+
+
 def _common_fields(state_dict: dict[str, Tensor], args: dict[str, Any]) -> dict[str, Any]:
     """The fields every detector reads the same way off its weights and training arguments."""
     return {
-        "backbone": "resnet101"
-        if layer_count(state_dict, "backbone.0.body.layer3.") > 6
-        else "resnet50",
+        "backbone": resnet_depth(state_dict),
         "dilation": bool(args.get("dilation", False)),
         "position_embedding": "learned" if "backbone.1.row_embed.weight" in state_dict else "sine",
         "nheads": int(args.get("nheads") or 8),

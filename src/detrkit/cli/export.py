@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from detrkit.checkpoints import load
+from detrkit.cli.inference import positive_float, positive_int
 from detrkit.deploy import DEFAULT_OPSET, FORMATS, ExportError, ExportResult, export
 
 
@@ -49,13 +50,6 @@ def describe(result: ExportResult) -> str:
     return "\n".join(lines)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def add_export_commands(commands: argparse._SubParsersAction[Any]) -> None:
     """Adds ``export`` to the ``detrkit`` subcommands."""
     parser = commands.add_parser(
@@ -91,7 +85,7 @@ def add_export_commands(commands: argparse._SubParsersAction[Any]) -> None:
     )
     parser.add_argument(
         "--size",
-        type=_positive,
+        type=positive_int,
         nargs=2,
         default=[800, 1066],
         metavar=("H", "W"),
@@ -99,7 +93,7 @@ def add_export_commands(commands: argparse._SubParsersAction[Any]) -> None:
     )
     parser.add_argument(
         "--tolerance",
-        type=float,
+        type=positive_float,
         default=1e-4,
         help="largest absolute difference from PyTorch allowed (default 1e-4)",
     )

@@ -20,10 +20,19 @@ def _threshold(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number above 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
@@ -159,7 +168,7 @@ def _add_detector_options(parser: argparse.ArgumentParser, threshold: float) -> 
     )
     parser.add_argument(
         "--max-size",
-        type=_positive,
+        type=positive_int,
         help=f"bound on the long side (default {MAX_SIZE}, or scaled as --short-side)",
     )
     add_precision_option(parser, default="fp32")
@@ -176,7 +185,7 @@ def add_inference_commands(commands) -> None:
     )
     predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs")
     _add_detector_options(predict, threshold=0.5)
-    predict.add_argument("--batch-size", type=_positive, default=1, help="images per forward")
+    predict.add_argument("--batch-size", type=positive_int, default=1, help="images per forward")
     predict.set_defaults(run=cmd_predict)
 
     explain = commands.add_parser(
@@ -198,7 +207,7 @@ def add_inference_commands(commands) -> None:
         "of up to 3 detected objects)",
     )
     explain.add_argument(
-        "--max-objects", type=_positive, default=5, help="explain at most this many objects"
+        "--max-objects", type=positive_int, default=5, help="explain at most this many objects"
     )
     explain.set_defaults(run=cmd_explain)
 
@@ -210,7 +219,7 @@ def add_inference_commands(commands) -> None:
     trace.add_argument(
         "--size",
         nargs=2,
-        type=_positive,
+        type=positive_int,
         default=(800, 1066),
         metavar=("H", "W"),
         help="the input image's height and width (default 800 1066)",

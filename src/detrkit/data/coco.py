@@ -39,6 +39,8 @@ def read_image(path: str | Path) -> Tensor:
     Raises :class:`ImageReadError` naming the file when it is missing, truncated or not an image.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ImageReadError(f"{path}: a folder, not an image file")
     if not path.is_file():
         raise ImageReadError(f"{path}: no such image file")
     try:

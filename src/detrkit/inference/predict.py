@@ -171,7 +171,8 @@ def predict_files(
             bar.update(batch[-1][0] + 1 - bar.n)  # skipped files count as done too
         bar.update(len(paths) - bar.n)
 
-    # Image ids from the images that were read, so that an unreadable one does not change them.
+    # Ids from the images that were read: a stray unreadable file does not turn numeric names
+    # (COCO's ids) into 1, 2, 3... Numbered so, the ids count read images; images.json maps them.
     ids = image_ids([paths[index] for index, _ in done])
     results, images = [], []
     for image_id, (index, detections) in zip(ids, done):
