@@ -578,7 +578,8 @@ def test_distributed_evaluation_counts_each_image_once():
 def test_unreadable_training_images_are_counted_in_the_log(tmp_path, capsys):
     images_dir, annotations = write_square_coco(tmp_path / "coco")
     (images_dir / "2.png").write_bytes(b"not a png")
-    data = f"coco:{images_dir},{annotations},{images_dir},{annotations}"
+    val_dir, val_annotations = write_square_coco(tmp_path / "val")
+    data = f"coco:{images_dir},{annotations},{val_dir},{val_annotations}"
     args = [
         "train",
         "--model",
@@ -602,3 +603,10 @@ def test_unreadable_training_images_are_counted_in_the_log(tmp_path, capsys):
     assert "epoch 1: 1 unreadable images skipped" in capsys.readouterr().out
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert {"type": "data", "epoch": 1, "skipped_images": 1} in records
+
+    # Validation images are all read or the evaluation fails: a skipped one would count its
+    # objects as missed and the image read in its place twice.
+    (val_dir / "3.png").unlink()
+    args[args.index(str(tmp_path / "run"))] = str(tmp_path / "run2")
+    assert main(args) == 2
+    assert "are not there, e.g. 3.png" in capsys.readouterr().err
