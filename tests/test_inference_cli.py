@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,6 +213,25 @@ def test_a_training_runs_checkpoint_sees_images_at_the_runs_scale(tmp_path, caps
     assert (detector.size, detector.max_size) == (80, 133)
     detector = detrkit.Detector.from_checkpoint(run / "checkpoint.pth", device="cpu", size=64)
     assert (detector.size, detector.max_size) == (64, 1333)
+
+
+def test_predict_skips_images_too_small_for_two_stage_proposals(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = detrkit.build_model(
+        "deformable_detr_two_stage", num_queries=20, enc_layers=1, dec_layers=1, num_classes=3
+    )
+    weights = detrkit.save(model, tmp_path / "model")
+    sizes, names = [(16, 16), (20, 20), (96, 96)], ["small.png", "small2.png", "large.png"]
+    inputs = [str(path) for path in write_images(tmp_path / "in", sizes, names)]
+    args = ["predict", "--weights", str(weights), "--out", str(tmp_path / "out"), *inputs]
+    args += ["--short-side", "0", "--batch-size", "2", "--threshold", "0"]
+    # The first batch (both small) fails as a whole, then image by image; the large one runs.
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "small.png: two-stage Deformable DETR takes its 20 queries" in err
+    assert "small2.png: two-stage" in err
+    images = json.loads((tmp_path / "out" / "images.json").read_text())
+    assert [Path(image["file_name"]).name for image in images] == ["large.png"]
 
 
 def test_bad_devices_and_eval_settings_are_named(tmp_path, capsys):

@@ -18,6 +18,7 @@ from detrkit.data import ImageReadError, read_image
 from detrkit.engine.evaluate import to_coco_results
 from detrkit.engine.visualize import draw_detections
 from detrkit.inference.detector import Detections, Detector
+from detrkit.models.deformable_transformer import ImageTooSmallError
 
 # Files a folder contributes (an explicitly named file is tried whatever its suffix).
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -83,6 +84,25 @@ def output_names(paths: Sequence[Path]) -> list[str]:
         used.add(name.lower())
         names.append(name)
     return names
+
+
+def _detect_or_skip(
+    detector: Detector,
+    batch: list[tuple[int, Tensor]],
+    paths: Sequence[Path],
+    skip: Callable[[str, str], None],
+) -> list[tuple[tuple[int, Tensor], Detections]]:
+    """Each (index, image) of ``batch`` with its detections. An image too small for the model
+    goes to ``skip``; when a batch is, its images are tried one at a time (padded together,
+    they are as large as the largest)."""
+    try:
+        found, _ = detector.detect([pixels for _, pixels in batch])
+    except ImageTooSmallError as error:
+        if len(batch) == 1:
+            skip(str(paths[batch[0][0]]), str(error))
+            return []
+        return [pair for item in batch for pair in _detect_or_skip(detector, [item], paths, skip)]
+    return list(zip(batch, found))
 
 
 def _read_batches(
@@ -160,8 +180,7 @@ def predict_files(
     )
     with bar:
         for batch in _read_batches(paths, batch_size, skip):
-            found, _ = detector.detect([pixels for _, pixels in batch])
-            for (index, pixels), detections in zip(batch, found):
+            for (index, pixels), detections in _detect_or_skip(detector, batch, paths, skip):
                 drawn = draw_detections(
                     pixels, detections.boxes, detections.captions(), detections.labels
                 )

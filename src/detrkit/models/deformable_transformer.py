@@ -18,6 +18,11 @@ from detrkit.models.transformer import ACTIVATIONS, _clones, _feed_forward, _wit
 from detrkit.ops import Dropout
 
 
+class ImageTooSmallError(ValueError):
+    """Raised when images give two-stage Deformable DETR fewer encoder positions than the
+    proposals it takes from them."""
+
+
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     """logit(x), clamped so that 0 and 1 map to finite values."""
     x = x.clamp(min=0, max=1)
@@ -418,7 +423,7 @@ class DeformableTransformer(nn.Module):
             topk = self.two_stage_num_proposals
             # Not when tracing: a dynamic size compared here would become a guard on the export.
             if memory.shape[1] < topk and not torch.compiler.is_compiling():
-                raise ValueError(
+                raise ImageTooSmallError(
                     f"two-stage Deformable DETR takes its {topk} queries from the encoder's "
                     f"positions, but these images give only {memory.shape[1]} (feature maps "
                     f"{shapes}): the images are too small for two_stage_num_proposals={topk}"
