@@ -132,11 +132,9 @@ def test_native_round_trip(tmp_path):
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["detrkit.json", "model.safetensors"]
     # Written through private temporary files, yet with a new file's usual mode.
     umask = os.umask(0o022)
-    try:
-        detrkit.save(model, tmp_path / "shared")
-    finally:
-        os.umask(umask)
-    assert (tmp_path / "shared" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    os.umask(umask)
+    for name in ("detrkit.json", "model.safetensors"):
+        assert (tmp_path / "ckpt" / name).stat().st_mode & 0o777 == 0o666 & ~umask
     loaded = detrkit.load(tmp_path / "ckpt")
     assert loaded.config == model.config
     assert_same_outputs(outputs_of(loaded), outputs_of(model))

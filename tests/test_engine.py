@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -286,6 +287,13 @@ def test_resume_takes_only_the_changes_a_resume_allows(tmp_path, capsys):
         resumed_config(TrainConfig(lr=0.5), stored, epochs_done=1)
     with pytest.raises(ValueError, match="already trained 2 epochs"):
         resumed_config(TrainConfig(epochs=1), stored, epochs_done=2)
+    # Fields the command line named are compared even at their default values.
+    no_workers = dataclasses.replace(stored, workers=0)
+    back = resumed_config(TrainConfig(workers=2), no_workers, 2, names=["workers"])
+    assert back.workers == 2 == TrainConfig().workers
+    with pytest.raises(ValueError, match="amp='none'"):
+        amp_run = dataclasses.replace(stored, amp="bf16")
+        resumed_config(TrainConfig(amp="none"), amp_run, epochs_done=2, names=["amp"])
 
     # Fine-tuning: the checkpoint sets the model; a --model of another kind is an error.
     run_dir = tmp_path / "run"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -35,6 +36,14 @@ def is_native_directory(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG_FILE).is_file()
 
 
+@functools.cache
+def _process_umask() -> int:
+    # Reading the umask means setting it: done once, not while other threads may create files.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def write_atomically(target: Path, write: Any) -> None:
     """Writes through a temporary file in the same directory, fsyncs, then renames over
     ``target``: a reader sees the old file or the new one, never half of one."""
@@ -46,9 +55,7 @@ def write_atomically(target: Path, write: Any) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         # mkstemp makes the file private (0600); the result gets a new file's usual mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_process_umask())
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

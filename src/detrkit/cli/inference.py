@@ -10,8 +10,6 @@ from detrkit.cli.train import _model_option, add_precision_option
 from detrkit.inference.detector import MAX_SIZE, SHORT_SIDE, training_image_scale
 from detrkit.models import available_models
 
-# The validation resize of the original recipe: short side 800, long side at most 1333.
-
 
 def _threshold(text: str) -> float:
     value = float(text)
@@ -57,7 +55,7 @@ def make_detector(args: argparse.Namespace):
     """The Detector the ``--weights``, ``--threshold``, ``--device`` and size options describe."""
     from detrkit.inference import Detector
 
-    # Without --short-side the Detector takes the training run's image scale, if any.
+    # Without --short-side and --max-size the Detector takes the training run's image scale.
     sizes = {}
     if args.short_side is not None or args.max_size is not None:
         short_side = SHORT_SIDE if args.short_side is None else args.short_side
@@ -169,7 +167,8 @@ def _add_detector_options(parser: argparse.ArgumentParser, threshold: float) -> 
     parser.add_argument(
         "--max-size",
         type=positive_int,
-        help=f"bound on the long side (default {MAX_SIZE}, or scaled as --short-side)",
+        help=f"bound on the long side (default {MAX_SIZE}); with or without --short-side, "
+        "giving it turns off the training run's image_scale",
     )
     add_precision_option(parser, default="fp32")
 

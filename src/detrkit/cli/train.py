@@ -115,11 +115,26 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return dataclasses.replace(config, **given, model_options=options)
 
 
+def given_fields(args: argparse.Namespace) -> set[str] | None:
+    """The TrainConfig fields the command line set (a resume compares only those with the
+    run's); None with --config, whose file may set any."""
+    if args.config:
+        return None
+    names = {
+        f.name
+        for f in dataclasses.fields(TrainConfig)
+        if f.name != "model_options" and getattr(args, f.name) is not None
+    }
+    if args.model_option or args.num_classes is not None:
+        names.add("model_options")
+    return names
+
+
 def run_train(args: argparse.Namespace) -> int:
     from detrkit.engine.train import TrainingError, train
 
     try:
-        train(config_from_args(args), resume=args.resume)
+        train(config_from_args(args), resume=args.resume, given=given_fields(args))
     except TrainingError as error:
         print(f"detrkit: error: {error}")
         return 1

@@ -148,14 +148,15 @@ class CocoDetection(Dataset):
     ``label_mapping="contiguous"`` numbers the sorted category ids 0..K-1 (custom datasets);
     ``"coco"`` uses the category ids themselves as labels (the 91-class COCO models).
 
-    An unreadable image raises :class:`ImageReadError` with ``strict=True`` (a missing one, at
-    construction), as evaluation needs: its objects would count as missed, and the image read
-    in its place would count twice. Otherwise it is
-    warned about once and skipped: the item at the next index (wrapping around) that can be read
-    is returned in its place, its target's ``skipped`` says how many files it stepped over, and
-    the dataset's ``skipped`` counts the unreadable files found so far (in this process: each
-    DataLoader worker keeps its own count). Annotations of unknown categories are
-    ignored with a warning, or raise ValueError with ``strict=True``.
+    An unreadable image is warned about once and skipped: the item at the next index (wrapping
+    around) that can be read is returned in its place, its target's ``skipped`` says how many
+    files it stepped over, and the dataset's ``skipped`` counts the unreadable files found so far
+    (in this process: each DataLoader worker keeps its own count). With
+    ``skip_unreadable=False`` (the default under ``strict=True``) it raises
+    :class:`ImageReadError` instead, a missing file at construction: evaluation needs that, as a
+    skipped image's objects would count as missed and the image read in its place twice.
+    Annotations of unknown categories are ignored with a warning, or raise ValueError with
+    ``strict=True``.
     """
 
     def __init__(
@@ -165,6 +166,7 @@ class CocoDetection(Dataset):
         transforms: SampleTransform | None = None,
         label_mapping: LabelMapping = "contiguous",
         strict: bool = False,
+        skip_unreadable: bool | None = None,
     ) -> None:
         if label_mapping not in ("contiguous", "coco"):
             raise ValueError(f"label_mapping must be 'contiguous' or 'coco', got {label_mapping!r}")
@@ -173,13 +175,14 @@ class CocoDetection(Dataset):
         self.transforms = transforms
         self.label_mapping = label_mapping
         self.strict = strict
+        self.skip_unreadable = not strict if skip_unreadable is None else skip_unreadable
         self._unreadable: set[str] = set()
 
         data = read_coco_json(self.annotations_json)
         self._index_categories(data["categories"])
         self._index_images(data["images"])
         self._index_annotations(data["annotations"])
-        if strict:  # found now, not images into an epoch
+        if not self.skip_unreadable:  # found now, not images into an epoch
             missing = [name for name in self._files if not (self.images_dir / name).is_file()]
             if missing:
                 raise ImageReadError(
@@ -287,7 +290,7 @@ class CocoDetection(Dataset):
             try:
                 image = read_image(self.images_dir / file_name)
             except ImageReadError as error:
-                if self.strict:
+                if not self.skip_unreadable:
                     raise
                 self._unreadable.add(file_name)
                 warnings.warn(f"skipping unreadable image {error}", stacklevel=2)

@@ -35,8 +35,10 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
         mapping = config.label_mapping
         return (
             CocoDetection(parts[0], parts[1], train_transforms, label_mapping=mapping),
-            # Evaluated on: every image must be read (see CocoDetection's strict).
-            CocoDetection(parts[2], parts[3], val_transforms, label_mapping=mapping, strict=True),
+            # Evaluated on: every image must be read (see CocoDetection's skip_unreadable).
+            CocoDetection(
+                parts[2], parts[3], val_transforms, label_mapping=mapping, skip_unreadable=False
+            ),
         )
     raise ValueError(f"--data {config.data!r}: expected 'digits' or 'coco:...'")
 

@@ -32,7 +32,7 @@ def validation_set(
             raise ValueError(f"--data {data!r}: expected coco:VAL_IMAGES,VAL_JSON")
         # Every image must be read: evaluating some would score the others' objects as missed.
         return CocoDetection(
-            parts[-2], parts[-1], transforms, label_mapping=label_mapping, strict=True
+            parts[-2], parts[-1], transforms, label_mapping=label_mapping, skip_unreadable=False
         )
     raise ValueError(f"--data {data!r}: expected 'digits' or 'coco:...'")
 

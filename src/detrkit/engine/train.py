@@ -10,6 +10,7 @@ import dataclasses
 import json
 import signal
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from detrkit.checkpoints.load import load_weights, read_checkpoint
+from detrkit.data import ImageReadError
 from detrkit.data.digits import digit_crops
 from detrkit.engine.config import DEFAULT_MODEL, TrainConfig
 from detrkit.engine.datasets import SeededSamples, build_datasets, coco_ground_truth, make_loader
@@ -82,21 +84,33 @@ def new_run_dir(root: Path = Path("runs")) -> Path:
 RESUMABLE_CHANGES = ("epochs", "device", "workers", "log_every", "eval_every", "checkpoint_every")
 
 
-def resumed_config(given: TrainConfig, stored: TrainConfig, epochs_done: int) -> TrainConfig:
+def resumed_config(
+    given: TrainConfig,
+    stored: TrainConfig,
+    epochs_done: int,
+    names: Collection[str] | None = None,
+) -> TrainConfig:
     """The interrupted run's config, with the changes ``given`` asks for where a resume allows
-    them (:data:`RESUMABLE_CHANGES`; ``epochs`` extends or shortens the run). Any other field
-    that ``given`` sets to something else than both the default and the stored run's value is
-    an error: silently ignored, it would make the resumed run other than the one asked for."""
+    them (:data:`RESUMABLE_CHANGES`; ``epochs`` extends or shortens the run). ``names``: the
+    fields the caller set (None: those of ``given`` that differ from their default). Any other
+    of them whose value differs from the stored run's is an error: silently ignored, it would
+    make the resumed run other than the one asked for."""
     default = TrainConfig()
+    if names is None:
+        names = [
+            f.name
+            for f in dataclasses.fields(TrainConfig)
+            if getattr(given, f.name) != getattr(default, f.name)
+        ]
     changes, refused = {}, []
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(given, f.name)
-        if f.name == "output" or value in (getattr(default, f.name), getattr(stored, f.name)):
+    for name in names:
+        value = getattr(given, name)
+        if name == "output" or value == getattr(stored, name):
             continue
-        if f.name in RESUMABLE_CHANGES:
-            changes[f.name] = value
+        if name in RESUMABLE_CHANGES:
+            changes[name] = value
         else:
-            refused.append(f"{f.name}={value!r} (the run's: {getattr(stored, f.name)!r})")
+            refused.append(f"{name}={value!r} (the run's: {getattr(stored, name)!r})")
     if refused:
         raise ValueError(
             "a resumed run keeps its config; only "
@@ -146,33 +160,45 @@ def build_training_model(config: TrainConfig, train_set, log) -> nn.Module:
     return model
 
 
-def train(config: TrainConfig, resume: str | None = None) -> Path:
-    """Trains as ``config`` says; returns the run directory (checkpoint, metrics, plot, config)."""
-    process = init_distributed(config.device)
-    device = torch.device(
-        f"cuda:{process.local_rank}" if config.device == "cuda" else config.device
-    )
+def train(
+    config: TrainConfig, resume: str | None = None, given: Collection[str] | None = None
+) -> Path:
+    """Trains as ``config`` says; returns the run directory (checkpoint, metrics, plot, config).
+
+    ``resume``: a run directory to continue (or "auto": ``config.output``'s, if it has a
+    checkpoint). Its stored config then holds, with the changes :func:`resumed_config` allows
+    among the fields named in ``given`` (the options a command line set; None: every field of
+    ``config`` that differs from its default)."""
     run_dir = Path(config.output) if config.output else new_run_dir()
     if resume and resume != "auto":
         run_dir = Path(resume)
     checkpoint_path = run_dir / CHECKPOINT_NAME
+    config.validate()
+    state: dict[str, Any] | None = None
+    if resume and checkpoint_path.exists():
+        state = load_training_state(checkpoint_path)
+        stored = TrainConfig(**state["train_config"])
+        config = resumed_config(config, stored, state["epoch"], given)
+        if config.finetune:  # the checkpoint sets the model (older runs stored the default)
+            config.model = None
+    elif resume and resume != "auto":
+        raise FileNotFoundError(f"--resume {resume}: no {CHECKPOINT_NAME} there")
+    if config.model is None and not config.finetune:
+        config.model = DEFAULT_MODEL
     config.output = str(run_dir)
+
+    # After the resume: the device is the run's, unless the resume changes it.
+    process = init_distributed(config.device)
+    device = torch.device(
+        f"cuda:{process.local_rank}" if config.device == "cuda" else config.device
+    )
 
     def log(message: str) -> None:
         if process.is_main:
             print(f"[detrkit] {message}", flush=True)
 
-    config.validate()
-    state: dict[str, Any] | None = None
-    if resume and checkpoint_path.exists():
-        state = load_training_state(checkpoint_path)
-        config = resumed_config(config, TrainConfig(**state["train_config"]), state["epoch"])
-        config.output = str(run_dir)
+    if state is not None:
         log(f"resuming {run_dir} at epoch {state['epoch']}, batch {state['batch_in_epoch']}")
-    elif resume and resume != "auto":
-        raise FileNotFoundError(f"--resume {resume}: no {CHECKPOINT_NAME} there")
-    if config.model is None and not config.finetune:
-        config.model = DEFAULT_MODEL
 
     torch.manual_seed(config.seed)
     if config.deterministic:
@@ -298,25 +324,32 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
             )
             if interrupted_at is not None:
                 save(epoch, interrupted_at)
-                log(f"stopped by signal {stop.signal}: checkpoint written to {checkpoint_path}")
-                raise SystemExit(128 + stop.signal)
+                barrier()  # no process leaves (and so ends the run) before the checkpoint is out
+                # The processes stop together, also those the signal did not reach.
+                received = stop.signal or signal.SIGTERM
+                log(f"stopped by signal {received}: checkpoint written to {checkpoint_path}")
+                raise SystemExit(128 + received)
             scheduler.step()
             last = epoch + 1 == config.epochs
             if last or (epoch + 1) % config.eval_every == 0:
-                evaluate_epoch(
-                    ema.module if ema is not None else model,
-                    val_loader,
-                    val_set,
-                    coco_gt,
-                    postprocess,
-                    device,
-                    autocast_dtype,
-                    epoch,
-                    metrics,
-                    run_dir,
-                    process,
-                    log,
-                )
+                try:
+                    evaluate_epoch(
+                        ema.module if ema is not None else model,
+                        val_loader,
+                        val_set,
+                        coco_gt,
+                        postprocess,
+                        device,
+                        autocast_dtype,
+                        epoch,
+                        metrics,
+                        run_dir,
+                        process,
+                        log,
+                    )
+                except ImageReadError:  # a validation image: keep the epoch just trained
+                    save(epoch + 1, 0)
+                    raise
             if last or (epoch + 1) % config.checkpoint_every == 0:
                 save(epoch + 1, 0)
     if process.is_main:

@@ -4,6 +4,7 @@ official checkpoint's ``args`` map onto them directly."""
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -65,10 +66,10 @@ class ModelConfig:
             value, default = getattr(self, f.name), f.default
             if isinstance(default, bool):
                 kind, ok = "true or false", isinstance(value, bool)
-            elif isinstance(default, (int, float)):
+            elif isinstance(default, (int, float)):  # numpy's numbers count too
                 whole = isinstance(default, int)
                 kind = "an integer" if whole else "a number"
-                ok = isinstance(value, int if whole else (int, float))
+                ok = isinstance(value, numbers.Integral if whole else numbers.Real)
                 ok = ok and not isinstance(value, bool)
             elif isinstance(default, str):
                 kind, ok = "a string", isinstance(value, str)
