@@ -29,7 +29,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The tests CI runs (6-7.5 min on a fresh clone on 2 cores, venv included). test-full adds
+# The tests CI runs (5-7.5 min on a fresh clone on 2 cores, venv included). test-full adds
 # the compiled models and the rest of the export matrix (every model x format x option, minutes
 # per export on a CPU).
 test: lint
