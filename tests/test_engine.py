@@ -563,6 +563,10 @@ def test_evaluation_equals_pycocotools_on_hand_made_predictions():
     expected = [None if v < 0 else v for v in evaluator.stats]
     assert [ours[name] for name in COCO_METRICS] == pytest.approx(expected)
     assert 0 < ours["AP50"] < 1
+    # No detections at all: 0 where there are objects, None for sizes with none (no large ones).
+    nothing = coco_metrics(gt, [])
+    assert nothing["AP"] == nothing["APs"] == nothing["AR100"] == 0.0
+    assert nothing["APl"] is None and nothing["ARl"] is None
 
 
 def test_distributed_evaluation_counts_each_image_once():

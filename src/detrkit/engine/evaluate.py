@@ -52,12 +52,16 @@ def to_coco_results(
 def coco_metrics(coco_gt, results: list[dict]) -> dict[str, float | None]:
     """COCOeval's 12 bbox numbers for ``results`` against the ground truth ``coco_gt`` (a
     pycocotools COCO). Numbers pycocotools cannot compute (no objects of a size) are None."""
+    from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    if not results:
-        return {name: 0.0 for name in COCO_METRICS}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-        coco_dt = coco_gt.loadRes(results)
+        if results:
+            coco_dt = coco_gt.loadRes(results)
+        else:  # loadRes refuses an empty list; no detections score 0 where there are objects
+            coco_dt = COCO()
+            coco_dt.dataset = {**coco_gt.dataset, "annotations": []}
+            coco_dt.createIndex()
         evaluator = COCOeval(coco_gt, coco_dt, "bbox")
         evaluator.evaluate()
         evaluator.accumulate()
