@@ -100,14 +100,19 @@ def add_train_commands(commands) -> None:
     evaluate.set_defaults(run=run_eval)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """--config (if any), then every option given on the command line on top."""
-    config = TrainConfig.from_file(args.config) if args.config else TrainConfig()
-    given = {
+def _options_given(args: argparse.Namespace) -> dict[str, object]:
+    """The TrainConfig fields (model_options aside) given on the command line, with values."""
+    return {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(TrainConfig)
         if f.name != "model_options" and getattr(args, f.name) is not None
     }
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """--config (if any), then every option given on the command line on top."""
+    config = TrainConfig.from_file(args.config) if args.config else TrainConfig()
+    given = _options_given(args)
     options = dict(config.model_options)
     options.update(dict(args.model_option))
     if args.num_classes is not None:
@@ -120,11 +125,7 @@ def given_fields(args: argparse.Namespace) -> set[str] | None:
     run's); None with --config, whose file may set any."""
     if args.config:
         return None
-    names = {
-        f.name
-        for f in dataclasses.fields(TrainConfig)
-        if f.name != "model_options" and getattr(args, f.name) is not None
-    }
+    names = set(_options_given(args))
     if args.model_option or args.num_classes is not None:
         names.add("model_options")
     return names

@@ -26,6 +26,13 @@ RECIPES: dict[str, dict[str, Any]] = {
 DEFAULT_MODEL = "deformable_detr_digits"
 
 
+def check_counts(**counts: int | None) -> None:
+    """Raises ValueError naming the first of ``counts`` below 1 (None: not set)."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on. ``model_options`` override the model preset."""
@@ -86,13 +93,9 @@ class TrainConfig:
     def validate(self) -> None:
         """Raises ValueError naming the first field out of its range (unresolved None fields
         are left to :meth:`resolved`)."""
-        at_least_one = ("grad_accum", "eval_every", "checkpoint_every", "log_every")
-        at_least_one += ("epochs", "batch_size", "digits_train", "digits_val")
-        at_least_one += ("max_steps_per_epoch", "lr_drop")
-        for name in at_least_one:
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+        counts = ("grad_accum", "eval_every", "checkpoint_every", "log_every", "epochs")
+        counts += ("batch_size", "digits_train", "digits_val", "max_steps_per_epoch", "lr_drop")
+        check_counts(**{name: getattr(self, name) for name in counts})
         if not self.image_scale > 0:
             raise ValueError(f"image_scale must be positive, got {self.image_scale}")
         if self.workers < 0:

@@ -9,6 +9,7 @@ import torch
 
 import detrkit
 from detrkit.data import AugmentationConfig, CocoDetection, DigitsDetection, make_val_transforms
+from detrkit.engine.config import check_counts
 from detrkit.engine.datasets import coco_ground_truth, make_loader
 from detrkit.engine.evaluate import AUTOCAST_DTYPES, coco_metrics, predict_dataset
 from detrkit.models import PostProcess, optimize_for_inference
@@ -85,9 +86,7 @@ def evaluate_checkpoint(
     ``precision``, runs the model prepared by :func:`~detrkit.models.optimize_for_inference`."""
     if precision is not None and amp != "none":
         raise ValueError(f"choose one of amp ({amp!r}) and precision ({precision!r}), not both")
-    for name, value in (("batch_size", batch_size), ("digits_val", digits_val)):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+    check_counts(batch_size=batch_size, digits_val=digits_val)
     if not image_scale > 0:
         raise ValueError(f"image_scale must be positive, got {image_scale}")
     if out is not None and out.exists() and not out.is_dir():

@@ -114,9 +114,16 @@ class SetCriterion(nn.Module):
     def check_labels(self, targets: list[dict]) -> None:
         """Raises ValueError naming the first target whose labels fall outside 0..C-1: the
         softmax loss would take label C for "no object", and the focal loss would fail to index."""
-        for index, target in enumerate(targets):
-            labels = target["labels"]
-            if len(labels) and bool(((labels < 0) | (labels >= self.num_classes)).any()):
+        per_image = [target["labels"] for target in targets]
+
+        def outside(labels: Tensor) -> bool:
+            return bool(((labels < 0) | (labels >= self.num_classes)).any())
+
+        # One check for the batch (on a GPU, one wait for it), then the culprit by name.
+        if not per_image or not outside(torch.cat(per_image)):
+            return
+        for index, labels in enumerate(per_image):
+            if outside(labels):
                 raise ValueError(
                     f"targets[{index}]['labels'] must lie in 0..{self.num_classes - 1} "
                     f"(num_classes={self.num_classes}), got {labels.tolist()}"
