@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,7 @@ def load(
     """
     state_dict, config = read_checkpoint(path, map_location)
     if "num_classes" in overrides and overrides["num_classes"] != config.num_classes:
-        config = dataclasses.replace(config, class_names=None)
+        config = dataclasses.replace(config, class_names=None, category_ids=None)
     try:
         config = dataclasses.replace(config, **overrides)
     except (TypeError, ValueError) as error:
@@ -154,3 +155,29 @@ def load(
     model = model_from_config(config)
     load_weights(model, state_dict, path, reset_class_head=reset_class_head)
     return model.to(map_location).eval()
+
+
+# Fields every training run's config has; a config.json without them is another program's
+# (e.g. a Hugging Face config.json).
+_TRAINING_CONFIG_FIELDS = {"image_scale", "model", "data"}
+
+
+def training_run_config(path: str | os.PathLike) -> tuple[dict[str, Any], Path] | None:
+    """The training config of the ``detrkit train`` run that wrote the checkpoint at ``path``
+    and where it was read: the checkpoint's own ``train_config`` entry, else the run's
+    ``config.json`` beside it (for a directory saved into a run directory). None for weights
+    that no training run of detrkit wrote."""
+    path = Path(path)
+    if path.is_file() and path.suffix != ".safetensors":
+        checkpoint = read_torch_file(path)
+        stored = checkpoint.get("train_config") if isinstance(checkpoint, dict) else None
+        if isinstance(stored, dict):
+            return stored, path
+    config_file = (path if path.is_dir() else path.parent) / "config.json"
+    try:
+        values = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(values, dict) or not set(values) >= _TRAINING_CONFIG_FIELDS:
+        return None
+    return values, config_file

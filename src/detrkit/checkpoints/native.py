@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from detrkit.checkpoints.errors import CheckpointError
+from detrkit.files import write_atomically
 from detrkit.models.config import DeformableDETRConfig, DETRConfig, ModelConfig
 
 CONFIG_FILE = "detrkit.json"
@@ -34,31 +33,6 @@ def shared_names(model: nn.Module) -> list[list[str]]:
 
 def is_native_directory(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG_FILE).is_file()
-
-
-@functools.cache
-def _process_umask() -> int:
-    # Reading the umask means setting it: done once, not while other threads may create files.
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
-
-
-def write_atomically(target: Path, write: Any) -> None:
-    """Writes through a temporary file in the same directory, fsyncs, then renames over
-    ``target``: a reader sees the old file or the new one, never half of one."""
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); the result gets a new file's usual mode.
-        os.chmod(tmp, 0o666 & ~_process_umask())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:

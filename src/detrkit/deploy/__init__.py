@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from detrkit.checkpoints.native import write_atomically
 from detrkit.deploy.errors import ExportError
 from detrkit.deploy.graph import ExportedDetector
 from detrkit.deploy.metadata import export_metadata
@@ -34,6 +33,7 @@ from detrkit.deploy.to_onnx import (
 )
 from detrkit.deploy.to_program import export_program, save_program
 from detrkit.deploy.verify import verification_inputs, verification_size, verify_file
+from detrkit.files import write_atomically
 from detrkit.models import ModelConfig
 from detrkit.models.deformable_attention import MSDeformAttn
 from detrkit.ops import auto_implementation

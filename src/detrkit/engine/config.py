@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from detrkit.files import write_json
 from detrkit.models import ModelConfig
 
 # The original recipes (DETR: Carion et al.; Deformable DETR: Zhu et al.). None in TrainConfig
@@ -125,7 +126,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(path, self.to_dict(), indent=2)
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 import detrkit
+from detrkit.checkpoints.load import training_run_config
 from detrkit.data import AugmentationConfig, CocoDetection, DigitsDetection, make_val_transforms
 from detrkit.engine.config import check_counts
 from detrkit.engine.datasets import coco_ground_truth, make_loader
@@ -51,19 +52,12 @@ EVAL_DEFAULTS = {
 
 def training_data_settings(weights: str | Path) -> dict:
     """The data settings (those of :data:`EVAL_DEFAULTS`) of the training run that wrote
-    ``weights``, when it is a checkpoint of ``detrkit train``; else an empty dict.
+    ``weights``, when a run of ``detrkit train`` did; else an empty dict.
 
     Deformable DETR's outputs depend on the padding of a batch and on the image scale, so
     evaluating as the run did reproduces the numbers it logged."""
-    path = Path(weights)
-    if not path.is_file() or path.suffix == ".safetensors":
-        return {}
-    from detrkit.checkpoints.official import read_torch_file
-
-    checkpoint = read_torch_file(path)
-    run = checkpoint.get("train_config") if isinstance(checkpoint, dict) else None
-    if not isinstance(run, dict):
-        return {}
+    found = training_run_config(weights)
+    run = found[0] if found is not None else {}
     return {name: run[name] for name in EVAL_DEFAULTS if name in run}
 
 

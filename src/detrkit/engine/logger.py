@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from detrkit.files import append_line, write_atomically, write_text
+
 
 class MetricsLog:
     """Appends JSON lines to ``run_dir/metrics.jsonl``; a no-op on non-main processes."""
@@ -16,13 +18,34 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.path, json.dumps(record))
 
     def read(self) -> list[dict[str, Any]]:
+        """The records, without a last line torn by a process killed while writing it."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # torn: the record was never completed
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+    def keep_until(self, step: int, epoch: int) -> None:
+        """Rewrites the log with the records of the run up to a checkpoint (``step`` steps,
+        ``epoch`` epochs done) only: a resumed run logs what came after it again."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [
+            record
+            for record in self.read()
+            if (record.get("step", 0) <= step and record.get("epoch", 0) <= epoch)
+            or record.get("type") == "pretrain"  # done once, before any checkpoint
+        ]
+        write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def plot_metrics(records: list[dict[str, Any]], path: Path) -> Path:
@@ -50,6 +73,6 @@ def plot_metrics(records: list[dict[str, Any]], path: Path) -> Path:
     ap_axis.set(title="Validation COCO AP", xlabel="epoch", ylim=(0, 1))
     ap_axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     plt.close(figure)
     return path

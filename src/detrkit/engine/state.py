@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from detrkit.checkpoints.native import write_atomically
 from detrkit.checkpoints.official import read_torch_file
+from detrkit.files import write_atomically
 
 CHECKPOINT_NAME = "checkpoint.pth"
 

@@ -7,7 +7,7 @@ epochs, at the end and on SIGINT/SIGTERM, and resumes exactly where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 import signal
 import time
 from collections.abc import Collection
@@ -19,7 +19,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from detrkit.checkpoints.load import load_weights, read_checkpoint
+from detrkit.checkpoints.finite import NonFiniteError, require_finite_weights
+from detrkit.checkpoints.load import (
+    check_device,
+    load_weights,
+    read_checkpoint,
+    training_run_config,
+)
 from detrkit.data import ImageReadError
 from detrkit.data.digits import digit_crops
 from detrkit.engine.config import DEFAULT_MODEL, TrainConfig
@@ -42,6 +48,7 @@ from detrkit.engine.state import (
     set_rng_state,
 )
 from detrkit.engine.visualize import draw_predictions
+from detrkit.files import remove_temporaries, write_json
 from detrkit.loss import build_criterion
 from detrkit.models import PostProcess, build_config, model_from_config
 from detrkit.models.presets import override_config
@@ -124,12 +131,93 @@ def resumed_config(
     return dataclasses.replace(stored, **changes)
 
 
+# What a run directory holds; a new run refuses a directory with any of them unless told to
+# replace them.
+RUN_FILES = (
+    CHECKPOINT_NAME,
+    "config.json",
+    "metrics.jsonl",
+    "eval_results.json",
+    "metrics.png",
+    "predictions.png",
+)
+
+
+def prepare_output(run_dir: Path, replace: bool) -> None:
+    """Checks that a new run may write into ``run_dir``: refuses (ValueError naming it) a
+    directory that holds an earlier run, unless ``replace``, which removes that run's files."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--output {run_dir}: exists and is not a directory")
+    found = [name for name in RUN_FILES if os.path.lexists(run_dir / name)]
+    if found and not replace:
+        raise ValueError(
+            f"--output {run_dir}: holds an earlier run ({', '.join(found)}); continue it with "
+            f"--resume {run_dir}, choose a new --output, or give --overwrite to replace it"
+        )
+    for name in found:
+        (run_dir / name).unlink()  # a link is removed, not followed
+
+
+# A fine-tuning run takes these from the run that trained its source checkpoint, unless given:
+# a model trained on small images without flips finds little when fine-tuned on large flipped ones.
+FINETUNE_SETTINGS = ("image_scale", "augment", "batch_size")
+
+
+def set_fields(config: TrainConfig, given: Collection[str] | None) -> set[str]:
+    """The fields the user set: ``given`` when known, else those differing from the default."""
+    if given is not None:
+        return set(given)
+    default = TrainConfig()
+    return {
+        f.name
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(config, f.name) != getattr(default, f.name)
+    }
+
+
+def finetune_config(
+    config: TrainConfig, given: Collection[str] | None
+) -> tuple[TrainConfig, list[str]]:
+    """``config`` with the :data:`FINETUNE_SETTINGS` the user did not set taken from the
+    training run of its ``finetune`` checkpoint, and lines saying what was taken and what the
+    given options change from that run."""
+    found = training_run_config(config.finetune) if config.finetune else None
+    if found is None:
+        return config, []
+    source, where = found
+    names = set_fields(config, given)
+    taken = {
+        name: source[name]
+        for name in FINETUNE_SETTINGS
+        if name in source and name not in names and source[name] != getattr(config, name)
+    }
+    differ = [
+        f"{name}={getattr(config, name)!r} (the source run's: {source[name]!r})"
+        for name in FINETUNE_SETTINGS
+        if name in source and name in names and source[name] != getattr(config, name)
+    ]
+    lines = []
+    if taken:
+        listed = ", ".join(f"{name}={value!r}" for name, value in taken.items())
+        lines.append(f"fine-tuning with the data settings of the source run ({where}): {listed}")
+    if differ:
+        lines.append("given options that differ from the source run: " + "; ".join(differ))
+    return dataclasses.replace(config, **taken), lines
+
+
 def build_training_model(config: TrainConfig, train_set, log) -> nn.Module:
     """The preset with the dataset's classes, or the fine-tuning checkpoint (new class head when
     the class count differs)."""
     num_classes = train_set.num_classes
     class_names = list(train_set.class_names)
-    options = {"num_classes": num_classes, "class_names": class_names, **config.model_options}
+    # The dataset's own category ids, so that predictions can be written and scored in them.
+    category_ids = [int(i) for i in train_set.category_ids]
+    options = {
+        "num_classes": num_classes,
+        "class_names": class_names,
+        "category_ids": None if category_ids == list(range(num_classes)) else category_ids,
+        **config.model_options,
+    }
     if config.finetune:
         state_dict, base = read_checkpoint(config.finetune)
         if config.model is not None and build_config(config.model).model_type != base.model_type:
@@ -161,20 +249,27 @@ def build_training_model(config: TrainConfig, train_set, log) -> nn.Module:
 
 
 def train(
-    config: TrainConfig, resume: str | None = None, given: Collection[str] | None = None
+    config: TrainConfig,
+    resume: str | None = None,
+    given: Collection[str] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Trains as ``config`` says; returns the run directory (checkpoint, metrics, plot, config).
 
     ``resume``: a run directory to continue (or "auto": ``config.output``'s, if it has a
     checkpoint). Its stored config then holds, with the changes :func:`resumed_config` allows
     among the fields named in ``given`` (the options a command line set; None: every field of
-    ``config`` that differs from its default)."""
+    ``config`` that differs from its default). A new run refuses an output directory that holds
+    an earlier run unless ``overwrite`` (or ``resume="auto"``, which restarts a run killed
+    before its first checkpoint)."""
     run_dir = Path(config.output) if config.output else new_run_dir()
     if resume and resume != "auto":
         run_dir = Path(resume)
     checkpoint_path = run_dir / CHECKPOINT_NAME
     config.validate()
+    check_device(config.device)
     state: dict[str, Any] | None = None
+    finetune_notes: list[str] = []
     if resume and checkpoint_path.exists():
         state = load_training_state(checkpoint_path)
         stored = TrainConfig(**state["train_config"])
@@ -183,7 +278,15 @@ def train(
             config.model = None
     elif resume and resume != "auto":
         raise FileNotFoundError(f"--resume {resume}: no {CHECKPOINT_NAME} there")
+    else:
+        prepare_output(run_dir, replace=overwrite or resume == "auto")
+        config, finetune_notes = finetune_config(config, given)
     if config.model is None and not config.finetune:
+        if config.data != "digits":
+            raise ValueError(
+                f"--model is needed for --data {config.data!r} (`detrkit models` lists the "
+                f"presets; {DEFAULT_MODEL} is the default only for the built-in digits)"
+            )
         config.model = DEFAULT_MODEL
     config.output = str(run_dir)
 
@@ -199,6 +302,8 @@ def train(
 
     if state is not None:
         log(f"resuming {run_dir} at epoch {state['epoch']}, batch {state['batch_in_epoch']}")
+    for note in finetune_notes:
+        log(note)
 
     torch.manual_seed(config.seed)
     if config.deterministic:
@@ -209,10 +314,17 @@ def train(
     config.validate()
     if process.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        # Left by a process killed while writing; nothing else writes here now.
+        for path in remove_temporaries(run_dir):
+            log(f"removed {path.name}, left by an interrupted write")
         config.save(run_dir / "config.json")
     barrier()
 
     metrics = MetricsLog(run_dir, enabled=process.is_main)
+    if state is not None:
+        # Records logged after the checkpoint was written would come again, and a line torn by
+        # the kill would glue onto the next one.
+        metrics.keep_until(state["step"], state["epoch"])
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -249,7 +361,9 @@ def train(
         trained = DistributedDataParallel(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True,
+            # Every trainable parameter takes part in the loss (test_engine checks each preset);
+            # searching for unused ones costs a graph walk per step and floods the logs.
+            find_unused_parameters=False,
         )
     if config.compile:
         # Evaluation and checkpoints keep using `model`, so state-dict keys stay unprefixed.
@@ -280,6 +394,17 @@ def train(
     def save(epoch: int, batch_in_epoch: int) -> None:
         if not process.is_main:
             return
+        # The weights can turn NaN at a step whose loss was still finite: such a checkpoint
+        # must not replace the last good one.
+        kept = [("weights", model)] + ([("averaged weights", ema)] if ema is not None else [])
+        for name, module in kept:
+            try:
+                require_finite_weights(module, f"step {step} (epoch {epoch + 1})")
+            except NonFiniteError as error:
+                raise TrainingError(
+                    f"{error}; training stopped, the last good checkpoint {checkpoint_path} is "
+                    f"kept ({name} not written)"
+                ) from None
         save_training_state(
             checkpoint_path,
             {
@@ -359,7 +484,7 @@ def train(
         )
         outputs = ", ".join(
             str(run_dir / name)
-            for name in ("checkpoint.pth", "metrics.jsonl", "metrics.png", "predictions.png")
+            for name in (CHECKPOINT_NAME, "metrics.jsonl", "metrics.png", "predictions.png")
         )
         log(f"done: {outputs}")
     barrier()
@@ -502,7 +627,7 @@ def evaluate_epoch(
         return {}
     numbers = coco_metrics(coco_gt, results)
     metrics.write({"type": "eval", "epoch": epoch + 1, **numbers})
-    (run_dir / "eval_results.json").write_text(json.dumps(results))
+    write_json(run_dir / "eval_results.json", results)
     log(
         f"epoch {epoch + 1}: AP {numbers['AP'] or 0:.3f}  AP50 {numbers['AP50'] or 0:.3f}  "
         f"AP75 {numbers['AP75'] or 0:.3f}"

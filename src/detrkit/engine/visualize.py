@@ -12,6 +12,7 @@ from torchvision.utils import draw_bounding_boxes, make_grid
 
 from detrkit.data import collate_fn
 from detrkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from detrkit.files import write_atomically
 from detrkit.models import PostProcess
 
 
@@ -59,7 +60,8 @@ def draw_predictions(
         torch.nn.functional.pad(t, (0, side - t.shape[2], 0, side - t.shape[1])) for t in tiles
     ]
     grid = make_grid(padded, nrow=4, padding=4, pad_value=255)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    write_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
     return path
 
 

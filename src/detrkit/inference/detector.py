@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from torch import Tensor, nn
 from torchvision import tv_tensors
 
 from detrkit.checkpoints import load
-from detrkit.checkpoints.load import check_device
+from detrkit.checkpoints.load import check_device, training_run_config
 from detrkit.data import AugmentationConfig, make_val_transforms, pad_images, read_image
 from detrkit.inference.coco_names import class_names_for
 from detrkit.models import PostProcess
@@ -52,18 +51,12 @@ class Detections:
 
 
 def training_image_scale(weights: str | os.PathLike) -> tuple[float, Path] | None:
-    """The ``image_scale`` of the ``detrkit train`` run a checkpoint sits in (read from the run's
-    config.json) and that file, when it is not 1; else None."""
-    path = Path(weights)
-    config = (path if path.is_dir() else path.parent) / "config.json"
-    try:
-        values = json.loads(config.read_text())
-    except (OSError, ValueError):
+    """The ``image_scale`` of the ``detrkit train`` run that wrote ``weights`` and the file it
+    was read from, when it is not 1; else None."""
+    found = training_run_config(weights)
+    if found is None or found[0].get("image_scale", 1) == 1:
         return None
-    if not isinstance(values, dict) or not {"image_scale", "model", "data"} <= set(values):
-        return None  # not a training run's config (e.g. a Hugging Face config.json)
-    scale = values["image_scale"]
-    return (float(scale), config) if scale != 1 else None
+    return float(found[0]["image_scale"]), found[1]
 
 
 def to_uint8_image(image: ImageInput) -> Tensor:

@@ -23,8 +23,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
-from detrkit.checkpoints.native import write_atomically
 from detrkit.engine.visualize import draw_detections
+from detrkit.files import write_atomically
 from detrkit.inference.capture import Internals, SamplingRecord, capture_internals
 from detrkit.inference.detector import Detections, Detector, ImageInput, to_uint8_image
 

@@ -13,10 +13,10 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from detrkit.checkpoints.native import write_atomically
 from detrkit.data import ImageReadError, read_image
 from detrkit.engine.evaluate import to_coco_results
 from detrkit.engine.visualize import draw_detections
+from detrkit.files import write_atomically
 from detrkit.inference.detector import Detections, Detector
 from detrkit.models.deformable_transformer import ImageTooSmallError
 

@@ -9,6 +9,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 @dataclass
 class ModelConfig:
     """What every detector's architecture shares; subclasses add their own fields."""
@@ -29,6 +33,9 @@ class ModelConfig:
     num_classes: int = 91  # the largest class id + 1
     aux_loss: bool = True
     class_names: list[str] | None = None  # index -> name, when known
+    # index -> the dataset's category id, when the dataset numbers its categories otherwise
+    # (COCO files may use any ids: {1, 5, 9}); None: the index is the id.
+    category_ids: list[int] | None = None
 
     model_type: ClassVar[str] = ""
 
@@ -53,11 +60,12 @@ class ModelConfig:
         for name in ("enc_layers", "dec_layers", "num_queries", "num_classes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.class_names is not None and len(self.class_names) != self.num_classes:
-            raise ValueError(
-                f"class_names has {len(self.class_names)} entries but num_classes is "
-                f"{self.num_classes}"
-            )
+        for name in ("class_names", "category_ids"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.num_classes:
+                raise ValueError(
+                    f"{name} has {len(value)} entries but num_classes is {self.num_classes}"
+                )
 
     def _check_types(self) -> None:
         """Raises ValueError naming the first field whose value is not of its kind: a string
@@ -73,13 +81,15 @@ class ModelConfig:
                 ok = ok and not isinstance(value, bool)
             elif isinstance(default, str):
                 kind, ok = "a string", isinstance(value, str)
-            else:  # class_names
-                kind = "a list of names or null"
+            else:  # class_names, category_ids: lists or None
+                ids = f.name == "category_ids"
+                kind = "a list of integers or null" if ids else "a list of names or null"
+                item_ok = _is_integer if ids else (lambda item: isinstance(item, str))
                 ok = value is None or (
-                    isinstance(value, (list, tuple)) and all(isinstance(n, str) for n in value)
+                    isinstance(value, (list, tuple)) and all(item_ok(item) for item in value)
                 )
                 if ok and value is not None:
-                    self.class_names = list(value)
+                    setattr(self, f.name, [int(v) for v in value] if ids else list(value))
             if not ok:
                 raise ValueError(f"{f.name} must be {kind}, got {value!r}")
 
