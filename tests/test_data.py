@@ -108,9 +108,16 @@ def coco_dir(tmp_path: Path) -> tuple[Path, Path, dict[str, np.ndarray]]:
 # --- loading -----------------------------------------------------------------------------------
 
 
+def load(images_dir: Path, path: Path, **kwargs) -> CocoDetection:
+    """The coco_dir dataset, which says once what it leaves out."""
+    left_out = r"1 crowd annotations, 1 boxes of zero size, 1 boxes wholly outside"
+    with pytest.warns(UserWarning, match=left_out):
+        return CocoDetection(images_dir, path, **kwargs)
+
+
 def test_targets_match_hand_computed_values(coco_dir):
     images_dir, path, _ = coco_dir
-    dataset = CocoDetection(images_dir, path)
+    dataset = load(images_dir, path)
     assert len(dataset) == 7
     assert dataset.category_ids == [1, 3, 7]
     assert dataset.class_names == ["person", "cat", "dog"]
@@ -133,7 +140,7 @@ def test_targets_match_hand_computed_values(coco_dir):
 
 def test_coco_label_mapping_uses_category_ids(coco_dir):
     images_dir, path, _ = coco_dir
-    dataset = CocoDetection(images_dir, path, label_mapping="coco")
+    dataset = load(images_dir, path, label_mapping="coco")
     assert dataset.num_classes == 8
     assert dataset.class_names[1] == "person" and dataset.class_names[7] == "dog"
     assert dataset.class_names[2] == "N/A"
@@ -158,7 +165,7 @@ def test_every_colour_mode_decodes_to_rgb(coco_dir, name):
 
 def test_every_colour_mode_loads_through_the_dataset(coco_dir):
     images_dir, path, _ = coco_dir
-    dataset = CocoDetection(images_dir, path)
+    dataset = load(images_dir, path)
     for index in range(1, len(dataset)):
         image, target = dataset[index]
         assert image.shape == (3, HEIGHT, WIDTH) and image.dtype == torch.uint8
@@ -180,13 +187,15 @@ def test_malformed_annotation_files_name_the_file_and_the_problem(tmp_path):
     bad_box.write_text(
         json.dumps(
             {
-                "images": [{"id": 1, "file_name": "a.jpg"}],
-                "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3]}],
+                "images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}],
+                "annotations": [annotation(1, 1, 1, [1, 2, 3, 4]) | {"bbox": [1, 2, 3]}],
                 "categories": [{"id": 1, "name": "a"}],
             }
         )
     )
-    with pytest.raises(ValueError, match=r"bad_box\.json: annotations\[0\] has bbox"):
+    with pytest.raises(
+        ValueError, match=r"bad_box\.json: annotations\[0\] has bbox \[1, 2, 3\]; expected \["
+    ):
         CocoDetection(tmp_path, bad_box)
 
 
@@ -196,7 +205,7 @@ def test_unreadable_images_are_skipped_or_raise(coco_dir):
     (images_dir / "rgb.jpg").write_bytes(data[: len(data) // 2])  # truncated
     (images_dir / "plain.bmp").unlink()  # missing (the last item)
 
-    dataset = CocoDetection(images_dir, path)
+    dataset = load(images_dir, path)
     with pytest.warns(UserWarning, match=r"rgb\.jpg"):
         _, target = dataset[0]
     assert int(target["image_id"]) == 11  # the next item
@@ -210,16 +219,33 @@ def test_unreadable_images_are_skipped_or_raise(coco_dir):
     assert dataset.skipped == 2
 
     # Strict (as evaluation reads): a missing file is found at once, an undecodable one when read.
-    with pytest.raises(
-        ImageReadError, match=r"1 of the 7 images .* are not there, e.g. plain\.bmp"
-    ):
-        CocoDetection(images_dir, path, strict=True)
+    with pytest.raises(ImageReadError, match=r"1 of the 7 images .* not there, e.g. plain\.bmp"):
+        load(images_dir, path, strict=True)
     (images_dir / "plain.bmp").write_bytes(b"")
-    strict = CocoDetection(images_dir, path, strict=True)
+    strict = load(images_dir, path, strict=True)
     with pytest.raises(ImageReadError, match=r"rgb\.jpg"):
         strict[0]
     with pytest.raises(ImageReadError, match=r"plain\.bmp"):
         strict[6]
+
+
+def test_adjacent_unreadable_images_are_counted_once_each(coco_dir):
+    """The training log sums the targets' ``skipped`` over an epoch: with two unreadable files
+    side by side, that sum must be 2, not 3 (index 0 stepping over both, index 1 over one)."""
+    images_dir, path, _ = coco_dir
+    (images_dir / "rgb.jpg").write_bytes(b"not an image")  # image id 10, index 0
+    (images_dir / "grey.png").unlink()  # image id 11, index 1
+    dataset = load(images_dir, path)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=collate_fn)
+    for epoch in range(2):  # known unreadable files count again in every epoch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            targets = [target for _, _, batch in loader for target in batch]
+        assert sum(int(target["skipped"]) for target in targets) == 2
+        assert [int(t["image_id"]) for t in targets] == [12, 12, 12, 13, 14, 15, 16]
+        warned = [str(w.message) for w in caught if "unreadable" in str(w.message)]
+        assert len(warned) == (2 if epoch == 0 else 0)
+    assert dataset.skipped == 2
 
 
 # --- augmentations -----------------------------------------------------------------------------
@@ -250,8 +276,8 @@ def pixel_boxes(target: dict) -> torch.Tensor:
 
 def test_flip_moves_boxes_as_computed_by_hand(coco_dir):
     images_dir, path, _ = coco_dir
-    dataset = CocoDetection(images_dir, path, transforms=v2.RandomHorizontalFlip(p=1.0))
-    plain = CocoDetection(images_dir, path)
+    dataset = load(images_dir, path, transforms=v2.RandomHorizontalFlip(p=1.0))
+    plain = load(images_dir, path)
     image, target = dataset[0]
     # x -> 80 - x: [10, 5, 30, 35] -> [50, 5, 70, 35] and so on.
     expected = torch.tensor(
@@ -394,7 +420,7 @@ def test_collate_pads_and_masks():
 
 def test_dataloader_batches_the_dataset(coco_dir):
     images_dir, path, _ = coco_dir
-    dataset = CocoDetection(
+    dataset = load(
         images_dir, path, transforms=make_train_transforms(AugmentationConfig().scaled(0.1))
     )
     loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=collate_fn)

@@ -2,7 +2,13 @@
 
 from detrkit.data.batching import collate_fn, pad_images
 from detrkit.data.check import Problem, Report, check_dataset
-from detrkit.data.coco import CocoDetection, ImageReadError, read_coco_json, read_image
+from detrkit.data.coco import (
+    CocoDetection,
+    ImageReadError,
+    read_coco_json,
+    read_image,
+    require_trainable,
+)
 from detrkit.data.digits import DigitsDetection, make_scene, write_digits_coco
 from detrkit.data.transforms import (
     AugmentationConfig,
@@ -13,10 +19,12 @@ from detrkit.data.transforms import (
     resized_shape,
     to_training_sample,
 )
+from detrkit.data.validate import CocoFormatError
 
 __all__ = [
     "AugmentationConfig",
     "CocoDetection",
+    "CocoFormatError",
     "DigitsDetection",
     "ImageReadError",
     "Problem",
@@ -31,6 +39,7 @@ __all__ = [
     "pad_images",
     "read_coco_json",
     "read_image",
+    "require_trainable",
     "resized_shape",
     "to_training_sample",
     "write_digits_coco",

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
 from PIL import Image
 
-from detrkit.data.coco import is_xywh, read_coco_json, read_image
-
-Severity = Literal["error", "warning"]
+from detrkit.data.coco import read_coco_json, read_image
+from detrkit.data.validate import CocoIndex, Finding, Severity, image_file_findings, validate_coco
 
 MAX_EXAMPLES = 3
 
@@ -44,6 +42,10 @@ class Report:
         problem.count += 1
         if example and len(problem.examples) < MAX_EXAMPLES:
             problem.examples.append(example)
+
+    def record(self, finding: Finding) -> None:
+        """Counts one finding of :mod:`detrkit.data.validate` under its kind."""
+        self.add(finding.kind, finding.severity, finding.description, finding.detail)
 
     @property
     def errors(self) -> list[Problem]:
@@ -88,6 +90,11 @@ def check_dataset(
 ) -> Report:
     """Checks a COCO instances file and its images; never raises for problems in the data.
 
+    The file goes through the rules :class:`~detrkit.data.CocoDetection` applies
+    (:func:`~detrkit.data.validate.validate_coco`): every error reported here is one the loader
+    refuses the file for, every warning something it leaves out or clips. The report is also an
+    error where no object could be trained on, and where listed image files are missing, not
+    files or cannot be decoded (evaluation refuses those; training skips them).
     ``decode_images=False`` only reads the image headers: much faster, but truncated files go
     unnoticed.
     """
@@ -95,71 +102,36 @@ def check_dataset(
     try:
         data = read_coco_json(annotations_json)
     except (OSError, ValueError) as error:
-        report.add("invalid_annotations_file", "error", "annotations file unusable", str(error))
+        report.record(Finding("invalid_annotations_file", str(error)))
         return report
     report.num_images = len(data["images"])
     report.num_annotations = len(data["annotations"])
     report.num_categories = len(data["categories"])
 
-    categories = _index(report, data["categories"], "categories", "category", ("id",))
-    images = _index(report, data["images"], "images", "image", ("id", "file_name"))
-    if not images:
-        report.add("no_images", "error", "the file lists no (valid) image")
-    if not categories:
-        report.add("no_categories", "error", "the file lists no (valid) category")
-    sizes = _check_images(report, images, decode_images)
-    if images and not sizes:
-        report.add("no_readable_images", "error", "none of the images can be read", "")
-    _check_annotations(report, data["annotations"], images, categories, sizes)
+    index = validate_coco(data)
+    for finding in index.findings:
+        report.record(finding)
+    reason = index.untrainable_reason()
+    if reason is not None and index.images:
+        report.record(Finding("not_trainable", reason))
+    _check_image_files(report, index, decode_images)
     return report
 
 
-def _is_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _index(
-    report: Report, entries: list[Any], section: str, singular: str, fields: tuple[str, ...]
-) -> dict[int, dict[str, Any]]:
-    """Entries by id; malformed entries and repeated ids are reported (the first one wins)."""
-    by_id: dict[int, dict[str, Any]] = {}
-    for i, entry in enumerate(entries):
-        if (
-            not isinstance(entry, dict)
-            or any(name not in entry for name in fields)
-            or not _is_id(entry["id"])
-        ):
-            required = " and ".join(("an integer id", *fields[1:]))
-            report.add(
-                f"malformed_{singular}",
-                "warning",
-                f"{section} entries lacking {required} (ignored)",
-                f"{section}[{i}]",
-            )
+def _check_image_files(report: Report, index: CocoIndex, decode: bool) -> None:
+    if not report.images_dir.is_dir():
+        report.record(Finding("no_images_dir", str(report.images_dir)))
+        return
+    for image_id, entry in index.images.items():
+        if entry.file_name is None:  # malformed or unsafe: reported already
             continue
-        if entry["id"] in by_id:
-            report.add(
-                f"duplicate_{singular}_id",
-                "warning",
-                f"{section} entries repeating an earlier id (the first is used)",
-                f"{section}[{i}] id {entry['id']}",
-            )
+        where = f"{entry.file_name} (image id {image_id})"
+        findings = image_file_findings(report.images_dir, entry.file_name)
+        for finding in findings:
+            report.record(Finding(finding.kind, f"{finding.detail} (image id {image_id})"))
+        if any(finding.severity == "error" for finding in findings):
             continue
-        by_id[entry["id"]] = entry
-    return by_id
-
-
-def _check_images(
-    report: Report, images: dict[int, dict[str, Any]], decode: bool
-) -> dict[int, tuple[int, int]]:
-    """The ``(height, width)`` of every readable image, by id."""
-    sizes = {}
-    for image_id, entry in images.items():
-        path = report.images_dir / str(entry["file_name"])
-        where = f"{entry['file_name']} (image id {image_id})"
-        if not path.is_file():
-            report.add("missing_image_file", "warning", "image files that do not exist", where)
-            continue
+        path = report.images_dir / entry.file_name
         try:
             if decode:
                 height, width = read_image(path).shape[-2:]
@@ -167,115 +139,14 @@ def _check_images(
                 with Image.open(path) as pil:
                     width, height = pil.size
         except Exception as error:  # Pillow signals broken files with many exception types
-            report.add(
-                "unreadable_image",
-                "warning",
-                "image files that cannot be decoded (truncated or not images)",
-                f"{where}: {error}",
-            )
+            report.record(Finding("unreadable_image", f"{where}: {error}"))
             continue
-        listed = (entry.get("height"), entry.get("width"))
+        listed = (entry.height, entry.width)
         if None not in listed and listed != (height, width):
-            report.add(
-                "image_size_mismatch",
-                "warning",
-                "images whose size differs from the JSON's height/width (boxes may be off)",
-                f"{where}: JSON {listed[1]}x{listed[0]}, file {width}x{height} (width x height)",
+            report.record(
+                Finding(
+                    "image_size_mismatch",
+                    f"{where}: JSON {listed[1]}x{listed[0]}, file {width}x{height} "
+                    "(width x height)",
+                )
             )
-        sizes[image_id] = (int(height), int(width))
-    return sizes
-
-
-def _check_annotations(
-    report: Report,
-    annotations: list[Any],
-    images: dict[int, dict[str, Any]],
-    categories: dict[int, dict[str, Any]],
-    sizes: dict[int, tuple[int, int]],
-) -> None:
-    annotation_ids: set[int] = set()
-    annotated: set[int] = set()
-    usable = 0
-    for i, annotation in enumerate(annotations):
-        fields = ("image_id", "category_id", "bbox")
-        if (
-            not isinstance(annotation, dict)
-            or any(name not in annotation for name in fields)
-            or not is_xywh(annotation["bbox"])
-            or not all(_is_id(annotation[name]) for name in fields[:2])
-        ):
-            # CocoDetection refuses such a file (it would not guess what the entry meant).
-            report.add(
-                "malformed_annotation",
-                "error",
-                "annotations lacking an integer image_id or category_id, or a bbox of 4 finite "
-                "numbers",
-                f"annotations[{i}]",
-            )
-            continue
-        where = f"annotations[{i}] (image id {annotation['image_id']})"
-        if not _is_id(annotation.get("id")):
-            report.add(
-                "annotation_without_id",
-                "warning",
-                "annotations without an integer id (fine for training; pycocotools, which "
-                "evaluates on this file, needs one)",
-                where,
-            )
-        elif annotation["id"] in annotation_ids:
-            report.add(
-                "duplicate_annotation_id",
-                "warning",
-                "annotations repeating an earlier id",
-                f"annotation id {annotation['id']} (image id {annotation['image_id']})",
-            )
-        else:
-            annotation_ids.add(annotation["id"])
-        bbox = annotation["bbox"]
-        if annotation["image_id"] not in images:
-            report.add(
-                "unknown_image_id", "warning", "annotations of images not in the file", where
-            )
-            continue
-        if annotation["category_id"] not in categories:
-            report.add(
-                "unknown_category_id",
-                "warning",
-                "annotations of categories not in the file (ignored)",
-                f"{where}: category_id {annotation['category_id']}",
-            )
-            continue
-        x, y, w, h = bbox
-        if w <= 0 or h <= 0:
-            report.add(
-                "empty_box",
-                "warning",
-                "boxes of zero or negative width or height (dropped)",
-                f"{where}: bbox {bbox}",
-            )
-            continue
-        size = sizes.get(annotation["image_id"])
-        if size is not None and (x < 0 or y < 0 or x + w > size[1] or y + h > size[0]):
-            inside = x < size[1] and y < size[0] and x + w > 0 and y + h > 0
-            report.add(
-                "box_outside_image",
-                "warning",
-                "boxes reaching outside their image (clipped; dropped if wholly outside)",
-                f"{where}: bbox {bbox} in {size[1]}x{size[0]}"
-                + ("" if inside else ", wholly outside"),
-            )
-            if not inside:
-                continue
-        if not annotation.get("iscrowd", 0):
-            annotated.add(annotation["image_id"])
-            usable += 1
-    for image_id, entry in images.items():
-        if image_id not in annotated:
-            report.add(
-                "image_without_annotations",
-                "warning",
-                "images with no (non-crowd) annotation: trained on as background only",
-                f"{entry['file_name']} (image id {image_id})",
-            )
-    if images and not usable:
-        report.add("no_annotations", "error", "no usable annotation in the whole file")

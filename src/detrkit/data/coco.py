@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,14 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as F
 
 from detrkit.data.transforms import SampleTransform, to_training_sample
+from detrkit.data.validate import (
+    LEFT_OUT,
+    CocoFormatError,
+    CocoIndex,
+    image_file_findings,
+    shown_value,
+    validate_coco,
+)
 
 LabelMapping = Literal["contiguous", "coco"]
 
@@ -78,53 +85,46 @@ def _read_with_pillow(path: Path) -> Tensor:
 
 def read_coco_json(path: str | Path) -> dict[str, Any]:
     """Parses a COCO instances file and checks it has the ``images``, ``annotations`` and
-    ``categories`` lists; raises ValueError naming the file and what is wrong."""
+    ``categories`` lists; raises ValueError naming the file and what is wrong (OSError when it
+    cannot be read). The entries are checked by :func:`~detrkit.data.validate.validate_coco`."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise CocoFormatError(f"{path}: not UTF-8 text ({error})") from error
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
+        raise CocoFormatError(f"{path}: not valid JSON ({error})") from error
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+        raise CocoFormatError(f"{path}: expected a JSON object, got {shown_value(data)}")
     missing = [name for name in SECTIONS if name not in data]
     if missing:
-        raise ValueError(
+        raise CocoFormatError(
             f"{path}: missing {', '.join(repr(name) for name in missing)} "
             f"(a COCO instances file has 'images', 'annotations' and 'categories')"
         )
     for name in SECTIONS:
         if not isinstance(data[name], list):
-            raise ValueError(f"{path}: {name!r} must be a list, got {type(data[name]).__name__}")
+            raise CocoFormatError(f"{path}: {name!r} is {shown_value(data[name])}; expected a list")
     return data
 
 
-def _require(entry: Any, fields: Sequence[str], where: str, path: Path) -> None:
-    if not isinstance(entry, dict):
-        raise ValueError(f"{path}: {where} is not an object")
-    missing = [name for name in fields if name not in entry]
-    if missing:
-        raise ValueError(f"{path}: {where} has no {', '.join(repr(name) for name in missing)}")
-    for name in fields:
-        value = entry[name]
-        if name.endswith("id") and (not isinstance(value, int) or isinstance(value, bool)):
-            raise ValueError(f"{path}: {where} has {name} {value!r}; expected an integer")
-
-
-def is_xywh(bbox: Any) -> bool:
-    """Whether ``bbox`` is a COCO box as this reader takes it: a list of 4 finite numbers."""
-    return (
-        isinstance(bbox, list)
-        and len(bbox) == 4
-        and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            for v in bbox
-        )
-    )
+def require_trainable(dataset: Dataset, source: str | Path | None = None) -> None:
+    """Raises ValueError when a training run could learn nothing from ``dataset``: no images, or
+    (a :class:`CocoDetection`) no usable object, every annotation crowd, empty or outside its
+    image. ``source`` names the data in the message (default: the dataset's JSON file)."""
+    if isinstance(dataset, CocoDetection):
+        source = source or dataset.annotations_json
+        reason = dataset.index.untrainable_reason()
+        if reason is not None:
+            raise CocoFormatError(f"{source}: {reason}; a training set needs at least one")
+    if len(dataset) == 0:
+        raise ValueError(f"{source or 'the training set'}: no images to train on")
 
 
 class _Objects:
-    """One image's non-crowd annotations of known categories (boxes as x, y, w, h)."""
+    """One image's objects as the targets take them (boxes as x, y, w, h)."""
 
     def __init__(self) -> None:
         self.xywh: list[list[float]] = []
@@ -143,20 +143,27 @@ class CocoDetection(Dataset):
     transforms), ``area`` (the annotation's area, in original-image pixels) and ``iscrowd``.
 
     As in the original DETR, crowd objects are left out of the targets, boxes are clipped to the
-    image and boxes left empty by the clipping are dropped.
+    image and boxes left empty by the clipping are dropped (as are boxes of zero size); one
+    warning, when the dataset is built, counts what is left out.
 
     ``label_mapping="contiguous"`` numbers the sorted category ids 0..K-1 (custom datasets);
     ``"coco"`` uses the category ids themselves as labels (the 91-class COCO models).
 
+    The JSON file must follow every rule of :mod:`detrkit.data.validate` (the rules
+    ``detrkit data check`` reports on): a field missing, null or of a wrong type, a repeated id,
+    an annotation of an unknown image or category, a negative box size or a file name leading
+    outside ``images_dir`` raise :class:`~detrkit.data.validate.CocoFormatError` (a ValueError)
+    naming the file, the entry and the field. A set with no usable object can still be
+    evaluated on; :func:`require_trainable` refuses it for training.
+
     An unreadable image is warned about once and skipped: the item at the next index (wrapping
-    around) that can be read is returned in its place, its target's ``skipped`` says how many
-    files it stepped over, and the dataset's ``skipped`` counts the unreadable files found so far
-    (in this process: each DataLoader worker keeps its own count). With
-    ``skip_unreadable=False`` (the default under ``strict=True``) it raises
-    :class:`ImageReadError` instead, a missing file at construction: evaluation needs that, as a
-    skipped image's objects would count as missed and the image read in its place twice.
-    Annotations of unknown categories are ignored with a warning, or raise ValueError with
-    ``strict=True``.
+    around) that can be read is returned in its place, and its target's ``skipped`` is 1 (0 for
+    an item read from its own file: summed over an epoch, the number of items whose file could
+    not be read). The dataset's ``skipped`` counts the unreadable files found so far (in this
+    process: each DataLoader worker keeps its own count). With ``skip_unreadable=False`` (the
+    default under ``strict=True``) it raises :class:`ImageReadError` instead, a missing file at
+    construction: evaluation needs that, as a skipped image's objects would count as missed and
+    the image read in its place twice.
     """
 
     def __init__(
@@ -178,29 +185,41 @@ class CocoDetection(Dataset):
         self.skip_unreadable = not strict if skip_unreadable is None else skip_unreadable
         self._unreadable: set[str] = set()
 
-        data = read_coco_json(self.annotations_json)
-        self._index_categories(data["categories"])
-        self._index_images(data["images"])
-        self._index_annotations(data["annotations"])
+        self.index: CocoIndex = validate_coco(read_coco_json(self.annotations_json))
+        self.index.raise_errors(self.annotations_json)
+        self._warn_left_out()
+        self._set_labels(self.index.categories)
+        # Sorted ids, as torchvision's and the original DETR's COCO datasets order them.
+        self.image_ids = sorted(self.index.images)
+        self._files = [self.index.images[i].file_name for i in self.image_ids]
         if not self.skip_unreadable:  # found now, not images into an epoch
-            missing = [name for name in self._files if not (self.images_dir / name).is_file()]
-            if missing:
+            bad = [
+                finding.detail
+                for name in self._files
+                for finding in image_file_findings(self.images_dir, name)
+                if finding.severity == "error"
+            ]
+            if bad:
                 raise ImageReadError(
-                    f"{self.images_dir}: {len(missing)} of the {len(self)} images listed in "
-                    f"{self.annotations_json} are not there, e.g. {', '.join(missing[:3])}"
+                    f"{self.images_dir}: {len(bad)} of the {len(self)} images listed in "
+                    f"{self.annotations_json} are not there, e.g. {'; '.join(bad[:3])}"
                 )
 
-    def _index_categories(self, categories: list[Any]) -> None:
-        path = self.annotations_json
-        names: dict[int, str] = {}
-        for i, category in enumerate(categories):
-            _require(category, ("id",), f"categories[{i}]", path)
-            category_id = category["id"]
-            if category_id < 0:
-                raise ValueError(f"{path}: categories[{i}] has a negative id {category_id}")
-            names[category_id] = str(category.get("name", category_id))
-        if not names:
-            raise ValueError(f"{path}: 'categories' is empty")
+    def _warn_left_out(self) -> None:
+        counts = {kind: 0 for kind in LEFT_OUT}
+        for finding in self.index.findings:
+            if finding.kind in counts:
+                counts[finding.kind] += 1
+        if any(counts.values()):
+            crowd, empty, off = counts.values()
+            warnings.warn(
+                f"{self.annotations_json}: left out of the targets: {crowd} crowd annotations, "
+                f"{empty} boxes of zero size, {off} boxes wholly outside their image "
+                "(`detrkit data check` lists them)",
+                stacklevel=3,
+            )
+
+    def _set_labels(self, names: dict[int, str]) -> None:
         ids = sorted(names)
         if self.label_mapping == "contiguous":
             self.category_ids = ids
@@ -210,55 +229,15 @@ class CocoDetection(Dataset):
             # original COCO class list does.
             self.category_ids = list(range(ids[-1] + 1))
             self.class_names = [names.get(i, "N/A") for i in self.category_ids]
-        self._label_of = {category_id: self.category_ids.index(category_id) for category_id in ids}
-
-    def _index_images(self, images: list[Any]) -> None:
-        entries: dict[int, str] = {}
-        for i, image in enumerate(images):
-            _require(image, ("id", "file_name"), f"images[{i}]", self.annotations_json)
-            entries.setdefault(image["id"], str(image["file_name"]))
-        # Sorted ids, as torchvision's and the original DETR's COCO datasets order them.
-        self.image_ids = sorted(entries)
-        self._files = [entries[image_id] for image_id in self.image_ids]
-        self._position = {image_id: i for i, image_id in enumerate(self.image_ids)}
-
-    def _index_annotations(self, annotations: list[Any]) -> None:
-        path = self.annotations_json
-        self._objects = [_Objects() for _ in self.image_ids]
-        unknown_category = unknown_image = 0
-        for i, annotation in enumerate(annotations):
-            where = f"annotations[{i}]"
-            _require(annotation, ("image_id", "category_id", "bbox"), where, path)
-            bbox = annotation["bbox"]
-            if not is_xywh(bbox):
-                raise ValueError(
-                    f"{path}: {where} has bbox {bbox!r}; expected [x, y, w, h], 4 finite numbers"
-                )
-            if annotation.get("iscrowd", 0):
-                continue
-            position = self._position.get(annotation["image_id"])
-            label = self._label_of.get(annotation["category_id"])
-            if position is None:
-                unknown_image += 1
-                continue
-            if label is None:
-                if self.strict:
-                    raise ValueError(
-                        f"{path}: {where} has category_id {annotation['category_id']}, "
-                        "which no category has"
-                    )
-                unknown_category += 1
-                continue
-            objects = self._objects[position]
-            objects.xywh.append([float(v) for v in bbox])
-            objects.labels.append(label)
-            objects.areas.append(float(annotation.get("area", bbox[2] * bbox[3])))
-        if unknown_category or unknown_image:
-            warnings.warn(
-                f"{path}: ignoring {unknown_category} annotations of unknown categories and "
-                f"{unknown_image} of unknown images",
-                stacklevel=3,
-            )
+        label_of = {category_id: self.category_ids.index(category_id) for category_id in ids}
+        self._objects = []
+        for image_id in sorted(self.index.images):
+            objects = _Objects()
+            for found in self.index.objects[image_id]:
+                objects.xywh.append(found.xywh)
+                objects.labels.append(label_of[found.category_id])
+                objects.areas.append(found.area)
+            self._objects.append(objects)
 
     @property
     def num_classes(self) -> int:
@@ -296,9 +275,12 @@ class CocoDetection(Dataset):
                 warnings.warn(f"skipping unreadable image {error}", stacklevel=2)
                 continue
             image, target = self._sample(position, image)
-            # How many unreadable files this item stepped over: DataLoader workers keep their own
-            # `skipped`, so the count travels with the sample to reach the training log.
-            target["skipped"] = torch.tensor(offset)
+            # Whether this item's own file was unreadable: DataLoader workers keep their own
+            # `skipped`, so the count travels with the sample to reach the training log. Not the
+            # number of files stepped over: with two unreadable files side by side, index i
+            # steps over both and index i + 1 over the second again, and an epoch's sum would
+            # count that file twice.
+            target["skipped"] = torch.tensor(int(offset > 0))
             return image, target
         raise ImageReadError(f"{self.images_dir}: none of the {len(self)} images can be read")
 

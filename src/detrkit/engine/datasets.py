@@ -12,6 +12,7 @@ from detrkit.data import (
     collate_fn,
     make_train_transforms,
     make_val_transforms,
+    require_trainable,
 )
 from detrkit.engine.config import TrainConfig
 
@@ -22,10 +23,9 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
     val_transforms = make_val_transforms(augment)
     train_transforms = make_train_transforms(augment) if config.augment else val_transforms
     if config.data == "digits":
-        return (
-            DigitsDetection("train", config.digits_train, config.seed, train_transforms),
-            DigitsDetection("val", config.digits_val, config.seed, val_transforms),
-        )
+        train_set = DigitsDetection("train", config.digits_train, config.seed, train_transforms)
+        require_trainable(train_set, "the digits training set")
+        return train_set, DigitsDetection("val", config.digits_val, config.seed, val_transforms)
     if config.data.startswith("coco:"):
         parts = config.data.removeprefix("coco:").split(",")
         if len(parts) != 4:
@@ -33,13 +33,14 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
                 f"--data {config.data!r}: expected coco:TRAIN_IMAGES,TRAIN_JSON,VAL_IMAGES,VAL_JSON"
             )
         mapping = config.label_mapping
-        return (
-            CocoDetection(parts[0], parts[1], train_transforms, label_mapping=mapping),
-            # Evaluated on: every image must be read (see CocoDetection's skip_unreadable).
-            CocoDetection(
-                parts[2], parts[3], val_transforms, label_mapping=mapping, skip_unreadable=False
-            ),
+        train_set = CocoDetection(parts[0], parts[1], train_transforms, label_mapping=mapping)
+        # Refused now rather than after an epoch of zero steps or of background only.
+        require_trainable(train_set)
+        # Evaluated on: every image must be read (see CocoDetection's skip_unreadable).
+        val_set = CocoDetection(
+            parts[2], parts[3], val_transforms, label_mapping=mapping, skip_unreadable=False
         )
+        return train_set, val_set
     raise ValueError(f"--data {config.data!r}: expected 'digits' or 'coco:...'")
 
 

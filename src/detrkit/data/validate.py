@@ -1,0 +1,402 @@
+"""The rules of a COCO instances file, in one place.
+
+:class:`~detrkit.data.CocoDetection` refuses a file with any *error* found here and leaves out
+what the *warnings* point at; :func:`~detrkit.data.check_dataset` reports every finding. Both read
+the file through :func:`validate_coco`, so what ``detrkit data check`` calls usable is what
+training and evaluation accept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Severity = Literal["error", "warning"]
+
+_INT64 = 2**63
+
+# Every kind of finding: its severity and what `detrkit data check` prints for it.
+KINDS: dict[str, tuple[Severity, str]] = {
+    "invalid_annotations_file": ("error", "annotations file unusable"),
+    "malformed_image": ("error", "images entries with a field missing, null or of a wrong type"),
+    "unsafe_file_name": (
+        "error",
+        "file names reaching outside the images folder ('..' or an absolute path; refused)",
+    ),
+    "duplicate_image_id": ("error", "images entries repeating an earlier id"),
+    "malformed_category": (
+        "error",
+        "categories entries with a field missing, null or of a wrong type",
+    ),
+    "duplicate_category_id": ("error", "categories entries repeating an earlier id"),
+    "malformed_annotation": (
+        "error",
+        "annotations with a field missing, null or of a wrong type",
+    ),
+    "negative_box_size": ("error", "boxes of negative width or height (is it [x, y, w, h]?)"),
+    "duplicate_annotation_id": (
+        "error",
+        "annotations repeating an earlier id (COCO evaluation would mix them up)",
+    ),
+    "unknown_image_id": ("error", "annotations of an image id that no images entry has"),
+    "unknown_category_id": ("error", "annotations of a category id that no category has"),
+    "no_images": ("error", "the file lists no image"),
+    "no_categories": ("error", "the file lists no category"),
+    "not_trainable": (
+        "error",
+        "no usable object in the whole file: it cannot be trained on (evaluating on it is "
+        "possible: images without objects are fine there)",
+    ),
+    "crowd_annotation": (
+        "warning",
+        "crowd annotations (iscrowd 1): left out of the training targets; evaluation ignores "
+        "detections on them",
+    ),
+    "empty_box": ("warning", "boxes of zero width or height (left out)"),
+    "box_outside_image": ("warning", "boxes reaching outside their image (clipped to it)"),
+    "box_off_image": ("warning", "boxes wholly outside their image (left out)"),
+    "image_without_annotations": (
+        "warning",
+        "images with no usable object: trained on as background only",
+    ),
+    # The image files, which only check_dataset and the reading of an item look at.
+    "no_images_dir": ("error", "the images folder does not exist"),
+    "missing_image_file": (
+        "error",
+        "listed image files that do not exist (evaluation refuses the dataset; training skips "
+        "them)",
+    ),
+    "image_not_a_file": (
+        "error",
+        "listed image paths that are folders or other non-files (evaluation refuses the "
+        "dataset; training skips them)",
+    ),
+    "unreadable_image": (
+        "error",
+        "image files that cannot be decoded, truncated or not images (evaluation stops at "
+        "them; training skips them)",
+    ),
+    "image_symlink_outside": (
+        "warning",
+        "image files that are symlinks to outside the images folder (read all the same)",
+    ),
+    "image_size_mismatch": (
+        "warning",
+        "images whose size differs from the JSON's width/height (boxes may be off)",
+    ),
+}
+
+# What the loader leaves out of the targets (it says so once, counted, when it is built).
+LEFT_OUT = ("crowd_annotation", "empty_box", "box_off_image")
+
+
+class CocoFormatError(ValueError):
+    """A COCO instances file that breaks a rule; the message names the file, the entry, the
+    field and the problem."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem at one place: ``detail`` names the entry and field, e.g.
+    ``"annotations[3] has bbox null; expected [x, y, w, h], 4 finite numbers"``."""
+
+    kind: str
+    detail: str
+
+    @property
+    def severity(self) -> Severity:
+        return KINDS[self.kind][0]
+
+    @property
+    def description(self) -> str:
+        return KINDS[self.kind][1]
+
+
+@dataclass
+class ImageEntry:
+    """An images entry with a valid, unrepeated id (other fields None where malformed)."""
+
+    file_name: str | None
+    width: int | None
+    height: int | None
+
+
+@dataclass
+class CocoObject:
+    """A non-crowd annotation of non-zero size: what the loader puts in the targets (clipped to
+    the image it is read from)."""
+
+    xywh: list[float]
+    category_id: int
+    area: float
+
+
+@dataclass
+class CocoIndex:
+    """What :func:`validate_coco` found: the valid entries and every finding, in file order."""
+
+    images: dict[int, ImageEntry] = field(default_factory=dict)
+    categories: dict[int, str] = field(default_factory=dict)
+    objects: dict[int, list[CocoObject]] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+    # Objects inside their image as the JSON sizes it: what training learns from.
+    usable_objects: int = 0
+    annotated: set[int] = field(default_factory=set)  # ids of images with a usable object
+
+    def add(self, kind: str, detail: str) -> None:
+        self.findings.append(Finding(kind, detail))
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    def raise_errors(self, path: str | Path) -> None:
+        """Raises :class:`CocoFormatError` for the first error (counting the others)."""
+        errors = self.errors
+        if errors:
+            more = len(errors) - 1
+            also = f" (and {more} more problems: `detrkit data check` lists them)" if more else ""
+            raise CocoFormatError(f"{path}: {errors[0].detail}{also}")
+
+    def untrainable_reason(self) -> str | None:
+        """Why no training step could learn from this file, or None when some object can."""
+        if self.usable_objects:
+            return None
+        left_out = {kind: 0 for kind in LEFT_OUT}
+        for finding in self.findings:
+            if finding.kind in left_out:
+                left_out[finding.kind] += 1
+        if not any(left_out.values()):
+            return "no annotation to train on"
+        crowd, empty, off = left_out.values()
+        return (
+            f"no usable object to train on (left out: {crowd} crowd annotations, {empty} boxes "
+            f"of zero size, {off} boxes outside their image)"
+        )
+
+
+def shown_value(value: Any) -> str:
+    """A value as the JSON file spells it (null, "60", NaN), shortened."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -_INT64 <= value < _INT64
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_xywh(bbox: Any) -> bool:
+    """Whether ``bbox`` is a COCO box as this reader takes it: a list of 4 finite numbers."""
+    return isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)
+
+
+# The type rule of every field the loader reads: (test, what is expected).
+_IMAGE_FIELDS = {
+    "id": (_is_int, "an integer"),
+    "file_name": (lambda v: isinstance(v, str) and v != "" and "\0" not in v, "a file name"),
+    "width": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "height": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+}
+_CATEGORY_FIELDS = {
+    "id": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "name": (lambda v: isinstance(v, str), "a string"),
+}
+_ANNOTATION_FIELDS = {
+    # COCOeval takes a ground-truth id of 0 for "matched to nothing".
+    "id": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "image_id": (_is_int, "an integer"),
+    "category_id": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "bbox": (is_xywh, "[x, y, w, h], 4 finite numbers"),
+    # Both read by COCOeval on the same file, which stops with a KeyError where they are missing.
+    "area": (lambda v: _is_number(v) and v >= 0, "a non-negative number"),
+    "iscrowd": (lambda v: _is_int(v) and v in (0, 1), "0 or 1"),
+}
+
+FIELDS = {
+    "images": _IMAGE_FIELDS,
+    "categories": _CATEGORY_FIELDS,
+    "annotations": _ANNOTATION_FIELDS,
+}
+
+
+def _field_problems(entry: Any, section: str, i: int) -> list[str]:
+    """What is wrong with the fields of ``section[i]``, one line per field."""
+    where = f"{section}[{i}]"
+    if not isinstance(entry, dict):
+        return [f"{where} is {shown_value(entry)}; expected an object"]
+    problems = []
+    for name, (valid, expected) in FIELDS[section].items():
+        if name not in entry:
+            problems.append(f"{where} has no {name!r}; expected {expected}")
+        elif not valid(entry[name]):
+            problems.append(f"{where} has {name} {shown_value(entry[name])}; expected {expected}")
+    return problems
+
+
+def outside_reason(file_name: str) -> str | None:
+    """Why the file name points outside the images folder (None if it stays inside):
+    subfolders are fine, ``..`` and absolute paths (POSIX or Windows) are not."""
+    if file_name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", file_name):
+        return "an absolute path"
+    # Backslashes too: they separate folders on Windows.
+    if ".." in re.split(r"[\\/]", file_name):
+        return "a '..' step"
+    return None
+
+
+def validate_coco(data: dict[str, Any]) -> CocoIndex:
+    """Applies every rule to a parsed instances file (as :func:`read_coco_json` returns it).
+
+    Never raises for problems in the data: they are the index's findings, errors and warnings.
+    """
+    index = CocoIndex()
+    _index_categories(index, data["categories"])
+    _index_images(index, data["images"])
+    _index_annotations(index, data["annotations"])
+    for image_id, entry in index.images.items():
+        if image_id not in index.annotated:
+            index.add("image_without_annotations", f"{entry.file_name} (image id {image_id})")
+    return index
+
+
+def _index_categories(index: CocoIndex, categories: list[Any]) -> None:
+    first: dict[int, int] = {}
+    for i, category in enumerate(categories):
+        problems = _field_problems(category, "categories", i)
+        for problem in problems:
+            index.add("malformed_category", problem)
+        category_id = category.get("id") if isinstance(category, dict) else None
+        if not _CATEGORY_FIELDS["id"][0](category_id):
+            continue
+        if category_id in first:
+            index.add(
+                "duplicate_category_id",
+                f"categories[{i}] has id {category_id}, like categories[{first[category_id]}]",
+            )
+            continue
+        first[category_id] = i
+        name = category.get("name")
+        index.categories[category_id] = name if isinstance(name, str) else str(category_id)
+    if not categories:
+        index.add("no_categories", "'categories' is empty")
+
+
+def _index_images(index: CocoIndex, images: list[Any]) -> None:
+    first: dict[int, int] = {}
+    for i, image in enumerate(images):
+        for problem in _field_problems(image, "images", i):
+            index.add("malformed_image", problem)
+        if not isinstance(image, dict):
+            continue
+        file_name = image.get("file_name")
+        if not _IMAGE_FIELDS["file_name"][0](file_name):
+            file_name = None
+        elif (reason := outside_reason(file_name)) is not None:
+            index.add(
+                "unsafe_file_name",
+                f"images[{i}] has file_name {shown_value(file_name)}, {reason} outside the images "
+                "folder; expected a path inside it",
+            )
+            file_name = None
+        image_id = image.get("id")
+        if not _is_int(image_id):
+            continue
+        if image_id in first:
+            index.add(
+                "duplicate_image_id",
+                f"images[{i}] has id {image_id}, like images[{first[image_id]}]",
+            )
+            continue
+        first[image_id] = i
+        width, height = (
+            image.get(name) if _IMAGE_FIELDS[name][0](image.get(name)) else None
+            for name in ("width", "height")
+        )
+        index.images[image_id] = ImageEntry(file_name, width, height)
+        index.objects[image_id] = []
+    if not images:
+        index.add("no_images", "'images' is empty")
+
+
+def _index_annotations(index: CocoIndex, annotations: list[Any]) -> None:
+    first: dict[int, int] = {}
+    for i, annotation in enumerate(annotations):
+        where = f"annotations[{i}]"
+        problems = _field_problems(annotation, "annotations", i)
+        for problem in problems:
+            index.add("malformed_annotation", problem)
+        if not isinstance(annotation, dict):
+            continue
+        annotation_id = annotation.get("id")
+        if _ANNOTATION_FIELDS["id"][0](annotation_id):
+            if annotation_id in first:
+                index.add(
+                    "duplicate_annotation_id",
+                    f"{where} has id {annotation_id}, like annotations[{first[annotation_id]}]",
+                )
+            else:
+                first[annotation_id] = i
+        image_id, category_id = annotation.get("image_id"), annotation.get("category_id")
+        if _is_int(image_id) and image_id not in index.images:
+            index.add("unknown_image_id", f"{where} has image_id {image_id}, which no image has")
+        if _is_int(category_id) and category_id not in index.categories:
+            index.add(
+                "unknown_category_id",
+                f"{where} has category_id {category_id}, which no category has",
+            )
+        if problems:
+            continue
+        bbox = annotation["bbox"]
+        x, y, w, h = bbox
+        if w < 0 or h < 0:
+            index.add("negative_box_size", f"{where} has bbox {shown_value(bbox)}: negative size")
+            continue
+        image = index.images.get(image_id)
+        if image is None or category_id not in index.categories:
+            continue
+        described = f"{where} (image id {image_id}): bbox {shown_value(bbox)}"
+        if annotation["iscrowd"]:
+            index.add("crowd_annotation", f"{where} (image id {image_id})")
+            continue
+        if w == 0 or h == 0:
+            index.add("empty_box", described)
+            continue
+        index.objects[image_id].append(
+            CocoObject([float(v) for v in bbox], category_id, float(annotation["area"]))
+        )
+        if image.width is None or image.height is None:
+            continue
+        # The loader clips to the image and drops what is left empty: the same test here.
+        if min(x + w, image.width) <= max(x, 0) or min(y + h, image.height) <= max(y, 0):
+            index.add("box_off_image", f"{described} in {image.width}x{image.height}")
+            continue
+        if x < 0 or y < 0 or x + w > image.width or y + h > image.height:
+            index.add("box_outside_image", f"{described} in {image.width}x{image.height}")
+        index.usable_objects += 1
+        index.annotated.add(image_id)
+
+
+def image_file_findings(images_dir: Path, file_name: str) -> list[Finding]:
+    """What is wrong with a listed image's file short of decoding it: missing, not a file, or
+    a symlink leading outside ``images_dir`` (a warning: it is read all the same)."""
+    path = images_dir / file_name
+    if not path.exists():
+        how = "a symlink to nothing" if path.is_symlink() else "no such file"
+        return [Finding("missing_image_file", f"{file_name}: {how}")]
+    if not path.is_file():
+        what = "a folder" if path.is_dir() else "not a regular file"
+        return [Finding("image_not_a_file", f"{file_name}: {what}, not an image file")]
+    if not path.resolve().is_relative_to(images_dir.resolve()):
+        return [Finding("image_symlink_outside", f"{file_name}: a symlink to {path.resolve()}")]
+    return []
