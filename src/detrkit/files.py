@@ -137,3 +137,17 @@ def remove_temporaries(directory: str | os.PathLike, name: str | None = None) ->
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+def existing_results(paths: list[Path], option: str, overwrite: bool) -> list[Path]:
+    """The results among ``paths`` that exist already (links included). Unless ``overwrite``,
+    raises FileExistsError naming them, ``option`` (the place they were asked for, e.g.
+    "--out runs/x") and how to replace them: an earlier result is never replaced unasked."""
+    found = [path for path in paths if os.path.lexists(path)]
+    if found and not overwrite:
+        names = ", ".join(path.name for path in found)
+        raise FileExistsError(
+            f"{option}: holds earlier results ({names}); choose another place or give "
+            "--overwrite (overwrite=True) to replace them"
+        )
+    return found

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from detrkit.checkpoints.errors import CheckpointError
-from detrkit.files import write_atomically
+from detrkit.files import write_atomically, write_json
 from detrkit.models.config import DeformableDETRConfig, DETRConfig, ModelConfig
 
 CONFIG_FILE = "detrkit.json"
@@ -60,10 +60,8 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     # The weights carry their config too: each file is replaced atomically, but not the pair, so
     # a save interrupted between the two would leave new weights beside an old config.
     weights_meta = {CONFIG_KEY: json.dumps(meta["config"], sort_keys=True)}
-    write_atomically(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, weights_meta))
-    write_atomically(
-        directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n")
-    )
+    write_atomically(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, weights_meta))
+    write_json(directory / CONFIG_FILE, meta, indent=2)
     return directory
 
 

@@ -90,7 +90,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     check_output_directory(args.out)
     detector = make_detector(args)
     try:
-        report = predict_files(detector, args.inputs, args.out, args.batch_size)
+        report = predict_files(
+            detector, args.inputs, args.out, args.batch_size, overwrite=args.overwrite
+        )
+    except FileExistsError:
+        raise
     except OSError as error:  # unreadable inputs are skipped inside; this is about writing
         raise ValueError(f"--out {args.out}: cannot write the results ({error})") from None
     print(
@@ -105,28 +109,42 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    """Figures of the model's internals on one image."""
+    """Figures of the model's internals on each image (in a folder per image when several)."""
     from detrkit.data import ImageReadError
     from detrkit.inference.explain import explain
+    from detrkit.inference.predict import expand_inputs, output_names
 
     check_output_directory(args.out)
+    paths, problems = expand_inputs(args.images)
+    if problems:
+        raise ValueError("; ".join(f"{name}: {why}" for name, why in problems))
     detector = make_detector(args)
-    try:
-        objects, written = explain(detector, args.image, args.out, args.pixel, args.max_objects)
-    except ImageReadError as error:
-        raise ValueError(str(error)) from None
-    except OSError as error:
-        raise ValueError(f"--out {args.out}: cannot write the figures ({error})") from None
-    if not objects:
-        print(
-            f"detrkit: nothing scored at least {args.threshold}; only the encoder figures were "
-            "drawn (a lower --threshold explains weaker detections)",
-            file=sys.stderr,
-        )
-    for obj in objects:
-        print(f"object #{obj.number}: {obj.name} {obj.score:.2f} (query {obj.query})")
-    for path in written:
-        print(f"wrote {path}")
+    folders = (
+        [args.out] if len(paths) == 1 else [args.out / Path(n).stem for n in output_names(paths)]
+    )
+    for path, folder in zip(paths, folders):
+        try:
+            objects, written = explain(
+                detector, path, folder, args.pixel, args.max_objects, overwrite=args.overwrite
+            )
+        except ImageReadError as error:
+            raise ValueError(str(error)) from None
+        except FileExistsError:
+            raise
+        except OSError as error:
+            raise ValueError(f"--out {folder}: cannot write the figures ({error})") from None
+        if len(paths) > 1:
+            print(f"{path}:")
+        if not objects:
+            print(
+                f"detrkit: nothing in {path} scored at least {args.threshold}; only the encoder "
+                "figures were drawn (a lower --threshold explains weaker detections)",
+                file=sys.stderr,
+            )
+        for obj in objects:
+            print(f"object #{obj.number}: {obj.name} {obj.score:.2f} (query {obj.query})")
+        for written_path in written:
+            print(f"wrote {written_path}")
     return 0
 
 
@@ -151,6 +169,7 @@ def _add_detector_options(parser: argparse.ArgumentParser, threshold: float) -> 
         "--weights", required=True, help="a checkpoint detrkit.load reads (.pth or a directory)"
     )
     parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
     parser.add_argument(
         "--threshold",
         type=_threshold,
@@ -195,7 +214,12 @@ def add_inference_commands(commands) -> None:
         "and sampling points on every level for every decoder layer, its box after every layer "
         "(box refinement), and the encoder sampling points of chosen pixels. PNG figures.",
     )
-    explain.add_argument("image", help="an image file")
+    explain.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="image files, folders or globs (several: a folder per image in --out)",
+    )
     _add_detector_options(explain, threshold=0.5)
     explain.add_argument(
         "--pixel",

@@ -13,7 +13,6 @@ from detrkit.cli.data import add_data_commands
 from detrkit.cli.export import add_export_commands
 from detrkit.cli.inference import add_inference_commands
 from detrkit.cli.train import add_train_commands
-from detrkit.data import ImageReadError
 from detrkit.models import PRESETS
 from detrkit.version import __version__
 
@@ -54,7 +53,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="detrkit",
-        description="DETR and Deformable DETR: train, evaluate, load, convert, inspect.",
+        description="DETR and Deformable DETR: train and evaluate models, run them on images "
+        "(predict), see inside them (explain, trace), load, convert, inspect and export "
+        "checkpoints, check datasets.",
     )
     parser.add_argument("--version", action="version", version=f"detrkit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -85,7 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (CheckpointError, ValueError, FileNotFoundError, ImageReadError) as error:
+    # Bad input and files that cannot be read or written (a full disk among them, WriteError):
+    # one line naming the culprit, no traceback.
+    except (CheckpointError, ValueError, OSError) as error:
         print(f"detrkit: error: {error}", file=sys.stderr)
         return 2
 

@@ -54,8 +54,19 @@ def add_train_commands(commands) -> None:
         description="Train a model. Every TrainConfig field is an option; unset ones come from "
         "--config or the model's original recipe.",
     )
-    train.add_argument("--config", help="a config.json written by an earlier run")
-    train.add_argument("--resume", help="a run directory, or 'auto' to continue --output")
+    train.add_argument(
+        "--config", help="a config.json written by an earlier run; options given override it"
+    )
+    train.add_argument(
+        "--resume",
+        help="a run directory to continue where it stopped, or 'auto' to continue --output if "
+        "it holds a checkpoint (else start there)",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the earlier run in --output (its checkpoint, config, metrics, pictures)",
+    )
     train.add_argument(
         "--model-option",
         action="append",
@@ -69,16 +80,33 @@ def add_train_commands(commands) -> None:
         if field.name == "model_options":
             continue
         flag = "--" + field.name.replace("_", "-")
+        help_text = field.metadata["help"]
         if field.type == "bool":
-            train.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            default = "on" if field.default else "off"
+            train.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{help_text} (default {default})",
+            )
         else:
-            train.add_argument(flag, type=_option_type(field.type), default=None)
+            shown = "" if field.default is None else f" (default {field.default})"
+            train.add_argument(
+                flag, type=_option_type(field.type), default=None, help=help_text + shown
+            )
     train.set_defaults(run=run_train)
 
     evaluate = commands.add_parser("eval", help="COCO AP of a checkpoint on a validation set")
     evaluate.add_argument("--weights", required=True, help="anything detrkit.load reads")
-    evaluate.add_argument("--data", required=True, help="digits or coco:VAL_IMAGES,VAL_JSON")
+    evaluate.add_argument(
+        "--data",
+        required=True,
+        help="'digits' (the built-in validation split) or coco:VAL_IMAGES,VAL_JSON",
+    )
     evaluate.add_argument("--out", type=Path, help="write metrics.json and results.json here")
+    evaluate.add_argument(
+        "--overwrite", action="store_true", help="replace metrics.json and results.json in --out"
+    )
     # Data settings default to the training run's when --weights is a checkpoint of detrkit
     # train (evaluate_run.training_data_settings), else to evaluate_run.EVAL_DEFAULTS.
     from_run = " (default: the training run's for a detrkit train checkpoint, else {})"
@@ -135,7 +163,12 @@ def run_train(args: argparse.Namespace) -> int:
     from detrkit.engine.train import TrainingError, train
 
     try:
-        train(config_from_args(args), resume=args.resume, given=given_fields(args))
+        train(
+            config_from_args(args),
+            resume=args.resume,
+            given=given_fields(args),
+            overwrite=args.overwrite,
+        )
     except TrainingError as error:
         print(f"detrkit: error: {error}")
         return 1
@@ -172,6 +205,7 @@ def run_eval(args: argparse.Namespace) -> int:
         settings["seed"],
         settings["label_mapping"],
         precision=args.precision,
+        overwrite=args.overwrite,
     )
     print(json.dumps(numbers, indent=2))
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,56 +35,119 @@ def check_counts(**counts: int | None) -> None:
             raise ValueError(f"{name} must be at least 1, got {value}")
 
 
+def _option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A TrainConfig field with the help text ``detrkit train --help`` shows for its option."""
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on. ``model_options`` override the model preset."""
 
-    # A preset name. None: the --finetune checkpoint's model, or else DEFAULT_MODEL.
-    model: str | None = None
+    model: str | None = _option(
+        None,
+        "a model preset (`detrkit models` lists them); default: the --finetune checkpoint's "
+        f"model, or {DEFAULT_MODEL} for the built-in digits",
+    )
     model_options: dict[str, Any] = field(default_factory=dict)
-    data: str = "digits"  # "digits" or "coco:TRAIN_IMAGES,TRAIN_JSON,VAL_IMAGES,VAL_JSON"
-    label_mapping: str = "contiguous"  # COCO data: "coco" keeps category ids (91-class models)
-    output: str | None = None  # default: a new folder under runs/
-    finetune: str | None = None  # weights detrkit.load reads; a new class count resets the head
-    freeze_backbone: bool = False
+    data: str = _option(
+        "digits",
+        "'digits' (the built-in dataset, made on the fly) or "
+        "coco:TRAIN_IMAGES,TRAIN_JSON,VAL_IMAGES,VAL_JSON (COCO-format files)",
+    )
+    label_mapping: str = _option(
+        "contiguous",
+        "COCO data: 'contiguous' numbers the categories 0..C-1 (ids kept in the model to "
+        "write results with), 'coco' uses the category ids as labels (the 91-class models)",
+    )
+    output: str | None = _option(
+        None,
+        "the run directory (default: a new folder under runs/); one holding an earlier run is "
+        "refused unless --overwrite",
+    )
+    finetune: str | None = _option(
+        None,
+        "start from these weights (anything detrkit.load reads); a new class count starts a new "
+        "class head; a detrkit run's checkpoint also gives its image_scale, augment and "
+        "batch_size unless given",
+    )
+    freeze_backbone: bool = _option(False, "do not train the backbone")
 
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    lr_backbone: float | None = None
-    lr_linear_proj_mult: float | None = None  # sampling offsets and reference points
-    lr_drop: int | None = None  # epoch at which the learning rate drops tenfold
-    weight_decay: float = 1e-4
-    clip_max_norm: float = 0.1
-    grad_accum: int = 1  # batches per optimiser step
-    amp: str = "none"  # "none", "bf16" (CPU and GPU) or "fp16" (GPU, with a grad scaler)
-    ema_decay: float = 0.0  # 0: no exponential moving average of the weights
-    # torch.compile the model for training (forward and backward, dynamic shapes). Compiling
-    # takes minutes on a CPU (3 for a tiny DETR on 2 cores), so it pays only on long runs.
-    compile: bool = False
-    # Convolution weights (and so the backbone's activations and gradients) in channels-last
-    # memory, where oneDNN's CPU convolutions and their gradients run faster (docs/benchmarks.md:
+    epochs: int | None = _option(None, "epochs (default: the model's original recipe)")
+    batch_size: int | None = _option(None, "images per batch and process (default: recipe)")
+    lr: float | None = _option(None, "learning rate (default: recipe)")
+    lr_backbone: float | None = _option(None, "the backbone's learning rate (default: recipe)")
+    lr_linear_proj_mult: float | None = _option(
+        None, "learning-rate factor of the sampling offsets and reference points (default: recipe)"
+    )
+    lr_drop: int | None = _option(
+        None, "epoch at which the learning rate drops tenfold (default: recipe)"
+    )
+    weight_decay: float = _option(1e-4, "AdamW weight decay")
+    clip_max_norm: float = _option(0.1, "gradient norm clip (0: none)")
+    grad_accum: int = _option(1, "batches per optimiser step")
+    amp: str = _option(
+        "none", "'none', 'bf16' (CPU and GPU) or 'fp16' (GPU, with a gradient scaler)"
+    )
+    ema_decay: float = _option(
+        0.0, "decay of an exponential moving average of the weights (0: none)"
+    )
+    # Compiling takes minutes on a CPU (3 for a tiny DETR on 2 cores), so it pays only on long
+    # runs.
+    compile: bool = _option(False, "torch.compile the model for training (dynamic shapes)")
+    # oneDNN's CPU convolutions and their gradients run faster channels-last (docs/benchmarks.md:
     # a DETR step about 12% faster in fp32, Deformable DETR's 2-9%, the backbone 2.5x in bf16).
     # Checkpoints are the same: state dicts load into either layout. Unmeasured on GPUs.
-    channels_last: bool = True
+    channels_last: bool = _option(True, "convolution weights and activations channels-last")
 
-    image_scale: float = 1.0  # multiplies every augmentation size of the original recipe
-    augment: bool = True  # False: train on the validation resize (no flip, crop or rescale)
-    digits_train: int = 2000  # images of the built-in dataset
-    digits_val: int = 200
-    # Digits only: first train the backbone for this many steps to classify the digit crops of
-    # the first backbone_pretrain_images training scenes (None: digits_train), the stand-in for
-    # ImageNet pre-training; afterwards its batch norm is frozen (see detrkit.engine.pretrain).
-    backbone_pretrain_steps: int = 0
-    backbone_pretrain_images: int | None = None
-    workers: int = 2
-    seed: int = 42
-    device: str = "cpu"
-    deterministic: bool = False
-    eval_every: int = 1  # epochs
-    checkpoint_every: int = 1  # epochs
-    log_every: int = 10  # steps
-    max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests, quick looks)
+    image_scale: float = _option(
+        1.0, "multiplies every image size of the original recipe (0.2: 160-266 pixel images)"
+    )
+    augment: bool = _option(
+        True, "random flips, crops and rescaling; --no-augment trains on the validation resize"
+    )
+    digits_train: int = _option(2000, "training images of the built-in digits")
+    digits_val: int = _option(200, "validation images of the built-in digits")
+    # The stand-in for ImageNet pre-training; afterwards the backbone's batch norm is frozen (see
+    # detrkit.engine.pretrain).
+    backbone_pretrain_steps: int = _option(
+        0, "digits only: first train the backbone this many steps to classify digit crops"
+    )
+    backbone_pretrain_images: int | None = _option(
+        None, "the training scenes whose crops pre-training uses (default: digits_train)"
+    )
+    workers: int = _option(2, "data-loading processes")
+    seed: int = _option(42, "seed of every random stream of the run")
+    device: str = _option("cpu", "cpu, cuda, cuda:1...")
+    deterministic: bool = _option(False, "torch's deterministic algorithms")
+    eval_every: int = _option(1, "evaluate every this many epochs (and after the last)")
+    checkpoint_every: int = _option(1, "write the checkpoint every this many epochs")
+    log_every: int = _option(10, "log the losses every this many steps")
+    max_steps_per_epoch: int | None = _option(None, "cut epochs short (smoke tests, quick looks)")
+
+    def __post_init__(self) -> None:
+        self._check_types()
+
+    def _check_types(self) -> None:
+        """Raises ValueError naming the first field whose value is not of its annotated kind (a
+        config file's "5" for epochs, or a list for a number)."""
+        kinds = {
+            "int": ("an integer", lambda v: isinstance(v, numbers.Integral)),
+            "float": ("a number", lambda v: isinstance(v, numbers.Real)),
+            "str": ("a string", lambda v: isinstance(v, str)),
+            "bool": ("true or false", lambda v: isinstance(v, bool)),
+            "dict[str, Any]": ("an object", lambda v: isinstance(v, dict)),
+        }
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            parts = [part.strip() for part in str(f.type).split("|")]
+            if value is None and "None" in parts:
+                continue
+            kind, accepts = kinds[parts[0]]
+            if (isinstance(value, bool) and parts[0] != "bool") or not accepts(value):
+                raise ValueError(
+                    f"{f.name} must be {kind}{' or null' if 'None' in parts else ''}, got {value!r}"
+                )
 
     def resolved(self, model_config: ModelConfig) -> TrainConfig:
         """This config with every None filled from the model's original recipe."""
@@ -126,6 +190,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
+        """Writes the config as JSON (atomically), as a run's config.json."""
         write_json(path, self.to_dict(), indent=2)
 
     @classmethod
@@ -134,10 +199,21 @@ class TrainConfig:
         path = Path(path)
         try:
             values = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path}: not a readable JSON config: {error}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) else error
+            raise ValueError(f"{path}: not a readable JSON config: {reason}") from None
+        return cls.from_dict(values, str(path))
+
+    @classmethod
+    def from_dict(cls, values: Any, source: str) -> TrainConfig:
+        """The config ``values`` describe; an error names ``source`` and the bad field."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: not a training config (expected a JSON object)")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown training options: {', '.join(unknown)}")
-        return cls(**values)
+            raise ValueError(f"{source}: unknown training options: {', '.join(unknown)}")
+        try:
+            return cls(**values)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None

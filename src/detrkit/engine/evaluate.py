@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from detrkit.checkpoints.finite import require_finite_outputs
+
 # --amp choices -> the dtype torch.autocast runs the model in (None: full precision)
 AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -111,6 +113,8 @@ def predict_dataset(
         images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             outputs = model(images, mask)
+        # pycocotools would count NaN boxes as matches: a diverged model must not score.
+        require_finite_outputs(outputs, f"images {[int(t['image_id']) for t in targets]}")
         orig_sizes = torch.stack([torch.as_tensor(t["orig_size"]) for t in targets]).to(device)
         for target, detections in zip(targets, postprocess(outputs, orig_sizes)):
             results.extend(to_coco_results(int(target["image_id"]), detections, category_ids))

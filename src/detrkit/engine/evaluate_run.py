@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 import detrkit
+from detrkit.checkpoints.finite import require_finite_weights
 from detrkit.checkpoints.load import training_run_config
 from detrkit.data import AugmentationConfig, CocoDetection, DigitsDetection, make_val_transforms
 from detrkit.engine.config import check_counts
 from detrkit.engine.datasets import coco_ground_truth, make_loader
 from detrkit.engine.evaluate import AUTOCAST_DTYPES, coco_metrics, predict_dataset
+from detrkit.files import existing_results, write_json
 from detrkit.models import PostProcess, optimize_for_inference
 
 
@@ -23,18 +24,20 @@ def validation_set(
     seed: int = 42,
     label_mapping: str = "contiguous",
 ):
-    """The validation split named by ``data``: "digits", "coco:VAL_IMAGES,VAL_JSON" or the
-    four-part training form (its last two parts)."""
+    """The validation split named by ``data``: "digits" or "coco:VAL_IMAGES,VAL_JSON"."""
     transforms = make_val_transforms(AugmentationConfig().scaled(image_scale))
     if data == "digits":
         return DigitsDetection("val", digits_val, seed, transforms)
     if data.startswith("coco:"):
         parts = data.removeprefix("coco:").split(",")
-        if len(parts) not in (2, 4):
-            raise ValueError(f"--data {data!r}: expected coco:VAL_IMAGES,VAL_JSON")
+        if len(parts) != 2:
+            raise ValueError(
+                f"--data {data!r}: expected coco:VAL_IMAGES,VAL_JSON (the validation split "
+                "only, not the four parts of training's --data)"
+            )
         # Every image must be read: evaluating some would score the others' objects as missed.
         return CocoDetection(
-            parts[-2], parts[-1], transforms, label_mapping=label_mapping, skip_unreadable=False
+            parts[0], parts[1], transforms, label_mapping=label_mapping, skip_unreadable=False
         )
     raise ValueError(f"--data {data!r}: expected 'digits' or 'coco:...'")
 
@@ -61,6 +64,10 @@ def training_data_settings(weights: str | Path) -> dict:
     return {name: run[name] for name in EVAL_DEFAULTS if name in run}
 
 
+# What evaluate_checkpoint writes into ``out``: the 12 numbers, the COCO results.
+EVAL_FILES = ("metrics.json", "results.json")
+
+
 def evaluate_checkpoint(
     weights: str,
     data: str,
@@ -74,9 +81,11 @@ def evaluate_checkpoint(
     seed: int = EVAL_DEFAULTS["seed"],
     label_mapping: str = EVAL_DEFAULTS["label_mapping"],
     precision: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, float | None]:
     """Loads ``weights``, predicts the validation split and returns the 12 COCO numbers; with
-    ``out``, writes ``metrics.json`` and the COCO results file ``results.json`` there. With a
+    ``out``, writes ``metrics.json`` and the COCO results file ``results.json`` there (refusing
+    to replace earlier ones unless ``overwrite``). With a
     ``precision``, runs the model prepared by :func:`~detrkit.models.optimize_for_inference`."""
     if precision is not None and amp != "none":
         raise ValueError(f"choose one of amp ({amp!r}) and precision ({precision!r}), not both")
@@ -85,10 +94,14 @@ def evaluate_checkpoint(
         raise ValueError(f"image_scale must be positive, got {image_scale}")
     if out is not None and out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file is there; the results go into a directory")
+    if out is not None:
+        existing_results([out / name for name in EVAL_FILES], f"--out {out}", overwrite)
     model = detrkit.load(weights, map_location=device)
+    require_finite_weights(model, str(weights))
+    dataset = validation_set(data, image_scale, digits_val, seed, label_mapping)
+    check_classes(model.config, dataset, str(weights), data)
     if precision is not None:
         model = optimize_for_inference(model, precision)
-    dataset = validation_set(data, image_scale, digits_val, seed, label_mapping)
     loader = make_loader(dataset, batch_size, seed, shuffle=False, workers=workers)
     loader.batch_sampler.set_epoch(0)
     category_ids = None if label_mapping == "coco" else dataset.category_ids
@@ -103,6 +116,22 @@ def evaluate_checkpoint(
     numbers = coco_metrics(coco_ground_truth(dataset), results)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(numbers, indent=2) + "\n")
-        (out / "results.json").write_text(json.dumps(results))
+        write_json(out / EVAL_FILES[0], numbers, indent=2)
+        write_json(out / EVAL_FILES[1], results)
     return numbers
+
+
+def check_classes(config, dataset, weights: str, data: str) -> None:
+    """Raises ValueError when the model's classes are not the dataset's: a model of C classes
+    scored on a dataset of other classes gives numbers that mean nothing."""
+    if config.num_classes != dataset.num_classes:
+        raise ValueError(
+            f"{weights} predicts {config.num_classes} classes but --data {data} has "
+            f"{dataset.num_classes}; evaluate it on the dataset it was trained for, or fine-tune "
+            "it first"
+        )
+    if config.category_ids is not None and list(config.category_ids) != list(dataset.category_ids):
+        raise ValueError(
+            f"{weights} was trained on category ids {config.category_ids} but --data {data} has "
+            f"{list(dataset.category_ids)}"
+        )

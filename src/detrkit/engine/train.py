@@ -144,18 +144,19 @@ RUN_FILES = (
 
 
 def prepare_output(run_dir: Path, replace: bool) -> None:
-    """Checks that a new run may write into ``run_dir``: refuses (ValueError naming it) a
-    directory that holds an earlier run, unless ``replace``, which removes that run's files."""
+    """Checks that a new run may write into ``run_dir``: refuses (naming it) a directory that
+    holds an earlier run, unless ``replace``, which removes that run's files."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"--output {run_dir}: exists and is not a directory")
-    found = [name for name in RUN_FILES if os.path.lexists(run_dir / name)]
+    found = [run_dir / name for name in RUN_FILES if os.path.lexists(run_dir / name)]
     if found and not replace:
         raise ValueError(
-            f"--output {run_dir}: holds an earlier run ({', '.join(found)}); continue it with "
-            f"--resume {run_dir}, choose a new --output, or give --overwrite to replace it"
+            f"--output {run_dir}: holds an earlier run ({', '.join(p.name for p in found)}); "
+            f"continue it with --resume {run_dir}, choose a new --output, or give --overwrite "
+            "to replace it"
         )
-    for name in found:
-        (run_dir / name).unlink()  # a link is removed, not followed
+    for path in found:
+        path.unlink()  # a link is removed, not followed
 
 
 # A fine-tuning run takes these from the run that trained its source checkpoint, unless given:
@@ -272,7 +273,7 @@ def train(
     finetune_notes: list[str] = []
     if resume and checkpoint_path.exists():
         state = load_training_state(checkpoint_path)
-        stored = TrainConfig(**state["train_config"])
+        stored = TrainConfig.from_dict(state["train_config"], str(checkpoint_path))
         config = resumed_config(config, stored, state["epoch"], given)
         if config.finetune:  # the checkpoint sets the model (older runs stored the default)
             config.model = None
@@ -317,7 +318,7 @@ def train(
         # Left by a process killed while writing; nothing else writes here now.
         for path in remove_temporaries(run_dir):
             log(f"removed {path.name}, left by an interrupted write")
-        config.save(run_dir / "config.json")
+        write_json(run_dir / "config.json", config.to_dict(), indent=2)
     barrier()
 
     metrics = MetricsLog(run_dir, enabled=process.is_main)
@@ -475,6 +476,11 @@ def train(
                 except ImageReadError:  # a validation image: keep the epoch just trained
                     save(epoch + 1, 0)
                     raise
+                except NonFiniteError as error:
+                    raise TrainingError(
+                        f"evaluation after epoch {epoch + 1}: {error}; training stopped, the "
+                        f"last good checkpoint {checkpoint_path} is kept"
+                    ) from None
             if last or (epoch + 1) % config.checkpoint_every == 0:
                 save(epoch + 1, 0)
     if process.is_main:

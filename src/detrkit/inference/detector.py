@@ -13,7 +13,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision import tv_tensors
 
-from detrkit.checkpoints import load
+from detrkit.checkpoints import load, require_finite_outputs, require_finite_weights
 from detrkit.checkpoints.load import check_device, training_run_config
 from detrkit.data import AugmentationConfig, make_val_transforms, pad_images, read_image
 from detrkit.inference.coco_names import class_names_for
@@ -140,6 +140,7 @@ class Detector:
         if (size is not None and size < 1) or max_size < 1:
             raise ValueError(f"size and max_size must be positive, got {size} and {max_size}")
         self.device = check_device(device) if device is not None else _default_device()
+        require_finite_weights(model, "the model given to Detector")
         self.model = model.to(self.device).eval()
         if precision is not None:
             self.model = optimize_for_inference(self.model, precision, channels_last)
@@ -167,7 +168,9 @@ class Detector:
         found = training_image_scale(path)
         if found is not None and not {"size", "max_size"} & set(options):
             options.update(size=round(SHORT_SIDE * found[0]), max_size=round(MAX_SIZE * found[0]))
-        return cls(load(path, map_location=device), threshold, device=device, **options)
+        model = load(path, map_location=device)
+        require_finite_weights(model, str(path))
+        return cls(model, threshold, device=device, **options)
 
     def preprocess(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """RGB ``uint8`` ``[3, H_i, W_i]`` images -> the model's input: ``images`` ``[B, 3, H, W]``
@@ -193,6 +196,7 @@ class Detector:
         threshold = self.threshold if threshold is None else threshold
         batch, mask = self.preprocess(images)
         outputs = self.model(batch, mask)
+        require_finite_outputs(outputs, "Detector")
         sizes = torch.tensor([list(image.shape[-2:]) for image in images], device=self.device)
         found = []
         for image, result in zip(images, self.postprocess(outputs, sizes)):

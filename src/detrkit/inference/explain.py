@@ -24,7 +24,7 @@ from matplotlib.patches import Rectangle
 from torch import Tensor
 
 from detrkit.engine.visualize import draw_detections
-from detrkit.files import write_atomically
+from detrkit.files import existing_results, write_atomically
 from detrkit.inference.capture import Internals, SamplingRecord, capture_internals
 from detrkit.inference.detector import Detections, Detector, ImageInput, to_uint8_image
 
@@ -468,12 +468,15 @@ def explain(
     out: str | Path,
     pixels: Sequence[Sequence[float]] | None = None,
     max_objects: int = 5,
+    overwrite: bool = False,
 ) -> tuple[list[ExplainedObject], list[Path]]:
     """Writes the explanation figures of one image as PNG files into ``out``; returns the
-    explained objects and the files written."""
+    explained objects and the files written. Figures there already are an error (naming
+    them) unless ``overwrite``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     objects, figures = explain_figures(detector, image, pixels, max_objects)
+    existing_results([out / name for name in figures], f"--out {out}", overwrite)
+    out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, figure in figures.items():
         if isinstance(figure, Tensor):

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from detrkit.data import ImageReadError, read_image
 from detrkit.engine.evaluate import to_coco_results
 from detrkit.engine.visualize import draw_detections
-from detrkit.files import write_atomically
+from detrkit.files import existing_results, write_atomically
 from detrkit.inference.detector import Detections, Detector
 from detrkit.models.deformable_transformer import ImageTooSmallError
 
@@ -141,6 +141,7 @@ def predict_files(
     out: str | Path,
     batch_size: int = 1,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> PredictReport:
     """Detects objects in every image ``inputs`` name and writes into ``out``: each image with
     its detections drawn, ``detections.json`` (COCO results: image_id, category_id = the label,
@@ -148,7 +149,7 @@ def predict_files(
 
     Inputs that name nothing or cannot be read are reported on stderr and skipped; the others
     are processed. Raises ValueError when no input names a file, or when an output would
-    overwrite an input.
+    overwrite an input; FileExistsError when ``out`` holds earlier results, unless ``overwrite``.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -172,6 +173,8 @@ def predict_files(
     for target in targets:
         if target.resolve() in inputs_resolved:
             raise ValueError(f"--out {out}: writing {target.name} would overwrite an input image")
+    results_file, images_file = out / RESULTS_FILE, out / IMAGES_FILE
+    existing_results([*targets, results_file, images_file], f"--out {out}", overwrite)
     out.mkdir(parents=True, exist_ok=True)
 
     done: list[tuple[int, Detections]] = []  # (index into paths, detections)
@@ -195,12 +198,14 @@ def predict_files(
     ids = image_ids([paths[index] for index, _ in done])
     results, images = [], []
     for image_id, (index, detections) in zip(ids, done):
-        results.extend(to_coco_results(image_id, detections.as_dict()))
+        results.extend(
+            to_coco_results(image_id, detections.as_dict(), detector.config.category_ids)
+        )
         height, width = detections.image_size
         entry = {"id": image_id, "file_name": str(paths[index]), "height": height, "width": width}
         images.append(entry)
     report.detections = len(results)
-    report.results_file, report.images_file = out / RESULTS_FILE, out / IMAGES_FILE
+    report.results_file, report.images_file = results_file, images_file
     _write_json(report.results_file, results)
     _write_json(report.images_file, images)
     return report
@@ -208,6 +213,8 @@ def predict_files(
 
 def category_ids_note(detector: Detector) -> str:
     """What ``category_id`` means in detections.json for this model."""
+    if detector.config.category_ids is not None:
+        return "category_id is the training dataset's category id"
     if detector.config.num_classes == 91 and detector.config.class_names is None:
         return "category_id is the COCO category id"
     return "category_id is the model's class index (0-based)"
