@@ -126,9 +126,9 @@ def _check_image_files(report: Report, index: CocoIndex, decode: bool) -> None:
         if entry.file_name is None:  # malformed or unsafe: reported already
             continue
         where = f"{entry.file_name} (image id {image_id})"
-        findings = image_file_findings(report.images_dir, entry.file_name)
+        findings = image_file_findings(report.images_dir, entry.file_name, where)
         for finding in findings:
-            report.record(Finding(finding.kind, f"{finding.detail} (image id {image_id})"))
+            report.record(finding)
         if any(finding.severity == "error" for finding in findings):
             continue
         path = report.images_dir / entry.file_name

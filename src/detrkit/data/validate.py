@@ -159,7 +159,8 @@ class CocoIndex:
         errors = self.errors
         if errors:
             more = len(errors) - 1
-            also = f" (and {more} more problems: `detrkit data check` lists them)" if more else ""
+            problems = "problem" if more == 1 else "problems"
+            also = f" (and {more} more {problems}: `detrkit data check` lists them)" if more else ""
             raise CocoFormatError(f"{path}: {errors[0].detail}{also}")
 
     def untrainable_reason(self) -> str | None:
@@ -266,7 +267,8 @@ def validate_coco(data: dict[str, Any]) -> CocoIndex:
     _index_annotations(index, data["annotations"])
     for image_id, entry in index.images.items():
         if image_id not in index.annotated:
-            index.add("image_without_annotations", f"{entry.file_name} (image id {image_id})")
+            name = f"{entry.file_name} " if entry.file_name else ""
+            index.add("image_without_annotations", f"{name}(image id {image_id})")
     return index
 
 
@@ -305,8 +307,8 @@ def _index_images(index: CocoIndex, images: list[Any]) -> None:
         elif (reason := outside_reason(file_name)) is not None:
             index.add(
                 "unsafe_file_name",
-                f"images[{i}] has file_name {shown_value(file_name)}, {reason} outside the images "
-                "folder; expected a path inside it",
+                f"images[{i}] has file_name {shown_value(file_name)}, which leads outside the "
+                f"images folder ({reason}); expected a path inside it",
             )
             file_name = None
         image_id = image.get("id")
@@ -387,16 +389,18 @@ def _index_annotations(index: CocoIndex, annotations: list[Any]) -> None:
         index.annotated.add(image_id)
 
 
-def image_file_findings(images_dir: Path, file_name: str) -> list[Finding]:
+def image_file_findings(images_dir: Path, file_name: str, label: str = "") -> list[Finding]:
     """What is wrong with a listed image's file short of decoding it: missing, not a file, or
-    a symlink leading outside ``images_dir`` (a warning: it is read all the same)."""
+    a symlink leading outside ``images_dir`` (a warning: it is read all the same). ``label``
+    names the file in the findings (default: ``file_name``)."""
+    label = label or file_name
     path = images_dir / file_name
     if not path.exists():
         how = "a symlink to nothing" if path.is_symlink() else "no such file"
-        return [Finding("missing_image_file", f"{file_name}: {how}")]
+        return [Finding("missing_image_file", f"{label}: {how}")]
     if not path.is_file():
         what = "a folder" if path.is_dir() else "not a regular file"
-        return [Finding("image_not_a_file", f"{file_name}: {what}, not an image file")]
+        return [Finding("image_not_a_file", f"{label}: {what}, not an image file")]
     if not path.resolve().is_relative_to(images_dir.resolve()):
-        return [Finding("image_symlink_outside", f"{file_name}: a symlink to {path.resolve()}")]
+        return [Finding("image_symlink_outside", f"{label}: a symlink to {path.resolve()}")]
     return []
