@@ -11,7 +11,8 @@ from detrkit.data.digits import write_digits_coco
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    """Prints the dataset report; exits non-zero only when the dataset is unusable."""
+    """Prints the dataset report; exits non-zero only when the dataset is unusable: when
+    training or evaluation would refuse it (the loader applies the same rules)."""
     report = check_dataset(args.images, args.annotations, decode_images=not args.no_decode)
     print(report.format())
     return report.exit_code
@@ -42,7 +43,9 @@ def add_data_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
 
     check = commands.add_parser(
-        "check", help="report the problems of a COCO-format dataset (exit 1 if unusable)"
+        "check",
+        help="report the problems of a COCO-format dataset: errors where training or evaluation "
+        "would refuse it (exit 1), warnings for what they leave out or clip",
     )
     check.add_argument("images", help="directory of the image files")
     check.add_argument("annotations", help="COCO instances JSON file")

@@ -19,9 +19,8 @@ from torchvision.transforms.v2 import functional as F
 
 from detrkit.data.transforms import SampleTransform, to_training_sample
 from detrkit.data.validate import (
-    LEFT_OUT,
     CocoFormatError,
-    CocoIndex,
+    CocoObject,
     image_file_findings,
     shown_value,
     validate_coco,
@@ -116,9 +115,10 @@ def require_trainable(dataset: Dataset, source: str | Path | None = None) -> Non
     image. ``source`` names the data in the message (default: the dataset's JSON file)."""
     if isinstance(dataset, CocoDetection):
         source = source or dataset.annotations_json
-        reason = dataset.index.untrainable_reason()
-        if reason is not None:
-            raise CocoFormatError(f"{source}: {reason}; a training set needs at least one")
+        if dataset.untrainable_reason is not None:
+            raise CocoFormatError(
+                f"{source}: {dataset.untrainable_reason}; a training set needs at least one"
+            )
     if len(dataset) == 0:
         raise ValueError(f"{source or 'the training set'}: no images to train on")
 
@@ -185,13 +185,25 @@ class CocoDetection(Dataset):
         self.skip_unreadable = not strict if skip_unreadable is None else skip_unreadable
         self._unreadable: set[str] = set()
 
-        self.index: CocoIndex = validate_coco(read_coco_json(self.annotations_json))
-        self.index.raise_errors(self.annotations_json)
-        self._warn_left_out()
-        self._set_labels(self.index.categories)
+        index = validate_coco(read_coco_json(self.annotations_json))
+        index.raise_errors(self.annotations_json)
+        left_out = index.left_out_counts()
+        if any(left_out.values()):
+            crowd, empty, off = left_out.values()
+            warnings.warn(
+                f"{self.annotations_json}: left out of the targets: {crowd} crowd annotations, "
+                f"{empty} boxes of zero size, {off} boxes wholly outside their image "
+                "(`detrkit data check` lists them)",
+                stacklevel=2,
+            )
+        # Why a training run could learn nothing from this set (None: it can); see
+        # require_trainable. Kept instead of the index, which workers would copy.
+        self.untrainable_reason = index.untrainable_reason()
+        self._set_labels(index.categories)
         # Sorted ids, as torchvision's and the original DETR's COCO datasets order them.
-        self.image_ids = sorted(self.index.images)
-        self._files = [self.index.images[i].file_name for i in self.image_ids]
+        self.image_ids = sorted(index.images)
+        self._files = [index.images[i].file_name for i in self.image_ids]
+        self._objects = [self._targets_of(index.objects[i]) for i in self.image_ids]
         if not self.skip_unreadable:  # found now, not images into an epoch
             bad = [
                 finding.detail
@@ -205,20 +217,6 @@ class CocoDetection(Dataset):
                     f"{self.annotations_json} are not there, e.g. {'; '.join(bad[:3])}"
                 )
 
-    def _warn_left_out(self) -> None:
-        counts = {kind: 0 for kind in LEFT_OUT}
-        for finding in self.index.findings:
-            if finding.kind in counts:
-                counts[finding.kind] += 1
-        if any(counts.values()):
-            crowd, empty, off = counts.values()
-            warnings.warn(
-                f"{self.annotations_json}: left out of the targets: {crowd} crowd annotations, "
-                f"{empty} boxes of zero size, {off} boxes wholly outside their image "
-                "(`detrkit data check` lists them)",
-                stacklevel=3,
-            )
-
     def _set_labels(self, names: dict[int, str]) -> None:
         ids = sorted(names)
         if self.label_mapping == "contiguous":
@@ -229,15 +227,15 @@ class CocoDetection(Dataset):
             # original COCO class list does.
             self.category_ids = list(range(ids[-1] + 1))
             self.class_names = [names.get(i, "N/A") for i in self.category_ids]
-        label_of = {category_id: self.category_ids.index(category_id) for category_id in ids}
-        self._objects = []
-        for image_id in sorted(self.index.images):
-            objects = _Objects()
-            for found in self.index.objects[image_id]:
-                objects.xywh.append(found.xywh)
-                objects.labels.append(label_of[found.category_id])
-                objects.areas.append(found.area)
-            self._objects.append(objects)
+        self._label_of = {category_id: self.category_ids.index(category_id) for category_id in ids}
+
+    def _targets_of(self, found: list[CocoObject]) -> _Objects:
+        objects = _Objects()
+        for item in found:
+            objects.xywh.append(item.xywh)
+            objects.labels.append(self._label_of[item.category_id])
+            objects.areas.append(item.area)
+        return objects
 
     @property
     def num_classes(self) -> int:

@@ -163,14 +163,19 @@ class CocoIndex:
             also = f" (and {more} more {problems}: `detrkit data check` lists them)" if more else ""
             raise CocoFormatError(f"{path}: {errors[0].detail}{also}")
 
+    def left_out_counts(self) -> dict[str, int]:
+        """How many annotations of each kind in :data:`LEFT_OUT` the loader leaves out."""
+        counts = dict.fromkeys(LEFT_OUT, 0)
+        for finding in self.findings:
+            if finding.kind in counts:
+                counts[finding.kind] += 1
+        return counts
+
     def untrainable_reason(self) -> str | None:
         """Why no training step could learn from this file, or None when some object can."""
         if self.usable_objects:
             return None
-        left_out = {kind: 0 for kind in LEFT_OUT}
-        for finding in self.findings:
-            if finding.kind in left_out:
-                left_out[finding.kind] += 1
+        left_out = self.left_out_counts()
         if not any(left_out.values()):
             return "no annotation to train on"
         crowd, empty, off = left_out.values()
