@@ -15,7 +15,8 @@ import torch.nn.functional as F
 import detrkit
 from detrkit.cli.main import main
 from detrkit.deploy import ExportedModel, ExportError
-from detrkit.deploy.verify import compare
+from detrkit.deploy.sizes import check_export_size
+from detrkit.deploy.verify import compare, verification_checks, verify_file
 from detrkit.models.backbone import resize_mask
 from detrkit.ops import ms_deform_attn_portable, ms_deform_attn_reference
 
@@ -165,7 +166,8 @@ def test_torch_program_runs_with_torch_export_load(exports, name):
 
 @needs_onnx
 def test_cli_exports_verifies_and_records_metadata(tmp_path, capsys):
-    """`detrkit export` on a checkpoint: verified on its own, dynamic axes named, metadata set."""
+    """`detrkit export` on a checkpoint at the smallest size DETR takes: verified on its own,
+    dynamic axes named, metadata set, and it computes what PyTorch computes at other sizes."""
     import onnx
 
     model = tiny_model("detr")
@@ -173,9 +175,12 @@ def test_cli_exports_verifies_and_records_metadata(tmp_path, capsys):
     detrkit.save(model, tmp_path / "checkpoint")
     out = tmp_path / "detr.onnx"
     argv = ["export", "--weights", str(tmp_path / "checkpoint"), "--out", str(out)]
-    assert main([*argv, "--size", *map(str, EXPORT_SIZE)]) == 0
+    # DETR's smallest export size (its stride-32 map 2x2): the file still takes every size.
+    assert main([*argv, "--size", "33", "33"]) == 0
     printed = capsys.readouterr().out
-    assert "verified with ONNX Runtime on a batch of 3" in printed and "pred_logits" in printed
+    # At the export's size (another batch than the 2 traced with) and at a larger size.
+    assert "verified with ONNX Runtime on a batch of 1 at 33x33 and a batch of 3 at" in printed
+    assert "pred_logits" in printed
 
     graph = onnx.load(out)
     assert graph.opset_import[0].version == 18
@@ -354,7 +359,15 @@ def test_bad_requests_fail_before_any_work(tmp_path):
         detrkit.export(model, tmp_path, "torch")
     with pytest.raises(TypeError, match="detrkit model"):
         detrkit.export(torch.nn.Linear(2, 2), tmp_path / "m.pt2", "torch")
+    with pytest.raises(ValueError, match=r"opset 23 is too new.*18 to 22"):
+        detrkit.export(model, tmp_path / "m.onnx", opset=23)
+    with pytest.raises(ExportError, match=r"size 32x40 is too small.*at least 33 pixels"):
+        detrkit.export(model, tmp_path / "m.pt2", "torch", size=(32, 40))
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "m.pt2").write_bytes(b"an earlier export")
+    with pytest.raises(ExportError, match=r"m\.pt2 already exists; pass overwrite=True"):
+        detrkit.export(model, tmp_path / "m.pt2", "torch")
+    assert (tmp_path / "m.pt2").read_bytes() == b"an earlier export"
 
 
 def test_missing_onnx_packages_name_the_extra(tmp_path, monkeypatch):
@@ -371,28 +384,120 @@ def test_failed_verification_leaves_nothing_behind(tmp_path, monkeypatch):
     def fake_trace(graph, format, size, opset, metadata):
         return lambda target: target.write_bytes(b"half an export")
 
-    def failing_check(path, graph, inputs, tolerance):
+    def failing_check(path, graph, checks, tolerance):
         raise ExportError("pred_logits differs from PyTorch by 1.00e-02 (max abs)")
 
     monkeypatch.setattr(deploy, "_trace", fake_trace)
     monkeypatch.setattr(deploy, "verify_file", failing_check)
     (tmp_path / "m.pt2").write_bytes(b"the previous export")
     with pytest.raises(ExportError, match="pred_logits differs"):
-        detrkit.export(tiny_model("detr"), tmp_path / "m.pt2", "torch")
+        detrkit.export(tiny_model("detr"), tmp_path / "m.pt2", "torch", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt2"]
     assert (tmp_path / "m.pt2").read_bytes() == b"the previous export"
 
 
-def test_cli_reports_bad_input(tmp_path, capsys):
-    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
-    assert main(["export", "--weights", str(tmp_path / "bad.pth"), "--out", "m.onnx"]) == 2
-    assert "bad.pth" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("name", "overrides", "side", "square"),
+    [
+        ("detr", {}, 33, 33),  # C5, stride 32
+        ("deformable", {}, 65, 65),  # the extra stride-64 level
+        ("deformable_two_stage", {}, 33, 33),  # C4 and C5; 5 queries from 13 positions at 33
+        # 300 queries need 300 positions of C4 and C5: 15x15 + 8x8 at 240, 16x16 + 8x8 at 241
+        ("deformable_two_stage", {"num_queries": 300}, 33, 241),
+    ],
+)
+def test_the_smallest_export_size_is_stated_and_enforced(name, overrides, side, square):
+    """Each feature map at least 2x2 (a map of 1 pixel fixes the export to it), and two-stage
+    as many encoder positions as queries: the message gives the smallest sizes."""
+    preset, options = MODELS[name]
+    model = detrkit.build_model(preset, **{**TINY, **options, **overrides})
+    check_export_size(model, (square, square))
+    check_export_size(model, (square, max(square, 1000)))
+    with pytest.raises(ExportError, match=f"at least {side} pixels.*smallest square size is "):
+        check_export_size(model, (side - 1, 1000))
+    if square > side:
+        with pytest.raises(ExportError, match=f"at least 300 encoder positions.*{square}x{square}"):
+            check_export_size(model, (square - 1, square - 1))
+
+
+@needs_onnx
+def test_an_export_below_the_smallest_size_is_caught(tmp_path, monkeypatch):
+    """What the size check prevents: DETR traced at 32x32 (a 1x1 map) runs at that size only.
+    Tracing bounds the input's size, which the export reports; and verification at another size
+    fails where verification at the export's own size passes."""
+    import detrkit.deploy as deploy
+    import detrkit.deploy.to_onnx as to_onnx
+
+    caught = []
+
+    def report_dynamic(*args):
+        try:
+            to_onnx_check(*args)
+        except ExportError as error:
+            caught.append(str(error))
+
+    to_onnx_check = to_onnx.check_dynamic
+    monkeypatch.setattr(deploy, "check_export_size", lambda model, size: None)
+    monkeypatch.setattr(to_onnx, "check_dynamic", report_dynamic)
     model = tiny_model("detr")
-    detrkit.save(model, tmp_path / "checkpoint")
-    argv = ["export", "--weights", str(tmp_path / "checkpoint")]
-    assert main([*argv, "--out", str(tmp_path / "no" / "m.onnx")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    assert main([*argv, "--out", str(tmp_path / "m.onnx"), "--opset", "11"]) == 2
-    assert "opset 11 is too old" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main([*argv, "--out", str(tmp_path / "m.onnx"), "--format", "tflite"])
+    path = tmp_path / "m.onnx"
+    detrkit.export(model, path, size=(32, 32), verify=False)
+    assert caught and "bounded axis 2 (height) of images to at most 32" in caught[0]
+
+    graph = deploy.ExportedDetector(model.requires_grad_(False)).eval()
+    own_size, larger = verification_checks(graph.input_names, (32, 32))
+    assert verify_file(path, graph, [own_size])["pred_logits"] <= TOLERANCE
+    with pytest.raises(ExportError, match=r"ONNX Runtime could not run the export on a batch of 3"):
+        verify_file(path, graph, [own_size, larger])
+
+
+def _ranked(values: list[list[float]]) -> dict[str, torch.Tensor]:
+    """Raw outputs of one image whose queries are told apart by their first logit."""
+    logits = torch.tensor(values)[None]  # [1, Q, 2]
+    return {"pred_logits": logits, "pred_boxes": logits.sigmoid().repeat(1, 1, 2)}
+
+
+def test_two_stage_queries_may_change_places_only_where_their_proposals_tie():
+    """Two-stage queries are the top-k proposals: where proposal scores tie within the
+    tolerance, the runtime may order them (or pick among them at the edge) unlike PyTorch."""
+    expected = _ranked([[3.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [-2.0, 0.0]])
+    # proposal scores of queries 0-3, then the best one left out
+    scores = torch.tensor([[5.0, 4.00002, 4.0, 2.0, 1.99997]])
+    swapped = {k: v[:, [0, 2, 1, 3]] for k, v in expected.items()}
+    assert compare(expected, swapped, TOLERANCE, query_scores=scores) == {
+        "pred_logits": 0.0,
+        "pred_boxes": 0.0,
+    }
+    # A place change without a tie: the export ranks proposals otherwise than PyTorch.
+    with pytest.raises(ExportError, match="2 queries of the export match none of PyTorch's"):
+        compare(expected, {k: v[:, [1, 0, 2, 3]] for k, v in expected.items()}, query_scores=scores)
+    # The last query ties with the best proposal left out: the runtime may have taken that one.
+    other_at_edge = _ranked([[3.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [7.0, 0.0]])
+    compare(expected, other_at_edge, TOLERANCE, query_scores=scores)
+    untied = torch.tensor([[5.0, 4.00002, 4.0, 2.0, 1.0]])
+    with pytest.raises(ExportError, match="1 queries of the export match none"):
+        compare(expected, other_at_edge, TOLERANCE, query_scores=untied)
+    # Tied queries are still compared in full: a logit off by 1e-3 is a difference.
+    off = {k: v.clone() for k, v in swapped.items()}
+    off["pred_logits"][0, 1, 1] += 1e-3
+    with pytest.raises(ExportError, match="1 queries of the export match none"):
+        compare(expected, off, TOLERANCE, query_scores=scores)
+
+
+def test_nan_in_the_export_is_a_difference():
+    expected = {"pred_logits": torch.zeros(1, 5, 3), "pred_boxes": torch.zeros(1, 5, 4)}
+    actual = {k: v.clone() for k, v in expected.items()}
+    actual["pred_logits"][0, 3, 1] = float("nan")
+    with pytest.raises(ExportError, match="pred_logits differs from PyTorch by nan"):
+        compare(expected, actual, TOLERANCE)
+    with pytest.raises(ExportError, match="1 queries of the export match none"):
+        compare(expected, actual, TOLERANCE, query_scores=torch.arange(6.0).flip(0)[None])
+    detections = {
+        "scores": torch.tensor([[0.9, 0.5]]),
+        "labels": torch.tensor([[1, 2]]),
+        "boxes": torch.tensor([[[0.0, 0, 10, 10], [5, 5, 9, 9]]]),
+    }
+    broken = {**detections, "boxes": detections["boxes"].clone()}
+    broken["boxes"][0, 1, 2] = float("nan")
+    with pytest.raises(ExportError, match="1 detections have no counterpart"):
+        compare(detections, broken, TOLERANCE, torch.tensor([[100, 200]]))

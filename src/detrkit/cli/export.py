@@ -3,21 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from detrkit.checkpoints import load
-from detrkit.cli.inference import positive_float, positive_int
-from detrkit.deploy import DEFAULT_OPSET, FORMATS, ExportError, ExportResult, export
+from detrkit.checkpoints import load, require_finite_weights
+from detrkit.cli.inference import positive_int
+from detrkit.deploy import (
+    DEFAULT_OPSET,
+    FORMATS,
+    MIN_OPSET,
+    ExportError,
+    ExportResult,
+    check_writable,
+    export,
+    newest_opset,
+)
+from detrkit.deploy.sizes import check_export_size
+from detrkit.deploy.to_onnx import check_opset
+
+# The file suffix of each format's files; the other suffix with --format is a mistake.
+SUFFIXES = {"onnx": ".onnx", "torch": ".pt2"}
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Loads the checkpoint, exports it and reports how far the export is from PyTorch."""
-    model = load(args.weights)  # CheckpointError: reported by main with exit code 2
     out = Path(args.out)
     format_name = args.format or ("torch" if out.suffix == ".pt2" else "onnx")
+    size = tuple(args.size)
     try:
+        # Everything the options alone decide is checked before the checkpoint is read and
+        # before the export's tracing (tens of seconds) starts.
+        check_out(out, format_name, args.format is not None, args.overwrite)
+        if format_name == "onnx":
+            check_opset(args.opset, "--opset")
+        # Load errors (CheckpointError, FileNotFoundError) are reported by main, naming the file.
+        model = load(args.weights)
+        require_finite_weights(model, f"--weights {args.weights}")
+        check_export_size(model, size, f"--size {size[0]} {size[1]}")
         result = export(
             model,
             out,
@@ -25,29 +50,67 @@ def cmd_export(args: argparse.Namespace) -> int:
             opset=args.opset,
             with_postprocess=args.with_postprocess,
             with_mask=not args.no_mask,
-            size=tuple(args.size),
+            size=size,
             tolerance=args.tolerance,
+            overwrite=args.overwrite,
         )
-    except (ExportError, ModuleNotFoundError) as error:
+    # ValueError: non-finite weights or outputs, a bad opset; OSError: WriteError, a full disk.
+    except (ExportError, ModuleNotFoundError, ValueError, OSError) as error:
         print(f"detrkit: error: {error}", file=sys.stderr)
         return 2
     print(describe(result))
     return 0
 
 
+def check_out(out: Path, format_name: str, format_given: bool, overwrite: bool) -> None:
+    """Raises ExportError, naming --out, for a file that exists (without --overwrite), a path
+    that cannot be written, or a suffix of the other format than --format's."""
+    other = next(f for f in FORMATS if f != format_name)
+    if format_given and out.suffix == SUFFIXES[other]:
+        raise ExportError(
+            f"--format {format_name} writes a {SUFFIXES[format_name]} file, but --out {out} "
+            f"ends in {out.suffix} (the {other} format's suffix); name the file "
+            f"{out.with_suffix(SUFFIXES[format_name]).name} or leave out --format"
+        )
+    if os.path.lexists(out) and not (out.is_dir() and not out.is_symlink()) and not overwrite:
+        raise ExportError(f"--out {out} already exists; pass --overwrite to replace it")
+    try:
+        check_writable(out, overwrite=True)
+    except ExportError as error:
+        raise ExportError(f"--out {error}") from None
+
+
 def describe(result: ExportResult) -> str:
-    """Two lines: what was written, and the check against PyTorch."""
+    """Two lines: what was written, and the checks against PyTorch."""
     meta = result.metadata
     lines = [f"wrote {result.path} ({result.format}, {meta['preset']}, inputs {meta['inputs']})"]
-    if result.verified_shape:
+    if result.verified_shapes:
         runtime = "ONNX Runtime" if result.format == "onnx" else "torch.export.load"
-        batch, height, width = result.verified_shape
-        figures = ", ".join(f"{name} {value:.1e}" for name, value in result.differences.items())
-        lines.append(
-            f"verified with {runtime} on a batch of {batch} at {height}x{width} against PyTorch: "
-            f"max |diff| {figures}"
+        checks = " and ".join(
+            f"a batch of {batch} at {height}x{width}"
+            for batch, height, width in result.verified_shapes
         )
+        figures = ", ".join(f"{name} {value:.1e}" for name, value in result.differences.items())
+        lines.append(f"verified with {runtime} on {checks} against PyTorch: max |diff| {figures}")
     return "\n".join(lines)
+
+
+def _tolerance(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def _one_line_error(message: str) -> NoReturn:
+    """The export parser's errors: one line naming the option, as every other error of
+    ``detrkit export`` is, without argparse's usage block."""
+    print(f"detrkit: error: {message} (see detrkit export --help)", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def add_export_commands(commands: argparse._SubParsersAction[Any]) -> None:
@@ -56,24 +119,33 @@ def add_export_commands(commands: argparse._SubParsersAction[Any]) -> None:
         "export",
         help="export a model to ONNX or torch.export, checked against PyTorch",
         description="Export a checkpoint to ONNX (ONNX Runtime, TensorRT, OpenVINO, ...) or to a "
-        "torch.export program. The file is run on a batch and an image size other than the "
-        "export's and compared with PyTorch before it is kept; a difference above the "
-        "tolerance is an error.",
+        "torch.export program. The file is run on one image at the export's size and on a "
+        "batch of 3 at a larger size, and compared with PyTorch before it is kept; a "
+        "difference above the tolerance is an error.",
     )
+    parser.error = _one_line_error  # type: ignore[method-assign]
     parser.add_argument(
         "--weights",
         required=True,
         help="any checkpoint detrkit.load reads: an official .pth, a Hugging Face directory, "
         "a detrkit directory or a training checkpoint",
     )
-    parser.add_argument("--out", required=True, help="the file to write (.onnx or .pt2)")
+    parser.add_argument(
+        "--out", required=True, help="the file to write (.onnx or .pt2); see --overwrite"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the file at --out if there is one"
+    )
     parser.add_argument(
         "--format",
         choices=FORMATS,
         help="onnx or torch (default: torch for a .pt2 file, else onnx)",
     )
     parser.add_argument(
-        "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})"
+        "--opset",
+        type=int,
+        default=DEFAULT_OPSET,
+        help=f"ONNX opset, {MIN_OPSET} to {newest_opset()} (default {DEFAULT_OPSET})",
     )
     parser.add_argument(
         "--with-postprocess",
@@ -89,11 +161,14 @@ def add_export_commands(commands: argparse._SubParsersAction[Any]) -> None:
         nargs=2,
         default=[800, 1066],
         metavar=("H", "W"),
-        help="image size to trace with (default 800 1066); the export takes any size",
+        help="image size to trace with (default 800 1066); the export takes other sizes. Every "
+        "feature map must be at least 2x2 at this size: each side at least 33 for DETR (17 "
+        "with DC5) and 65 for four-level Deformable DETR (its stride-64 level); two-stage "
+        "also needs as many encoder positions as queries (113 113 for 300)",
     )
     parser.add_argument(
         "--tolerance",
-        type=positive_float,
+        type=_tolerance,
         default=1e-4,
         help="largest absolute difference from PyTorch allowed (default 1e-4)",
     )

@@ -19,21 +19,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from detrkit.checkpoints.finite import require_finite_weights
 from detrkit.deploy.errors import ExportError
 from detrkit.deploy.graph import ExportedDetector
 from detrkit.deploy.metadata import export_metadata
 from detrkit.deploy.runtime import ExportedModel, file_format
+from detrkit.deploy.sizes import check_export_size, feature_strides
 from detrkit.deploy.to_onnx import (
     DEFAULT_OPSET,
     MIN_OPSET,
     check_opset,
     export_onnx,
+    newest_opset,
     require_onnx,
     save_onnx,
 )
 from detrkit.deploy.to_program import export_program, save_program
-from detrkit.deploy.verify import verification_inputs, verification_size, verify_file
-from detrkit.files import write_atomically
+from detrkit.deploy.verify import verification_checks, verify_file
+from detrkit.files import remove_temporaries, write_atomically
 from detrkit.models import ModelConfig
 from detrkit.models.deformable_attention import MSDeformAttn
 from detrkit.ops import auto_implementation
@@ -49,6 +52,7 @@ __all__ = [
     "ExportedModel",
     "export",
     "file_format",
+    "newest_opset",
 ]
 
 
@@ -63,7 +67,8 @@ class ExportResult:
     # pixels, from the matching detection, and "labels" counts detections without a match (0).
     # Empty when not verified.
     differences: dict[str, float] = field(default_factory=dict)
-    verified_shape: tuple[int, ...] | None = None  # (batch, height, width) of the check
+    # (batch, height, width) of each check: the export's size, then a larger one.
+    verified_shapes: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def export(
@@ -78,6 +83,7 @@ def export(
     num_select: int = 100,
     verify: bool = True,
     tolerance: float = 1e-4,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Exports a detrkit model to ``path``: ONNX (``format="onnx"``) or a torch.export program
     (``format="torch"``, a .pt2 file for ``torch.export.load``, after ``import detrkit``).
@@ -86,12 +92,23 @@ def export(
     ``[B, H, W]``, with B, H and W dynamic, and returns ``pred_logits`` and ``pred_boxes``. With
     ``with_postprocess`` it also takes ``orig_sizes`` ``[B, 2]`` and returns ``scores``,
     ``labels`` and absolute xyxy ``boxes`` (the ``num_select`` best for Deformable DETR). ``size``
-    is the (H, W) traced with. The file records detrkit's version, the preset, the class names
-    and the normalisation (ONNX metadata; a JSON member of the .pt2 archive).
+    is the (H, W) traced with: every feature map must be at least 2x2 there, so each side at
+    least the coarsest stride plus one (DETR 33, DC5 17, four-level Deformable DETR 65), and
+    two-stage needs as many encoder positions as queries (113x113 for 300); a smaller size is
+    an :class:`ExportError` stating the smallest (see :mod:`detrkit.deploy.sizes`). The file
+    records detrkit's version, the preset, the class names and the normalisation (ONNX
+    metadata; a JSON member of the .pt2 archive).
 
-    With ``verify`` the file is run (ONNX Runtime or torch.export.load) on a batch of 3 images
-    of another size, one padded, and compared with PyTorch; an output that differs by more than
-    ``tolerance`` raises :class:`ExportError` and nothing is written.
+    With ``verify`` the file is run (ONNX Runtime or torch.export.load) on one image at the
+    export's size and on a batch of 3 images of a larger size, one padded, and compared with
+    PyTorch; an output that differs by more than ``tolerance`` raises :class:`ExportError` and
+    nothing is written. Two-stage queries may change places where their proposal scores tie
+    within ``tolerance`` (see :func:`detrkit.deploy.verify.compare`). Non-finite weights, or
+    PyTorch outputs, raise NonFiniteError (a ValueError).
+
+    An existing file at ``path`` is an ExportError unless ``overwrite``; the file is written
+    whole or not at all (a link at ``path`` is replaced, not followed), and a full disk or
+    another failure to write raises :class:`detrkit.files.WriteError` naming it.
 
     The model is copied (to CPU, float32, eval mode), never changed.
     """
@@ -103,10 +120,14 @@ def export(
     config = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or not isinstance(config, ModelConfig):
         raise TypeError("export() takes a detrkit model (one built by build_model or load)")
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"size must be (height, width), two positive numbers, got {size}")
+    size = tuple(size)
+    check_export_size(model, size)
     path = Path(path)
-    check_writable(path)
+    check_writable(path, overwrite)
+    require_finite_weights(model, f"the model to export to {path}")
+    # Temporaries of this file that an export killed mid-write left behind (up to the size of
+    # the export each); nothing else writes this file now.
+    remove_temporaries(path.parent, path.name)
 
     # requires_grad on every weight: tracing a matmul with frozen weights checks the input's
     # strides, which fixes the batch size of the decoder's attention to the export's.
@@ -132,21 +153,26 @@ def export(
             module.accumulate_into_shortcut = False
     graph = ExportedDetector(source, with_mask, with_postprocess, num_select).eval()
     metadata = export_metadata(config, graph.input_names, graph.output_names)
-    write = _trace(graph, format, tuple(size), opset, metadata)
+    write = _trace(graph, format, size, opset, metadata)
     result = ExportResult(path, format, metadata)
 
     def write_and_verify(target: Path) -> None:
         write(target)
         if verify:
-            inputs = verification_inputs(graph.input_names, verification_size(tuple(size)))
-            result.differences = verify_file(target, graph, inputs, tolerance)
-            batch, _, height, width = inputs["images"].shape
-            result.verified_shape = (batch, height, width)
+            checks = verification_checks(graph.input_names, size, max(feature_strides(source)))
+            try:
+                result.differences = verify_file(target, graph, checks, tolerance)
+            except ExportError as error:
+                # Name the file the user asked for, not the temporary one being checked.
+                message = str(error).replace(str(target), str(path))
+                raise ExportError(f"{path}: the export does not verify: {message}") from None
+            result.verified_shapes = [
+                (len(inputs["images"]), *inputs["images"].shape[-2:]) for inputs in checks
+            ]
 
-    try:
-        write_atomically(path, write_and_verify)
-    except OSError as error:
-        raise ExportError(f"{path}: cannot write the export: {error}") from error
+    # A full disk or another failure to write: WriteError (an OSError) naming the file, the
+    # previous file left as it was.
+    write_atomically(path, write_and_verify)
     return result
 
 
@@ -166,14 +192,17 @@ def _trace(
     return lambda target: save_program(program, target, metadata)
 
 
-def check_writable(path: Path) -> None:
-    """Raises ExportError when ``path`` cannot be written, before any work is done."""
-    if path.is_dir():
+def check_writable(path: Path, overwrite: bool = False) -> None:
+    """Raises ExportError when ``path`` cannot be written, or holds a file (or a link) and not
+    ``overwrite``, before any work is done."""
+    if path.is_dir() and not path.is_symlink():
         raise ExportError(f"{path} is a directory; give the path of the file to write")
     if not path.parent.is_dir():
         raise ExportError(f"{path}: the directory {path.parent} does not exist")
+    if os.path.lexists(path) and not overwrite:
+        raise ExportError(f"{path} already exists; pass overwrite=True to replace it")
     try:
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}."):
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
             pass
     except OSError as error:
         raise ExportError(f"{path}: cannot write in {path.parent}: {error}") from None

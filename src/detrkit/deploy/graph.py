@@ -9,10 +9,13 @@ Batch, height and width are dynamic.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
-from torch.export import Dim
+from torch.export import Dim, ExportedProgram
 
+from detrkit.deploy.errors import ExportError
 from detrkit.models import PostProcess
 
 RAW_OUTPUTS = ("pred_logits", "pred_boxes")
@@ -74,3 +77,33 @@ class ExportedDetector(nn.Module):
         return (
             tuple({axis: Dim.AUTO for axis in DYNAMIC_AXES[name]} for name in self.input_names),
         )
+
+
+def check_dynamic(program: ExportedProgram, input_names: list[str], exporter: str) -> None:
+    """Raises ExportError when tracing fixed a dynamic axis or bounded it above: Dim.AUTO lets
+    export pin a dimension silently where the code needs one value (or, for a feature map of 1
+    pixel, a range of values), and a graph that only runs at the export size is an error here,
+    not a surprise at deployment."""
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    for name, node_name in zip(input_names, program.graph_signature.user_inputs):
+        shape = placeholders[node_name].meta["val"].shape
+        for axis in DYNAMIC_AXES[name]:
+            dim = shape[axis]
+            if _is_fixed(dim):
+                raise ExportError(
+                    f"{exporter} fixed axis {axis} ({AXIS_NAMES[name][axis]}) of {name} to the "
+                    f"export's {int(dim)}: the model's code specialises on it"
+                )
+            bounds = program.range_constraints.get(dim.node.expr)
+            if bounds is not None and not math.isinf(float(bounds.upper)):
+                raise ExportError(
+                    f"{exporter} bounded axis {axis} ({AXIS_NAMES[name][axis]}) of {name} to at "
+                    f"most {int(bounds.upper)}: the export would not run on larger inputs"
+                )
+
+
+def _is_fixed(dim: int | torch.SymInt) -> bool:
+    """Whether a traced size is a constant, including a symbol that tracing later pinned."""
+    if isinstance(dim, int):
+        return True
+    return dim.node.shape_env.replace(dim.node.expr).is_number

@@ -11,13 +11,29 @@ from pathlib import Path
 import torch
 
 from detrkit.deploy.errors import ExportError, missing_onnx_packages
-from detrkit.deploy.graph import AXIS_NAMES, ExportedDetector
+from detrkit.deploy.graph import AXIS_NAMES, ExportedDetector, check_dynamic
 
 # torch.onnx's exporter writes opset 18 and later natively; asked for older ones it runs ONNX's
 # version converter, which turns these graphs into invalid ones (at 17, a Split that ONNX Runtime
 # rejects).
 MIN_OPSET = 18
 DEFAULT_OPSET = 18
+# From opset 23 on, torch.onnx writes attention as ONNX's Attention operator, which ONNX Runtime
+# (1.32) fails to run for these models' masked attention (a shape error), so no such export
+# could be verified. Later opsets are beyond the exporter.
+NEWEST_RUNNABLE_OPSET = 22
+
+
+def exporter_opset() -> int:
+    """The newest opset the installed torch.onnx writes."""
+    from torch.onnx import _constants
+
+    return getattr(_constants, "ONNX_MAX_OPSET", NEWEST_RUNNABLE_OPSET)
+
+
+def newest_opset() -> int:
+    """The newest opset an export can be made and verified with, here."""
+    return min(exporter_opset(), NEWEST_RUNNABLE_OPSET)
 
 
 def require_onnx() -> None:
@@ -30,12 +46,28 @@ def require_onnx() -> None:
         raise missing_onnx_packages(error) from None
 
 
-def check_opset(opset: int) -> None:
-    """Raises ValueError for an opset older than the exported operators need."""
+def check_opset(opset: int, name: str = "opset") -> None:
+    """Raises ValueError for an opset older than the exported operators need, or newer than
+    the installed exporter writes and ONNX Runtime runs: before any work is done. ``name``
+    is the option's name in the message."""
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise ValueError(f"{name} must be a whole number, got {opset!r}")
     if opset < MIN_OPSET:
         raise ValueError(
-            f"opset {opset} is too old: detrkit's ONNX exports need opset {MIN_OPSET} or later "
+            f"{name} {opset} is too old: detrkit's ONNX exports need opset {MIN_OPSET} or later "
             "(torch.onnx writes 18 and up; converted to older opsets, its graphs are invalid)"
+        )
+    newest, exporter = newest_opset(), exporter_opset()
+    if opset > newest:
+        why = f"torch.onnx {torch.__version__.split('+')[0]} writes none later than {exporter}"
+        if exporter > NEWEST_RUNNABLE_OPSET:
+            why += (
+                f", and ONNX Runtime cannot run the Attention operator it writes from opset "
+                f"{NEWEST_RUNNABLE_OPSET + 1} on"
+            )
+        raise ValueError(
+            f"{name} {opset} is too new: detrkit can export opsets {MIN_OPSET} to {newest} here "
+            f"({why})"
         )
 
 
@@ -73,6 +105,8 @@ def export_onnx(graph: ExportedDetector, size: tuple[int, int], opset: int, meta
             )
     except Exception as error:
         raise ExportError(f"torch.onnx could not export the model: {error}") from error
+    if program.exported_program is not None:
+        check_dynamic(program.exported_program, graph.input_names, "torch.onnx")
     model = program.model
     _name_axes(model)
     model.metadata_props.update(metadata)

@@ -7,6 +7,7 @@ that is ``import detrkit`` before ``torch.export.load``.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from torch.export import ExportedProgram
 
 from detrkit.deploy.errors import ExportError
-from detrkit.deploy.graph import DYNAMIC_AXES, ExportedDetector
+from detrkit.deploy.graph import ExportedDetector, check_dynamic
 
 # The archive member that holds the export metadata.
 METADATA_FILE = "detrkit.json"
@@ -28,36 +29,18 @@ def export_program(graph: ExportedDetector, size: tuple[int, int]) -> ExportedPr
         )
     except Exception as error:
         raise ExportError(f"torch.export could not export the model: {error}") from error
-    _check_dynamic(program, graph.input_names)
+    check_dynamic(program, graph.input_names, "torch.export")
     return program
-
-
-def _check_dynamic(program: ExportedProgram, input_names: list[str]) -> None:
-    """Dim.AUTO lets export fix a dimension silently where the code needs one value; a program
-    that only runs at the export size is an error here, not a surprise at deployment."""
-    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
-    for name, node_name in zip(input_names, program.graph_signature.user_inputs):
-        shape = placeholders[node_name].meta["val"].shape
-        fixed = [axis for axis in DYNAMIC_AXES[name] if _is_fixed(shape[axis])]
-        if fixed:
-            axes = " and ".join(str(axis) for axis in fixed)
-            raise ExportError(
-                f"torch.export fixed axis {axes} of {name} to the export's {tuple(shape)}: the "
-                "model's code specialises on it"
-            )
-
-
-def _is_fixed(dim: int | torch.SymInt) -> bool:
-    """Whether a traced size is a constant, including a symbol that tracing later pinned."""
-    if isinstance(dim, int):
-        return True
-    return dim.node.shape_env.replace(dim.node.expr).is_number
 
 
 def save_program(program: ExportedProgram, path: Path, metadata: dict) -> None:
     """Writes the program with ``metadata`` as a JSON member of the archive."""
-    with open(path, "wb") as file:
-        torch.export.save(program, file, extra_files={METADATA_FILE: json.dumps(metadata)})
+    # The archive is built in memory and written in one piece from Python: torch's zip writer,
+    # writing to a file that fails (a full disk), raises an OSError and then aborts the process
+    # when it is destroyed (it tries to finish the archive and throws from its destructor).
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={METADATA_FILE: json.dumps(metadata)})
+    path.write_bytes(buffer.getbuffer())
 
 
 def load_program(path: Path) -> tuple[ExportedProgram, dict]:
