@@ -23,6 +23,7 @@ from detrkit.deploy import (
 )
 from detrkit.deploy.sizes import check_export_size
 from detrkit.deploy.to_onnx import check_opset
+from detrkit.files import WriteError
 
 # The file suffix of each format's files; the other suffix with --format is a mistake.
 SUFFIXES = {"onnx": ".onnx", "torch": ".pt2"}
@@ -54,9 +55,11 @@ def cmd_export(args: argparse.Namespace) -> int:
             tolerance=args.tolerance,
             overwrite=args.overwrite,
         )
-    # ValueError: non-finite weights or outputs, a bad opset; OSError: WriteError, a full disk.
-    except (ExportError, ModuleNotFoundError, ValueError, OSError) as error:
-        print(f"detrkit: error: {error}", file=sys.stderr)
+    # ValueError: non-finite weights or outputs, a bad opset; WriteError: a full disk.
+    except (ExportError, ModuleNotFoundError, ValueError, WriteError) as error:
+        # A WriteError's message is its strerror: str() would put "[Errno 28]" before it.
+        message = error.strerror if isinstance(error, WriteError) else str(error)
+        print(f"detrkit: error: {message}", file=sys.stderr)
         return 2
     print(describe(result))
     return 0

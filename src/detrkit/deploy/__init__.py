@@ -164,7 +164,7 @@ def export(
                 result.differences = verify_file(target, graph, checks, tolerance)
             except ExportError as error:
                 # Name the file the user asked for, not the temporary one being checked.
-                message = str(error).replace(str(target), str(path))
+                message = str(error).replace(str(target), str(path)).removeprefix(f"{path}: ")
                 raise ExportError(f"{path}: the export does not verify: {message}") from None
             result.verified_shapes = [
                 (len(inputs["images"]), *inputs["images"].shape[-2:]) for inputs in checks
