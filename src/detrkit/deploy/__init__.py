@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -120,6 +121,8 @@ def export(
     config = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or not isinstance(config, ModelConfig):
         raise TypeError("export() takes a detrkit model (one built by build_model or load)")
+    if not (isinstance(tolerance, (int, float)) and 0 < tolerance < math.inf):
+        raise ValueError(f"tolerance must be a finite number above 0, got {tolerance!r}")
     size = tuple(size)
     check_export_size(model, size)
     path = Path(path)
@@ -166,6 +169,11 @@ def export(
                 # Name the file the user asked for, not the temporary one being checked.
                 message = str(error).replace(str(target), str(path)).removeprefix(f"{path}: ")
                 raise ExportError(f"{path}: the export does not verify: {message}") from None
+            except RuntimeError as error:
+                # PyTorch's own run failing: not a failure to write, as write_atomically would
+                # report a RuntimeError.
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+                raise ExportError(f"{path}: the export could not be verified: {reason}") from None
             result.verified_shapes = [
                 (len(inputs["images"]), *inputs["images"].shape[-2:]) for inputs in checks
             ]
