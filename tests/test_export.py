@@ -128,8 +128,8 @@ def _marks(name: str, format: str) -> list:
 def test_export_matches_pytorch_at_other_sizes(exports, name, format):
     model, path = exports(name, format)
     exported = open_and_check_interface(path, format)
-    if format == "torch" and detrkit.ops.fused_kernel_available():
-        # The fused attention op stays one node of the program.
+    if format == "torch" and name != "detr" and detrkit.ops.fused_kernel_available():
+        # Deformable DETR's fused attention op stays one node of the program.
         targets = {str(node.target) for node in exported.program.graph.nodes}
         assert "detrkit.ms_deform_attn_forward.default" in targets
     assert_matches_pytorch(model, exported)
