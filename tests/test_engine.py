@@ -189,7 +189,11 @@ def test_train_checkpoint_eval_finetune_from_the_cli(tmp_path, capsys):
 
     assert images_evaluated() == 4
     # Options given on the command line win.
-    assert main([*args, "--digits-val", "3", "--out", str(out)]) == 0
+    assert main([*args, "--digits-val", "3", "--out", str(out)]) == 2  # earlier results there
+    assert f"--out {out}: holds earlier results (metrics.json, results.json)" in (
+        capsys.readouterr().err
+    )
+    assert main([*args, "--digits-val", "3", "--out", str(out), "--overwrite"]) == 0
     assert "digits_val" not in capsys.readouterr().err
     assert images_evaluated() == 3
     model = detrkit.load(run_dir / "checkpoint.pth")
@@ -233,6 +237,7 @@ def test_train_checkpoint_eval_finetune_from_the_cli(tmp_path, capsys):
     assert "(10 -> 2 classes)" in capsys.readouterr().out
     again = load_training_state(tmp_path / "again" / "checkpoint.pth")
     assert again["model_config"]["dropout"] == 0.0
+    args[args.index(str(tmp_path / "again"))] = str(tmp_path / "refused")
     assert main([*args, "--model-option=no_such_field=1"]) == 2
     assert f"unknown options for {run_dir / 'checkpoint.pth'}: no_such_field" in (
         capsys.readouterr().err
@@ -297,7 +302,8 @@ def test_resume_takes_only_the_changes_a_resume_allows(tmp_path, capsys):
 
     # Fine-tuning: the checkpoint sets the model; a --model of another kind is an error.
     run_dir = tmp_path / "run"
-    assert main(tiny_args(run_dir, "--epochs", "1", "--max-steps-per-epoch", "1")) == 0
+    again = tiny_args(run_dir, "--epochs", "1", "--max-steps-per-epoch", "1", "--overwrite")
+    assert main(again) == 0
     args = tiny_args(tmp_path / "tuned", "--finetune", str(run_dir / "checkpoint.pth"))
     args[args.index("deformable_detr_digits")] = "detr_digits"
     capsys.readouterr()

@@ -26,6 +26,9 @@ class WriteError(OSError):
     """A file could not be written (full disk, no permission...); the message names it and says
     that the previous file, if any, is intact."""
 
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()  # without OSError's "[Errno 28]" prefix
+
 
 def describe_os_error(error: OSError) -> str:
     """A short reason for ``error`` ("the disk is full" for ENOSPC and EDQUOT)."""

@@ -21,7 +21,11 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_data_make_digits(args: argparse.Namespace) -> int:
     """Writes the digits detection dataset in COCO format."""
     try:
-        written = write_digits_coco(args.out, args.train, args.val, seed=args.seed)
+        written = write_digits_coco(
+            args.out, args.train, args.val, seed=args.seed, overwrite=args.overwrite
+        )
+    except FileExistsError:
+        raise  # named by main, with --overwrite
     except OSError as error:
         print(f"detrkit: error: cannot write the dataset: {error}", file=sys.stderr)
         return 2
@@ -63,4 +67,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     digits.add_argument("--train", type=_count, required=True, help="number of training images")
     digits.add_argument("--val", type=_count, required=True, help="number of validation images")
     digits.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
+    digits.add_argument(
+        "--overwrite", action="store_true", help="replace a digits dataset written there before"
+    )
     digits.set_defaults(run=cmd_data_make_digits)

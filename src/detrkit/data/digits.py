@@ -13,7 +13,6 @@ so every covered pixel (and no other) changes, and the box encloses exactly the 
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from detrkit.data.transforms import SampleTransform, to_training_sample
+from detrkit.files import existing_results, write_atomically, write_json
 
 Split = Literal["train", "val"]
 
@@ -241,11 +241,12 @@ class DigitsDetection(Dataset):
 
 
 def write_digits_coco(
-    out_dir: str | Path, num_train: int, num_val: int, seed: int = 0
+    out_dir: str | Path, num_train: int, num_val: int, seed: int = 0, overwrite: bool = False
 ) -> dict[str, Path]:
     """Writes the scenes of :class:`DigitsDetection` as a COCO dataset: ``out_dir/train/*.png``,
     ``out_dir/val/*.png`` and ``out_dir/annotations/instances_{train,val}.json`` (category id =
-    the digit, name ``"0"``..``"9"``). PNG keeps the pixels, and so the boxes, exact.
+    the digit, name ``"0"``..``"9"``). PNG keeps the pixels, and so the boxes, exact. A dataset
+    there already is an error (FileExistsError) unless ``overwrite``.
 
     Returns the paths of the two JSON files.
     """
@@ -253,6 +254,8 @@ def write_digits_coco(
         if count < 0:
             raise ValueError(f"{name} must be non-negative, got {count}")
     out_dir = Path(out_dir)
+    annotation_files = [out_dir / "annotations" / f"instances_{s}.json" for s in ("train", "val")]
+    existing_results(annotation_files, str(out_dir), overwrite)
     (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
     written = {}
     for split, count in (("train", num_train), ("val", num_val)):
@@ -265,7 +268,11 @@ def write_digits_coco(
             # from the name, so its results score against these annotations. Ids start at 1.
             file_name = f"{index + 1:06d}.png"
             # Level 1: several times faster to write than the default, for slightly larger files.
-            Image.fromarray(scene.image).save(images_dir / file_name, compress_level=1)
+            picture = Image.fromarray(scene.image)
+            write_atomically(
+                images_dir / file_name,
+                lambda tmp, p=picture: p.save(tmp, format="PNG", compress_level=1),
+            )
             height, width = scene.image.shape[:2]
             images.append(
                 {"id": index + 1, "file_name": file_name, "height": height, "width": width}
@@ -289,7 +296,7 @@ def write_digits_coco(
             "categories": [{"id": i, "name": name} for i, name in enumerate(CLASS_NAMES)],
         }
         path = out_dir / "annotations" / f"instances_{split}.json"
-        path.write_text(json.dumps(coco))
+        write_json(path, coco)
         written[split] = path
     return written
 

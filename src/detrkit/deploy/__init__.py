@@ -192,12 +192,12 @@ def _trace(
         # ONNX has no fused attention op: decompose it into gathers that keep sizes dynamic.
         with attention(graph.model, "portable"):
             model = export_onnx(graph, size, opset, metadata)
-        return lambda target: save_onnx(model, target)
+        return lambda tmp: save_onnx(model, tmp)
     # torch.export keeps the fused kernel, through its fake implementation, where it is built.
     fused = auto_implementation("cpu", torch.float32) == "cpu"
     with attention(graph.model, "cpu" if fused else "portable"):
         program = export_program(graph, size)
-    return lambda target: save_program(program, target, metadata)
+    return lambda tmp: save_program(program, tmp, metadata)
 
 
 def check_writable(path: Path, overwrite: bool = False) -> None:

@@ -138,9 +138,9 @@ def _name_axes(model) -> None:
         value.shape = ir.Shape(dims)
 
 
-def save_onnx(model, path: Path) -> None:
+def save_onnx(model, tmp: Path) -> None:
     """Writes one self-contained .onnx file (weights inside: every detrkit model is under the
-    2 GB protobuf limit)."""
+    2 GB protobuf limit) to ``tmp``, a temporary file of write_atomically."""
     import onnx_ir as ir
 
-    ir.save(model, path, format="protobuf")  # whatever the suffix
+    ir.save(model, tmp, format="protobuf")  # whatever the suffix

@@ -33,14 +33,15 @@ def export_program(graph: ExportedDetector, size: tuple[int, int]) -> ExportedPr
     return program
 
 
-def save_program(program: ExportedProgram, path: Path, metadata: dict) -> None:
-    """Writes the program with ``metadata`` as a JSON member of the archive."""
+def save_program(program: ExportedProgram, tmp: Path, metadata: dict) -> None:
+    """Writes the program with ``metadata`` as a JSON member of the archive to ``tmp``, a
+    temporary file of write_atomically."""
     # The archive is built in memory and written in one piece from Python: torch's zip writer,
     # writing to a file that fails (a full disk), raises an OSError and then aborts the process
     # when it is destroyed (it tries to finish the archive and throws from its destructor).
     buffer = io.BytesIO()
     torch.export.save(program, buffer, extra_files={METADATA_FILE: json.dumps(metadata)})
-    path.write_bytes(buffer.getbuffer())
+    tmp.write_bytes(buffer.getbuffer())
 
 
 def load_program(path: Path) -> tuple[ExportedProgram, dict]:
