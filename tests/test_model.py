@@ -8,7 +8,7 @@ import torch
 import detrkit
 from conftest import small_detr
 from detrkit import pad_images
-from detrkit.cli.train import _model_option
+from detrkit.cli.arguments import model_option
 from detrkit.models import build_config
 from detrkit.models.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
 
@@ -124,8 +124,8 @@ def test_build_model_presets_and_errors():
     ]
 
 
-def test_command_line_model_options_take_python_and_json_booleans():
-    assert _model_option("two_stage=False") == ("two_stage", False)
-    assert _model_option("two_stage=true") == ("two_stage", True)
-    assert _model_option("num_queries=50") == ("num_queries", 50)
-    assert _model_option("backbone=resnet18") == ("backbone", "resnet18")
+def test_command_linemodel_options_take_python_and_json_booleans():
+    assert model_option("two_stage=False") == ("two_stage", False)
+    assert model_option("two_stage=true") == ("two_stage", True)
+    assert model_option("num_queries=50") == ("num_queries", 50)
+    assert model_option("backbone=resnet18") == ("backbone", "resnet18")

@@ -147,6 +147,18 @@ def convert_hf_state_dict(
     return state_dict
 
 
+# The config.json fields detrkit reads, by kind: a string "8" or "yes" is refused, not converted.
+_FIELD_KINDS = {
+    "encoder_attention_heads": (int, lambda v: isinstance(v, int)),
+    "num_queries": (int, lambda v: isinstance(v, int)),
+    "encoder_n_points": (int, lambda v: isinstance(v, int)),
+    "decoder_n_points": (int, lambda v: isinstance(v, int)),
+    "dropout": (float, lambda v: isinstance(v, (int, float))),
+    "dilation": (bool, lambda v: isinstance(v, bool)),
+}
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false"}
+
+
 def is_hf_directory(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
@@ -161,6 +173,8 @@ def read_hf_directory(
         hf_config: dict[str, Any] = json.loads(config_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(config_file, f"not a readable JSON config: {error}") from None
+    if not isinstance(hf_config, dict):
+        raise CheckpointError(config_file, "not a transformers config (expected a JSON object)")
     model_type = hf_config.get("model_type")
     architectures = hf_config.get("architectures") or []
     if model_type not in RENAMES:
@@ -175,7 +189,17 @@ def read_hf_directory(
         )
     state_dict = convert_hf_state_dict(path, _read_hf_weights(path, map_location), model_type)
 
+    for name, (kind, accepts) in _FIELD_KINDS.items():
+        value = hf_config.get(name)
+        if value is not None and (isinstance(value, bool) != (kind is bool) or not accepts(value)):
+            raise CheckpointError(config_file, f"{name} must be {_KIND_NAMES[kind]}, got {value!r}")
     backbone_config = hf_config.get("backbone_config") or {}
+    for name, value in (
+        ("backbone_config", backbone_config),
+        ("id2label", hf_config.get("id2label")),
+    ):
+        if value is not None and not isinstance(value, dict):
+            raise CheckpointError(config_file, f"{name} must be an object, got {value!r}")
     args = {
         "nheads": hf_config.get("encoder_attention_heads", 8),
         "dropout": hf_config.get("dropout", 0.1),
@@ -186,7 +210,10 @@ def read_hf_directory(
     }
     if model_type == "deformable_detr":
         _untie_heads(state_dict)
-    config = infer_config(path, state_dict, args)
+    try:
+        config = infer_config(path, state_dict, args)
+    except (ValueError, TypeError) as error:  # its values, not the weights, cannot build one
+        raise CheckpointError(config_file, f"cannot build a model from it: {error}") from None
     id2label = hf_config.get("id2label") or {}
     names = [id2label.get(str(i)) for i in range(config.num_classes)]
     if all(isinstance(name, str) for name in names):

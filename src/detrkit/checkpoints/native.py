@@ -78,6 +78,8 @@ def read_safetensors(path: Path, map_location: str | torch.device = "cpu") -> di
 
 def config_from_dict(path: Path, values: dict[str, Any]) -> ModelConfig:
     """The config a ``ModelConfig.to_dict()`` wrote; errors name ``path``."""
+    if not isinstance(values, dict):
+        raise CheckpointError(path, f"the model config must be an object, got {values!r}")
     model_type = values.get("model_type", "detr")
     if model_type not in CONFIG_TYPES:
         raise CheckpointError(path, f"unknown model_type {model_type!r}")
@@ -97,13 +99,16 @@ def read_native_directory(
         raise CheckpointError(config_file, f"not a readable JSON config: {error}") from None
     if not isinstance(meta, dict) or meta.get("format") != "detrkit":
         raise CheckpointError(config_file, 'not a detrkit config (no "format": "detrkit")')
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(config_file, f"format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             config_file,
             f"format version {meta['format_version']} is newer than this detrkit "
             f"reads ({FORMAT_VERSION}); upgrade detrkit",
         )
-    config = config_from_dict(config_file, meta.get("config") or {})
+    config = config_from_dict(config_file, meta.get("config", {}))
 
     weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from detrkit.cli.arguments import non_negative_int
 from detrkit.data.check import check_dataset
 from detrkit.data.digits import write_digits_coco
 
@@ -34,13 +35,6 @@ def cmd_data_make_digits(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
-
-
 def add_data_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Adds the ``data`` command group (``check``, ``make-digits``) to a subparsers object."""
     data = subparsers.add_parser("data", help="check datasets, make the built-in digits dataset")
@@ -64,8 +58,12 @@ def add_data_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         "make-digits", help="write the handwritten-digits detection dataset in COCO format"
     )
     digits.add_argument("out", help="output directory")
-    digits.add_argument("--train", type=_count, required=True, help="number of training images")
-    digits.add_argument("--val", type=_count, required=True, help="number of validation images")
+    digits.add_argument(
+        "--train", type=non_negative_int, required=True, help="number of training images"
+    )
+    digits.add_argument(
+        "--val", type=non_negative_int, required=True, help="number of validation images"
+    )
     digits.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
     digits.add_argument(
         "--overwrite", action="store_true", help="replace a digits dataset written there before"

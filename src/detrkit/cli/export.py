@@ -7,10 +7,10 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from detrkit.checkpoints import load, require_finite_weights
-from detrkit.cli.inference import positive_int
+from detrkit.cli.arguments import positive_int
 from detrkit.deploy import (
     DEFAULT_OPSET,
     FORMATS,
@@ -109,13 +109,6 @@ def _tolerance(text: str) -> float:
     return value
 
 
-def _one_line_error(message: str) -> NoReturn:
-    """The export parser's errors: one line naming the option, as every other error of
-    ``detrkit export`` is, without argparse's usage block."""
-    print(f"detrkit: error: {message} (see detrkit export --help)", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def add_export_commands(commands: argparse._SubParsersAction[Any]) -> None:
     """Adds ``export`` to the ``detrkit`` subcommands."""
     parser = commands.add_parser(
@@ -126,7 +119,6 @@ def add_export_commands(commands: argparse._SubParsersAction[Any]) -> None:
         "batch of 3 at a larger size, and compared with PyTorch before it is kept; a "
         "difference above the tolerance is an error.",
     )
-    parser.error = _one_line_error  # type: ignore[method-assign]
     parser.add_argument(
         "--weights",
         required=True,

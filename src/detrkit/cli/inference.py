@@ -6,49 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from detrkit.cli.train import _model_option, add_precision_option
+from detrkit.cli.arguments import model_option, non_negative_int, pixel, positive_int, threshold
+from detrkit.cli.train import add_precision_option
 from detrkit.inference.detector import MAX_SIZE, SHORT_SIDE, training_image_scale
 from detrkit.models import available_models
-
-
-def _threshold(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a number above 0."""
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
-
-
-def _pixel(text: str) -> tuple[float, float]:
-    parts = text.split(",")
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        return float(parts[0]), float(parts[1])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected X,Y in image pixels, got {text!r}") from None
 
 
 def make_detector(args: argparse.Namespace):
@@ -164,7 +125,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_detector_options(parser: argparse.ArgumentParser, threshold: float) -> None:
+def _add_detector_options(parser: argparse.ArgumentParser, default_threshold: float) -> None:
     parser.add_argument(
         "--weights", required=True, help="a checkpoint detrkit.load reads (.pth or a directory)"
     )
@@ -172,14 +133,14 @@ def _add_detector_options(parser: argparse.ArgumentParser, threshold: float) -> 
     parser.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
     parser.add_argument(
         "--threshold",
-        type=_threshold,
-        default=threshold,
-        help=f"minimum score of a detection (default {threshold})",
+        type=threshold,
+        default=default_threshold,
+        help=f"minimum score of a detection (default {default_threshold})",
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
     parser.add_argument(
         "--short-side",
-        type=_non_negative,
+        type=non_negative_int,
         help=f"resize images to this short side, 0 to keep them (default {SHORT_SIDE}, or "
         "scaled by the image_scale of the training run the checkpoint comes from)",
     )
@@ -202,7 +163,7 @@ def add_inference_commands(commands) -> None:
         "image ids). Unreadable inputs are reported and skipped (exit status 1).",
     )
     predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs")
-    _add_detector_options(predict, threshold=0.5)
+    _add_detector_options(predict, default_threshold=0.5)
     predict.add_argument("--batch-size", type=positive_int, default=1, help="images per forward")
     predict.set_defaults(run=cmd_predict)
 
@@ -220,10 +181,10 @@ def add_inference_commands(commands) -> None:
         metavar="IMAGE",
         help="image files, folders or globs (several: a folder per image in --out)",
     )
-    _add_detector_options(explain, threshold=0.5)
+    _add_detector_options(explain, default_threshold=0.5)
     explain.add_argument(
         "--pixel",
-        type=_pixel,
+        type=pixel,
         action="append",
         metavar="X,Y",
         help="an image pixel whose encoder attention to draw (repeatable; default: the centres "
@@ -250,7 +211,7 @@ def add_inference_commands(commands) -> None:
     trace.add_argument(
         "--model-option",
         action="append",
-        type=_model_option,
+        type=model_option,
         default=[],
         metavar="KEY=VALUE",
         help="override a field of the preset (e.g. enc_layers=2)",

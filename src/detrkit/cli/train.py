@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from detrkit.cli.arguments import model_option, non_negative_int
 from detrkit.engine.config import TrainConfig
 from detrkit.models.inference_model import PRECISIONS
 
@@ -19,18 +20,6 @@ def _option_type(annotation: str):
         if annotation.startswith(name):
             return kind
     return None
-
-
-def _model_option(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"--model-option {text!r}: expected KEY=VALUE")
-    if value.lower() in ("true", "false"):  # Python's spelling as well as JSON's
-        return key, value.lower() == "true"
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value  # a bare string such as resnet18; the config checks its kind
 
 
 def add_precision_option(parser: argparse.ArgumentParser, default: str | None) -> None:
@@ -70,7 +59,7 @@ def add_train_commands(commands) -> None:
     train.add_argument(
         "--model-option",
         action="append",
-        type=_model_option,
+        type=model_option,
         default=[],
         metavar="KEY=VALUE",
         help="override a field of the model preset (e.g. num_queries=50)",
@@ -117,7 +106,9 @@ def add_train_commands(commands) -> None:
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     add_precision_option(evaluate, default=None)
-    evaluate.add_argument("--workers", type=int, default=0)
+    evaluate.add_argument(
+        "--workers", type=non_negative_int, default=0, help="data-loading processes"
+    )
     evaluate.add_argument("--digits-val", type=int, help="digits images" + from_run.format(200))
     evaluate.add_argument("--seed", type=int, help="digits split seed" + from_run.format(42))
     evaluate.add_argument(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +166,21 @@ class TrainConfig:
             raise ValueError(f"image_scale must be positive, got {self.image_scale}")
         if self.workers < 0:
             raise ValueError(f"workers must be non-negative, got {self.workers}")
+        for name in ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay", "clip_max_norm"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a non-negative number, got {value}")
+        if self.label_mapping not in ("contiguous", "coco"):
+            raise ValueError(
+                f"label_mapping must be 'contiguous' or 'coco', got {self.label_mapping!r}"
+            )
+        if self.data != "digits" and not (
+            self.data.startswith("coco:") and len(self.data.split(",")) == 4
+        ):
+            raise ValueError(
+                f"data must be 'digits' or coco:TRAIN_IMAGES,TRAIN_JSON,VAL_IMAGES,VAL_JSON, got "
+                f"{self.data!r}"
+            )
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
         if self.amp == "fp16" and not self.device.startswith("cuda"):

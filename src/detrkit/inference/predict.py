@@ -161,12 +161,12 @@ def predict_files(
         report.skipped.append((name, why))
         tqdm.write(f"detrkit: skipped {name}: {why}", file=sys.stderr)
 
-    for name, why in problems:
-        skip(name, why)
-    if not paths:
+    if not paths:  # one error naming every input, not a line each first
         raise ValueError(
             "no image files to predict: " + "; ".join(f"{n}: {w}" for n, w in problems)
         )
+    for name, why in problems:
+        skip(name, why)
     names = output_names(paths)
     targets = [out / name for name in names]
     inputs_resolved = {path.resolve() for path in paths}
