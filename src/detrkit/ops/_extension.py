@@ -7,6 +7,7 @@ import functools
 import hashlib
 import logging
 import platform
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -17,13 +18,18 @@ _SOURCES = [
 ]
 
 
-def _cpu_fingerprint() -> str:
-    """A short hash of this CPU's model and feature flags.
+def _build_key() -> str:
+    """A short hash of what the compiled kernels depend on: this CPU's model and feature flags,
+    the kernels' sources, and the torch and Python they are built against (and where that torch
+    lives, so that two environments on one machine keep a build each instead of rebuilding over
+    each other's).
 
-    The kernel is built with ``-march=native`` in a per-user cache that a shared home directory
+    The kernels are built with ``-march=native`` in a per-user cache that a shared home directory
     can expose to other machines; keying the build on the CPU keeps one from loading a binary
     that uses instructions it lacks.
     """
+    import torch
+
     description = platform.machine() + platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -31,7 +37,21 @@ def _cpu_fingerprint() -> str:
                 description += line
     except OSError:
         pass
-    return hashlib.sha256(description.encode()).hexdigest()[:10]
+    description += f"{torch.__version__} {torch.__file__} {sys.version}"
+    digest = hashlib.sha256(description.encode())
+    for source in _SOURCES:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _is_built(name: str, cpp_extension: ModuleType) -> bool:
+    """Whether the kernels of ``name`` are in torch's extension cache already (False when that
+    cannot be told)."""
+    try:
+        directory = Path(cpp_extension._get_build_directory(name, verbose=False))
+    except Exception:  # a private helper of torch's: absent, it only costs the notice
+        return False
+    return any(directory.glob(f"{name}*.so"))
 
 
 def _build() -> ModuleType:
@@ -45,8 +65,16 @@ def _build() -> ModuleType:
     finally:
         cpp_logger.setLevel(previous_level)
 
+    name = f"detrkit_cpu_kernels_{_build_key()}"
+    if not _is_built(name, cpp_extension):
+        print(
+            "detrkit: compiling the fused CPU kernels (once per machine and environment, about "
+            "30 s)...",
+            file=sys.stderr,
+            flush=True,
+        )
     return cpp_extension.load(
-        name=f"detrkit_cpu_kernels_{_cpu_fingerprint()}",
+        name=name,
         sources=[str(source) for source in _SOURCES],
         # -fopenmp is required: at::parallel_for is a header template that otherwise compiles
         # to a serial loop inside an extension.
