@@ -628,3 +628,20 @@ def test_unreadable_training_images_are_counted_in_the_log(tmp_path, capsys):
     args[args.index(str(tmp_path / "run"))] = str(tmp_path / "run2")
     assert main(args) == 2
     assert "are not there, e.g. 3.png" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", detrkit.available_models())
+def test_every_trainable_parameter_takes_part_in_the_loss(preset):
+    """Distributed training runs DDP with find_unused_parameters=False: a parameter that no loss
+    reaches would make it fail, so every preset's trainable parameters must get a gradient."""
+    torch.manual_seed(0)
+    small = {"enc_layers": 1, "dec_layers": 2, "num_queries": 6, "dim_feedforward": 32}
+    model = detrkit.build_model(preset, **small).train()
+    images, mask = detrkit.pad_images([torch.randn(3, 96, 128), torch.randn(3, 80, 112)])
+    targets = [
+        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3]])},
+        {"labels": torch.tensor([2, 0]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.2]] * 2)},
+    ]
+    build_criterion(model.config)(model(images, mask), targets)["loss"].backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, unused

@@ -24,9 +24,15 @@ from detrkit.version import __version__
 def cmd_models(args: argparse.Namespace) -> int:
     """Lists the model presets."""
     for name, config in sorted(PRESETS.items()):
+        variant = [
+            flag for flag in ("with_box_refine", "two_stage") if getattr(config, flag, False)
+        ]
+        levels = getattr(config, "num_feature_levels", None)
         print(
-            f"{name:16s} backbone={config.backbone} dilation={config.dilation} "
+            f"{name:30s} backbone={config.backbone} dilation={config.dilation} "
             f"queries={config.num_queries} layers={config.enc_layers}+{config.dec_layers}"
+            + (f" levels={levels}" if levels else "")
+            + "".join(f" {flag}" for flag in variant)
         )
     return 0
 

@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 from detrkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from detrkit.inference.coco_names import class_names_for
-from detrkit.models import PRESETS, DeformableDETRConfig, ModelConfig
+from detrkit.models import DeformableDETRConfig, ModelConfig
+from detrkit.models.presets import closest_preset
 from detrkit.version import __version__
-
-
-def closest_preset(config: ModelConfig) -> tuple[str, dict]:
-    """The preset of the config's kind that differs from it in the fewest fields, and those
-    fields' values (class names aside): ``("detr_r50", {"num_classes": 21})``."""
-    fields = [
-        f.name for f in dataclasses.fields(config) if f.name not in ("class_names", "category_ids")
-    ]
-    best_name, best_overrides = "", {}
-    for name, preset in sorted(PRESETS.items()):
-        if type(preset) is not type(config):
-            continue
-        overrides = {
-            f: getattr(config, f) for f in fields if getattr(config, f) != getattr(preset, f)
-        }
-        if not best_name or len(overrides) < len(best_overrides):
-            best_name, best_overrides = name, overrides
-    return best_name, best_overrides
 
 
 def export_metadata(

@@ -51,7 +51,7 @@ from detrkit.engine.visualize import draw_predictions
 from detrkit.files import remove_temporaries, write_json
 from detrkit.loss import build_criterion
 from detrkit.models import PostProcess, build_config, model_from_config
-from detrkit.models.presets import override_config
+from detrkit.models.presets import closest_preset, override_config
 
 
 class TrainingError(RuntimeError):
@@ -423,7 +423,12 @@ def train(
             },
         )
 
-    what = config.model or f"{model.config.model_type} from {config.finetune}"
+    if config.model:
+        what = config.model
+    else:  # fine-tuning: the preset the checkpoint's model is closest to, and how it differs
+        preset, differences = closest_preset(model.config)
+        changed = ", ".join(f"{k}={v}" for k, v in differences.items() if k != "num_classes")
+        what = f"{preset}{f' ({changed})' if changed else ''} from {config.finetune}"
     log(f"training {what} on {config.data} for {config.epochs} epochs -> {run_dir}")
     if state is not None:  # last, so that nothing set up above draws from the restored streams
         set_rng_state(state["rng"])

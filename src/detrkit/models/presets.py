@@ -41,7 +41,7 @@ PRESETS: dict[str, ModelConfig] = {
         enc_layers=2,
         dec_layers=3,
         dim_feedforward=512,
-        num_queries=20,
+        num_queries=50,  # as `make demo` trains it (README: AP 0.287 against 0.272 with 20)
         num_classes=10,
         with_box_refine=True,
     ),
@@ -91,3 +91,21 @@ def build_model(name: str | ModelConfig, **overrides: Any) -> nn.Module:
     else:
         config = dataclasses.replace(name, **overrides)
     return model_from_config(config)
+
+
+def closest_preset(config: ModelConfig) -> tuple[str, dict]:
+    """The preset of the config's kind that differs from it in the fewest fields, and those
+    fields' values (class names aside): ``("detr_r50", {"num_classes": 21})``."""
+    fields = [
+        f.name for f in dataclasses.fields(config) if f.name not in ("class_names", "category_ids")
+    ]
+    best_name, best_overrides = "", {}
+    for name, preset in sorted(PRESETS.items()):
+        if type(preset) is not type(config):
+            continue
+        overrides = {
+            f: getattr(config, f) for f in fields if getattr(config, f) != getattr(preset, f)
+        }
+        if not best_name or len(overrides) < len(best_overrides):
+            best_name, best_overrides = name, overrides
+    return best_name, best_overrides
