@@ -123,9 +123,10 @@ def test_bf16_fuses_bias_and_relu_into_the_products(kind, models, monkeypatch):
     monkeypatch.setattr(onednn, "fuses", lambda module, x: False)
     plain = run(low, images, mask)
     for key, tolerance in BF16_TOLERANCE.items():
-        # Measured: equal to the bit. A bias added before rounding instead of after may differ.
+        # Measured: equal to the bit on an AMX Xeon; 0.006 on boxes on an AMD EPYC with AVX-512
+        # BF16 but no AMX, whose oneDNN kernels round a bias added inside at another point.
         difference = (fused[key].float() - plain[key].float()).abs().max()
-        assert difference < tolerance / 4, key
+        assert difference < tolerance / 2, key
 
 
 @pytest.mark.full

@@ -303,6 +303,12 @@ def test_low_precision_values_with_fp32_locations(
         assert actual.dtype == expected_dtype, name
         if implementation == "triton" and name == "grad_value":
             assert_close_fp32(actual.float(), expected.float(), name, LOW_PRECISION_RTOL[dtype])
+        elif dtype == torch.float16 and name == "output":
+            # Bit for bit on the AMX Xeon; on an AMD EPYC (AVX-512, no FP16 arithmetic) the
+            # compiler's conversion of the fp32 sum to fp16 can differ by one ulp.
+            torch.testing.assert_close(
+                actual, expected.to(expected_dtype), rtol=2**-10, atol=2**-24, msg=name
+            )
         else:
             torch.testing.assert_close(
                 actual, expected.to(expected_dtype), rtol=0, atol=0, msg=name
