@@ -325,3 +325,35 @@ def test_a_model_keeps_its_datasets_category_ids_in_what_it_writes(tmp_path, cap
     bad = ["eval", "--weights", str(run_dir / "checkpoint.pth"), "--data"]
     assert main([*bad, f"coco:{other_images},{other_json}"]) == 2
     assert "predicts 3 classes but --data" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["config.json", "checkpoint.pth", "metrics.png"])
+def test_kill_9_in_the_middle_of_each_write_then_resume(tmp_path, stage):
+    """SIGKILL after a file's temporary is written and before it replaces the file, at each stage
+    of a run (start, checkpoint, final plot): the files there are whole, and `--resume auto`
+    cleans up and finishes the run with each step logged once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from detrkit.files import KILL_AT_VARIABLE
+
+    run_dir = tmp_path / "run"
+    args = tiny_args(run_dir, "--epochs", "1", "--max-steps-per-epoch", "2", "--resume", "auto")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", KILL_AT_VARIABLE: stage}
+    killed = subprocess.run([sys.executable, "-m", "detrkit", *args], env=env, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert list(run_dir.glob(f".{stage}.*.tmp"))  # killed mid-write, as asked
+    assert not (run_dir / stage).exists()  # never half a file
+    if (run_dir / "checkpoint.pth").exists():
+        assert load_training_state(run_dir / "checkpoint.pth")["epoch"] == 1
+    del env[KILL_AT_VARIABLE]
+    resumed = subprocess.run([sys.executable, "-m", "detrkit", *args], env=env, capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    assert not list(run_dir.glob(".*.tmp"))
+    for name in RUN_FILES:
+        assert (run_dir / name).is_file(), name
+    steps = [r["step"] for r in MetricsLog(run_dir).read() if r["type"] == "train"]
+    assert steps == [1, 2]

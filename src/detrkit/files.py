@@ -13,6 +13,7 @@ import errno
 import functools
 import json
 import os
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +64,7 @@ def write_atomically(target: str | os.PathLike, write: Callable[[Path], Any]) ->
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        _fault_point(target)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         # mkstemp makes the file private (0600); the result gets a new file's usual mode.
@@ -84,6 +86,16 @@ def write_atomically(target: str | os.PathLike, write: Callable[[Path], Any]) ->
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+# The fault tests' hook: a process whose environment names a file here is killed (SIGKILL, no
+# clean-up) when it has written that file's temporary and not yet renamed it.
+KILL_AT_VARIABLE = "DETRKIT_TEST_KILL_AT"
+
+
+def _fault_point(target: Path) -> None:
+    if os.environ.get(KILL_AT_VARIABLE) == target.name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _says_disk_full(message: str) -> bool:
