@@ -174,13 +174,8 @@ class TrainConfig:
             raise ValueError(
                 f"label_mapping must be 'contiguous' or 'coco', got {self.label_mapping!r}"
             )
-        if self.data != "digits" and not (
-            self.data.startswith("coco:") and len(self.data.split(",")) == 4
-        ):
-            raise ValueError(
-                f"data must be 'digits' or coco:TRAIN_IMAGES,TRAIN_JSON,VAL_IMAGES,VAL_JSON, got "
-                f"{self.data!r}"
-            )
+        if self.data != "digits":
+            self.coco_paths()
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
         if self.amp == "fp16" and not self.device.startswith("cuda"):
@@ -201,6 +196,17 @@ class TrainConfig:
                 "backbone_pretrain_steps works on the built-in digits only (it classifies their "
                 f"crops), not on --data {self.data!r}"
             )
+
+    def coco_paths(self) -> tuple[str, str, str, str]:
+        """The train images, train JSON, validation images and validation JSON that
+        ``data = "coco:..."`` names; ValueError for any other form of ``data``."""
+        parts = self.data.removeprefix("coco:").split(",")
+        if not self.data.startswith("coco:") or len(parts) != 4:
+            raise ValueError(
+                f"data must be 'digits' or coco:TRAIN_IMAGES,TRAIN_JSON,VAL_IMAGES,VAL_JSON, got "
+                f"{self.data!r}"
+            )
+        return parts[0], parts[1], parts[2], parts[3]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

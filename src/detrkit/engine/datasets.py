@@ -26,22 +26,16 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
         train_set = DigitsDetection("train", config.digits_train, config.seed, train_transforms)
         require_trainable(train_set, "the digits training set")
         return train_set, DigitsDetection("val", config.digits_val, config.seed, val_transforms)
-    if config.data.startswith("coco:"):
-        parts = config.data.removeprefix("coco:").split(",")
-        if len(parts) != 4:
-            raise ValueError(
-                f"--data {config.data!r}: expected coco:TRAIN_IMAGES,TRAIN_JSON,VAL_IMAGES,VAL_JSON"
-            )
-        mapping = config.label_mapping
-        train_set = CocoDetection(parts[0], parts[1], train_transforms, label_mapping=mapping)
-        # Refused now rather than after an epoch of zero steps or of background only.
-        require_trainable(train_set)
-        # Evaluated on: every image must be read (see CocoDetection's skip_unreadable).
-        val_set = CocoDetection(
-            parts[2], parts[3], val_transforms, label_mapping=mapping, skip_unreadable=False
-        )
-        return train_set, val_set
-    raise ValueError(f"--data {config.data!r}: expected 'digits' or 'coco:...'")
+    train_images, train_json, val_images, val_json = config.coco_paths()
+    mapping = config.label_mapping
+    train_set = CocoDetection(train_images, train_json, train_transforms, label_mapping=mapping)
+    # Refused now rather than after an epoch of zero steps or of background only.
+    require_trainable(train_set)
+    # Evaluated on: every image must be read (see CocoDetection's skip_unreadable).
+    val_set = CocoDetection(
+        val_images, val_json, val_transforms, label_mapping=mapping, skip_unreadable=False
+    )
+    return train_set, val_set
 
 
 def coco_ground_truth(dataset: Dataset):

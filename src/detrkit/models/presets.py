@@ -41,7 +41,7 @@ PRESETS: dict[str, ModelConfig] = {
         enc_layers=2,
         dec_layers=3,
         dim_feedforward=512,
-        num_queries=50,  # as `make demo` trains it (README: AP 0.287 against 0.272 with 20)
+        num_queries=50,  # as `make demo` trains it (docs/demo.md: AP 0.287 against 0.272 with 20)
         num_classes=10,
         with_box_refine=True,
     ),
