@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import pickle
 import random
@@ -11,57 +10,8 @@ import pytest
 import torch
 
 import detrkit
-from conftest import padded_batch, small_detr
 from detrkit import CheckpointError
-
-
-def official_args(**values) -> argparse.Namespace:
-    """The training arguments the original main.py stores (the fields detrkit reads, and others)."""
-    defaults = dict(
-        lr=1e-4,
-        lr_backbone=1e-5,
-        batch_size=2,
-        epochs=300,
-        backbone="resnet50",
-        dilation=False,
-        position_embedding="sine",
-        enc_layers=6,
-        dec_layers=6,
-        dim_feedforward=2048,
-        hidden_dim=256,
-        dropout=0.1,
-        nheads=8,
-        num_queries=100,
-        pre_norm=False,
-        masks=False,
-        aux_loss=True,
-        dataset_file="coco",
-        output_dir="",
-        device="cuda",
-        seed=42,
-    )
-    defaults.update(values)
-    return argparse.Namespace(**defaults)
-
-
-def write_official(model, path, args=None, bare=False):
-    """Writes a checkpoint with the structure of the DETR authors' published files."""
-    if bare:
-        torch.save(model.state_dict(), path)
-        return path
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 200)
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "lr_scheduler": scheduler.state_dict(),
-            "epoch": 299,
-            "args": args,
-        },
-        path,
-    )
-    return path
+from helpers import official_args, padded_batch, small_detr, write_official
 
 
 def outputs_of(model):

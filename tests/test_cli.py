@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import detrkit
-from conftest import small_detr
 from detrkit.cli import allocator
 from detrkit.cli import main as cli_main
 from detrkit.cli.main import main
+from helpers import small_detr
 
 
 def test_console_script_runs():

@@ -12,9 +12,8 @@ import pytest
 from PIL import Image
 
 import detrkit
-from conftest import TINY_MODEL
 from detrkit.cli.main import main
-from test_engine import write_square_coco
+from helpers import TINY_MODEL, write_square_coco
 
 # A model that trains a step in a fraction of a second: an option wrongly accepted ends quickly
 # (and fails the test) instead of training for minutes.

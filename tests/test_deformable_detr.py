@@ -9,12 +9,11 @@ import pytest
 import torch
 
 import detrkit
-from conftest import padded_batch
 from detrkit import PostProcess, SetCriterion
 from detrkit.loss import HungarianMatcher, build_criterion
 from detrkit.models.deformable_attention import MSDeformAttn, _sampling_first_costs_less
 from detrkit.models.deformable_transformer import DeformableTransformerDecoderLayer
-from test_checkpoints import official_args, write_official
+from helpers import official_args, padded_batch, write_official
 
 VARIANTS = {
     "deformable_detr": {},

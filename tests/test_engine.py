@@ -15,10 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import detrkit
-from conftest import TINY_MODEL
 from detrkit.cli.main import main
 from detrkit.engine import train as train_module
 from detrkit.engine.config import TrainConfig
@@ -32,36 +30,7 @@ from detrkit.engine.evaluate import (
 from detrkit.engine.state import load_training_state
 from detrkit.engine.train import resumed_config
 from detrkit.loss import build_criterion
-
-
-def tiny_args(output: Path, *extra: str) -> list[str]:
-    options = [f"--model-option={k}={v}" for k, v in TINY_MODEL.items()]
-    return [
-        "train",
-        "--model",
-        "deformable_detr_digits",
-        "--data",
-        "digits",
-        "--output",
-        str(output),
-        "--digits-train",
-        "8",
-        "--digits-val",
-        "4",
-        "--batch-size",
-        "2",
-        "--image-scale",
-        "0.12",
-        "--workers",
-        "0",
-        "--log-every",
-        "1",
-        "--epochs",
-        "2",
-        "--deterministic",
-        *options,
-        *extra,
-    ]
+from helpers import TINY_MODEL, tiny_args, write_square_coco
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -438,36 +407,6 @@ def test_non_finite_loss_stops_training_and_keeps_the_checkpoint(tmp_path, monke
     assert "non-finite loss at step 5 (epoch 2, batch 1)" in message
     assert "loss=nan" in message
     assert load_training_state(run_dir / "checkpoint.pth")["epoch"] == 1
-
-
-def write_square_coco(directory: Path, count: int = 4, size: int = 64) -> tuple[Path, Path]:
-    """Same-sized images (so that batches need no padding) with one box each."""
-    rng = np.random.default_rng(0)
-    images_dir = directory / "images"
-    images_dir.mkdir(parents=True)
-    images, annotations = [], []
-    for i in range(1, count + 1):
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
-            images_dir / f"{i}.png"
-        )
-        images.append({"id": i, "file_name": f"{i}.png", "height": size, "width": size})
-        x, y = rng.integers(0, size // 2, 2).tolist()
-        annotations.append(
-            {
-                "id": i,
-                "image_id": i,
-                "category_id": 1 + i % 2,
-                "bbox": [x, y, 20, 24],
-                "area": 480,
-                "iscrowd": 0,
-            }
-        )
-    categories = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
-    annotations_json = directory / "instances.json"
-    annotations_json.write_text(
-        json.dumps({"images": images, "annotations": annotations, "categories": categories})
-    )
-    return images_dir, annotations_json
 
 
 @pytest.mark.slow

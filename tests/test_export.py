@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -20,50 +19,16 @@ from detrkit.deploy.sizes import check_export_size
 from detrkit.deploy.verify import compare, pytorch_outputs, verification_checks, verify_file
 from detrkit.models.backbone import resize_mask
 from detrkit.ops import ms_deform_attn_portable, ms_deform_attn_reference
+from helpers import EXPORT_MODELS, EXPORT_TINY, needs_onnx, tiny_model
 
 EXPORT_SIZE = (96, 128)  # traced with a batch of 2
 # Checked at batch sizes and image sizes that are not the export's (nor multiples of 32).
 CHECKS = [(1, (80, 100)), (3, (131, 147))]
 TOLERANCE = 1e-4
-TINY = dict(backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=1, num_queries=5)
-TINY.update(dim_feedforward=32, num_classes=3, dropout=0.0)
-MODELS = {
-    "detr": ("detr_r50", dict(dec_layers=1)),
-    # four levels: C3-C5 and the extra stride-2 level, each with its own padding mask
-    "deformable": ("deformable_detr", dict(dec_layers=2, backbone_norm="batch")),
-    "deformable_refine": ("deformable_detr_refine", dict(dec_layers=2, num_feature_levels=2)),
-    "deformable_two_stage": (
-        "deformable_detr_two_stage",
-        dict(dec_layers=2, num_feature_levels=2, backbone_norm="batch"),
-    ),
-}
 # The pair `make test` runs; the rest are marked full (each export traces for 20-90 s on a CPU)
 # and run by `make test-full`. DETR's ONNX export is checked the same way by the command-line
 # test below, which `make test` runs.
 FAST = {("deformable_two_stage", "torch")}
-
-needs_onnx = pytest.mark.skipif(
-    any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxruntime", "onnxscript")),
-    reason="needs the export extra (onnx, onnxruntime, onnxscript)",
-)
-
-
-def tiny_model(name: str, **options) -> torch.nn.Module:
-    """A small random model whose every weight and batch-norm statistic matters to its output
-    (the original initialisation zeroes the box heads' last layers); ``options`` change its
-    config."""
-    preset, overrides = MODELS[name]
-    torch.manual_seed(0)
-    model = detrkit.build_model(preset, **{**TINY, **overrides, **options}).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_(0, 0.1, generator=generator)
-                module.running_var.uniform_(0.5, 1.5, generator=generator)
-    return model
 
 
 def batch(size: tuple[int, int], count: int, padded: bool, seed: int = 0):
@@ -121,7 +86,7 @@ def _marks(name: str, format: str) -> list:
     ("name", "format"),
     [
         pytest.param(name, format, marks=_marks(name, format), id=f"{name}-{format}")
-        for name in MODELS
+        for name in EXPORT_MODELS
         for format in ("onnx", "torch")
     ],
 )
@@ -417,8 +382,8 @@ def test_failed_verification_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_the_smallest_export_size_is_stated_and_enforced(name, overrides, side, square):
     """Each feature map at least 2x2 (a map of 1 pixel fixes the export to it), and two-stage
     as many encoder positions as queries: the message gives the smallest sizes."""
-    preset, options = MODELS[name]
-    model = detrkit.build_model(preset, **{**TINY, **options, **overrides})
+    preset, options = EXPORT_MODELS[name]
+    model = detrkit.build_model(preset, **{**EXPORT_TINY, **options, **overrides})
     check_export_size(model, (square, square))
     check_export_size(model, (square, max(square, 1000)))
     with pytest.raises(ExportError, match=f"at least {side} pixels.*smallest square size is "):

@@ -17,7 +17,7 @@ from detrkit.checkpoints import NonFiniteError
 from detrkit.cli.main import main
 from detrkit.deploy import ExportError
 from detrkit.files import WriteError
-from test_export import needs_onnx, tiny_model
+from helpers import needs_onnx, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import detrkit
-from conftest import TINY_MODEL
 from detrkit.cli.main import main
 from detrkit.engine import train as train_module
 from detrkit.engine.config import TrainConfig
@@ -21,7 +20,7 @@ from detrkit.engine.logger import MetricsLog
 from detrkit.engine.state import load_training_state
 from detrkit.engine.train import RUN_FILES, finetune_config
 from detrkit.files import WriteError, append_line, remove_temporaries, write_atomically
-from test_engine import tiny_args, write_square_coco
+from helpers import TINY_MODEL, tiny_args, write_square_coco
 
 SRC = Path(detrkit.__file__).parent
 

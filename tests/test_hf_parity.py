@@ -12,29 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import detrkit
-from conftest import padded_batch
+from helpers import padded_batch, randomize
 
 transformers = pytest.importorskip("transformers")
-
-
-def randomize(model: nn.Module, seed: int = 1) -> None:
-    """Weights far from transformers' near-identity init, so that every difference shows."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if "running_var" in name:
-                t.uniform_(0.5, 2.0, generator=generator)
-            elif "running_mean" in name or ("backbone" in name and t.dim() == 1):
-                t.normal_(0, 0.1, generator=generator)
-            elif "backbone" in name:
-                continue
-            elif t.dim() > 1:
-                nn.init.xavier_uniform_(t, generator=generator)
-            else:
-                t.normal_(0, 0.2, generator=generator)
 
 
 def hf_outputs(hf, images, mask):

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import detrkit
-from conftest import padded_batch
 from detrkit.ops import fused_kernel_available
-from test_hf_parity import randomize
+from helpers import padded_batch, randomize
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,7 +9,6 @@ from PIL import Image
 from torchvision.ops import box_convert
 
 import detrkit
-from conftest import padded_batch
 from detrkit.data import ImageReadError
 from detrkit.inference import COCO_NAMES, Detector, capture_internals, class_names_for
 from detrkit.inference.explain import (
@@ -21,6 +20,7 @@ from detrkit.inference.explain import (
     sampling_points_figure,
 )
 from detrkit.ops import ms_deform_attn_reference
+from helpers import padded_batch
 
 
 def tiny(preset: str, **overrides):

@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import small_detr
 from detrkit import HungarianMatcher, PostProcess, SetCriterion
 from detrkit.loss.criterion import num_boxes_across_processes
+from helpers import small_detr
 
 NUM_CLASSES = 4  # logits have 5 entries, the last is "no object"
 

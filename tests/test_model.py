@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import detrkit
-from conftest import small_detr
 from detrkit import pad_images
 from detrkit.cli.arguments import model_option
 from detrkit.models import build_config
 from detrkit.models.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
+from helpers import small_detr
 
 
 def test_sine_encoding_ignores_padding():

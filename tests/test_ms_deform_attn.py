@@ -20,6 +20,13 @@ from detrkit.ops import (
     ms_deform_attn,
     ms_deform_attn_reference,
 )
+from helpers import (
+    ATTENTION_CASES,
+    ATTENTION_RESULTS,
+    FOUR_LEVELS,
+    assert_close_fp32,
+    make_inputs,
+)
 
 # Building the fused kernel (once per machine) happens here, at collection.
 IMPLEMENTATIONS = ["reference"] + (["cpu"] if fused_kernel_available() else [])
@@ -33,44 +40,11 @@ GPU_IMPLEMENTATIONS = (
     ["triton"] if torch.cuda.is_available() and dispatch.triton_available() else []
 )
 
-FOUR_LEVELS = [(7, 9), (4, 5), (2, 3), (1, 2)]  # unequal, non-square
-
 
 def on_device_of(implementation: str, tensors):
     """``tensors`` moved to the device that ``implementation`` runs on."""
     device = "cuda" if implementation in GPU_IMPLEMENTATIONS else "cpu"
     return [t.to(device) for t in tensors]
-
-
-def make_inputs(
-    spatial_shapes: list[tuple[int, int]],
-    batch: int = 2,
-    heads: int = 8,
-    channels: int = 5,
-    queries: int = 6,
-    points: int = 3,
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Random inputs; locations fall in [-0.2, 1.2] so that some corners are off the map, and
-    the attention weights are not normalised."""
-    generator = torch.Generator().manual_seed(seed)
-    shapes = torch.tensor(spatial_shapes, dtype=torch.int64)
-    areas = shapes[:, 0] * shapes[:, 1]
-    level_start_index = areas.cumsum(0) - areas
-    levels = len(spatial_shapes)
-    value = torch.randn(batch, int(areas.sum()), heads, channels, generator=generator)
-    sampling_locations = (
-        torch.rand(batch, queries, heads, levels, points, 2, generator=generator) * 1.4 - 0.2
-    )
-    attention_weights = torch.rand(batch, queries, heads, levels, points, generator=generator)
-    return (
-        value.to(dtype),
-        shapes,
-        level_start_index,
-        sampling_locations.to(dtype),
-        attention_weights.to(dtype),
-    )
 
 
 def output_and_grads(inputs, implementation: str, grad_seed: int = 1) -> list[Tensor]:
@@ -91,37 +65,13 @@ def output_and_grads(inputs, implementation: str, grad_seed: int = 1) -> list[Te
     return [output.detach()] + [leaf.grad for leaf in leaves]
 
 
-def assert_close_fp32(actual: Tensor, expected: Tensor, name: str, rtol: float = 1e-5) -> None:
-    """rtol 1e-5, and atol 1e-6 in units of the tensor's largest magnitude.
-
-    A per-element atol in absolute units would be dishonest for the gradients: sums of D products
-    that cancel keep an fp32 rounding residue proportional to the terms, not to the small result
-    (e.g. grad_sampling_locations of scale ~150 differ by ~2e-5 between two fp32 orders of
-    summation, and both are that far from a float64 computation).
-    """
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(
-        actual, expected, rtol=rtol, atol=1e-6 * scale, msg=lambda m: f"{name}: {m}"
-    )
-
-
-NAMES = ["output", "grad_value", "grad_sampling_locations", "grad_attention_weights"]
-
-CASES = {
-    # D = 5: scalar channels only; 32: one block of four vectors; 45 = 32 + 8 + 5.
-    "one_level": dict(spatial_shapes=[(6, 11)], channels=5),
-    "four_levels": dict(spatial_shapes=FOUR_LEVELS, channels=32),
-    "four_levels_odd_channels": dict(spatial_shapes=FOUR_LEVELS, channels=45, heads=3),
-}
-
-
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", ATTENTION_CASES)
 def test_fp32_matches_reference(implementation: str, case: str):
-    inputs = make_inputs(**CASES[case])
+    inputs = make_inputs(**ATTENTION_CASES[case])
     expected = output_and_grads(inputs, "reference")
     actual = output_and_grads(inputs, implementation)
-    for name, a, e in zip(NAMES, actual, expected):
+    for name, a, e in zip(ATTENTION_RESULTS, actual, expected):
         assert_close_fp32(a, e, name)
 
 
@@ -137,7 +87,7 @@ def test_backward_splits_queries_when_heads_are_fewer_than_threads():
     finally:
         torch.set_num_threads(threads)
     expected = output_and_grads(inputs, "reference")
-    for name, a, e in zip(NAMES, actual, expected):
+    for name, a, e in zip(ATTENTION_RESULTS, actual, expected):
         assert_close_fp32(a, e, name)
 
 
@@ -149,12 +99,12 @@ LOW_PRECISION_RTOL = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
 
 
 @pytest.mark.parametrize("implementation", GPU_IMPLEMENTATIONS)
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", ATTENTION_CASES)
 def test_gpu_fp32_matches_reference(implementation: str, case: str):
-    inputs = [t.cuda() for t in make_inputs(**CASES[case], queries=70)]
+    inputs = [t.cuda() for t in make_inputs(**ATTENTION_CASES[case], queries=70)]
     expected = output_and_grads(inputs, "reference")
     actual = output_and_grads(inputs, implementation)
-    for name, a, e in zip(NAMES, actual, expected):
+    for name, a, e in zip(ATTENTION_RESULTS, actual, expected):
         assert_close_fp32(a, e, name)
 
 
@@ -172,7 +122,7 @@ def test_triton_kernels_match_reference_in_the_interpreter():
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(": ok") == len(CASES) + 6, result.stdout
+    assert result.stdout.count(": ok") == len(ATTENTION_CASES) + 6, result.stdout
 
 
 @pytest.mark.skipif(not dispatch.triton_available(), reason="Triton is not installed")
@@ -261,7 +211,7 @@ def test_low_precision_matches_fp32_reference(dtype: torch.dtype, implementation
     grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(1))
     output.backward(grad_output.to(dtype).float().to(device))
     expected = [output.detach()] + [leaf.grad for leaf in leaves]
-    for name, a, e in zip(NAMES, actual, expected):
+    for name, a, e in zip(ATTENTION_RESULTS, actual, expected):
         assert a.dtype == dtype
         assert_close_fp32(a.float(), e, name, rtol=LOW_PRECISION_RTOL[dtype])
 
@@ -279,7 +229,7 @@ def test_low_precision_values_with_fp32_locations(
     result dtypes). On a GPU the Triton backward's atomic additions sum grad_value in any order,
     so there it may differ by an ulp of the format (the interpreter check compares it exactly)."""
     value, shapes, starts, locations, weights = on_device_of(
-        implementation, make_inputs(**CASES[case])
+        implementation, make_inputs(**ATTENTION_CASES[case])
     )
     value = value.to(dtype)
     generator = torch.Generator().manual_seed(1)
@@ -298,7 +248,7 @@ def test_low_precision_values_with_fp32_locations(
         results.append([output.detach()] + [leaf.grad for leaf in leaves])
     mixed, wide = results
     for name, actual, expected, expected_dtype in zip(
-        NAMES, mixed, wide, [dtype, dtype, torch.float32, torch.float32]
+        ATTENTION_RESULTS, mixed, wide, [dtype, dtype, torch.float32, torch.float32]
     ):
         assert actual.dtype == expected_dtype, name
         if implementation == "triton" and name == "grad_value":
@@ -375,7 +325,7 @@ def test_non_contiguous_inputs(implementation: str):
     assert not any(t.is_contiguous() for t in strided)
     expected = output_and_grads(inputs, "reference")
     actual = output_and_grads(strided, implementation)
-    for name, a, e in zip(NAMES, actual, expected):
+    for name, a, e in zip(ATTENTION_RESULTS, actual, expected):
         assert_close_fp32(a, e, name)
 
 

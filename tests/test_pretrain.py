@@ -4,13 +4,13 @@ import pytest
 import torch
 
 import detrkit
-from conftest import TINY_MODEL
 from detrkit.data.digits import digit_crops, make_scene
 from detrkit.engine.config import TrainConfig
 from detrkit.engine.pretrain import pretrain_backbone
 from detrkit.engine.state import load_training_state
 from detrkit.engine.train import train
 from detrkit.models.backbone import ResNetBackbone
+from helpers import TINY_MODEL
 
 
 def test_digit_crops_hold_every_digit_of_the_scenes_with_its_label():

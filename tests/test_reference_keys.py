@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REFERENCE_DIR, SHARED_REFERENCE_DIR
 from detrkit import build_model
+from helpers import REFERENCE_DIR, SHARED_REFERENCE_DIR
 
 
 def read_keys(path) -> list[str]:

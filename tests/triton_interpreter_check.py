@@ -15,7 +15,7 @@ import os
 import torch
 
 from detrkit.ops import ms_deform_attn_reference
-from test_ms_deform_attn import CASES, FOUR_LEVELS, NAMES, assert_close_fp32, make_inputs
+from helpers import ATTENTION_CASES, ATTENTION_RESULTS, FOUR_LEVELS, assert_close_fp32, make_inputs
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 from detrkit.ops import ms_deform_attn_triton  # noqa: E402  (after the check above)
@@ -41,7 +41,7 @@ def check(name: str, inputs, compare) -> None:
     grad_output = torch.randn(shape, generator=generator).to(inputs[0].dtype)
     expected = reference_output_and_grads(inputs, grad_output)
     actual = triton_output_and_grads(inputs, grad_output)
-    for what, a, e in zip(NAMES, actual, expected):
+    for what, a, e in zip(ATTENTION_RESULTS, actual, expected):
         assert a.dtype == e.dtype, f"{name} {what}: dtype {a.dtype}, expected {e.dtype}"
         compare(a, e, f"{name} {what}")
     print(f"{name}: ok")
@@ -59,7 +59,7 @@ def check_narrow_values_with_fp32_locations() -> None:
         grad_output = torch.randn(value.shape[0], rest[2].shape[1], 64).to(dtype)
         mixed = triton_output_and_grads((value, *rest), grad_output)
         wide = triton_output_and_grads((value.float(), *rest), grad_output.float())
-        for what, a, e in zip(NAMES, mixed, wide):
+        for what, a, e in zip(ATTENTION_RESULTS, mixed, wide):
             narrow = what in ("output", "grad_value")
             expected = e.to(dtype) if narrow else e
             assert a.dtype == expected.dtype, f"{dtype} {what}: dtype {a.dtype}"
@@ -71,7 +71,7 @@ def check_narrow_values_with_fp32_locations() -> None:
 def main() -> None:
     # Two heads where a case leaves the default of eight: the interpreter runs every program in
     # turn, and heads only multiply programs that index the same way.
-    for case, options in CASES.items():
+    for case, options in ATTENTION_CASES.items():
         check(case, make_inputs(**{"heads": 2, **options}), assert_close_fp32)
     # 70 queries: a full block of 64 and a partial one.
     check("two_blocks", make_inputs([(6, 11)], heads=2, queries=70), assert_close_fp32)
@@ -100,7 +100,7 @@ def main() -> None:
     longer = torch.cat([value, value.new_zeros(value.shape[0], 5, *value.shape[2:])], 1)
     grad_output = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * value.shape[3])
     for what, past, within in zip(
-        NAMES,
+        ATTENTION_RESULTS,
         triton_output_and_grads((value, spatial_shapes, shifted, locations, weights), grad_output),
         triton_output_and_grads((longer, spatial_shapes, shifted, locations, weights), grad_output),
     ):
