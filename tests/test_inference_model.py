@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from detrkit.models.chunking import forward_in_chunks, images_per_chunk
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torchvision.ops import FrozenBatchNorm2d
@@ -16,6 +15,7 @@ import detrkit
 from detrkit.cli.main import main
 from detrkit.inference import Detector
 from detrkit.models import inference_model, optimize_for_inference
+from detrkit.models.chunking import forward_in_chunks, images_per_chunk
 from detrkit.models.inference_model import fold_batchnorms
 from detrkit.ops import onednn
 from helpers import padded_batch
