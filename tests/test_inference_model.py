@@ -9,15 +9,25 @@ import pytest
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
+from torchvision.models.resnet import Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
 import detrkit
 from detrkit.cli.main import main
+from detrkit.fast import adopt, chunking, optimize_for_inference
+from detrkit.fast import transformer as fast_transformer
+from detrkit.fast.backbone import (
+    AccumulatingBottleneck,
+    FastBottleneck,
+    accumulate_pointwise,
+    can_accumulate_pointwise,
+    fold_batchnorms,
+    fold_into_conv,
+)
+from detrkit.fast.chunking import ChunkedBatches, chunked, forward_in_chunks, images_per_chunk
+from detrkit.fast.transformer import ChunkedDeformableEncoderLayer
 from detrkit.inference import Detector
-from detrkit.models import inference_model, optimize_for_inference
-from detrkit.models.chunking import forward_in_chunks, images_per_chunk
-from detrkit.models.inference_model import fold_batchnorms
-from detrkit.ops import onednn
+from detrkit.ops import attention_implementation, onednn
 from helpers import padded_batch
 
 # Small transformers on the real ResNet-50 with frozen batch norm, so that folding meets the
@@ -70,13 +80,13 @@ def run(model: nn.Module, images: torch.Tensor, mask: torch.Tensor) -> dict:
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_fp32_keeps_the_answers_on_a_padded_batch(kind, models, monkeypatch):
     # Chunks of 100 tokens: the encoder MLP of Deformable DETR runs in several uneven chunks.
-    monkeypatch.setattr(inference_model, "ENCODER_MLP_CHUNK", 100)
+    monkeypatch.setattr(fast_transformer, "ENCODER_MLP_CHUNK", 100)
     model = models[kind]
     images, mask = padded_batch()
     assert mask[1].any()  # the second image is padded
     optimized = optimize_for_inference(model)
     # Chunks of one image: this batch also checks the split.
-    monkeypatch.setattr(optimized, "cpu_pixels_per_forward", images[0, 0].numel())
+    monkeypatch.setattr(chunking, "CPU_PIXELS_PER_FORWARD", images[0, 0].numel())
 
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in optimized.modules())
     stem = optimized.backbone[0].body["conv1"].weight
@@ -158,7 +168,7 @@ def test_compiled_detr_keeps_the_answers_at_a_second_batch_size():
 
 
 @pytest.mark.parametrize("images_per_forward", [1, 2])
-def test_batches_split_into_chunks_of_images_keep_every_output(images_per_forward):
+def test_batches_split_into_chunks_of_images_keep_every_output(images_per_forward, monkeypatch):
     """Every output (auxiliary layers and two-stage proposals included) of a batch of three, one
     of them padded, run in chunks: the same as the whole batch, and the chunks are the size
     asked for."""
@@ -168,8 +178,10 @@ def test_batches_split_into_chunks_of_images_keep_every_output(images_per_forwar
     expected = run(model, images, mask)
     sizes = []
     model.backbone.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[0]))
-    model.cpu_pixels_per_forward = images_per_forward * images[0, 0].numel()
-    got = run(model, images, mask)
+    monkeypatch.setattr(
+        chunking, "CPU_PIXELS_PER_FORWARD", images_per_forward * images[0, 0].numel()
+    )
+    got = run(adopt(model, chunked(type(model))), images, mask)
     assert sizes == {1: [1, 1, 1], 2: [2, 1]}[images_per_forward]
     assert (
         got.keys() == expected.keys() == {"pred_logits", "pred_boxes", "aux_outputs", "enc_outputs"}
@@ -193,10 +205,11 @@ def test_chunks_are_sized_by_pixels_on_a_cpu_only():
     assert images_per_chunk(None, images) is None
     assert images_per_chunk(100, images.to("meta")) is None
     model = small_model("detr")
-    budget = inference_model.CPU_PIXELS_PER_FORWARD
-    assert optimize_for_inference(model).cpu_pixels_per_forward == budget
+    assert isinstance(optimize_for_inference(model), ChunkedBatches)
     # Compiled models run batches whole: chunks would be unrolled into the graph.
-    assert optimize_for_inference(model, compile=True)._orig_mod.cpu_pixels_per_forward is None
+    compiled = optimize_for_inference(model, compile=True)._orig_mod
+    assert isinstance(compiled, detrkit.models.DETR)
+    assert not isinstance(compiled, ChunkedBatches)
     with pytest.raises(ValueError, match="images_per_chunk"):
         forward_in_chunks(lambda *_: {}, images, None, 0)
 
@@ -306,21 +319,20 @@ def test_bottlenecks_add_their_last_convolution_into_the_shortcut_in_place():
     """optimize_for_inference's residual addition: conv3's product accumulates into the
     shortcut's memory (the block's input when there is no downsampling), with the same result as
     the block's usual forward; with gradients on, or maps not channels-last, the usual forward."""
-    from detrkit.models.backbone import Bottleneck, accumulate_pointwise, can_accumulate_pointwise
-
     torch.manual_seed(0)
-    block = Bottleneck(32, 8).eval()  # 32 -> 8 -> 8 -> 32 channels, no downsampling
+    # 32 -> 8 -> 8 -> 32 channels, no downsampling
+    block = adopt(Bottleneck(32, 8), FastBottleneck).eval()
     with torch.no_grad():
         for norm in (block.bn1, block.bn2, block.bn3):
             norm.running_mean.normal_()
             norm.running_var.uniform_(0.5, 1.5)
-        inference_model.fold_into_conv(block.conv3, block.bn3)
+        fold_into_conv(block.conv3, block.bn3)
         block.bn3 = nn.Identity()
     block.to(memory_format=torch.channels_last)
     x = torch.randn(2, 32, 9, 7).to(memory_format=torch.channels_last)
     with torch.no_grad():
         expected = block(x.clone())
-        block.accumulate_into_shortcut = True
+        block = adopt(block, AccumulatingBottleneck)
         assert can_accumulate_pointwise(
             block.conv3, torch.randn(2, 8, 9, 7).to(memory_format=torch.channels_last), x
         )
@@ -355,15 +367,13 @@ def test_bottlenecks_add_their_last_convolution_into_the_shortcut_in_place():
 
 
 def test_optimize_for_inference_sets_the_in_place_residuals_of_folded_blocks(models):
-    from detrkit.models.backbone import Bottleneck
-
     optimized = optimize_for_inference(models["detr"])
     blocks = [m for m in optimized.modules() if isinstance(m, Bottleneck)]
-    assert len(blocks) == 16 and all(block.accumulate_into_shortcut for block in blocks)
+    assert len(blocks) == 16 and all(isinstance(block, AccumulatingBottleneck) for block in blocks)
     unfolded = optimize_for_inference(models["detr"], fold_batchnorm=False)
-    assert not any(
-        m.accumulate_into_shortcut for m in unfolded.modules() if isinstance(m, Bottleneck)
-    )
+    blocks = [m for m in unfolded.modules() if isinstance(m, Bottleneck)]
+    assert len(blocks) == 16
+    assert not any(isinstance(block, AccumulatingBottleneck) for block in blocks)
 
 
 @pytest.mark.parametrize("name", ["detr_r50", "deformable_detr_two_stage"])
@@ -372,25 +382,20 @@ def test_off_a_cpu_the_forward_reads_no_values_and_skips_the_cpu_workarounds(nam
     the host wait for the queued work. Meta tensors have no values, so any read fails: a whole
     forward on them shows that inference reads none. The device also stands in for a GPU in
     what optimize_for_inference chooses: none of its CPU-only steps."""
-    from detrkit.models.backbone import Bottleneck
-    from detrkit.models.deformable_transformer import DeformableTransformerEncoderLayer
     from detrkit.ops.winograd import WinogradConv2d
 
     with torch.device("meta"):
         model = detrkit.build_model(name, num_queries=20, **SMALL).eval()
-    if hasattr(model, "set_attention_implementation"):
-        # The fused kernels need a real device, and the reference reads the level sizes to
-        # split value by level; the portable operator keeps them as tensors.
-        model.set_attention_implementation("portable")
     for precision in ("fp32", "bf16"):
         optimized = optimize_for_inference(model, precision)
         modules = list(optimized.modules())
-        assert not any(isinstance(m, WinogradConv2d) for m in modules)
-        assert not any(m.accumulate_into_shortcut for m in modules if isinstance(m, Bottleneck))
-        encoder_layers = [m for m in modules if isinstance(m, DeformableTransformerEncoderLayer)]
-        assert all(layer.ffn_chunk_tokens is None for layer in encoder_layers)
+        assert not isinstance(optimized, ChunkedBatches)
+        cpu_only = (WinogradConv2d, AccumulatingBottleneck, ChunkedDeformableEncoderLayer)
+        assert not any(isinstance(m, cpu_only) for m in modules)
         images = torch.empty(2, 3, 96, 128, device="meta")
         mask = torch.zeros(2, 96, 128, device="meta", dtype=torch.bool)
-        with torch.no_grad():
+        # The fused kernels need a real device, and the reference reads the level sizes to
+        # split value by level; the portable operator keeps them as tensors.
+        with torch.no_grad(), attention_implementation("portable"):
             outputs = optimized(images, mask)
         assert outputs["pred_boxes"].shape == (2, optimized.config.num_queries, 4)

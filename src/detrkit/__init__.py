@@ -3,15 +3,10 @@
 from detrkit.checkpoints import CheckpointError, load, save
 from detrkit.data import pad_images
 from detrkit.deploy import ExportError, export
+from detrkit.fast import optimize_for_inference
 from detrkit.inference import Detector
 from detrkit.loss import HungarianMatcher, SetCriterion
-from detrkit.models import (
-    DETRConfig,
-    PostProcess,
-    available_models,
-    build_model,
-    optimize_for_inference,
-)
+from detrkit.models import DETRConfig, PostProcess, available_models, build_model
 from detrkit.version import __version__
 
 __all__ = [

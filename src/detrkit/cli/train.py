@@ -10,7 +10,7 @@ from pathlib import Path
 
 from detrkit.cli.arguments import model_option, non_negative_int
 from detrkit.engine.config import TrainConfig
-from detrkit.models.inference_model import PRECISIONS
+from detrkit.fast import PRECISIONS
 
 _TYPES = {"int": int, "float": float, "str": str}
 

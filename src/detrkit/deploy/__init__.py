@@ -7,13 +7,12 @@ PyTorch before it is written.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,10 +36,10 @@ from detrkit.deploy.to_onnx import (
 )
 from detrkit.deploy.to_program import export_program, save_program
 from detrkit.deploy.verify import verification_checks, verify_file
+from detrkit.fast import to_reference
 from detrkit.files import remove_temporaries, write_atomically
 from detrkit.models import ModelConfig
-from detrkit.models.deformable_attention import MSDeformAttn
-from detrkit.ops import auto_implementation
+from detrkit.ops import attention_implementation, auto_implementation
 
 FORMATS = ("onnx", "torch")
 
@@ -137,23 +136,11 @@ def export(
     source = copy.deepcopy(model).to("cpu", torch.float32).eval().requires_grad_(True)
     # Exports return the last layer's predictions only: leave the other layers' out of the graph.
     source.config = dataclasses.replace(config, aux_loss=False)
-    for module in source.modules():
-        # optimize_for_inference's chunked encoder MLP makes as many chunks as the image size
-        # asks, which a graph of dynamic size cannot; runtimes plan their own memory. Its
-        # decoder attention's reordered arithmetic, its batches split into single images, its
-        # Winograd convolutions (an extension's kernels, not graph operators) and its in-place
-        # residual additions are left out too: exports run the model's own arithmetic on the
-        # whole batch.
-        if getattr(module, "ffn_chunk_tokens", None) is not None:
-            module.ffn_chunk_tokens = None
-        if getattr(module, "sample_before_projection", False):
-            module.sample_before_projection = False
-        if getattr(module, "cpu_pixels_per_forward", None) is not None:
-            module.cpu_pixels_per_forward = None
-        if getattr(module, "use_winograd", False):
-            module.use_winograd = False
-        if getattr(module, "accumulate_into_shortcut", False):
-            module.accumulate_into_shortcut = False
+    # Exports trace the reference computation on the whole batch: optimize_for_inference's fast
+    # modules (chunked MLPs and batches, reordered decoder attention, Winograd convolutions that
+    # are an extension's kernels, in-place residual additions) go back to the reference ones.
+    # Folded batch norms stay folded.
+    source = to_reference(source)
     graph = ExportedDetector(source, with_mask, with_postprocess, num_select).eval()
     metadata = export_metadata(config, graph.input_names, graph.output_names)
     write = _trace(graph, format, size, opset, metadata)
@@ -190,12 +177,12 @@ def _trace(
     """Exports ``graph`` in ``format``; returns the function that writes it to a path."""
     if format == "onnx":
         # ONNX has no fused attention op: decompose it into gathers that keep sizes dynamic.
-        with attention(graph.model, "portable"):
+        with attention_implementation("portable"):
             model = export_onnx(graph, size, opset, metadata)
         return lambda tmp: save_onnx(model, tmp)
     # torch.export keeps the fused kernel, through its fake implementation, where it is built.
     fused = auto_implementation("cpu", torch.float32) == "cpu"
-    with attention(graph.model, "cpu" if fused else "portable"):
+    with attention_implementation("cpu" if fused else "portable"):
         program = export_program(graph, size)
     return lambda tmp: save_program(program, tmp, metadata)
 
@@ -216,16 +203,3 @@ def check_writable(path: Path, overwrite: bool = False) -> None:
         raise ExportError(f"{path}: cannot write in {path.parent}: {error}") from None
 
 
-@contextlib.contextmanager
-def attention(model: nn.Module, implementation: str) -> Iterator[None]:
-    """Runs every multi-scale deformable attention layer of ``model`` (DETR has none) with
-    ``implementation`` inside the block, and with its own choice again after it."""
-    layers = [module for module in model.modules() if isinstance(module, MSDeformAttn)]
-    previous = [layer.implementation for layer in layers]
-    for layer in layers:
-        layer.implementation = implementation
-    try:
-        yield
-    finally:
-        for layer, chosen in zip(layers, previous):
-            layer.implementation = chosen

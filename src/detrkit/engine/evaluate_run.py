@@ -6,15 +6,15 @@ from pathlib import Path
 
 import torch
 
-import detrkit
 from detrkit.checkpoints.finite import require_finite_weights
-from detrkit.checkpoints.load import training_run_config
+from detrkit.checkpoints.load import load, training_run_config
 from detrkit.data import AugmentationConfig, CocoDetection, DigitsDetection, make_val_transforms
 from detrkit.engine.config import check_counts
 from detrkit.engine.datasets import coco_ground_truth, make_loader
 from detrkit.engine.evaluate import AUTOCAST_DTYPES, coco_metrics, predict_dataset
+from detrkit.fast import optimize_for_inference
 from detrkit.files import existing_results, write_json
-from detrkit.models import PostProcess, optimize_for_inference
+from detrkit.models import PostProcess
 
 
 def validation_set(
@@ -86,7 +86,7 @@ def evaluate_checkpoint(
     """Loads ``weights``, predicts the validation split and returns the 12 COCO numbers; with
     ``out``, writes ``metrics.json`` and the COCO results file ``results.json`` there (refusing
     to replace earlier ones unless ``overwrite``). With a
-    ``precision``, runs the model prepared by :func:`~detrkit.models.optimize_for_inference`."""
+    ``precision``, runs the model prepared by :func:`~detrkit.fast.optimize_for_inference`."""
     if precision is not None and amp != "none":
         raise ValueError(f"choose one of amp ({amp!r}) and precision ({precision!r}), not both")
     check_counts(batch_size=batch_size, digits_val=digits_val)
@@ -96,7 +96,7 @@ def evaluate_checkpoint(
         raise ValueError(f"--out {out}: a file is there; the results go into a directory")
     if out is not None:
         existing_results([out / name for name in EVAL_FILES], f"--out {out}", overwrite)
-    model = detrkit.load(weights, map_location=device)
+    model = load(weights, map_location=device)
     require_finite_weights(model, str(weights))
     dataset = validation_set(data, image_scale, digits_val, seed, label_mapping)
     check_classes(model.config, dataset, str(weights), data)

@@ -48,6 +48,7 @@ from detrkit.engine.state import (
     set_rng_state,
 )
 from detrkit.engine.visualize import draw_predictions
+from detrkit.fast import optimize_for_training
 from detrkit.files import remove_temporaries, write_json
 from detrkit.loss import build_criterion
 from detrkit.models import PostProcess, build_config, model_from_config
@@ -310,7 +311,8 @@ def train(
     if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     train_set, val_set = build_datasets(config)
-    model = build_training_model(config, train_set, log)
+    # The papers' modules swapped for fast ones on the same parameters (detrkit.fast).
+    model = optimize_for_training(build_training_model(config, train_set, log))
     config = config.resolved(model.config)
     config.validate()
     if process.is_main:

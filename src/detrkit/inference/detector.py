@@ -16,9 +16,9 @@ from torchvision import tv_tensors
 from detrkit.checkpoints import load, require_finite_outputs, require_finite_weights
 from detrkit.checkpoints.load import check_device, training_run_config
 from detrkit.data import AugmentationConfig, make_val_transforms, pad_images, read_image
-from detrkit.inference.coco_names import class_names_for
+from detrkit.data.coco_names import class_names_for
+from detrkit.fast import optimize_for_inference
 from detrkit.models import PostProcess
-from detrkit.models.inference_model import optimize_for_inference
 
 # The original's validation resize: short side 800, long side at most 1333.
 SHORT_SIDE, MAX_SIZE = 800, 1333
@@ -120,7 +120,7 @@ class Detector:
     one batch; boxes come back in each input image's own pixels.
 
     With a ``precision`` ("fp32", "bf16", or "fp16" on a GPU) the detector runs a copy of the
-    model prepared by :func:`~detrkit.models.optimize_for_inference` (batch norm folded, weights
+    model prepared by :func:`~detrkit.fast.optimize_for_inference` (batch norm folded, weights
     channels-last when ``channels_last``, in that precision): faster, and in fp32 the same
     detections. Without one (the default) it runs ``model`` itself.
     """

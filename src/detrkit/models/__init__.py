@@ -3,7 +3,6 @@
 from detrkit.models.config import DeformableDETRConfig, DETRConfig, ModelConfig
 from detrkit.models.deformable_detr import DeformableDETR
 from detrkit.models.detr import DETR
-from detrkit.models.inference_model import PRECISIONS, optimize_for_inference
 from detrkit.models.postprocess import PostProcess
 from detrkit.models.presets import (
     PRESETS,
@@ -15,7 +14,6 @@ from detrkit.models.presets import (
 
 __all__ = [
     "DETR",
-    "PRECISIONS",
     "PRESETS",
     "DETRConfig",
     "DeformableDETR",
@@ -26,5 +24,4 @@ __all__ = [
     "build_config",
     "build_model",
     "model_from_config",
-    "optimize_for_inference",
 ]

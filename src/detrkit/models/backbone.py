@@ -11,8 +11,6 @@ from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.ops import FrozenBatchNorm2d
 
-from detrkit.ops import onednn
-
 # Output channels of each stage: bottleneck ResNets (50, 101) and basic-block ones (18, 34).
 RESNET_CHANNELS = {
     "resnet50": {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048},
@@ -21,118 +19,12 @@ RESNET_CHANNELS = {
     "resnet34": {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512},
 }
 
-
-def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
-    """``norm(conv(x))``, with a frozen batch norm folded into the convolution on the fly.
-
-    A frozen norm is an affine map per channel, ``y * s + (beta - mean * s)`` with
-    ``s = gamma / sqrt(var + eps)``, so it can scale the convolution's weights and become its bias:
-    one convolution instead of a convolution and two passes over its output (and, in training,
-    one fewer pass backward). Equal up to float rounding; gradients reach ``conv.weight`` through
-    the scaling. Any other norm runs after the convolution as usual.
-    """
-    if not isinstance(norm, FrozenBatchNorm2d):
-        return norm(conv(x))
-    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # [C_out]
-    shift = norm.bias - norm.running_mean * scale
-    bias = shift if conv.bias is None else conv.bias * scale + shift
-    return conv._conv_forward(x, conv.weight * scale.view(-1, 1, 1, 1), bias)
-
-
-def conv_norm_relu(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
-    """``relu(norm(conv(x)))``. Once the norm is folded into the convolution (an Identity left in
-    its place), the ReLU runs inside the convolution in bf16 inference (:mod:`detrkit.ops.onednn`)."""
-    if isinstance(norm, nn.Identity):
-        return onednn.conv2d_relu(conv, x)
-    return conv_norm(conv, norm, x).relu_()
-
-
-def conv_norm_add_relu(conv: nn.Conv2d, norm: nn.Module, x: Tensor, shortcut: Tensor) -> Tensor:
-    """``relu(norm(conv(x)) + shortcut)``, a residual block's end; fused as
-    :func:`conv_norm_relu`, the addition too."""
-    if isinstance(norm, nn.Identity):
-        return onednn.conv2d_add_relu(conv, x, shortcut)
-    return conv_norm(conv, norm, x).add_(shortcut).relu_()
-
-
-class Bottleneck(tv_resnet.Bottleneck):
-    """torchvision's bottleneck block (same modules and names), its norms run by :func:`conv_norm`."""
-
-    # Set by optimize_for_inference (after folding bn3 into conv3): without gradients, add conv3's
-    # output into the shortcut's memory instead of into fresh memory; see accumulate_pointwise.
-    # The shortcut may be the block's input (the previous block's output), which is then
-    # overwritten; the backbone keeps no other reference to it: every stage's first block, whose
-    # input is the previous stage's returned feature map, has a downsampling shortcut.
-    accumulate_into_shortcut = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        # In-place ReLUs, as torchvision's: every input they overwrite is a fresh tensor.
-        out = conv_norm_relu(self.conv1, self.bn1, x)
-        out = conv_norm_relu(self.conv2, self.bn2, out)
-        shortcut = _shortcut(self, x)
-        if (
-            self._may_accumulate()
-            and not onednn.fuses(self.conv3, out)  # bf16: faster still, in conv_norm_add_relu
-            and can_accumulate_pointwise(self.conv3, out, shortcut)
-        ):
-            return accumulate_pointwise(self.conv3, out, shortcut).relu_()
-        return conv_norm_add_relu(self.conv3, self.bn3, out, shortcut)
-
-    def _may_accumulate(self) -> bool:
-        # Hooks on conv3 would not run in place: its module is not called.
-        hooked = self.conv3._forward_hooks or self.conv3._forward_pre_hooks
-        return self.accumulate_into_shortcut and not torch.is_grad_enabled() and not hooked
-
-
-def can_accumulate_pointwise(conv: nn.Module, x: Tensor, accumulator: Tensor) -> bool:
-    """Whether :func:`accumulate_pointwise` computes ``accumulator + conv(x)`` here: a 1x1
-    stride-1 convolution, and maps of one dtype in channels-last memory."""
-    return (
-        type(conv) is nn.Conv2d
-        and conv.kernel_size == (1, 1)
-        and conv.stride == (1, 1)
-        and conv.groups == 1
-        and x.dtype == accumulator.dtype == conv.weight.dtype
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and accumulator.is_contiguous(memory_format=torch.channels_last)
-        and accumulator.shape == (x.shape[0], conv.out_channels, *x.shape[2:])
-    )
-
-
-def accumulate_pointwise(conv: nn.Conv2d, x: Tensor, accumulator: Tensor) -> Tensor:
-    """``accumulator += conv(x)`` in place, for a 1x1 convolution of channels-last maps: one
-    matrix product that adds into ``accumulator``'s memory, not a fresh output (for an
-    800x1066 image, ``layer1``'s are 52 MB: mapped afresh by malloc, and faulted in, every time)
-    and an addition after it."""
-    rows = accumulator.permute(0, 2, 3, 1).view(-1, conv.out_channels)  # [B*H*W, C_out]
-    inputs = x.permute(0, 2, 3, 1).view(-1, conv.in_channels)  # [B*H*W, C_in]
-    rows.addmm_(inputs, conv.weight.view(conv.out_channels, conv.in_channels).t())
-    if conv.bias is not None:
-        rows.add_(conv.bias)
-    return accumulator
-
-
-class BasicBlock(tv_resnet.BasicBlock):
-    """torchvision's basic block (same modules and names), its norms run by :func:`conv_norm`."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = conv_norm_relu(self.conv1, self.bn1, x)
-        return conv_norm_add_relu(self.conv2, self.bn2, out, _shortcut(self, x))
-
-
-def _shortcut(block: nn.Module, x: Tensor) -> Tensor:
-    if block.downsample is None:
-        return x
-    conv, norm = block.downsample
-    return conv_norm(conv, norm, x)
-
-
-# (block, blocks per stage) of torchvision's constructors, with the blocks above.
-RESNET_LAYOUTS = {
-    "resnet18": (BasicBlock, [2, 2, 2, 2]),
-    "resnet34": (BasicBlock, [3, 4, 6, 3]),
-    "resnet50": (Bottleneck, [3, 4, 6, 3]),
-    "resnet101": (Bottleneck, [3, 4, 23, 3]),
+# torchvision's constructors, which take the norm layer and the dilation of the last stage.
+RESNETS = {
+    "resnet18": tv_resnet.resnet18,
+    "resnet34": tv_resnet.resnet34,
+    "resnet50": tv_resnet.resnet50,
+    "resnet101": tv_resnet.resnet101,
 }
 
 
@@ -158,8 +50,8 @@ class ResNetBackbone(nn.Module):
             raise ValueError(f"dilation (DC5) needs a bottleneck ResNet, not {name}")
         if norm not in ("frozen", "batch"):
             raise ValueError(f"backbone norm must be 'frozen' or 'batch', got {norm!r}")
-        resnet = tv_resnet.ResNet(
-            *RESNET_LAYOUTS[name],
+        resnet = RESNETS[name](
+            weights=None,
             replace_stride_with_dilation=[False, False, dilation],
             norm_layer=FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d,
         )
@@ -203,16 +95,8 @@ class ResNetBackbone(nn.Module):
     def forward(self, images: Tensor, mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Returns the feature maps ``[B, C_l, H_l, W_l]`` and the padding mask resized to each."""
         features = []
-        # Run in the weights' dtype (bf16 / fp16 after optimize_for_inference); a no-op in fp32.
-        x = images.to(self.body["conv1"].weight.dtype)
-        # The stem's ReLU joins its convolution, unless it was replaced or is being watched.
-        relu = self.body["relu"]
-        fused_relu = type(relu) is nn.ReLU and not (relu._forward_hooks or relu._forward_pre_hooks)
-        stem = conv_norm_relu if fused_relu else conv_norm
-        x = stem(self.body["conv1"], self.body["bn1"], x)
-        for name, module in self.body.items():
-            if name in ("conv1", "bn1") or (name == "relu" and fused_relu):  # run above
-                continue
+        x = images
+        for name, module in self.body.items():  # conv1, bn1, relu, maxpool, layer1, ...
             x = module(x)
             if name in self.return_layers:
                 features.append(x)

@@ -9,10 +9,11 @@ import torch
 from torch import Tensor, nn
 
 from detrkit.models.backbone import Joiner, ResNetBackbone, resize_mask
-from detrkit.models.chunking import forward_in_chunks, images_per_chunk
 from detrkit.models.config import DeformableDETRConfig
-from detrkit.models.deformable_attention import MSDeformAttn
-from detrkit.models.deformable_transformer import DeformableTransformer, inverse_sigmoid
+from detrkit.models.deformable_transformer import (
+    DeformableTransformer,
+    refine_boxes,
+)
 from detrkit.models.heads import MLP
 from detrkit.models.position_encoding import build_position_encoding
 
@@ -36,9 +37,6 @@ class DeformableDETR(nn.Module):
         self.config = config
         hidden_dim = config.hidden_dim
         self.num_feature_levels = config.num_feature_levels
-        # Set by optimize_for_inference: on a CPU, run a batch in chunks of images of at most
-        # this many pixels (see detrkit.models.chunking).
-        self.cpu_pixels_per_forward: int | None = None
         self.transformer = DeformableTransformer(
             d_model=hidden_dim,
             nhead=config.nheads,
@@ -115,17 +113,7 @@ class DeformableDETR(nn.Module):
             if name in self._modules:
                 self._modules[name] = self._modules.pop(name)
 
-    def set_attention_implementation(self, implementation: str) -> None:
-        """Which multi-scale deformable attention kernel every layer runs ("auto", "reference",
-        "cpu", "triton" on a GPU; see :func:`detrkit.ops.ms_deform_attn`)."""
-        for module in self.modules():
-            if isinstance(module, MSDeformAttn):
-                module.implementation = implementation
-
     def forward(self, images: Tensor, mask: Tensor | None = None) -> dict:
-        chunk = images_per_chunk(self.cpu_pixels_per_forward, images)
-        if chunk is not None:
-            return forward_in_chunks(self.forward, images, mask, chunk)
         if mask is None:
             mask = images.new_zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool)
         features, masks, positions = self.backbone(images, mask)
@@ -146,14 +134,9 @@ class DeformableDETR(nn.Module):
         outputs_classes, outputs_coords = [], []
         for layer in range(hs.shape[0]):
             # Layer l predicts relative to the references it received.
-            reference = inverse_sigmoid(
-                init_reference if layer == 0 else inter_references[layer - 1]
-            )
+            reference = init_reference if layer == 0 else inter_references[layer - 1]
             delta = self.bbox_embed[layer](hs[layer])  # [B, Q, 4] in inverse-sigmoid space
-            if reference.shape[-1] == 4:
-                coord = delta + reference
-            else:
-                coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+            coord = refine_boxes(delta, reference)
             outputs_classes.append(self.class_embed[layer](hs[layer]))  # [B, Q, num_classes]
             outputs_coords.append(coord.sigmoid())  # [B, Q, 4] normalised cx, cy, w, h
 

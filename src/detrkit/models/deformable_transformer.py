@@ -10,12 +10,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detrkit.models.attention import MultiheadAttention
 from detrkit.models.deformable_attention import MSDeformAttn
-from detrkit.models.transformer import ACTIVATIONS, _clones, _feed_forward, _with_pos
-from detrkit.ops import Dropout
+from detrkit.models.transformer import clones, with_pos
 
 
 class ImageTooSmallError(ValueError):
@@ -29,6 +28,15 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
+def refine_boxes(delta: Tensor, reference: Tensor) -> Tensor:
+    """A box head's output ``delta`` ``[B, Q, 4]`` applied to reference points ``[B, Q, 2]`` or
+    boxes ``[B, Q, 4]`` (normalised): the boxes in inverse-sigmoid space. A point reference moves
+    the centre only; the size is the head's own."""
+    if reference.shape[-1] == 4:
+        return delta + inverse_sigmoid(reference)
+    return torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1)
+
+
 class DeformableTransformerEncoderLayer(nn.Module):
     """Deformable self-attention over all levels' pixels, then an MLP (post-norm)."""
 
@@ -37,23 +45,24 @@ class DeformableTransformerEncoderLayer(nn.Module):
         d_model: int = 256,
         d_ffn: int = 1024,
         dropout: float = 0.1,
-        activation: str = "relu",
         n_levels: int = 4,
         n_heads: int = 8,
         n_points: int = 4,
     ) -> None:
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
-        self.dropout1 = Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
-        self.activation = ACTIVATIONS[activation]
-        self.dropout = Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout3 = Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
-        # Set by optimize_for_inference: run the MLP over this many tokens at a time.
-        self.ffn_chunk_tokens: int | None = None
+
+    def feed_forward(self, src: Tensor) -> Tensor:
+        """The MLP block: ``norm2(src + linear2(relu(linear1(src))))``."""
+        src2 = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        return self.norm2(src + self.dropout3(src2))
 
     def forward(
         self,
@@ -64,32 +73,23 @@ class DeformableTransformerEncoderLayer(nn.Module):
         level_start_index: Tensor,
         padding_mask: Tensor | None,
     ) -> Tensor:
-        attended = self.self_attn(
-            _with_pos(src, pos),
+        # src, pos: [B, S, C]; reference_points: [B, S, L, 2]; the query is the pixel + its position
+        src2 = self.self_attn(
+            with_pos(src, pos),
             reference_points,
             src,
             spatial_shapes,
             level_start_index,
             padding_mask,
         )
-        src = self.norm1(src + self.dropout1(attended))
-        if self.ffn_chunk_tokens is None:
-            return self._mlp_block(src)
-        # Every token's MLP is its own, so chunks give the same result, while the hidden
-        # activations ([chunk, d_ffn] instead of [B * S, d_ffn]) stay small enough for the
-        # allocator to reuse memory instead of mapping fresh pages on every call.
-        tokens = src.reshape(-1, src.shape[-1])  # [B * S, C]
-        chunks = [self._mlp_block(chunk) for chunk in tokens.split(self.ffn_chunk_tokens)]
-        return torch.cat(chunks).view(src.shape)
-
-    def _mlp_block(self, src: Tensor) -> Tensor:
-        return self.norm2(src + self.dropout3(_feed_forward(self, src)))
+        src = self.norm1(src + self.dropout1(src2))
+        return self.feed_forward(src)
 
 
 class DeformableTransformerEncoder(nn.Module):
     def __init__(self, layer: DeformableTransformerEncoderLayer, num_layers: int) -> None:
         super().__init__()
-        self.layers = _clones(layer, num_layers)
+        self.layers = clones(layer, num_layers)
 
     @staticmethod
     def get_reference_points(
@@ -135,27 +135,32 @@ class DeformableTransformerDecoderLayer(nn.Module):
         d_model: int = 256,
         d_ffn: int = 1024,
         dropout: float = 0.1,
-        activation: str = "relu",
         n_levels: int = 4,
         n_heads: int = 8,
         n_points: int = 4,
     ) -> None:
         super().__init__()
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
-        # ~300 queries against thousands of pixels: sampling the memory, then projecting only
-        # the samples, is the same attention with a fraction of the arithmetic (where it is).
-        self.cross_attn.sample_before_projection = True
-        self.dropout1 = Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.self_attn = MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
-        self.dropout2 = Dropout(dropout)
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
-        self.activation = ACTIVATIONS[activation]
-        self.dropout = Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout4 = Dropout(dropout)
+        self.dropout4 = nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
+
+    def feed_forward(self, tgt: Tensor) -> Tensor:
+        """The MLP block: ``norm3(tgt + linear2(relu(linear1(tgt))))``."""
+        tgt2 = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout4(tgt2))
+
+    def self_attention(self, tgt: Tensor, query_pos: Tensor) -> Tensor:
+        """Queries attend to each other: Q = K = tgt + query_pos, V = tgt."""
+        q = k = with_pos(tgt, query_pos)
+        return self.self_attn(q, k, tgt, need_weights=False)[0]
 
     def forward(
         self,
@@ -167,18 +172,18 @@ class DeformableTransformerDecoderLayer(nn.Module):
         level_start_index: Tensor,
         memory_padding_mask: Tensor | None,
     ) -> Tensor:
-        q = k = _with_pos(tgt, query_pos)
-        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, need_weights=False)[0]))
-        attended = self.cross_attn(
-            _with_pos(tgt, query_pos),
+        # tgt, query_pos: [B, Q, C]; reference_points: [B, Q, L, 2 or 4]; memory: [B, S, C]
+        tgt = self.norm2(tgt + self.dropout2(self.self_attention(tgt, query_pos)))
+        tgt2 = self.cross_attn(
+            with_pos(tgt, query_pos),
             reference_points,
             memory,
             spatial_shapes,
             level_start_index,
             memory_padding_mask,
         )
-        tgt = self.norm1(tgt + self.dropout1(attended))
-        return self.norm3(tgt + self.dropout4(_feed_forward(self, tgt)))
+        tgt = self.norm1(tgt + self.dropout1(tgt2))
+        return self.feed_forward(tgt)
 
 
 class DeformableTransformerDecoder(nn.Module):
@@ -188,7 +193,7 @@ class DeformableTransformerDecoder(nn.Module):
 
     def __init__(self, layer: DeformableTransformerDecoderLayer, num_layers: int) -> None:
         super().__init__()
-        self.layers = _clones(layer, num_layers)
+        self.layers = clones(layer, num_layers)
         self.num_layers = num_layers
         # Set by DeformableDETR for box refinement / two-stage; registered then, after the layers,
         # which is where the original checkpoints list them.
@@ -226,13 +231,7 @@ class DeformableTransformerDecoder(nn.Module):
             )
             if self.bbox_embed is not None:
                 delta = self.bbox_embed[layer_index](tgt)  # [B, Q, 4] in inverse-sigmoid space
-                if reference_points.shape[-1] == 4:
-                    new_reference_points = delta + inverse_sigmoid(reference_points)
-                else:
-                    new_reference_points = torch.cat(
-                        [delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1
-                    )
-                reference_points = new_reference_points.sigmoid().detach()
+                reference_points = refine_boxes(delta, reference_points).sigmoid().detach()
             intermediate.append(tgt)
             intermediate_reference_points.append(reference_points)
         return torch.stack(intermediate), torch.stack(intermediate_reference_points)
@@ -250,7 +249,6 @@ class DeformableTransformer(nn.Module):
         num_decoder_layers: int = 6,
         dim_feedforward: int = 1024,
         dropout: float = 0.1,
-        activation: str = "relu",
         num_feature_levels: int = 4,
         dec_n_points: int = 4,
         enc_n_points: int = 4,
@@ -258,8 +256,6 @@ class DeformableTransformer(nn.Module):
         two_stage_num_proposals: int = 300,
     ) -> None:
         super().__init__()
-        self.d_model = d_model
-        self.nhead = nhead
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
         self.encoder = DeformableTransformerEncoder(
@@ -267,7 +263,6 @@ class DeformableTransformer(nn.Module):
                 d_model,
                 dim_feedforward,
                 dropout,
-                activation,
                 num_feature_levels,
                 nhead,
                 enc_n_points,
@@ -279,7 +274,6 @@ class DeformableTransformer(nn.Module):
                 d_model,
                 dim_feedforward,
                 dropout,
-                activation,
                 num_feature_levels,
                 nhead,
                 dec_n_points,

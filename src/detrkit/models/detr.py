@@ -6,7 +6,6 @@ import torch
 from torch import Tensor, nn
 
 from detrkit.models.backbone import Joiner, ResNetBackbone
-from detrkit.models.chunking import forward_in_chunks, images_per_chunk
 from detrkit.models.config import DETRConfig
 from detrkit.models.heads import MLP
 from detrkit.models.position_encoding import build_position_encoding
@@ -45,14 +44,8 @@ class DETR(nn.Module):
         self.input_proj = nn.Conv2d(backbone.num_channels[-1], hidden_dim, kernel_size=1)
         position_embedding = build_position_encoding(config.position_embedding, hidden_dim)
         self.backbone = Joiner(backbone, position_embedding)
-        # Set by optimize_for_inference: on a CPU, run a batch in chunks of images of at most
-        # this many pixels (see detrkit.models.chunking).
-        self.cpu_pixels_per_forward: int | None = None
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> dict:
-        chunk = images_per_chunk(self.cpu_pixels_per_forward, images)
-        if chunk is not None:
-            return forward_in_chunks(self.forward, images, mask, chunk)
         if mask is None:
             mask = images.new_zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool)
         features, masks, positions = self.backbone(images, mask)

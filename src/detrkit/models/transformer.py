@@ -12,29 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detrkit.models.attention import MultiheadAttention
-from detrkit.ops import Dropout, onednn, relu_dropout_mlp
 
-
-def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
+def with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
+    """``x + pos``: positions join queries and keys, never values."""
     return x if pos is None else x + pos
 
 
-def _clones(module: nn.Module, n: int) -> nn.ModuleList:
+def clones(module: nn.Module, n: int) -> nn.ModuleList:
+    """``n`` independent copies of ``module``."""
     return nn.ModuleList(copy.deepcopy(module) for _ in range(n))
-
-
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}
-
-
-def _feed_forward(layer: nn.Module, x: Tensor) -> Tensor:
-    """The position-wise MLP; its Linear layers live on the owning layer, as in the checkpoints."""
-    if layer.activation is F.relu and layer.dropout.training:  # the original's activation
-        return relu_dropout_mlp(x, layer.linear1, layer.linear2, layer.dropout.p)
-    if layer.activation is F.relu:
-        # Dropout is off (eval mode). In bf16 inference, bias and ReLU run inside the product.
-        return onednn.linear(layer.linear2, onednn.linear(layer.linear1, x, relu=True))
-    return layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -46,34 +32,39 @@ class TransformerEncoderLayer(nn.Module):
         nhead: int,
         dim_feedforward: int = 2048,
         dropout: float = 0.1,
-        activation: str = "relu",
         normalize_before: bool = False,
     ) -> None:
         super().__init__()
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = Dropout(dropout)
-        self.dropout2 = Dropout(dropout)
-        self.activation = ACTIVATIONS[activation]
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
         self.normalize_before = normalize_before
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        """The position-wise MLP."""
+        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+
+    def self_attention(
+        self, src: Tensor, key_padding_mask: Tensor | None, pos: Tensor | None
+    ) -> Tensor:
+        """Every position attends to every other: Q = K = src + pos, V = src."""
+        q = k = with_pos(src, pos)
+        v = src
+        return self.self_attn(q, k, v, key_padding_mask=key_padding_mask, need_weights=False)[0]
 
     def forward(self, src: Tensor, key_padding_mask: Tensor | None, pos: Tensor | None) -> Tensor:
         # src, pos: [B, HW, C]; key_padding_mask: [B, HW], True on padding
         if self.normalize_before:
-            x = self.norm1(src)
-            q = k = _with_pos(x, pos)
-            src = src + self.dropout1(self._attend(q, k, x, key_padding_mask))
-            return src + self.dropout2(_feed_forward(self, self.norm2(src)))
-        q = k = _with_pos(src, pos)
-        src = self.norm1(src + self.dropout1(self._attend(q, k, src, key_padding_mask)))
-        return self.norm2(src + self.dropout2(_feed_forward(self, src)))
-
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
-        return self.self_attn(q, k, v, key_padding_mask=key_padding_mask, need_weights=False)[0]
+            attended = self.self_attention(self.norm1(src), key_padding_mask, pos)
+            src = src + self.dropout1(attended)
+            return src + self.dropout2(self.feed_forward(self.norm2(src)))
+        src = self.norm1(src + self.dropout1(self.self_attention(src, key_padding_mask, pos)))
+        return self.norm2(src + self.dropout2(self.feed_forward(src)))
 
 
 class TransformerDecoderLayer(nn.Module):
@@ -85,23 +76,48 @@ class TransformerDecoderLayer(nn.Module):
         nhead: int,
         dim_feedforward: int = 2048,
         dropout: float = 0.1,
-        activation: str = "relu",
         normalize_before: bool = False,
     ) -> None:
         super().__init__()
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.multihead_attn = nn.MultiheadAttention(
+            d_model, nhead, dropout=dropout, batch_first=True
+        )
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
-        self.dropout1 = Dropout(dropout)
-        self.dropout2 = Dropout(dropout)
-        self.dropout3 = Dropout(dropout)
-        self.activation = ACTIVATIONS[activation]
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
         self.normalize_before = normalize_before
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        """The position-wise MLP."""
+        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+
+    def self_attention(self, tgt: Tensor, query_pos: Tensor | None) -> Tensor:
+        """Queries attend to each other: Q = K = tgt + query_pos, V = tgt."""
+        q = k = with_pos(tgt, query_pos)
+        return self.self_attn(q, k, tgt, need_weights=False)[0]
+
+    def cross_attention(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        memory_key_padding_mask: Tensor | None,
+        pos: Tensor | None,
+        query_pos: Tensor | None,
+    ) -> Tensor:
+        """Queries attend to the image: Q = tgt + query_pos, K = memory + pos, V = memory."""
+        q = with_pos(tgt, query_pos)
+        k = with_pos(memory, pos)
+        v = memory
+        return self.multihead_attn(
+            q, k, v, key_padding_mask=memory_key_padding_mask, need_weights=False
+        )[0]
 
     def forward(
         self,
@@ -112,30 +128,14 @@ class TransformerDecoderLayer(nn.Module):
         query_pos: Tensor | None,
     ) -> Tensor:
         # tgt, query_pos: [B, Q, C]; memory, pos: [B, HW, C]; memory_key_padding_mask: [B, HW]
-        # The attention outputs are made contiguous: nn.MultiheadAttention returns [B, Q, C]
-        # stored as [Q, B, C], and inductor's frozen-weight Linear (optimize_for_inference with
-        # compile=True) views the MLP's input as [B * Q, C], which fails for those strides at
-        # batch sizes above one (torch 2.14). The copy is small: [B, Q, C] with Q queries.
-        def self_attention(x: Tensor) -> Tensor:
-            q = k = _with_pos(x, query_pos)
-            return self.self_attn(q, k, x, need_weights=False)[0].contiguous()
-
-        def cross_attention(x: Tensor) -> Tensor:
-            return self.multihead_attn(
-                _with_pos(x, query_pos),
-                _with_pos(memory, pos),
-                memory,
-                key_padding_mask=memory_key_padding_mask,
-                need_weights=False,
-            )[0].contiguous()
-
+        cross = (memory, memory_key_padding_mask, pos, query_pos)
         if self.normalize_before:
-            tgt = tgt + self.dropout1(self_attention(self.norm1(tgt)))
-            tgt = tgt + self.dropout2(cross_attention(self.norm2(tgt)))
-            return tgt + self.dropout3(_feed_forward(self, self.norm3(tgt)))
-        tgt = self.norm1(tgt + self.dropout1(self_attention(tgt)))
-        tgt = self.norm2(tgt + self.dropout2(cross_attention(tgt)))
-        return self.norm3(tgt + self.dropout3(_feed_forward(self, tgt)))
+            tgt = tgt + self.dropout1(self.self_attention(self.norm1(tgt), query_pos))
+            tgt = tgt + self.dropout2(self.cross_attention(self.norm2(tgt), *cross))
+            return tgt + self.dropout3(self.feed_forward(self.norm3(tgt)))
+        tgt = self.norm1(tgt + self.dropout1(self.self_attention(tgt, query_pos)))
+        tgt = self.norm2(tgt + self.dropout2(self.cross_attention(tgt, *cross)))
+        return self.norm3(tgt + self.dropout3(self.feed_forward(tgt)))
 
 
 class TransformerEncoder(nn.Module):
@@ -143,7 +143,7 @@ class TransformerEncoder(nn.Module):
         self, layer: TransformerEncoderLayer, num_layers: int, norm: nn.Module | None = None
     ) -> None:
         super().__init__()
-        self.layers = _clones(layer, num_layers)
+        self.layers = clones(layer, num_layers)
         self.norm = norm  # only with pre-norm layers, whose output is not normalised
 
     def forward(self, src: Tensor, key_padding_mask: Tensor | None, pos: Tensor | None) -> Tensor:
@@ -155,7 +155,7 @@ class TransformerEncoder(nn.Module):
 class TransformerDecoder(nn.Module):
     def __init__(self, layer: TransformerDecoderLayer, num_layers: int, norm: nn.Module) -> None:
         super().__init__()
-        self.layers = _clones(layer, num_layers)
+        self.layers = clones(layer, num_layers)
         self.norm = norm
 
     def forward(
@@ -185,11 +185,10 @@ class Transformer(nn.Module):
         num_decoder_layers: int = 6,
         dim_feedforward: int = 2048,
         dropout: float = 0.1,
-        activation: str = "relu",
         normalize_before: bool = False,
     ) -> None:
         super().__init__()
-        layer_args = (d_model, nhead, dim_feedforward, dropout, activation, normalize_before)
+        layer_args = (d_model, nhead, dim_feedforward, dropout, normalize_before)
         self.encoder = TransformerEncoder(
             TransformerEncoderLayer(*layer_args),
             num_encoder_layers,
@@ -198,8 +197,6 @@ class Transformer(nn.Module):
         self.decoder = TransformerDecoder(
             TransformerDecoderLayer(*layer_args), num_decoder_layers, nn.LayerNorm(d_model)
         )
-        self.d_model = d_model
-        self.nhead = nhead
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)

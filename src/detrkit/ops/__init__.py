@@ -5,7 +5,12 @@ oneDNN for bf16 inference (:mod:`detrkit.ops.onednn`)."""
 
 from detrkit.ops import onednn
 from detrkit.ops._validation import coordinate_dtype_for
-from detrkit.ops.dispatch import auto_implementation, fused_kernel_available, ms_deform_attn
+from detrkit.ops.dispatch import (
+    attention_implementation,
+    auto_implementation,
+    fused_kernel_available,
+    ms_deform_attn,
+)
 from detrkit.ops.fast_dropout import Dropout, dropout, relu_dropout
 from detrkit.ops.feed_forward import relu_dropout_mlp
 from detrkit.ops.ms_deform_attn_portable import ms_deform_attn_portable
@@ -15,6 +20,7 @@ from detrkit.ops.winograd import WinogradConv2d, winograd_conv2d, winograd_weigh
 __all__ = [
     "Dropout",
     "WinogradConv2d",
+    "attention_implementation",
     "auto_implementation",
     "coordinate_dtype_for",
     "dropout",

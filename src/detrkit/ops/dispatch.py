@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -80,6 +82,42 @@ FUSED_KERNELS = {
 }
 
 
+# The implementation that calls naming none run. A plain global: torch.compile reads it as a
+# constant of the graph (with a guard), which a thread-local would not allow.
+_chosen: Implementation = "auto"
+
+
+def chosen_implementation() -> Implementation:
+    """The implementation ``ms_deform_attn`` runs when the call names none: "auto" unless an
+    :func:`attention_implementation` block says otherwise."""
+    return _chosen
+
+
+@contextlib.contextmanager
+def attention_implementation(implementation: Implementation) -> Iterator[None]:
+    """Runs every ``ms_deform_attn`` call in the block with ``implementation`` (process-wide);
+    the previous choice returns after it.
+
+    >>> with attention_implementation("reference"):
+    ...     outputs = model(images, mask)
+    """
+    global _chosen
+    _check_name(implementation)
+    previous, _chosen = _chosen, implementation
+    try:
+        yield
+    finally:
+        _chosen = previous
+
+
+def _check_name(implementation: str) -> None:
+    if implementation not in ("auto", "reference", "portable", *FUSED_KERNELS):
+        raise ValueError(
+            "implementation must be 'auto', 'reference', 'cpu', 'triton' or 'portable', "
+            f"got {implementation!r}"
+        )
+
+
 def ms_deform_attn(
     value: Tensor,
     spatial_shapes: Tensor,
@@ -87,7 +125,7 @@ def ms_deform_attn(
     sampling_locations: Tensor,
     attention_weights: Tensor,
     *,
-    implementation: Implementation = "auto",
+    implementation: Implementation | None = None,
 ) -> Tensor:
     """Multi-scale deformable attention (Deformable DETR, eq. 3).
 
@@ -102,7 +140,8 @@ def ms_deform_attn(
         attention_weights: ``[N, Lq, M, L, P]``, in sampling_locations' dtype: value's, or
             float32 with bfloat16 / float16 values (which the fused kernels read as they are
             and the reference and portable implementations convert to float32).
-        implementation: ``"auto"`` (the fused kernel for the inputs' device when it is
+        implementation: None (the one :func:`attention_implementation` chose, "auto" by
+            default), ``"auto"`` (the fused kernel for the inputs' device when it is
             available, else reference), ``"reference"`` (grid_sample), ``"cpu"`` (fused CPU
             kernel), ``"triton"`` (fused Triton kernels for CUDA tensors) or ``"portable"``
             (gathers with the level sizes kept as tensors, for ONNX export).
@@ -113,13 +152,11 @@ def ms_deform_attn(
     """
     inputs = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     check_ms_deform_attn_inputs(*inputs)
+    if implementation is None:
+        implementation = chosen_implementation()
+    _check_name(implementation)
     if implementation == "auto":
         implementation = auto_implementation(value.device, value.dtype)
-    if implementation not in ("reference", "portable", *FUSED_KERNELS):
-        raise ValueError(
-            "implementation must be 'auto', 'reference', 'cpu', 'triton' or 'portable', "
-            f"got {implementation!r}"
-        )
     if implementation in FUSED_KERNELS:
         device_type, available, kernel, missing = FUSED_KERNELS[implementation]
         if value.device.type != device_type or value.dtype not in FUSED_DTYPES:

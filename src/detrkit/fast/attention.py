@@ -1,5 +1,5 @@
 """Multi-head attention as ``nn.MultiheadAttention`` (same parameters and results), whose
-training-mode attention dropout uses detrkit's fast CPU dropout.
+training-mode attention dropout uses detrkit's fast CPU dropout (:func:`detrkit.ops.dropout`).
 
 In training, torch's CPU attention falls back to its math path and draws a ``[B, heads, Lq, Lk]``
 dropout mask with its slow Mersenne Twister at every layer: in DETR's training step that was
@@ -17,8 +17,10 @@ from detrkit.ops import dropout
 from detrkit.ops.fast_dropout import uses_fused_kernel
 
 
-class MultiheadAttention(nn.MultiheadAttention):
+class FastMultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` (``batch_first=True``, packed in-projection, with bias)."""
+
+    reference_class = nn.MultiheadAttention
 
     def forward(
         self,

@@ -9,11 +9,17 @@ not. Small images are better run together, so chunks are sized by their pixels.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+# Pixels per forward on a CPU. Measured on a 2-core VM with a 32 MB last-level cache, batches of
+# 8 against chunks: at 800x1066 and 400x533 chunks of one image were 5-25% faster, at 300x400 and
+# 200x266 the whole batch was 7-30% faster. One 800x1066 image is 852,800 pixels.
+CPU_PIXELS_PER_FORWARD = 1_000_000
 
 
 def forward_in_chunks(
@@ -51,3 +57,20 @@ def images_per_chunk(pixels_per_forward: int | None, images: Tensor) -> int | No
         return None
     chunk = max(1, pixels_per_forward // (images.shape[-2] * images.shape[-1]))
     return chunk if images.shape[0] > chunk else None
+
+
+class ChunkedBatches:
+    """Mixed into a detector's class: on a CPU, a batch runs :data:`CPU_PIXELS_PER_FORWARD`
+    pixels at a time (at least one image)."""
+
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> dict:
+        chunk = images_per_chunk(CPU_PIXELS_PER_FORWARD, images)
+        if chunk is None:
+            return super().forward(images, mask)
+        return forward_in_chunks(super().forward, images, mask, chunk)
+
+
+@functools.cache
+def chunked(cls: type[nn.Module]) -> type[nn.Module]:
+    """``cls`` running its batches in chunks (one class per detector class)."""
+    return type(f"Chunked{cls.__name__}", (ChunkedBatches, cls), {"reference_class": cls})
