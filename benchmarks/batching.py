@@ -1,5 +1,5 @@
 """Throughput of a batch run whole or in chunks of images on a CPU: what sets
-``detrkit.models.inference_model.CPU_PIXELS_PER_FORWARD``.
+``detrkit.fast.chunking.CPU_PIXELS_PER_FORWARD``.
 
     python benchmarks/batching.py [--models detr_r50 deformable_detr] [--batch 8] [--repeats 2]
                                   [--sizes 800x1066 400x533 300x400 200x266]
@@ -17,7 +17,9 @@ import time
 
 import torch
 
-from detrkit.models import build_model, inference_model, optimize_for_inference
+from detrkit.fast import chunking, optimize_for_inference
+from detrkit.fast.chunking import ChunkedBatches
+from detrkit.models import build_model
 
 
 def images_per_second(model, images: torch.Tensor, mask: torch.Tensor, repeats: int) -> float:
@@ -38,12 +40,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sizes", nargs="+", default=["800x1066", "400x533", "300x400", "200x266"])
     args = parser.parse_args()
-    budget = inference_model.CPU_PIXELS_PER_FORWARD
+    budget = chunking.CPU_PIXELS_PER_FORWARD
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
     print(f"{'model':16s} {'size':>9s} {'whole img/s':>11s}  chunks of 1 / 2 / 4 / default")
     for name in args.models:
         torch.manual_seed(0)
         model = optimize_for_inference(build_model(name))
+        assert isinstance(model, ChunkedBatches)  # on a CPU
         for size in args.sizes:
             height, width = map(int, size.split("x"))
             images = torch.randn(args.batch, 3, height, width)
@@ -52,10 +55,12 @@ def main() -> None:
             with torch.inference_mode():
                 for label, images_per_chunk in (("whole", None), (1, 1), (2, 2), (4, 4)):
                     # A budget of exactly that many images' pixels; None runs the batch whole.
-                    pixels = None if images_per_chunk is None else images_per_chunk * height * width
-                    model.cpu_pixels_per_forward = pixels
+                    pixels = (
+                        10**12 if images_per_chunk is None else images_per_chunk * height * width
+                    )
+                    chunking.CPU_PIXELS_PER_FORWARD = pixels
                     rates[label] = images_per_second(model, images, mask, args.repeats)
-                model.cpu_pixels_per_forward = budget
+                chunking.CPU_PIXELS_PER_FORWARD = budget
                 default = min(args.batch, max(1, budget // (height * width)))
                 rates["default"] = images_per_second(model, images, mask, args.repeats)
             ratios = " / ".join(f"{rates[k] / rates['whole']:.2f}x" for k in (1, 2, 4))

@@ -48,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import detrkit
 from detrkit.cli.allocator import keep_freed_memory
-from detrkit.models import optimize_for_inference
+from detrkit.fast import optimize_for_inference
 
 IMPLEMENTATIONS = ("transformers", "detrkit", "optimized")
 

@@ -31,8 +31,9 @@ import torch
 from end_to_end import hf_model, synchronize
 
 import detrkit
-from detrkit.models import optimize_for_inference
-from detrkit.ops import dispatch
+from detrkit.fast import optimize_for_inference
+from detrkit.models import DeformableDETR
+from detrkit.ops import attention_implementation, dispatch
 
 
 def seconds_per_call(run, device: torch.device, repeats: int) -> float:
@@ -76,16 +77,12 @@ def paths(hf: torch.nn.Module, directory: str, device: torch.device, compile: bo
     }
     precisions = ("fp32", "bf16", "fp16") if device.type == "cuda" else ("fp32", "bf16")
     triton = device.type == "cuda" and dispatch.triton_available()
-    deformable = hasattr(ours, "set_attention_implementation")
+    deformable = isinstance(ours, DeformableDETR)
     for precision in precisions:
         model = optimize_for_inference(ours, precision)
-        if triton and deformable:
-            if precision == "fp32":  # what the Triton kernels are worth, end to end
-                reference = optimize_for_inference(ours, precision)
-                reference.set_attention_implementation("reference")
-                found["detrkit fp32, grid_sample attn"] = logits_of(reference)
-            model.set_attention_implementation("triton")
-        found[f"detrkit {precision}"] = logits_of(model)
+        if triton and deformable and precision == "fp32":  # what the Triton kernels are worth
+            found["detrkit fp32, grid_sample attn"] = logits_of(model, "reference")
+        found[f"detrkit {precision}"] = logits_of(model, "triton" if triton else "auto")
     if compile:  # "auto" attention: the Triton kernels on a GPU
         for precision in ("fp32", "bf16"):
             compiled = optimize_for_inference(ours, precision, compile=True)
@@ -93,8 +90,12 @@ def paths(hf: torch.nn.Module, directory: str, device: torch.device, compile: bo
     return found
 
 
-def logits_of(model: torch.nn.Module):
-    return lambda images, mask: model(images, mask)["pred_logits"]
+def logits_of(model: torch.nn.Module, attention: str = "auto"):
+    def run(images, mask):
+        with attention_implementation(attention):
+            return model(images, mask)["pred_logits"]
+
+    return run
 
 
 def print_gpu_profile(key: str, run, rows: int) -> None:

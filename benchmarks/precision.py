@@ -24,7 +24,8 @@ import detrkit
 from detrkit.engine.datasets import coco_ground_truth, make_loader
 from detrkit.engine.evaluate import coco_metrics, predict_dataset
 from detrkit.engine.evaluate_run import validation_set
-from detrkit.models import PostProcess, optimize_for_inference
+from detrkit.fast import optimize_for_inference
+from detrkit.models import PostProcess
 
 IOU_BARS = (0.95, 0.99)
 

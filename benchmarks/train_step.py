@@ -47,6 +47,7 @@ import detrkit
 from detrkit.engine.config import TrainConfig
 from detrkit.engine.evaluate import AUTOCAST_DTYPES
 from detrkit.engine.optim import build_optimizer
+from detrkit.fast import optimize_for_training
 from detrkit.loss import build_criterion
 
 CLIP_MAX_NORM = 0.1
@@ -125,8 +126,9 @@ def compare(name: str, args) -> None:
         hf.save_pretrained(directory)
         ours = detrkit.load(directory, map_location=device)
     hf.to(device)
-    if device.type == "cuda" and hasattr(ours, "set_attention_implementation"):
-        ours.set_attention_implementation("triton")
+    # What `detrkit train` runs: the fast modules on the same parameters. ("auto" attention is
+    # the Triton kernels on a GPU.)
+    ours = optimize_for_training(ours)
     if args.channels_last:
         ours.to(memory_format=torch.channels_last)
     criterion = build_criterion(ours.config).to(device)

@@ -11,8 +11,6 @@ import torch
 import detrkit
 from detrkit import PostProcess, SetCriterion
 from detrkit.loss import HungarianMatcher, build_criterion
-from detrkit.models.deformable_attention import MSDeformAttn, _sampling_first_costs_less
-from detrkit.models.deformable_transformer import DeformableTransformerDecoderLayer
 from helpers import official_args, padded_batch, write_official
 
 VARIANTS = {
@@ -208,97 +206,3 @@ def test_sigmoid_postprocess_takes_the_best_query_class_pairs():
         result["boxes"],
         torch.tensor([[0.0, 0.0, 100.0, 50.0], [80.0, 40.0, 120.0, 60.0], [0.0, 0.0, 100.0, 50.0]]),
     )
-
-
-@pytest.mark.parametrize("reference_size", [2, 4])
-@pytest.mark.parametrize("padding", ["none", "unpadded mask", "padded"])
-def test_sampling_before_projection_is_the_same_attention(reference_size, padding):
-    """optimize_for_inference's decoder order, value_proj after the sampling, against the
-    module's own: equal in float64 (rounding aside), with padded pixels and points off the map."""
-    torch.manual_seed(0)
-    attention = MSDeformAttn(d_model=16, n_levels=2, n_heads=4, n_points=3).double()
-    with torch.no_grad():  # offsets and weights that vary by query, and a value bias
-        for linear in (attention.sampling_offsets, attention.attention_weights):
-            linear.weight.normal_(0, 0.5)
-        attention.value_proj.bias.normal_()
-    spatial_shapes = torch.tensor([[6, 8], [3, 4]])
-    level_start_index = torch.tensor([0, 48])
-    memory = torch.randn(2, 60, 16, dtype=torch.float64)
-    query = torch.randn(2, 7, 16, dtype=torch.float64)
-    # Some points land off the map: references reach past the borders.
-    reference_points = torch.rand(2, 7, 2, reference_size, dtype=torch.float64) * 1.2 - 0.1
-    mask = None
-    if padding != "none":
-        mask = torch.zeros(2, 60, dtype=torch.bool)
-        if padding == "padded":
-            mask[1, 40:48] = True  # the last row of level 0
-            mask[1, 57:60] = True
-    query.requires_grad_(True)
-    memory.requires_grad_(True)
-    args = (query, reference_points, memory, spatial_shapes, level_start_index, mask)
-    inputs = [query, memory, *attention.parameters()]
-    assert _sampling_first_costs_less(7, 60, 16, 4, 2, 3)  # so the flag below changes the order
-
-    expected = attention(*args)
-    grad = torch.randn_like(expected)
-    expected_grads = torch.autograd.grad(expected, inputs, grad)
-    attention.sample_before_projection = True
-    got = attention(*args)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
-    # Trained in this order too (the decoder's default): the same gradients.
-    for got_grad, expected_grad in zip(torch.autograd.grad(got, inputs, grad), expected_grads):
-        torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=1e-10)
-    memory = memory.detach()
-    # The padded pixels really are left out: garbage there changes nothing.
-    if padding == "padded":
-        memory[mask] = 1e6
-        torch.testing.assert_close(attention(*args), expected, rtol=0, atol=1e-12)
-
-
-def test_sampling_first_where_queries_are_few_against_the_pixels():
-    # Deformable DETR at 800x1066: its decoder's 300 queries sample first, its encoder does not.
-    pixels = 100 * 134 + 50 * 67 + 25 * 34 + 13 * 17
-    assert _sampling_first_costs_less(300, pixels, 256, 8, 4, 4)
-    assert not _sampling_first_costs_less(pixels, pixels, 256, 8, 4, 4)
-    # Small images (64x64: 8x8 + 4x4 + 2x2 + 1x1 pixels) project first.
-    assert not _sampling_first_costs_less(300, 85, 256, 8, 4, 4)
-    layer = DeformableTransformerDecoderLayer()
-    assert layer.cross_attn.sample_before_projection
-
-
-def test_merged_query_projections_compute_the_same_sampling():
-    """optimize_for_inference's one product for offsets and attention logits: the same sampling
-    in inference; with gradients on, the two layers run and are trained."""
-    torch.manual_seed(0)
-    attention = MSDeformAttn(d_model=16, n_levels=2, n_heads=4, n_points=3)
-    with torch.no_grad():
-        for linear in (attention.sampling_offsets, attention.attention_weights):
-            linear.weight.normal_(0, 0.5)
-    query = torch.randn(2, 7, 16)
-    reference_points = torch.rand(2, 7, 2, 2)
-    spatial_shapes = torch.tensor([[6, 8], [3, 4]])
-    with torch.no_grad():
-        expected = attention.sampling(query, reference_points, spatial_shapes)
-        attention.merge_query_projections()
-        got = attention.sampling(query, reference_points, spatial_shapes)
-        for tensor, reference in zip(got, expected, strict=True):
-            torch.testing.assert_close(tensor, reference, rtol=0, atol=1e-6)
-        # New weights take effect when merged again.
-        attention.sampling_offsets.bias.add_(1.0)
-        stale = attention.sampling(query, reference_points, spatial_shapes)[0]
-        attention.merge_query_projections()
-        merged = attention.sampling(query, reference_points, spatial_shapes)[0]
-        torch.testing.assert_close(stale, got[0])
-        assert (merged - stale).abs().min() > 0.1  # every offset moved by a pixel
-        # Loading a state dict merges again by itself.
-        state = {
-            k: v + 1.0 if k == "sampling_offsets.bias" else v
-            for k, v in attention.state_dict().items()
-        }
-        attention.load_state_dict(state)
-        loaded = attention.sampling(query, reference_points, spatial_shapes)[0]
-        assert (loaded - merged).abs().min() > 0.1
-    locations, weights = attention.sampling(query, reference_points, spatial_shapes)
-    (locations.sum() + (weights * torch.randn_like(weights)).sum()).backward()
-    assert attention.sampling_offsets.weight.grad.abs().sum() > 0
-    assert attention.attention_weights.weight.grad.abs().sum() > 0

@@ -1,5 +1,5 @@
 """The fused CPU dropout (detrkit.ops.dropout), the attention that uses it in training, and the
-backbone's on-the-fly batch-norm folding: the training-speed changes of issue 8."""
+backbone's on-the-fly batch-norm folding (detrkit.fast), each against what it replaces."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from torch import nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.ops import FrozenBatchNorm2d
 
-from detrkit.models.attention import MultiheadAttention
-from detrkit.models.backbone import BasicBlock, Bottleneck, ResNetBackbone, conv_norm
-from detrkit.ops import dropout, fast_dropout, fused_kernel_available, relu_dropout
+from detrkit.fast import optimize_for_training
+from detrkit.fast.attention import FastMultiheadAttention as MultiheadAttention
+from detrkit.fast.backbone import FastBasicBlock, FastBottleneck, FastResNetBackbone, conv_norm
+from detrkit.models.backbone import ResNetBackbone
+from detrkit.ops import dropout, fast_dropout, relu_dropout
 from detrkit.ops.fast_dropout import fused_dropout, fused_relu_dropout
 from detrkit.ops.feed_forward import (
     fused_relu_dropout_mlp,
@@ -20,10 +22,7 @@ from detrkit.ops.feed_forward import (
     relu_dropout_mlp,
     uses_fused_mlp,
 )
-
-needs_fused = pytest.mark.skipif(
-    not fused_kernel_available(), reason="the fused CPU kernels could not be built"
-)
+from helpers import needs_fused
 
 
 def keep_factors(shape, p: float, seed: int, dtype=torch.float32) -> torch.Tensor:
@@ -307,7 +306,7 @@ def test_conv_norm_folds_a_frozen_norm_exactly(conv_bias):
 
 @pytest.mark.parametrize(
     ("ours", "theirs", "planes"),
-    [(Bottleneck, tv_resnet.Bottleneck, 8), (BasicBlock, tv_resnet.BasicBlock, 32)],
+    [(FastBottleneck, tv_resnet.Bottleneck, 8), (FastBasicBlock, tv_resnet.BasicBlock, 32)],
 )
 def test_blocks_compute_what_torchvision_blocks_compute(ours, theirs, planes):
     generator = torch.Generator().manual_seed(1)
@@ -326,7 +325,8 @@ def test_blocks_compute_what_torchvision_blocks_compute(ours, theirs, planes):
 def test_backbone_matches_torchvision_resnet_in_training():
     """The whole ResNet-50 body, frozen norms with non-trivial statistics, gradients included."""
     generator = torch.Generator().manual_seed(2)
-    backbone = ResNetBackbone("resnet50", return_layers=("layer2", "layer4"))
+    backbone = optimize_for_training(ResNetBackbone("resnet50", return_layers=("layer2", "layer4")))
+    assert isinstance(backbone, FastResNetBackbone)
     for module in backbone.modules():
         if isinstance(module, FrozenBatchNorm2d):
             module.load_state_dict(frozen_norm(module.weight.numel(), generator).state_dict())

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import detrkit
-from detrkit.ops import fused_kernel_available
-from helpers import padded_batch, randomize
+from detrkit.ops import attention_implementation
+from helpers import needs_fused, padded_batch, randomize
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,10 +45,8 @@ def saved_hf_model(request, tmp_path_factory):
     return request.param, directory, expected
 
 
-@pytest.mark.parametrize("implementation", ["cpu", "reference"])
+@pytest.mark.parametrize("implementation", [pytest.param("cpu", marks=needs_fused), "reference"])
 def test_deformable_detr_matches_transformers(saved_hf_model, implementation):
-    if implementation == "cpu" and not fused_kernel_available():
-        pytest.skip("the fused CPU kernel could not be built here")
     variant, directory, expected = saved_hf_model
     model = detrkit.load(directory)
     config = model.config
@@ -56,10 +54,8 @@ def test_deformable_detr_matches_transformers(saved_hf_model, implementation):
     assert config.num_feature_levels == VARIANTS[variant].get("num_feature_levels", 4)
     assert config.with_box_refine == VARIANTS[variant].get("with_box_refine", False)
     assert config.two_stage == VARIANTS[variant].get("two_stage", False)
-    model.set_attention_implementation(implementation)
-
     images, mask = padded_batch()
-    with torch.no_grad():
+    with torch.no_grad(), attention_implementation(implementation):
         ours = model(images, mask)
     atol = 1e-4
     torch.testing.assert_close(ours["pred_logits"], expected.logits, rtol=0, atol=atol)
