@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from detrkit.checkpoints.errors import CheckpointError
 from detrkit.files import write_atomically, write_json
 from detrkit.models.config import DeformableDETRConfig, DETRConfig, ModelConfig
+from detrkit.version import __version__
 
 CONFIG_FILE = "detrkit.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -38,8 +39,6 @@ def is_native_directory(path: Path) -> bool:
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Saves ``model`` (weights and config) to ``directory`` in detrkit's format; returns it."""
     from safetensors.torch import save_file
-
-    from detrkit import __version__
 
     config = getattr(model, "config", None)
     if not isinstance(config, tuple(CONFIG_TYPES.values())):

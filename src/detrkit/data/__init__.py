@@ -1,4 +1,4 @@
-"""Data: datasets, augmentations and batching."""
+"""Data: datasets, augmentations and batching, COCO names and results, drawing detections."""
 
 from detrkit.data.batching import collate_fn, pad_images
 from detrkit.data.check import Problem, Report, check_dataset
@@ -8,8 +8,11 @@ from detrkit.data.coco import (
     read_coco_json,
     read_image,
     require_trainable,
+    to_coco_results,
 )
+from detrkit.data.coco_names import COCO_NAMES, class_names_for
 from detrkit.data.digits import DigitsDetection, make_scene, write_digits_coco
+from detrkit.data.drawing import draw_detections
 from detrkit.data.transforms import (
     AugmentationConfig,
     RandomShortSideResize,
@@ -22,6 +25,7 @@ from detrkit.data.transforms import (
 from detrkit.data.validate import CocoFormatError
 
 __all__ = [
+    "COCO_NAMES",
     "AugmentationConfig",
     "CocoDetection",
     "CocoFormatError",
@@ -32,7 +36,9 @@ __all__ = [
     "RandomSizeCrop",
     "Report",
     "check_dataset",
+    "class_names_for",
     "collate_fn",
+    "draw_detections",
     "make_scene",
     "make_train_transforms",
     "make_val_transforms",
@@ -41,6 +47,7 @@ __all__ = [
     "read_image",
     "require_trainable",
     "resized_shape",
+    "to_coco_results",
     "to_training_sample",
     "write_digits_coco",
 ]

@@ -1,4 +1,5 @@
-"""COCO-format detection data: the instances JSON, the image files, and the dataset built on them."""
+"""COCO-format detection data: the instances JSON, the image files, the dataset built on them,
+and detections written as COCO results."""
 
 from __future__ import annotations
 
@@ -301,3 +302,23 @@ class CocoDetection(Dataset):
             "iscrowd": torch.zeros(int(keep.sum()), dtype=torch.int64),
         }
         return to_training_sample(tv_tensors.Image(image), target, self.transforms)
+
+
+def to_coco_results(
+    image_id: int, detections: dict[str, Tensor], category_ids: Sequence[int] | None = None
+) -> list[dict]:
+    """One image's detections (absolute xyxy boxes) as COCO result entries (xywh boxes), labels
+    mapped back to the dataset's category ids when a mapping is given."""
+    boxes = detections["boxes"].detach().float().cpu()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
+    labels = detections["labels"].tolist()
+    scores = detections["scores"].float().tolist()
+    return [
+        {
+            "image_id": int(image_id),
+            "category_id": int(category_ids[label] if category_ids is not None else label),
+            "bbox": [round(v, 3) for v in box],
+            "score": round(score, 5),
+        }
+        for box, label, score in zip(xywh, labels, scores)
+    ]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from detrkit.data.coco_names import class_names_for
 from detrkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from detrkit.inference.coco_names import class_names_for
 from detrkit.models import DeformableDETRConfig, ModelConfig
 from detrkit.models.presets import closest_preset
 from detrkit.version import __version__

@@ -8,9 +8,10 @@ from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from detrkit.checkpoints.finite import require_finite_outputs
+from detrkit.data.coco import to_coco_results
 
 # --amp choices -> the dtype torch.autocast runs the model in (None: full precision)
 AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -29,26 +30,6 @@ COCO_METRICS = (
     "ARm",
     "ARl",
 )
-
-
-def to_coco_results(
-    image_id: int, detections: dict[str, Tensor], category_ids: Sequence[int] | None = None
-) -> list[dict]:
-    """One image's detections (absolute xyxy boxes) as COCO result entries (xywh boxes), labels
-    mapped back to the dataset's category ids when a mapping is given."""
-    boxes = detections["boxes"].detach().float().cpu()
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
-    labels = detections["labels"].tolist()
-    scores = detections["scores"].float().tolist()
-    return [
-        {
-            "image_id": int(image_id),
-            "category_id": int(category_ids[label] if category_ids is not None else label),
-            "bbox": [round(v, 3) for v in box],
-            "score": round(score, 5),
-        }
-        for box, label, score in zip(xywh, labels, scores)
-    ]
 
 
 def coco_metrics(coco_gt, results: list[dict]) -> dict[str, float | None]:

@@ -1,7 +1,7 @@
 """Inference and explanation: running models on images and looking inside them."""
 
+from detrkit.data.coco_names import COCO_NAMES, class_names_for
 from detrkit.inference.capture import AttentionRecord, Internals, SamplingRecord, capture_internals
-from detrkit.inference.coco_names import COCO_NAMES, class_names_for
 from detrkit.inference.detector import Detections, Detector, to_uint8_image
 
 __all__ = [

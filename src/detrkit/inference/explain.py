@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
-from detrkit.engine.visualize import draw_detections
+from detrkit.data.drawing import draw_detections
 from detrkit.files import existing_results, write_atomically
 from detrkit.inference.capture import Internals, SamplingRecord, capture_internals
 from detrkit.inference.detector import Detections, Detector, ImageInput, to_uint8_image

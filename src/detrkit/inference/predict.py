@@ -14,8 +14,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from detrkit.data import ImageReadError, read_image
-from detrkit.engine.evaluate import to_coco_results
-from detrkit.engine.visualize import draw_detections
+from detrkit.data.coco import to_coco_results
+from detrkit.data.drawing import draw_detections
 from detrkit.files import existing_results, write_atomically
 from detrkit.inference.detector import Detections, Detector
 from detrkit.models.deformable_transformer import ImageTooSmallError
