@@ -9,12 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import detrkit
-from detrkit.ops import WinogradConv2d, fused_kernel_available, winograd_conv2d, winograd_weight
+from detrkit.ops import WinogradConv2d, winograd_conv2d, winograd_weight
 from detrkit.ops.winograd import is_winograd_compatible
-
-needs_fused = pytest.mark.skipif(
-    not fused_kernel_available(), reason="the fused CPU kernels could not be built"
-)
+from helpers import needs_fused
 
 
 def exact_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
