@@ -303,7 +303,6 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> None
         time.sleep(0.05)
 
 
-@pytest.mark.slow
 def test_killed_and_interrupted_runs_resume_to_the_same_weights(tmp_path):
     # The three runs start together and the two resumes run together: each is one-threaded and
     # mostly start-up, so on two cores this takes about half the time of running them in turn.
@@ -409,7 +408,6 @@ def test_non_finite_loss_stops_training_and_keeps_the_checkpoint(tmp_path, monke
     assert load_training_state(run_dir / "checkpoint.pth")["epoch"] == 1
 
 
-@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     images_dir, annotations = write_square_coco(tmp_path)
     data = f"coco:{images_dir},{annotations},{images_dir},{annotations}"

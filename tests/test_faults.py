@@ -326,7 +326,6 @@ def test_a_model_keeps_its_datasets_category_ids_in_what_it_writes(tmp_path, cap
     assert "predicts 3 classes but --data" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["config.json", "checkpoint.pth", "metrics.png"])
 def test_kill_9_in_the_middle_of_each_write_then_resume(tmp_path, stage):
     """SIGKILL after a file's temporary is written and before it replaces the file, at each stage
