@@ -1,5 +1,5 @@
 """What several test modules share: small models and inputs, generated data files, markers and the
-reference directories. Tests import from here (``from helpers import ...``), never from
+shared reference directory. Tests import from here (``from helpers import ...``), never from
 conftest.py (fixtures and pytest hooks only) or from each other.
 
 The fused CPU kernels (``needs_fused``): a test that needs them fails when they cannot be built,
@@ -28,9 +28,28 @@ from torch import Tensor, nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# The official parameter layouts (`name (shape)` per line, in state-dict order).
-REFERENCE_DIR = Path(__file__).parent / "data" / "reference"
-SHARED_REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+# --- The official parameter layouts -------------------------------------------------------------
+
+# `name (shape)` per line, in state-dict order, of the official models with 91 COCO classes, as
+# the original repositories' checkpoints hold them. Read from the project's shared directory next
+# to the checkout (CI has it); there is no copy in the repository.
+SHARED_REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
+
+
+def shared_reference_file(name: str) -> Path:
+    """``SHARED_REFERENCE_DIR / name``; fails the test, saying what is missing, when it is not
+    there."""
+    if not SHARED_REFERENCE_DIR.is_dir():
+        pytest.fail(
+            f"the shared reference directory {SHARED_REFERENCE_DIR} is missing: the official "
+            "parameter layouts (*.keys) are read from ../shared/reference next to the repository "
+            "root, and a checkout without it cannot check them",
+            pytrace=False,
+        )
+    path = SHARED_REFERENCE_DIR / name
+    if not path.is_file():
+        pytest.fail(f"{path} is missing from the shared reference directory", pytrace=False)
+    return path
 
 
 # --- Markers --------------------------------------------------------------------------------
