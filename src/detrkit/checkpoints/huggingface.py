@@ -180,7 +180,8 @@ def read_hf_directory(
     if model_type not in RENAMES:
         raise CheckpointError(
             config_file,
-            f"model_type is {model_type!r}; detrkit reads 'detr' and 'deformable_detr' directories",
+            f"model_type is {model_type!r}; detrkit reads {' and '.join(map(repr, RENAMES))} "
+            "directories",
         )
     if any("Segmentation" in a for a in architectures):
         raise CheckpointError(

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from detrkit.checkpoints.errors import CheckpointError
 from detrkit.files import write_atomically, write_json
-from detrkit.models.config import DeformableDETRConfig, DETRConfig, ModelConfig
+from detrkit.models.config import ModelConfig
+from detrkit.models.kinds import KINDS
 from detrkit.version import __version__
 
 CONFIG_FILE = "detrkit.json"
@@ -20,7 +21,6 @@ WEIGHTS_FILE = "model.safetensors"
 # The metadata entry of the weights file that repeats the config of detrkit.json.
 CONFIG_KEY = "detrkit_config"
 FORMAT_VERSION = 1
-CONFIG_TYPES = {cls.model_type: cls for cls in (DETRConfig, DeformableDETRConfig)}
 
 
 def shared_names(model: nn.Module) -> list[list[str]]:
@@ -41,7 +41,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     config = getattr(model, "config", None)
-    if not isinstance(config, tuple(CONFIG_TYPES.values())):
+    if not isinstance(config, ModelConfig) or config.model_type not in KINDS:
         raise TypeError("save() takes a detrkit model (one with a .config built by build_model)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -80,10 +80,10 @@ def config_from_dict(path: Path, values: dict[str, Any]) -> ModelConfig:
     if not isinstance(values, dict):
         raise CheckpointError(path, f"the model config must be an object, got {values!r}")
     model_type = values.get("model_type", "detr")
-    if model_type not in CONFIG_TYPES:
+    if model_type not in KINDS:
         raise CheckpointError(path, f"unknown model_type {model_type!r}")
     try:
-        return CONFIG_TYPES[model_type].from_dict(values)
+        return KINDS[model_type].config_class.from_dict(values)
     except (TypeError, ValueError) as error:
         raise CheckpointError(path, f"invalid config: {error}") from None
 

@@ -166,6 +166,13 @@ def infer_deformable_detr_config(
     )
 
 
+# How the config of each model kind is read off official weights, by kind name.
+CONFIG_READERS = {
+    "detr": infer_detr_config,
+    "deformable_detr": infer_deformable_detr_config,
+}
+
+
 def _require(path: Path, state_dict: dict[str, Tensor], *keys: str, model: str) -> None:
     for key in keys:
         if key not in state_dict:
@@ -188,6 +195,4 @@ def detect_model_type(path: Path, state_dict: dict[str, Tensor]) -> str:
 
 def infer_config(path: Path, state_dict: dict[str, Tensor], args: dict[str, Any]) -> ModelConfig:
     """The config of the model that ``state_dict`` (official names) belongs to."""
-    if detect_model_type(path, state_dict) == "deformable_detr":
-        return infer_deformable_detr_config(path, state_dict, args)
-    return infer_detr_config(path, state_dict, args)
+    return CONFIG_READERS[detect_model_type(path, state_dict)](path, state_dict, args)

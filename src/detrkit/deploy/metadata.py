@@ -6,7 +6,7 @@ import json
 
 from detrkit.data.coco_names import class_names_for
 from detrkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from detrkit.models import DeformableDETRConfig, ModelConfig
+from detrkit.models import ModelConfig, kind_of
 from detrkit.models.presets import closest_preset
 from detrkit.version import __version__
 
@@ -22,7 +22,6 @@ def export_metadata(
         boxes = "absolute x1, y1, x2, y2 in the pixels of orig_sizes"
     else:
         boxes = "normalised cx, cy, w, h in [0, 1] of the unpadded image"
-    sigmoid = isinstance(config, DeformableDETRConfig)
     return {
         "detrkit_version": __version__,
         "model_type": config.model_type,
@@ -38,5 +37,5 @@ def export_metadata(
         "boxes": boxes,
         # How pred_logits become scores: a sigmoid per class, or a softmax whose last class is
         # "no object".
-        "classification": "sigmoid" if sigmoid else "softmax",
+        "classification": kind_of(config).classification,
     }

@@ -13,6 +13,7 @@ from typing import Any
 
 from detrkit.files import write_json
 from detrkit.models import ModelConfig
+from detrkit.models.config import check_known_fields
 
 # The original recipes (DETR: Carion et al.; Deformable DETR: Zhu et al.). None in TrainConfig
 # means "the recipe's value".
@@ -231,10 +232,7 @@ class TrainConfig:
         """The config ``values`` describe; an error names ``source`` and the bad field."""
         if not isinstance(values, dict):
             raise ValueError(f"{source}: not a training config (expected a JSON object)")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown training options: {', '.join(unknown)}")
+        check_known_fields(cls, values, f"{source}: unknown training options")
         try:
             return cls(**values)
         except ValueError as error:

@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from detrkit.models import DeformableDETR
+from detrkit.models import kind_of
 from detrkit.models.deformable_attention import MSDeformAttn
 
 
@@ -178,6 +178,13 @@ def _deformable_hooks(model: nn.Module, internals: Internals) -> list:
     return handles
 
 
+# The hooks that record each model kind's internals, by kind name.
+HOOKS: dict[str, Callable[[nn.Module, Internals], list]] = {
+    "detr": _detr_hooks,
+    "deformable_detr": _deformable_hooks,
+}
+
+
 @contextmanager
 def capture_internals(model: nn.Module) -> Iterator[Internals]:
     """Records the internals of the forward passes run inside the block.
@@ -188,11 +195,9 @@ def capture_internals(model: nn.Module) -> Iterator[Internals]:
 
     Run one forward pass per block: a second one appends its records after the first's.
     """
-    internals = Internals(model_type=model.config.model_type)
-    if isinstance(model, DeformableDETR):
-        handles = _deformable_hooks(model, internals)
-    else:
-        handles = _detr_hooks(model, internals)
+    kind = kind_of(model.config)
+    internals = Internals(model_type=kind.name)
+    handles = HOOKS[kind.name](model, internals)
     try:
         yield internals
     finally:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from detrkit.inference.capture import bind_arguments, request_attention_weights
-from detrkit.models import DeformableDETR
+from detrkit.models import kind_of
 
 
 @dataclass
@@ -310,6 +310,15 @@ def _trace_deformable(tracer: _Tracer, model: nn.Module) -> None:
     tracer.hook(transformer.decoder, decoder_outputs)
 
 
+# What each model kind's transformer is traced with, by kind name.
+TRANSFORMER_TRACES: dict[str, Callable[[_Tracer, nn.Module], None]] = {
+    "detr": _trace_detr,
+    "deformable_detr": _trace_deformable,
+}
+# How pred_logits become class scores, by a kind's classification.
+CLASS_SCORES = {"softmax": "softmax over classes + 'no object'", "sigmoid": "sigmoid per class"}
+
+
 def trace_model(model: nn.Module, size: Sequence[int] = (800, 1066)) -> list[TraceRow]:
     """Runs ``model`` on one random image of ``size`` (H, W) and returns the trace rows."""
     height, width = size
@@ -321,21 +330,14 @@ def trace_model(model: nn.Module, size: Sequence[int] = (800, 1066)) -> list[Tra
     tracer.add("input", "images", images, "normalised RGB, padded to the batch's largest")
     tracer.add("input", "mask", mask, "True on padding")
     _trace_backbone(tracer, model)
-    if isinstance(model, DeformableDETR):
-        _trace_deformable(tracer, model)
-    else:
-        _trace_detr(tracer, model)
+    kind = kind_of(model.config)
+    TRANSFORMER_TRACES[kind.name](tracer, model)
     try:
         with torch.no_grad():
             outputs = model.eval()(images, mask)
     finally:
         tracer.remove()
-    classes = (
-        "softmax over classes + 'no object'"
-        if model.config.model_type == "detr"
-        else ("sigmoid per class")
-    )
-    tracer.add("output", "pred_logits", outputs["pred_logits"], classes)
+    tracer.add("output", "pred_logits", outputs["pred_logits"], CLASS_SCORES[kind.classification])
     tracer.add("output", "pred_boxes", outputs["pred_boxes"], "normalised cx, cy, w, h")
     if "aux_outputs" in outputs:
         tracer.add(

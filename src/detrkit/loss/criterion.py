@@ -9,10 +9,14 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
 from detrkit.loss.matcher import HungarianMatcher
-from detrkit.models.config import DeformableDETRConfig, ModelConfig
+from detrkit.models.config import ModelConfig
+from detrkit.models.kinds import kind_of
 
 SOFTMAX_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
 FOCAL_WEIGHTS = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+# The class loss that trained each kind's way of scoring classes in the original code (a kind's
+# ``classification``): cross-entropy over the softmax, focal loss on the per-class sigmoids.
+CLASS_LOSSES = {"softmax": "softmax", "sigmoid": "focal"}
 
 
 def num_boxes_across_processes(targets: list[dict], device: torch.device) -> float:
@@ -198,6 +202,5 @@ class SetCriterion(nn.Module):
 
 def build_criterion(config: ModelConfig) -> SetCriterion:
     """The loss a model config's detector was trained with in the original code."""
-    if isinstance(config, DeformableDETRConfig):
-        return SetCriterion(config.num_classes, classification="focal")
-    return SetCriterion(config.num_classes)
+    loss = CLASS_LOSSES[kind_of(config).classification]
+    return SetCriterion(config.num_classes, classification=loss)

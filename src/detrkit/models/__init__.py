@@ -3,6 +3,7 @@
 from detrkit.models.config import DeformableDETRConfig, DETRConfig, ModelConfig
 from detrkit.models.deformable_detr import DeformableDETR
 from detrkit.models.detr import DETR
+from detrkit.models.kinds import KINDS, ModelKind, kind_of
 from detrkit.models.postprocess import PostProcess
 from detrkit.models.presets import (
     PRESETS,
@@ -14,14 +15,17 @@ from detrkit.models.presets import (
 
 __all__ = [
     "DETR",
+    "KINDS",
     "PRESETS",
     "DETRConfig",
     "DeformableDETR",
     "DeformableDETRConfig",
     "ModelConfig",
+    "ModelKind",
     "PostProcess",
     "available_models",
     "build_config",
     "build_model",
+    "kind_of",
     "model_from_config",
 ]

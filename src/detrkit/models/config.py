@@ -5,8 +5,25 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
+
+from detrkit.models.backbone import RESNET_CHANNELS
+
+# The backbones a config may name: those that models/backbone.py builds.
+BACKBONES: tuple[str, ...] = tuple(RESNET_CHANNELS)
+
+
+def check_known_fields(
+    cls: type, names: Iterable[str], what: str, also: Iterable[str] = ()
+) -> None:
+    """Raises ValueError ``"{what}: a, b"`` naming every entry of ``names`` that is neither a
+    field of the dataclass ``cls`` nor in ``also``: a misspelt option must fail, not be ignored."""
+    known = {f.name for f in dataclasses.fields(cls)} | set(also)
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ValueError(f"{what}: {', '.join(unknown)}")
 
 
 def _is_integer(value: Any) -> bool:
@@ -17,7 +34,7 @@ def _is_integer(value: Any) -> bool:
 class ModelConfig:
     """What every detector's architecture shares; subclasses add their own fields."""
 
-    backbone: Literal["resnet50", "resnet101", "resnet18", "resnet34"] = "resnet50"
+    backbone: str = "resnet50"  # one of BACKBONES
     dilation: bool = False  # DC5: dilate the last ResNet stage instead of striding
     # "frozen": the original's frozen batch norm (for pre-trained weights); "batch": trainable
     # batch norm and every stage trained, for training from scratch.
@@ -41,9 +58,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
-        if self.backbone not in ("resnet50", "resnet101", "resnet18", "resnet34"):
+        if self.backbone not in BACKBONES:
             raise ValueError(
-                f"backbone must be resnet18, resnet34, resnet50 or resnet101, got {self.backbone!r}"
+                f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}"
             )
         if self.backbone_norm not in ("frozen", "batch"):
             raise ValueError(
@@ -99,11 +116,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """Builds a config from a dict, rejecting unknown fields by name."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known - {"model_type"})
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
-        return cls(**{k: v for k, v in values.items() if k in known})
+        check_known_fields(cls, values, f"unknown {cls.__name__} fields", also=["model_type"])
+        return cls(**{k: v for k, v in values.items() if k != "model_type"})
 
 
 @dataclass

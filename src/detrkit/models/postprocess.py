@@ -6,7 +6,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
-from detrkit.models.config import DeformableDETRConfig, ModelConfig
+from detrkit.models.config import ModelConfig
+from detrkit.models.kinds import CLASSIFICATIONS, kind_of
 
 
 class PostProcess(nn.Module):
@@ -19,9 +20,9 @@ class PostProcess(nn.Module):
 
     def __init__(self, classification: str = "softmax", num_select: int = 100) -> None:
         super().__init__()
-        if classification not in ("softmax", "sigmoid"):
+        if classification not in CLASSIFICATIONS:
             raise ValueError(
-                f"classification must be 'softmax' or 'sigmoid', got {classification!r}"
+                f"classification must be one of {CLASSIFICATIONS}, got {classification!r}"
             )
         self.classification = classification
         self.num_select = num_select
@@ -29,7 +30,7 @@ class PostProcess(nn.Module):
     @classmethod
     def for_config(cls, config: ModelConfig) -> PostProcess:
         """The post-processing of the original code for this kind of model."""
-        return cls("sigmoid" if isinstance(config, DeformableDETRConfig) else "softmax")
+        return cls(kind_of(config).classification)
 
     @torch.no_grad()
     def forward(self, outputs: dict, target_sizes: Tensor) -> list[dict[str, Tensor]]:

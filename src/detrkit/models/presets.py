@@ -7,9 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from detrkit.models.config import DeformableDETRConfig, DETRConfig, ModelConfig
-from detrkit.models.deformable_detr import DeformableDETR
-from detrkit.models.detr import DETR
+from detrkit.models.config import DeformableDETRConfig, DETRConfig, ModelConfig, check_known_fields
+from detrkit.models.kinds import kind_of
 
 PRESETS: dict[str, ModelConfig] = {
     "detr_r50": DETRConfig(backbone="resnet50"),
@@ -46,10 +45,6 @@ PRESETS: dict[str, ModelConfig] = {
         with_box_refine=True,
     ),
 }
-MODEL_CLASSES: dict[type[ModelConfig], type[nn.Module]] = {
-    DETRConfig: DETR,
-    DeformableDETRConfig: DeformableDETR,
-}
 
 
 def available_models() -> list[str]:
@@ -67,18 +62,13 @@ def build_config(name: str, **overrides: Any) -> ModelConfig:
 def override_config(config: ModelConfig, source: str, **overrides: Any) -> ModelConfig:
     """``config`` with ``overrides`` applied; unknown fields are an error naming ``source`` (the
     preset or checkpoint the config came from)."""
-    known = {f.name for f in dataclasses.fields(config)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown options for {source}: {', '.join(unknown)}")
+    check_known_fields(type(config), overrides, f"unknown options for {source}")
     return dataclasses.replace(config, **overrides)
 
 
 def model_from_config(config: ModelConfig) -> nn.Module:
     """Instantiates the model a config describes."""
-    if type(config) not in MODEL_CLASSES:
-        raise TypeError(f"unsupported config type {type(config).__name__}")
-    return MODEL_CLASSES[type(config)](config)
+    return kind_of(config).model_class(config)
 
 
 def build_model(name: str | ModelConfig, **overrides: Any) -> nn.Module:
