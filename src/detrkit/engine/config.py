@@ -97,7 +97,7 @@ class TrainConfig:
     # Compiling takes minutes on a CPU (3 for a tiny DETR on 2 cores), so it pays only on long
     # runs.
     compile: bool = _option(False, "torch.compile the model for training (dynamic shapes)")
-    # oneDNN's CPU convolutions and their gradients run faster channels-last (docs/benchmarks.md:
+    # oneDNN's CPU convolutions and their gradients run faster channels-last (docs/performance.md:
     # a DETR step about 12% faster in fp32, Deformable DETR's 2-9%, the backbone 2.5x in bf16).
     # Checkpoints are the same: state dicts load into either layout. Unmeasured on GPUs.
     channels_last: bool = _option(True, "convolution weights and activations channels-last")

@@ -32,12 +32,11 @@ from detrkit.fast.transformer import (
 )
 from detrkit.models.backbone import ResNetBackbone
 from detrkit.models.deformable_attention import MSDeformAttn
-from detrkit.models.deformable_detr import DeformableDETR
 from detrkit.models.deformable_transformer import (
     DeformableTransformerDecoderLayer,
     DeformableTransformerEncoderLayer,
 )
-from detrkit.models.detr import DETR
+from detrkit.models.kinds import KINDS
 from detrkit.models.transformer import TransformerDecoderLayer, TransformerEncoderLayer
 
 # --precision choices -> the dtype of the weights and activations.
@@ -133,7 +132,8 @@ def optimize_for_inference(
     # graph operators.
     eager_cpu = fold_batchnorm and on_cpu and not compile
     optimized = substitute(optimized, fast_modules(on_cpu, accumulate=eager_cpu))
-    if isinstance(optimized, (DETR, DeformableDETR)) and on_cpu and not compile:
+    detectors = tuple(kind.model_class for kind in KINDS.values())
+    if isinstance(optimized, detectors) and on_cpu and not compile:
         # Compiled, the chunks would be unrolled into one graph per batch size.
         optimized = adopt(optimized, chunked(type(optimized)))
     if eager_cpu and winograd and dtype == torch.float32:

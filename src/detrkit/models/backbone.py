@@ -46,7 +46,8 @@ class ResNetBackbone(nn.Module):
         super().__init__()
         if name not in RESNET_CHANNELS:
             raise ValueError(f"backbone must be one of {sorted(RESNET_CHANNELS)}, got {name!r}")
-        if dilation and name in ("resnet18", "resnet34"):
+        # torchvision dilates bottleneck blocks only; the basic-block ResNets end at 512 channels.
+        if dilation and RESNET_CHANNELS[name]["layer4"] == 512:
             raise ValueError(f"dilation (DC5) needs a bottleneck ResNet, not {name}")
         if norm not in ("frozen", "batch"):
             raise ValueError(f"backbone norm must be 'frozen' or 'batch', got {norm!r}")

@@ -382,15 +382,17 @@ class DeformableTransformer(nn.Module):
             (spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1])
         )  # [L]
         valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)  # [B, L, 2]
-        src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)  # [B, S, C]
-        mask_flatten = torch.cat([mask.flatten(1) for mask in masks], 1)  # [B, S]
-        lvl_pos_embed_flatten = torch.cat(
-            [
-                pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
-                for level, pos in enumerate(pos_embeds)
-            ],
-            1,
-        )  # [B, S, C]: sine position + the level's learned embedding
+        src_flatten, mask_flatten, lvl_pos_embed_flatten = [], [], []
+        for level, (src, mask, pos_embed) in enumerate(zip(srcs, masks, pos_embeds)):
+            src_flatten.append(src.flatten(2).transpose(1, 2))  # [B, H_l * W_l, C]
+            mask_flatten.append(mask.flatten(1))  # [B, H_l * W_l]
+            pos_embed = pos_embed.flatten(2).transpose(1, 2)  # [B, H_l * W_l, C]
+            # The sine position says where a pixel is; the learned level embedding, on which map.
+            lvl_pos_embed = pos_embed + self.level_embed[level].view(1, 1, -1)
+            lvl_pos_embed_flatten.append(lvl_pos_embed)
+        src_flatten = torch.cat(src_flatten, 1)  # [B, S, C], S = sum of H_l * W_l
+        mask_flatten = torch.cat(mask_flatten, 1)  # [B, S]
+        lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)  # [B, S, C]
 
         memory = self.encoder(
             src_flatten,

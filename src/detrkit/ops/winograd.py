@@ -70,7 +70,7 @@ def winograd_conv2d(input: Tensor, transformed_weight: Tensor, bias: Tensor) -> 
 class WinogradConv2d(nn.Conv2d):
     """A 3x3, stride-1, padding-1 :class:`~torch.nn.Conv2d` that computes its inference forward by
     :func:`winograd_conv2d`: fp32 CPU inputs with gradients off. Anything else (training, another
-    dtype or device, or ``use_winograd = False``) runs the usual convolution.
+    dtype or device) runs the usual convolution.
 
     The transformed weights are computed when it is made and when a state dict is loaded into it
     (they are not saved in the state dict, which keeps ``Conv2d``'s): change the weights in any
@@ -83,7 +83,6 @@ class WinogradConv2d(nn.Conv2d):
         super().__init__(
             in_channels, out_channels, 3, padding=1, bias=bias, device=device, dtype=dtype
         )
-        self.use_winograd = True
         self.refresh()
         self.register_load_state_dict_post_hook(WinogradConv2d._refresh_after_loading)
 
@@ -117,8 +116,7 @@ class WinogradConv2d(nn.Conv2d):
 
     def forward(self, input: Tensor) -> Tensor:
         if (
-            self.use_winograd
-            and not torch.is_grad_enabled()
+            not torch.is_grad_enabled()
             and input.device.type == "cpu"
             and input.dtype == self.transformed_weight.dtype == torch.float32
             and load_extension() is not None
