@@ -201,5 +201,3 @@ def check_writable(path: Path, overwrite: bool = False) -> None:
             pass
     except OSError as error:
         raise ExportError(f"{path}: cannot write in {path.parent}: {error}") from None
-
-
