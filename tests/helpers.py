@@ -127,6 +127,18 @@ def padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return pad_images(images)
 
 
+def frozen_norm(channels: int, generator: torch.Generator) -> nn.Module:
+    """A frozen batch norm with non-trivial statistics (a fresh one is the identity)."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    norm = FrozenBatchNorm2d(channels)
+    norm.weight.copy_(torch.rand(channels, generator=generator) + 0.5)
+    norm.bias.copy_(torch.randn(channels, generator=generator))
+    norm.running_mean.copy_(torch.randn(channels, generator=generator))
+    norm.running_var.copy_(torch.rand(channels, generator=generator) + 0.1)
+    return norm
+
+
 def small_detr(**overrides):
     """A DETR-R50 with a small transformer: fast, but every kind of module is present."""
     from detrkit import build_model

@@ -22,7 +22,7 @@ from detrkit.ops.feed_forward import (
     relu_dropout_mlp,
     uses_fused_mlp,
 )
-from helpers import needs_fused
+from helpers import frozen_norm, needs_fused
 
 
 def keep_factors(shape, p: float, seed: int, dtype=torch.float32) -> torch.Tensor:
@@ -276,15 +276,6 @@ def test_attention_dropout_is_applied_and_unbiased():
     assert not torch.allclose(draws[0], expected, atol=1e-3)  # something was dropped
     # Dropout scales what it keeps by 1 / (1 - p): the average over draws is the eval output.
     torch.testing.assert_close(draws.mean(0), expected, rtol=0, atol=0.06)
-
-
-def frozen_norm(channels: int, generator: torch.Generator) -> FrozenBatchNorm2d:
-    norm = FrozenBatchNorm2d(channels)
-    norm.weight.copy_(torch.rand(channels, generator=generator) + 0.5)
-    norm.bias.copy_(torch.randn(channels, generator=generator))
-    norm.running_mean.copy_(torch.randn(channels, generator=generator))
-    norm.running_var.copy_(torch.rand(channels, generator=generator) + 0.1)
-    return norm
 
 
 @pytest.mark.parametrize("conv_bias", [False, True])

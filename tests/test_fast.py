@@ -61,6 +61,7 @@ from detrkit.models.deformable_transformer import (
 )
 from detrkit.models.transformer import TransformerDecoderLayer, TransformerEncoderLayer
 from detrkit.ops import Dropout
+from helpers import frozen_norm
 
 P = 1e-12  # dropout that runs the fused kernels and drops nothing
 C, HEADS, FFN = 32, 4, 64
@@ -93,15 +94,6 @@ def points(length: int, size: int, g: torch.Generator) -> Tensor:
     return torch.rand(2, length, 2, size, generator=g) * 1.2 - 0.1
 
 
-def frozen_norm(channels: int, g: torch.Generator) -> FrozenBatchNorm2d:
-    norm = FrozenBatchNorm2d(channels)
-    norm.weight.copy_(torch.rand(channels, generator=g) + 0.5)
-    norm.bias.copy_(torch.randn(channels, generator=g))
-    norm.running_mean.copy_(torch.randn(channels, generator=g))
-    norm.running_var.copy_(torch.rand(channels, generator=g) + 0.1)
-    return norm
-
-
 def randomise(module: nn.Module, g: torch.Generator) -> nn.Module:
     """Non-trivial weights: deformable attention starts with zero offset and weight layers, and
     batch norms start as the identity."""
@@ -123,6 +115,17 @@ def deformable_attention(size: int, g: torch.Generator) -> dict:
         spatial_shapes=SHAPES,
         level_start_index=START,
         input_padding_mask=padding_mask(PIXELS),
+    )
+
+
+def deformable_encoder(g: torch.Generator) -> dict:
+    return dict(
+        src=tokens(PIXELS, g),
+        pos=tokens(PIXELS, g),
+        reference_points=points(PIXELS, 2, g),
+        spatial_shapes=SHAPES,
+        level_start_index=START,
+        padding_mask=padding_mask(PIXELS),
     )
 
 
@@ -223,27 +226,13 @@ CASES = {
     "deformable encoder layer": Case(
         FastDeformableEncoderLayer,
         lambda: DeformableTransformerEncoderLayer(C, FFN, P, 2, HEADS, 3),
-        lambda g: dict(
-            src=tokens(PIXELS, g),
-            pos=tokens(PIXELS, g),
-            reference_points=points(PIXELS, 2, g),
-            spatial_shapes=SHAPES,
-            level_start_index=START,
-            padding_mask=padding_mask(PIXELS),
-        ),
+        deformable_encoder,
         children={MSDeformAttn: FastMSDeformAttn},
     ),
     "chunked deformable encoder layer": Case(
         ChunkedDeformableEncoderLayer,
         lambda: DeformableTransformerEncoderLayer(C, FFN, P, 2, HEADS, 3),
-        lambda g: dict(
-            src=tokens(PIXELS, g),
-            pos=tokens(PIXELS, g),
-            reference_points=points(PIXELS, 2, g),
-            spatial_shapes=SHAPES,
-            level_start_index=START,
-            padding_mask=padding_mask(PIXELS),
-        ),
+        deformable_encoder,
         training=False,
         children={MSDeformAttn: FastMSDeformAttn},
     ),

@@ -68,16 +68,29 @@ class FastMSDeformAttn(MSDeformAttn):
         level_start_index: Tensor,
         input_padding_mask: Tensor | None = None,
     ) -> Tensor:
+        sampling_locations, attention_weights = self.sampling(
+            query, reference_points, spatial_shapes
+        )
+        where = (spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return self.output_proj(self.attend(input_flatten, input_padding_mask, *where))
+
+    def attend(
+        self,
+        input_flatten: Tensor,
+        input_padding_mask: Tensor | None,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        sampling_locations: Tensor,
+        attention_weights: Tensor,
+    ) -> Tensor:
+        """The attended values before ``output_proj``: ``[N, Lq, C]``."""
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None and may_have_padding(input_padding_mask):
             # In place: the projection's output is fresh and autograd needs none of it.
             value = value.masked_fill_(input_padding_mask[..., None], 0.0)
         value = value.unflatten(-1, (self.n_heads, -1))  # [N, S, M, D]
-        sampling_locations, attention_weights = self.sampling(
-            query, reference_points, spatial_shapes
-        )
-        args = (spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        return self.output_proj(sample(value, *args))
+        where = (spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return sample(value, *where)
 
 
 def sample(
@@ -108,28 +121,19 @@ class SampleFirstMSDeformAttn(FastMSDeformAttn):
     over a query's in-map, unpadded bilinear corners: the same result up to rounding.
     """
 
-    def forward(
+    def attend(
         self,
-        query: Tensor,
-        reference_points: Tensor,
         input_flatten: Tensor,
+        input_padding_mask: Tensor | None,
         spatial_shapes: Tensor,
         level_start_index: Tensor,
-        input_padding_mask: Tensor | None = None,
+        sampling_locations: Tensor,
+        attention_weights: Tensor,
     ) -> Tensor:
-        sizes = (query.shape[1], input_flatten.shape[1], self.d_model)
+        where = (spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        sizes = (sampling_locations.shape[1], input_flatten.shape[1], self.d_model)
         if not sampling_first_costs_less(*sizes, self.n_heads, self.n_levels, self.n_points):
-            return super().forward(
-                query,
-                reference_points,
-                input_flatten,
-                spatial_shapes,
-                level_start_index,
-                input_padding_mask,
-            )
-        sampling_locations, attention_weights = self.sampling(
-            query, reference_points, spatial_shapes
-        )
+            return super().attend(input_flatten, input_padding_mask, *where)
         batch, num_queries, heads = sampling_locations.shape[:3]
         # Each (query, head) pair becomes a single-head query that reads all C channels.
         locations = sampling_locations.flatten(1, 2).unsqueeze(2)  # [N, Lq * M, 1, L, P, 2]
@@ -149,7 +153,7 @@ class SampleFirstMSDeformAttn(FastMSDeformAttn):
         )
         bias = self.value_proj.bias.view(heads, -1)  # [M, D]
         projected = projected + weight_in_image.view(batch, num_queries, heads, 1) * bias
-        return self.output_proj(projected.flatten(2))  # [N, Lq, C]
+        return projected.flatten(2)  # [N, Lq, C]
 
 
 def sampling_first_costs_less(
