@@ -5,18 +5,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from matplotlib.markers import MarkerStyle
 from PIL import Image
 from torchvision.ops import box_convert
 
 import detrkit
 from detrkit.data import ImageReadError
 from detrkit.inference import COCO_NAMES, Detector, capture_internals, class_names_for
+from detrkit.inference.capture import Internals, SamplingRecord
 from detrkit.inference.explain import (
     ExplainedObject,
     box_refinement_figure,
     cross_attention_figure,
     encoder_attention_figure,
     explain,
+    explain_figures,
+    head_marker,
     sampling_points_figure,
 )
 from detrkit.ops import ms_deform_attn_reference
@@ -43,6 +47,18 @@ def by_gid(figure, gid: str):
     ]
     assert len(found) == 1, f"{len(found)} artists with gid {gid!r}"
     return found[0]
+
+
+def marker_vertices(marker: str) -> np.ndarray:
+    """The outline scatter draws for a marker shape."""
+    style = MarkerStyle(marker)
+    return style.get_path().transformed(style.get_transform()).vertices
+
+
+def legend_text(figure) -> str:
+    """Every label of the figure's legend (the key to its marks), one per line."""
+    (legend,) = figure.legends
+    return "\n".join(text.get_text() for text in legend.get_texts())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,20 +281,33 @@ def test_sampling_points_land_where_the_numbers_say():
     figure = sampling_points_figure(
         small, internals.decoder_sampling, query, internals.valid_ratios, "t", "layer", batch=1
     )
+    heads = internals.decoder_sampling[0].sampling_locations.shape[2]
+    vmax = max(float(r.attention_weights[1, query].max()) for r in internals.decoder_sampling)
     for row, record in enumerate(internals.decoder_sampling):
         for level in range(4):
             ratio = internals.valid_ratios[1, level]  # (w, h) unpadded fraction
-            locations = record.sampling_locations[1, query, :, level].reshape(-1, 2)
-            expected = locations / ratio * torch.tensor([72.0, 80.0])  # image pixels (x, y)
-            points = by_gid(figure, f"sampling/{row}/{level}")
-            np.testing.assert_allclose(points.get_offsets(), expected.numpy(), rtol=1e-5)
-            weights = record.attention_weights[1, query, :, level].reshape(-1)
-            np.testing.assert_allclose(points.get_array(), weights.numpy(), rtol=1e-6)
+            for head in range(heads):
+                locations = record.sampling_locations[1, query, head, level]  # [P, 2]
+                expected = locations / ratio * torch.tensor([72.0, 80.0])  # image pixels (x, y)
+                points = by_gid(figure, f"sampling/{row}/{level}/head{head + 1}")
+                np.testing.assert_allclose(points.get_offsets(), expected.numpy(), rtol=1e-5)
+                weights = record.attention_weights[1, query, head, level]
+                np.testing.assert_allclose(points.get_array(), weights.numpy(), rtol=1e-6)
+                # One colour scale for the whole figure; one marker shape per head.
+                assert (points.norm.vmin, points.norm.vmax) == (0, pytest.approx(vmax))
+                np.testing.assert_allclose(
+                    points.get_paths()[0].vertices, marker_vertices(head_marker(head))
+                )
             centre = record.reference_points[1, query, level, :2] / ratio * torch.tensor([72, 80])
             marker = by_gid(figure, f"reference/{row}/{level}")
             np.testing.assert_allclose(marker.get_offsets()[0], centre.numpy(), rtol=1e-5)
-    # Data coordinates are image pixels: the image spans [0, W] x [0, H], y down.
-    assert list(figure.axes[0].images[0].get_extent()) == [0, 72, 80, 0]
+    assert len({head_marker(m) for m in range(8)}) == 8
+    # Data coordinates are image pixels, y down: the image lies in [0, W] x [0, H] in every panel.
+    for ax in figure.axes[:-1]:  # the last is the colorbar
+        left, right, bottom, top = ax.images[0].get_extent()
+        assert 0 <= left < right <= 72 and 0 <= top < bottom <= 80
+    key = legend_text(figure)
+    assert "reference point" in key and "reference box" in key and "head 4" in key
 
     obj = _objects(found[1], 1)[0]
     refinement = box_refinement_figure(small, internals, obj, batch=1)
@@ -296,6 +325,80 @@ def test_sampling_points_land_where_the_numbers_say():
     )
 
 
+def _limits(ax) -> tuple[float, float, float, float]:
+    """A panel's view as (x1, y1, x2, y2) in image pixels (y points down)."""
+    (x1, x2), (y2, y1) = ax.get_xlim(), ax.get_ylim()
+    assert x1 < x2 and y1 < y2
+    return x1, y1, x2, y2
+
+
+def _contains(limits, points) -> bool:
+    x1, y1, x2, y2 = limits
+    x, y = torch.as_tensor(points, dtype=torch.float64).reshape(-1, 2).unbind(-1)
+    return bool(((x >= x1) & (x <= x2) & (y >= y1) & (y <= y2)).all())
+
+
+def test_panels_zoom_to_small_spreads_only():
+    """A panel whose marks cover a small part of the image zooms to them, keeping them all in
+    view; a wide spread keeps the whole image."""
+    height, width = 200, 300
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.tensor([0.5, 0.4]).expand(1, 1, 2, 2)  # [B, Lq, L, 2]
+    near = reference[0, 0, 0] + 0.02 * torch.randn(2, 3, 2, generator=generator)  # [M, P, 2]
+    far = torch.rand(2, 3, 2, generator=generator) * 0.9 + 0.05  # anywhere in the image
+    locations = torch.stack([near, far], dim=1)[None, None]  # [B, Lq, M, L, P, 2]
+    record = SamplingRecord(
+        "layer",
+        query=torch.zeros(1, 1, 8),
+        reference_points=reference,
+        sampling_locations=locations,
+        attention_weights=torch.rand(1, 1, 2, 2, 3, generator=generator),
+        spatial_shapes=torch.tensor([[20, 30], [10, 15]]),
+        level_start_index=torch.tensor([0, 600]),
+    )
+    image = random_image(height, width)
+    figure = sampling_points_figure(image, [record], 0, torch.ones(1, 2, 2), "t", "layer")
+    pixels = locations[0, 0] * torch.tensor([width, height])  # [M, L, P, 2]
+    centre = reference[0, 0, 0] * torch.tensor([width, height])
+
+    small, wide = figure.axes[:2]
+    limits = _limits(small)
+    assert _contains(limits, pixels[:, 0]) and _contains(limits, centre)
+    assert limits[2] - limits[0] < width / 4 and limits[3] - limits[1] < height / 4
+    assert "zoomed" in small.get_title() and small.images  # the image is still drawn behind
+    assert _limits(wide) == (0, 0, width, height) and "zoomed" not in wide.get_title()
+
+    # Box refinement: the view is the union of the boxes when they are small.
+    boxes = torch.tensor(
+        [[0.30, 0.60, 0.06, 0.05], [0.31, 0.61, 0.05, 0.05], [0.31, 0.6, 0.05, 0.04]]
+    )
+    internals = Internals(
+        "deformable_detr",
+        initial_reference=torch.tensor([[[0.3, 0.6]]]),  # [B, Q, 2] a point
+        layer_references=boxes[:, None, None],  # [L, B, Q, 4]
+    )
+    obj = ExplainedObject(1, 0, "cat", 0.9, torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    figure = box_refinement_figure(image, internals, obj)
+    corners = box_convert(boxes, "cxcywh", "xyxy").view(-1, 2) * torch.tensor([width, height])
+    limits = _limits(figure.axes[0])
+    assert _contains(limits, corners) and limits[2] - limits[0] < width / 4
+    assert "zoomed" in figure.get_suptitle()
+    key = legend_text(figure)
+    assert "first reference point" in key and "3: after layer 3" in key and "the detection" in key
+    # The boxes on top of one another differ in line style and width, and carry their number.
+    styles = {
+        (by_gid(figure, f"box/{k}").get_linestyle(), by_gid(figure, f"box/{k}").get_linewidth())
+        for k in (1, 2, 3)
+    }
+    assert len(styles) == 3
+    tags = [text.get_text() for text in figure.axes[0].texts]
+    assert tags == ["1", "2", "3"]
+
+    internals.layer_references = torch.tensor([[[[0.5, 0.5, 0.8, 0.7]]]])
+    figure = box_refinement_figure(image, internals, obj)
+    assert _limits(figure.axes[0]) == (0, 0, width, height)
+
+
 def test_detr_figures_show_the_captured_attention():
     model = tiny("detr_digits")
     detector = Detector(model, threshold=0.0, size=None, device="cpu")
@@ -309,18 +412,24 @@ def test_detr_figures_show_the_captured_attention():
     np.testing.assert_allclose(by_gid(figure, "attention/mean").get_array(), maps.mean(0))
     np.testing.assert_allclose(by_gid(figure, "attention/head3").get_array(), maps[2])
     assert list(by_gid(figure, "attention/mean").get_extent()) == [0, 160, 96, 0]
+    key = legend_text(figure)
+    assert "cyan box: the detection" in key and "overlay: the query's attention weight" in key
 
     # Pixel (100, 70) lies in cell (row 2, column 3) of the 3 x 5 map.
     figure = encoder_attention_figure(image, internals, [(100.0, 70.0)])
     expected = internals.encoder_attention[-1].weights[0, :, 2 * 5 + 3].mean(0).view(3, 5)
     np.testing.assert_allclose(by_gid(figure, "attention/pixel1").get_array(), expected)
     np.testing.assert_allclose(by_gid(figure, "pixel/1").get_offsets()[0], [100.0, 70.0])
+    cell = by_gid(figure, "cell/1")  # 32 x 32 pixels per cell
+    assert (cell.get_x(), cell.get_y(), cell.get_width(), cell.get_height()) == (96, 64, 32, 32)
+    key = legend_text(figure)
+    assert "+: the chosen pixel" in key and "its feature-map cell" in key and "overlay" in key
 
 
 def test_explain_writes_figures_and_checks_pixels(tmp_path):
     model = tiny("deformable_detr_digits", enc_layers=1, dec_layers=2)
     detector = Detector(model, threshold=0.0, size=None, device="cpu")
-    objects, written = explain(detector, random_image(), tmp_path, [(5.0, 60.0)], max_objects=1)
+    objects, written, _ = explain(detector, random_image(), tmp_path, [(5.0, 60.0)], max_objects=1)
     assert [path.name for path in written] == [
         "detections.png",
         "object1_sampling_points.png",
@@ -331,8 +440,22 @@ def test_explain_writes_figures_and_checks_pixels(tmp_path):
     assert len(objects) == 1 and objects[0].number == 1
 
     nothing = Detector(model, threshold=1.0, size=None, device="cpu")
-    objects, written = explain(nothing, random_image(), tmp_path / "none")
+    objects, written, highest = explain(nothing, random_image(), tmp_path / "none")
     assert objects == [] and written[0].name == "detections.png"
     assert len(written) == 4  # three automatically picked pixels
+    # The picture says how far the best candidate was from the threshold.
+    best = detector(random_image())
+    assert (highest.score, highest.name, highest.query) == (
+        pytest.approx(float(best.scores[0])),
+        best.names[0],
+        int(best.queries[0]),
+    )
+    _, figures, _ = explain_figures(nothing, random_image(), max_objects=1)
+    title = figures["detections.png"].get_suptitle().replace("\n", " ")
+    assert f"Nothing scored at least 1.0 (the highest score was {highest.score:.2f}" in title
+    assert "highest-scoring candidate" in legend_text(figures["detections.png"])
+    np.testing.assert_allclose(
+        by_gid(figures["detections.png"], "highest").get_xy(), best.boxes[0, :2]
+    )
     with pytest.raises(ValueError, match=r"pixel \(90.0, 5.0\) is outside the image"):
         explain(detector, random_image(), tmp_path, [(90.0, 5.0)])

@@ -133,6 +133,15 @@ def test_explain_and_trace_from_the_command_line(tmp_path, checkpoint, capsys):
         "object2_cross_attention.png",
     ]
     assert "object #2" in capsys.readouterr().out
+
+    # Nothing passes: the message says how far the best candidate was.
+    none = ["explain", "--weights", str(checkpoint), str(image), "--out", str(tmp_path / "none")]
+    assert main([*none, "--threshold", "1"]) == 0
+    best = Detector.from_checkpoint(checkpoint, device="cpu", threshold=0.0)(image)
+    assert (
+        f"nothing in {image} scored at least 1.0 (the highest score was {float(best.scores[0]):.2f}"
+        f", {best.names[0]!r}, query {int(best.queries[0])}); only the encoder figures were drawn"
+    ) in capsys.readouterr().err
     assert main([*args, "--pixel", "10,200"]) == 2
     assert "pixel (10.0, 200.0) is outside the image" in capsys.readouterr().err
 
@@ -167,7 +176,7 @@ def test_explain_and_trace_run_for_every_preset(name, tmp_path):
     config = model.config
     image = torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8)
     detector = Detector(model, threshold=0.0, size=None, device="cpu")
-    objects, written = explain(detector, image, tmp_path, [(40.0, 30.0)], max_objects=1)
+    objects, written, _ = explain(detector, image, tmp_path, [(40.0, 30.0)], max_objects=1)
     names = {path.name for path in written}
     assert len(objects) == 1 and "detections.png" in names
     if config.model_type == "detr":

@@ -72,7 +72,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     """Figures of the model's internals on each image (in a folder per image when several)."""
     from detrkit.data import ImageReadError
-    from detrkit.inference.explain import explain
+    from detrkit.inference.explain import explain, nothing_found_note
     from detrkit.inference.predict import expand_inputs, output_names
 
     check_output_directory(args.out)
@@ -85,7 +85,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     )
     for path, folder in zip(paths, folders):
         try:
-            objects, written = explain(
+            objects, written, highest = explain(
                 detector, path, folder, args.pixel, args.max_objects, overwrite=args.overwrite
             )
         except ImageReadError as error:
@@ -98,8 +98,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             print(f"{path}:")
         if not objects:
             print(
-                f"detrkit: nothing in {path} scored at least {args.threshold}; only the encoder "
-                "figures were drawn (a lower --threshold explains weaker detections)",
+                f"detrkit: nothing in {path} {nothing_found_note(args.threshold, highest)}; only "
+                "the encoder figures were drawn (a lower --threshold explains weaker detections)",
                 file=sys.stderr,
             )
         for obj in objects:
