@@ -149,10 +149,20 @@ def test_explain_and_trace_from_the_command_line(tmp_path, checkpoint, capsys):
     command = ["trace", "--model", "deformable_detr", "--size", "64", "96"]
     assert main([*command, *(f"--model-option={option}" for option in options)]) == 0
     table = capsys.readouterr().out
-    assert "deformable_detr on one 64x96 image" in table
+    assert "deformable_detr on one random 64x96 image" in table
     # The levels of a 64 x 96 image: strides 8, 16, 32 and the extra stride-2 conv.
-    assert "levels flattened and concatenated: 8x12 + 4x6 + 2x3 + 1x2" in table
+    assert "(H, W) of every level: [[8, 12], [4, 6], [2, 3], [1, 2]]" in table
     assert "[1, 128, 8, 4, 4, 2]" in table  # encoder sampling locations [B, S, M, L, P, 2]
+    assert "encoder layer x1" in table and "encoder layer 1" not in table
+
+    # A checkpoint on an image, resized as predict resizes it (short side 800, long at most 1333).
+    command = ["trace", "--weights", str(checkpoint), "--image", str(image)]
+    assert main(command) == 0
+    table = capsys.readouterr().out
+    assert f"on {image.name} resized to 800x1028" in table
+    assert "[1, 3, 800, 1028]" in table
+    layers = detrkit.load(checkpoint).config.dec_layers
+    assert f"decoder layer x{layers}" in table
 
 
 def small_options(name: str) -> dict:
@@ -185,17 +195,17 @@ def test_explain_and_trace_run_for_every_preset(name, tmp_path):
         assert names >= {"object1_sampling_points.png", "encoder_pixel1_sampling_points.png"}
         assert ("object1_box_refinement.png" in names) == config.with_box_refine
 
-    table = format_trace(trace_model(model, (64, 80)))
+    table = format_trace(trace_model(model, size=(64, 80)))
     rows = table.splitlines()
-    assert "encoder layer 1" in table and "decoder layer 2 cross" in table
-    assert any("pred_boxes" in row and "[1, 8, 4]" in row for row in rows)
+    assert "encoder layer x1" in table and "decoder layer x2" in table
+    assert any("boxes" in row and "[1, 8, 4]" in row for row in rows)
     if config.model_type == "deformable_detr":
-        levels = config.num_feature_levels
-        assert f"softmax of Linear(Q) over L x P = {levels} x 4" in table
+        assert "softmax of Linear(query) over L levels x P points" in table
         assert ("two-stage proposals" in table) == config.two_stage
+        assert ("refined reference" in table) == config.with_box_refine
     else:
         stride = 16 if config.dilation else 32
-        assert f"stride {stride}" in table and "memory + pos" in table
+        assert f"stride {stride}" in table and "K = memory + pos" in table
 
 
 def test_a_training_runs_checkpoint_sees_images_at_the_runs_scale(tmp_path, capsys):

@@ -14,7 +14,7 @@ from detrkit.checkpoints.official import CONFIG_READERS
 from detrkit.deploy.metadata import export_metadata
 from detrkit.engine.config import RECIPES, TrainConfig
 from detrkit.inference.capture import HOOKS
-from detrkit.inference.trace import CLASS_SCORES, TRANSFORMER_TRACES
+from detrkit.inference.trace import BOX_LINES, FLOWS, HEAD_LINES
 from detrkit.loss.criterion import CLASS_LOSSES, build_criterion
 from detrkit.models import (
     DETR,
@@ -40,12 +40,13 @@ BY_KIND = {
     "checkpoints.official.CONFIG_READERS": CONFIG_READERS,
     "checkpoints.huggingface.RENAMES": RENAMES,
     "inference.capture.HOOKS": HOOKS,
-    "inference.trace.TRANSFORMER_TRACES": TRANSFORMER_TRACES,
+    "inference.trace.FLOWS": FLOWS,
 }
 # Tables keyed by a kind's classification.
 BY_CLASSIFICATION = {
     "loss.criterion.CLASS_LOSSES": CLASS_LOSSES,
-    "inference.trace.CLASS_SCORES": CLASS_SCORES,
+    "inference.trace.HEAD_LINES": HEAD_LINES,
+    "inference.trace.BOX_LINES": BOX_LINES,
 }
 
 

@@ -1,4 +1,4 @@
-"""``detrkit predict``, ``detrkit explain`` and ``detrkit trace``."""
+"""``detrkit predict`` and ``detrkit explain``."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from detrkit.cli.arguments import model_option, non_negative_int, pixel, positive_int, threshold
+from detrkit.cli.arguments import non_negative_int, pixel, positive_int, threshold
 from detrkit.cli.train import add_precision_option
 from detrkit.inference.detector import MAX_SIZE, SHORT_SIDE, training_image_scale
-from detrkit.models import available_models
 
 
 def make_detector(args: argparse.Namespace):
@@ -109,22 +108,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_trace(args: argparse.Namespace) -> int:
-    """Prints the data flow of one forward pass of a preset."""
-    from detrkit.inference.trace import format_trace, trace_model
-    from detrkit.models import build_model
-
-    model = build_model(args.model, **dict(args.model_option))
-    config = model.config
-    height, width = args.size
-    title = (
-        f"{args.model} on one {height}x{width} image: B = 1 image, C = {config.hidden_dim} "
-        f"channels, M = {config.nheads} heads, Q = {config.num_queries} object queries"
-    )
-    print(format_trace(trace_model(model, (height, width)), title))
-    return 0
-
-
 def _add_detector_options(parser: argparse.ArgumentParser, default_threshold: float) -> None:
     parser.add_argument(
         "--weights", required=True, help="a checkpoint detrkit.load reads (.pth or a directory)"
@@ -154,7 +137,7 @@ def _add_detector_options(parser: argparse.ArgumentParser, default_threshold: fl
 
 
 def add_inference_commands(commands) -> None:
-    """Adds ``predict``, ``explain`` and ``trace`` to the ``detrkit`` subcommands."""
+    """Adds ``predict`` and ``explain`` to the ``detrkit`` subcommands."""
     predict = commands.add_parser(
         "predict",
         help="detect objects in images; write annotated images and COCO results",
@@ -194,26 +177,3 @@ def add_inference_commands(commands) -> None:
         "--max-objects", type=positive_int, default=5, help="explain at most this many objects"
     )
     explain.set_defaults(run=cmd_explain)
-
-    trace = commands.add_parser(
-        "trace",
-        help="print the data flow of one forward pass, stage by stage, with tensor shapes",
-    )
-    trace.add_argument("--model", required=True, choices=available_models(), help="a preset")
-    trace.add_argument(
-        "--size",
-        nargs=2,
-        type=positive_int,
-        default=(800, 1066),
-        metavar=("H", "W"),
-        help="the input image's height and width (default 800 1066)",
-    )
-    trace.add_argument(
-        "--model-option",
-        action="append",
-        type=model_option,
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of the preset (e.g. enc_layers=2)",
-    )
-    trace.set_defaults(run=cmd_trace)

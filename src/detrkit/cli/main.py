@@ -13,6 +13,7 @@ from detrkit.checkpoints import CheckpointError, load, save
 from detrkit.checkpoints.native import CONFIG_FILE, WEIGHTS_FILE
 from detrkit.cli.allocator import keep_freed_memory
 from detrkit.cli.data import add_data_commands
+from detrkit.cli.explore import add_explore_commands
 from detrkit.cli.export import add_export_commands
 from detrkit.cli.inference import add_inference_commands
 from detrkit.cli.train import add_train_commands
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="detrkit",
         description="DETR and Deformable DETR: train and evaluate models, run them on images "
-        "(predict), see inside them (explain, trace), load, convert, inspect and export "
+        "(predict), see inside them (explore, explain, trace), load, convert, inspect and export "
         "checkpoints, check datasets.",
     )
     parser.add_argument("--version", action="version", version=f"detrkit {__version__}")
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_commands(commands)
     add_data_commands(commands)
     add_inference_commands(commands)
+    add_explore_commands(commands)
     add_export_commands(commands)
     return parser
 

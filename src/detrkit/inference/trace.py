@@ -1,368 +1,962 @@
-"""The data flow of one forward pass, as a table of stages and tensor shapes.
+"""The data flow of one forward pass: which tensors a model computes, from what, and where.
 
-Forward hooks on the model's modules write a row whenever a stage runs, with the shapes of the
-tensors that actually flow through it, in the order they run; the notes say what each tensor is
-(for attention inputs, what is added to Q, K and V). Nothing in the model is changed.
+A model kind's flow is a list of :class:`FlowNode` declarations: a stage of the network ("encoder
+layer", "decoder layer"...), the line of detrkit's code that computes the tensor, the nodes it is
+computed from, and where a forward hook reads it. :func:`record_flow` runs hooks on a real
+forward pass and fills every node with what flowed through it: its shape, summary statistics and,
+for small integer tensors such as ``spatial_shapes``, the values themselves. Repeated layers share
+one node with one call per layer. ``detrkit trace`` prints it as a table; ``detrkit explore`` draws
+it as a graph. Nothing in the model is changed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+import detrkit
 from detrkit.inference.capture import bind_arguments, request_attention_weights
 from detrkit.models import kind_of
+from detrkit.models.backbone import Joiner, ResNetBackbone
+from detrkit.models.deformable_attention import MSDeformAttn
+from detrkit.models.deformable_detr import DeformableDETR
+from detrkit.models.deformable_transformer import (
+    DeformableTransformer,
+    DeformableTransformerDecoder,
+    DeformableTransformerDecoderLayer,
+    DeformableTransformerEncoder,
+    DeformableTransformerEncoderLayer,
+)
+from detrkit.models.detr import DETR
+from detrkit.models.position_encoding import PositionEmbeddingSine
+from detrkit.models.transformer import (
+    Transformer,
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+)
+
+PACKAGE_ROOT = Path(detrkit.__file__).parent
+SMALL_TENSOR = 16  # integer tensors up to this many elements are shown by value
+
+
+@dataclass(frozen=True)
+class CodeLine:
+    """A line of detrkit's source: ``path`` relative to the package's parent, e.g.
+    ``detrkit/models/transformer.py``; ``number`` 1-based."""
+
+    path: str
+    number: int
+    text: str
+
+
+def code_line(function: Callable, snippet: str) -> CodeLine:
+    """The first line of ``function``'s source that contains ``snippet``; LookupError if none."""
+    lines, start = inspect.getsourcelines(function)
+    for offset, line in enumerate(lines):
+        if snippet in line:
+            path = Path(inspect.getsourcefile(function)).resolve()
+            relative = path.relative_to(PACKAGE_ROOT.resolve().parent).as_posix()
+            return CodeLine(relative, start + offset, line.strip())
+    raise LookupError(f"{function.__qualname__} has no line containing {snippet!r}")
+
+
+# How a hook reads a node's tensor: (module, its arguments by name, its output) -> a tensor, or a
+# list of tensors when one call gives several (the heads of every decoder layer at once).
+Reader = Callable[[nn.Module, dict, Any], Tensor | Sequence[Tensor] | None]
+
+
+def argument(name: str) -> Reader:
+    """Reads the argument ``name`` of the call."""
+    return lambda module, arguments, output: arguments[name]
+
+
+def output(index: int | str | None = None) -> Reader:
+    """Reads the output of the call, or its item ``index``."""
+    return lambda module, arguments, out: out if index is None else out[index]
+
+
+@dataclass(frozen=True)
+class Watch:
+    """Where a node's tensor is read: ``read`` in a forward hook of the modules at ``path`` (a name
+    in the model; ``*`` stands for every layer index, ``""`` for the model itself)."""
+
+    path: str
+    read: Reader
+    needs_attention_weights: bool = False  # an nn.MultiheadAttention must return its weights
 
 
 @dataclass
-class TraceRow:
-    stage: str  # e.g. "encoder layer 1"
-    tensor: str  # e.g. "Q (query)"
-    shape: str  # e.g. "[1, 850, 256]"
-    note: str = ""
+class FlowCall:
+    """What one call of a node (one layer of a repeated node) computed."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    stats: dict[str, float] | None = None  # min, max, mean, std of floating-point tensors
+    values: list | None = None  # small integer tensors, as nested lists
 
 
-def shape_of(value) -> str:
-    if isinstance(value, Tensor):
-        return "[" + ", ".join(str(d) for d in value.shape) + "]"
-    return "-"
+@dataclass
+class FlowNode:
+    """One tensor of the forward pass and where it comes from."""
+
+    key: str  # unique in the flow, e.g. "encoder.qk"
+    stage: str  # e.g. "encoder layer"; nodes of a repeated stage have one call per layer
+    label: str  # e.g. "Q = K = src + pos"
+    note: str  # what the tensor is
+    code: CodeLine
+    inputs: tuple[str, ...]  # keys of the nodes it is computed from
+    watch: Watch
+    calls: list[FlowCall] = field(default_factory=list)
 
 
-class _Tracer:
-    """Collects rows from hooks; :meth:`hook` and :meth:`pre_hook` register them."""
+# The stages whose nodes run once per layer.
+REPEATED_STAGES = ("encoder layer", "decoder layer", "heads")
 
-    def __init__(self) -> None:
-        self.rows: list[TraceRow] = []
-        self.handles: list = []
 
-    def add(self, stage: str, tensor: str, value, note: str = "") -> None:
-        self.rows.append(TraceRow(stage, tensor, shape_of(value), note))
+def describe(tensor: Tensor) -> FlowCall:
+    """Shape, dtype and statistics (or values, for small integer tensors) of ``tensor``."""
+    tensor = tensor.detach()
+    call = FlowCall(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+    if tensor.is_floating_point() and tensor.numel():
+        values = tensor.float()
+        call.stats = {
+            "min": values.min().item(),
+            "max": values.max().item(),
+            "mean": values.mean().item(),
+            "std": values.std().item() if values.numel() > 1 else 0.0,
+        }
+    elif tensor.numel() <= SMALL_TENSOR:
+        call.values = tensor.tolist()
+    return call
 
-    def pre_hook(self, module: nn.Module, write: Callable[[dict], None]) -> None:
-        """``write(arguments by name)`` before ``module`` runs."""
 
-        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            write(bind_arguments(mod, args, kwargs))
+def _modules_at(model: nn.Module, path: str) -> list[nn.Module]:
+    """The distinct modules at ``path``, ``*`` expanded over every index, in index order."""
+    if not path:
+        return [model]
+    if "*" not in path:
+        return [model.get_submodule(path)]
+    prefix, _, suffix = path.partition(".*")
+    modules, seen = [], set()
+    for child in model.get_submodule(prefix):
+        module = child.get_submodule(suffix.lstrip(".")) if suffix else child
+        if id(module) not in seen:  # heads shared by every layer are hooked once
+            seen.add(id(module))
+            modules.append(module)
+    return modules
 
-        self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
-    def hook(self, module: nn.Module, write: Callable[..., None], inputs: bool = False) -> None:
-        """``write(output)`` (or ``write(arguments, output)``) after ``module`` runs."""
+@contextmanager
+def record_flow(model: nn.Module) -> Iterator[list[FlowNode]]:
+    """Fills the model kind's flow nodes with the forward pass run inside the block.
 
-        def hook(mod: nn.Module, args: tuple, kwargs: dict, output) -> None:
-            if inputs:
-                write(bind_arguments(mod, args, kwargs), output)
-            else:
-                write(output)
-
-        self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
-
-    def remove(self) -> None:
-        for handle in self.handles:
+    >>> with record_flow(model) as nodes:
+    ...     model(images, mask)
+    >>> [(node.label, node.calls[0].shape) for node in nodes]
+    """
+    nodes = FLOWS[kind_of(model.config).name](model)
+    handles = []
+    for node in nodes:
+        for module in _modules_at(model, node.watch.path):
+            if node.watch.needs_attention_weights:
+                handles.append(
+                    module.register_forward_pre_hook(request_attention_weights, with_kwargs=True)
+                )
+            handles.append(module.register_forward_hook(_recorder(node), with_kwargs=True))
+    try:
+        yield nodes
+    finally:
+        for handle in handles:
             handle.remove()
 
 
-def _trace_attention(
-    tracer: _Tracer, module: nn.MultiheadAttention, stage: str, qkv_notes: Sequence[str]
-) -> None:
-    """Q, K, V of an nn.MultiheadAttention call with what they are made of, and its weights."""
-    tracer.handles.append(
-        module.register_forward_pre_hook(request_attention_weights, with_kwargs=True)
-    )
+def _recorder(node: FlowNode) -> Callable:
+    def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        read = node.watch.read(module, bind_arguments(module, args, kwargs), out)
+        if read is None:
+            return
+        for tensor in [read] if isinstance(read, Tensor) else read:
+            node.calls.append(describe(tensor))
 
-    def inputs(arguments: dict) -> None:
-        for name, key, note in zip(("Q", "K", "V"), ("query", "key", "value"), qkv_notes):
-            tracer.add(stage, name, arguments[key], note)
-
-    def outputs(output: tuple[Tensor, Tensor]) -> None:
-        heads = output[1].shape[1]
-        tracer.add(stage, "attention weights", output[1], f"softmax over the keys, {heads} heads")
-        tracer.add(stage, "attention output", output[0], "weighted sum of V, heads concatenated")
-
-    tracer.pre_hook(module, inputs)
-    tracer.hook(module, outputs)
+    return hook
 
 
-def _trace_deformable_attention(
-    tracer: _Tracer,
-    module: nn.Module,
+# ---------------------------------------------------------------------------------------------
+# The flows
+
+
+def _node(
+    key: str,
     stage: str,
-    query_note: str,
-    reference_note: str,
-    value_note: str,
-) -> None:
-    """Query, reference points, values, sampling locations and weights of an MSDeformAttn call."""
+    label: str,
+    note: str,
+    code: tuple[Callable, str],
+    inputs: Sequence[str],
+    watch: Watch,
+) -> FlowNode:
+    return FlowNode(key, stage, label, note, code_line(*code), tuple(inputs), watch)
 
-    def write(arguments: dict, output: Tensor) -> None:
-        tracer.add(stage, "Q (query)", arguments["query"], query_note)
-        tracer.add(stage, "reference points", arguments["reference_points"], reference_note)
-        tracer.add(stage, "V (input)", arguments["input_flatten"], value_note)
-        locations, weights = module.sampling(
-            arguments["query"], arguments["reference_points"], arguments["spatial_shapes"]
+
+def _backbone_nodes(model: nn.Module, feature_inputs: Sequence[str]) -> list[FlowNode]:
+    resnet = model.backbone[0]
+    position_kind = "sine" if isinstance(model.backbone[1], PositionEmbeddingSine) else "learned"
+    nodes = [
+        _node(
+            "images",
+            "input",
+            "images",
+            "normalised RGB, padded to the batch's largest; mask: True on padding",
+            (type(model).forward, "self.backbone(images, mask)"),
+            (),
+            Watch("", argument("images")),
         )
-        _, _, heads, levels, points, _ = locations.shape
-        offsets_note = (
-            "reference + Linear(Q) offsets / (W_l, H_l)"
-            if arguments["reference_points"].shape[-1] == 2
-            else "box centre + Linear(Q) offsets x box size / (2 P)"
+    ]
+    for index, (layer, stride) in enumerate(zip(resnet.return_layers, resnet.strides)):
+        nodes.append(
+            _node(
+                f"backbone.{layer}",
+                "backbone",
+                f"C{int(layer[-1]) + 1} ({layer})",
+                f"{model.config.backbone} features, stride {stride}",
+                (ResNetBackbone.forward, "features.append(x)"),
+                feature_inputs if index == 0 else (f"backbone.{resnet.return_layers[index - 1]}",),
+                Watch("backbone.0", lambda m, a, out, i=index: out[0][i]),
+            )
         )
-        tracer.add(stage, "sampling locations", locations, f"{offsets_note}; M={heads} heads")
-        tracer.add(
+    nodes.append(
+        _node(
+            "position",
+            "position",
+            f"{position_kind} position encoding",
+            "from the padding mask, one per level; added to Q and K, never to V",
+            (
+                (PositionEmbeddingSine.forward, "torch.cat((pos_y, pos_x)")
+                if position_kind == "sine"
+                else (Joiner.forward, "positions = ")
+            ),
+            ("images",),
+            Watch("backbone.1", output()),
+        )
+    )
+    return nodes
+
+
+def _attention_nodes(
+    prefix: str, stage: str, module_path: str, layer_class: type, qkv: Sequence[tuple]
+) -> list[FlowNode]:
+    """Q, K, V of an nn.MultiheadAttention at ``module_path`` (``*`` every layer) and its weights
+    and output. ``qkv``: (label, note, code snippet in ``layer_class``, inputs) for q, k, v."""
+    nodes = []
+    for (label, note, method, snippet, inputs), name in zip(qkv, ("query", "key", "value")):
+        nodes.append(
+            _node(
+                f"{prefix}.{name}",
+                stage,
+                label,
+                note,
+                (getattr(layer_class, method), snippet),
+                inputs,
+                Watch(module_path, argument(name)),
+            )
+        )
+    method = qkv[0][2]
+    nodes += [
+        _node(
+            f"{prefix}.weights",
             stage,
             "attention weights",
-            weights,
-            f"softmax of Linear(Q) over L x P = {levels} x {points}",
-        )
-        tracer.add(stage, "attention output", output, "bilinear samples of V, weighted, projected")
-
-    tracer.hook(module, write, inputs=True)
-
-
-def _trace_backbone(tracer: _Tracer, model: nn.Module) -> None:
-    resnet, position = model.backbone[0], model.backbone[1]
-    kind = "sine" if type(position).__name__ == "PositionEmbeddingSine" else "learned"
-
-    def features(output: tuple[list[Tensor], list[Tensor]]) -> None:
-        for layer, stride, feature in zip(resnet.return_layers, resnet.strides, output[0]):
-            name = f"C{int(layer[-1]) + 1} ({layer})"
-            tracer.add("backbone", name, feature, f"{model.config.backbone}, stride {stride}")
-
-    calls = []
-
-    def positions(output: Tensor) -> None:
-        calls.append(output)
-        tracer.add(
-            "position encoding",
-            f"level {len(calls) - 1}",
-            output,
-            f"{kind}, from the padding mask; added to Q and K, never to V",
-        )
-
-    tracer.hook(resnet, features)
-    tracer.hook(position, positions)
+            "softmax(Q K^T / sqrt(C / M)) per head, over the keys",
+            (getattr(layer_class, method), "_attn("),
+            (f"{prefix}.query", f"{prefix}.key"),
+            Watch(module_path, output(1), needs_attention_weights=True),
+        ),
+        _node(
+            f"{prefix}.out",
+            stage,
+            "attention output",
+            "weights x V per head, heads concatenated and projected",
+            (getattr(layer_class, method), "_attn("),
+            (f"{prefix}.weights", f"{prefix}.value"),
+            Watch(module_path, output(0)),
+        ),
+    ]
+    return nodes
 
 
-def _trace_detr(tracer: _Tracer, model: nn.Module) -> None:
-    transformer = model.transformer
-    tracer.hook(
-        model.input_proj,
-        lambda out: tracer.add(
-            "input projection", "src", out, f"1x1 conv, {model.input_proj.in_channels} -> C"
+def _detr_flow(model: DETR) -> list[FlowNode]:
+    enc = "transformer.encoder.layers.*"
+    dec = "transformer.decoder.layers.*"
+    nodes = _backbone_nodes(model, ("images",))
+    nodes += [
+        _node(
+            "input_proj",
+            "input projection",
+            "input projection",
+            f"1x1 conv, {model.input_proj.in_channels} -> C channels",
+            (DETR.forward, "src = self.input_proj("),
+            (nodes[-2].key,),
+            Watch("input_proj", output()),
+        ),
+        _node(
+            "src",
+            "input projection",
+            "src (flattened)",
+            "the feature map as a sequence of H*W positions",
+            (Transformer.forward, "src = src.flatten(2)"),
+            ("input_proj",),
+            Watch("transformer.encoder", argument("src")),
+        ),
+        _node(
+            "pos",
+            "position",
+            "pos (flattened)",
+            "the same position encoding at every encoder and decoder layer",
+            (Transformer.forward, "pos_embed = pos_embed.flatten(2)"),
+            ("position",),
+            Watch("transformer.encoder", argument("pos")),
+        ),
+    ]
+    layer = TransformerEncoderLayer
+    nodes += _attention_nodes(
+        "encoder.self",
+        "encoder layer",
+        f"{enc}.self_attn",
+        layer,
+        (
+            ("Q = src + pos", "content + position", "self_attention", "q = k =", ("src", "pos")),
+            ("K = src + pos", "the same as Q", "self_attention", "q = k =", ("src", "pos")),
+            ("V = src", "content only", "self_attention", "v = src", ("src",)),
         ),
     )
-
-    def encoder_inputs(arguments: dict) -> None:
-        src = arguments["src"]
-        tracer.add("encoder input", "src", src, f"feature map flattened: {src.shape[1]} positions")
-        tracer.add("encoder input", "pos", arguments["pos"], "position encoding, flattened")
-        tracer.add("encoder input", "key padding mask", arguments["key_padding_mask"])
-
-    tracer.pre_hook(transformer.encoder, encoder_inputs)
-    for i, layer in enumerate(transformer.encoder.layers):
-        _trace_attention(
-            tracer, layer.self_attn, f"encoder layer {i + 1}", ("src + pos", "src + pos", "src")
-        )
-    tracer.hook(transformer.encoder, lambda out: tracer.add("memory", "memory", out))
-
-    def decoder_inputs(arguments: dict) -> None:
-        tracer.add("decoder queries", "tgt", arguments["tgt"], "content: zeros at the start")
-        tracer.add("decoder queries", "query_pos", arguments["query_pos"], "learned query_embed")
-
-    tracer.pre_hook(transformer.decoder, decoder_inputs)
-    for i, layer in enumerate(transformer.decoder.layers):
-        stage = f"decoder layer {i + 1}"
-        _trace_attention(
-            tracer, layer.self_attn, stage + " self", ("tgt + query_pos", "tgt + query_pos", "tgt")
-        )
-        _trace_attention(
-            tracer,
-            layer.multihead_attn,
-            stage + " cross",
-            ("tgt + query_pos", "memory + pos", "memory"),
-        )
-    tracer.hook(
-        transformer.decoder,
-        lambda out: tracer.add("decoder output", "hs", out, "every layer, after the shared norm"),
-    )
-    tracer.hook(
-        model.class_embed,
-        lambda out: tracer.add("heads", "class logits", out, "Linear; last class is 'no object'"),
-    )
-    tracer.hook(
-        model.bbox_embed,
-        lambda out: tracer.add("heads", "box (before sigmoid)", out, "3-layer MLP -> cx, cy, w, h"),
-    )
-
-
-def _trace_deformable(tracer: _Tracer, model: nn.Module) -> None:
-    transformer = model.transformer
-    num_backbone = len(model.backbone[0].return_layers)
-    for level, proj in enumerate(model.input_proj):
-        conv = proj[0]
-        note = (
-            f"1x1 conv {conv.in_channels} -> C + GroupNorm"
-            if level < num_backbone
-            else f"3x3 stride-2 conv {conv.in_channels} -> C + GroupNorm (extra level)"
-        )
-        tracer.hook(
-            proj,
-            lambda out, level=level, note=note: tracer.add(
-                "input projection", f"level {level}", out, note
-            ),
-        )
-
-    def encoder_inputs(arguments: dict) -> None:
-        shapes = arguments["spatial_shapes"].tolist()
-        sizes = " + ".join(f"{h}x{w}" for h, w in shapes)
-        stage = "encoder input"
-        tracer.add(
-            "level embedding", "level_embed", transformer.level_embed, "learned, one per level"
-        )
-        tracer.add(stage, "src", arguments["src"], f"levels flattened and concatenated: {sizes}")
-        tracer.add(stage, "pos", arguments["pos"], "position encoding + its level's embedding")
-        tracer.add(stage, "spatial_shapes", arguments["spatial_shapes"], f"(H, W): {shapes}")
-        tracer.add(
-            stage,
-            "level_start_index",
-            arguments["level_start_index"],
-            f"{arguments['level_start_index'].tolist()}",
-        )
-        tracer.add(stage, "valid_ratios", arguments["valid_ratios"], "unpadded (w, h) per level")
-        tracer.add(stage, "padding mask", arguments["padding_mask"])
-
-    tracer.pre_hook(transformer.encoder, encoder_inputs)
-    for i, layer in enumerate(transformer.encoder.layers):
-        _trace_deformable_attention(
-            tracer,
-            layer.self_attn,
-            f"encoder layer {i + 1}",
-            "src + pos",
-            "every pixel's centre, on every level",
-            "src (no position); value_proj inside",
-        )
-    tracer.hook(transformer.encoder, lambda out: tracer.add("memory", "memory", out))
-
-    if model.config.two_stage:
-        last = transformer.decoder.num_layers
-        proposal_rows = (
-            (transformer.enc_output_norm, "proposal features", "Linear + LayerNorm of memory"),
-            (transformer.decoder.class_embed[last], "proposal logits", "top-K by the first class"),
-            (transformer.decoder.bbox_embed[last], "proposal deltas", "added to each pixel's box"),
-            (transformer.pos_trans, "query_pos | tgt", "sine code of the top-K boxes, split"),
-        )
-        for module, name, note in proposal_rows:
-            tracer.hook(
-                module,
-                lambda out, name=name, note=note: tracer.add(
-                    "two-stage proposals", name, out, note
-                ),
-            )
-
-    def decoder_inputs(arguments: dict) -> None:
-        two_stage = model.config.two_stage
-        tracer.add(
-            "decoder queries",
-            "tgt",
-            arguments["tgt"],
-            "from the proposals" if two_stage else "content half of query_embed",
-        )
-        tracer.add(
+    nodes += [
+        _node(
+            "encoder.ffn",
+            "encoder layer",
+            "feed-forward",
+            "Linear-ReLU-Linear of norm1(src + attention)",
+            (layer.feed_forward, "self.linear2("),
+            ("encoder.self.out",),
+            Watch(f"{enc}.linear2", output()),
+        ),
+        _node(
+            "encoder.out",
+            "encoder layer",
+            "layer output",
+            "norm2(x + feed-forward): the next layer's src",
+            (layer.forward, "return self.norm2("),
+            ("encoder.ffn",),
+            Watch(enc, output()),
+        ),
+        _node(
+            "memory",
+            "memory",
+            "memory",
+            "the encoder's output: keys and values of every cross-attention",
+            (TransformerEncoder.forward, "return src"),
+            ("encoder.out",),
+            Watch("transformer.encoder", output()),
+        ),
+        _node(
+            "query_pos",
             "decoder queries",
             "query_pos",
-            arguments["query_pos"],
-            "from the proposals" if two_stage else "position half of query_embed",
-        )
-        tracer.add(
+            f"query_embed: {model.config.num_queries} learned positions, one per object query",
+            (Transformer.forward, "query_pos = query_embed"),
+            (),
+            Watch("transformer.decoder", argument("query_pos")),
+        ),
+        _node(
+            "tgt",
             "decoder queries",
-            "reference points",
-            arguments["reference_points"],
-            "top-K proposal boxes" if two_stage else "sigmoid(Linear(query_pos)): (x, y)",
-        )
-
-    tracer.pre_hook(transformer.decoder, decoder_inputs)
-    for i, layer in enumerate(transformer.decoder.layers):
-        stage = f"decoder layer {i + 1}"
-        _trace_attention(
-            tracer, layer.self_attn, stage + " self", ("tgt + query_pos", "tgt + query_pos", "tgt")
-        )
-        _trace_deformable_attention(
-            tracer,
-            layer.cross_attn,
-            stage + " cross",
-            "tgt + query_pos",
-            "this layer's references x valid ratios, per level",
-            "memory (no position); value_proj inside",
-        )
-
-    def decoder_outputs(output: tuple[Tensor, Tensor]) -> None:
-        hs, references = output
-        tracer.add("decoder output", "hs", hs, "every layer's output")
-        note = (
-            "box after each layer (refinement)"
-            if model.config.with_box_refine
-            else "unchanged: no refinement"
-        )
-        tracer.add("decoder output", "references", references, note)
-
-    tracer.hook(transformer.decoder, decoder_outputs)
-
-
-# What each model kind's transformer is traced with, by kind name.
-TRANSFORMER_TRACES: dict[str, Callable[[_Tracer, nn.Module], None]] = {
-    "detr": _trace_detr,
-    "deformable_detr": _trace_deformable,
-}
-# How pred_logits become class scores, by a kind's classification.
-CLASS_SCORES = {"softmax": "softmax over classes + 'no object'", "sigmoid": "sigmoid per class"}
-
-
-def trace_model(model: nn.Module, size: Sequence[int] = (800, 1066)) -> list[TraceRow]:
-    """Runs ``model`` on one random image of ``size`` (H, W) and returns the trace rows."""
-    height, width = size
-    if height < 1 or width < 1:
-        raise ValueError(f"--size must be two positive numbers (H W), got {height} {width}")
-    tracer = _Tracer()
-    images = torch.randn(1, 3, height, width, device=next(model.parameters()).device)
-    mask = torch.zeros(1, height, width, dtype=torch.bool, device=images.device)
-    tracer.add("input", "images", images, "normalised RGB, padded to the batch's largest")
-    tracer.add("input", "mask", mask, "True on padding")
-    _trace_backbone(tracer, model)
-    kind = kind_of(model.config)
-    TRANSFORMER_TRACES[kind.name](tracer, model)
-    try:
-        with torch.no_grad():
-            outputs = model.eval()(images, mask)
-    finally:
-        tracer.remove()
-    tracer.add("output", "pred_logits", outputs["pred_logits"], CLASS_SCORES[kind.classification])
-    tracer.add("output", "pred_boxes", outputs["pred_boxes"], "normalised cx, cy, w, h")
-    if "aux_outputs" in outputs:
-        tracer.add(
-            "output",
-            "aux_outputs",
-            None,
-            f"the same for the {len(outputs['aux_outputs'])} earlier decoder layer(s)",
-        )
-    return tracer.rows
-
-
-def format_trace(rows: Sequence[TraceRow], title: str = "") -> str:
-    """The rows as an aligned text table."""
-    header = TraceRow("stage", "tensor", "shape", "what it is")
-    widths = [
-        max(len(getattr(row, name)) for row in [header, *rows])
-        for name in ("stage", "tensor", "shape")
+            "tgt",
+            "the queries' content: zeros before the first layer",
+            (Transformer.forward, "tgt = torch.zeros_like"),
+            (),
+            Watch("transformer.decoder", argument("tgt")),
+        ),
     ]
+    layer = TransformerDecoderLayer
+    nodes += _attention_nodes(
+        "decoder.self",
+        "decoder layer",
+        f"{dec}.self_attn",
+        layer,
+        (
+            (
+                "Q = tgt + query_pos",
+                "self-attention among the queries",
+                "self_attention",
+                "q = k =",
+                ("tgt", "query_pos"),
+            ),
+            (
+                "K = tgt + query_pos",
+                "the same as Q",
+                "self_attention",
+                "q = k =",
+                ("tgt", "query_pos"),
+            ),
+            ("V = tgt", "content only", "self_attention", "return self.self_attn(", ("tgt",)),
+        ),
+    )
+    nodes += _attention_nodes(
+        "decoder.cross",
+        "decoder layer",
+        f"{dec}.multihead_attn",
+        layer,
+        (
+            (
+                "Q = tgt + query_pos",
+                "",
+                "cross_attention",
+                "q = with_pos",
+                ("decoder.self.out", "query_pos"),
+            ),
+            ("K = memory + pos", "", "cross_attention", "k = with_pos", ("memory", "pos")),
+            ("V = memory", "no position", "cross_attention", "v = memory", ("memory",)),
+        ),
+    )
+    nodes += [
+        _node(
+            "decoder.ffn",
+            "decoder layer",
+            "feed-forward",
+            "Linear-ReLU-Linear",
+            (layer.feed_forward, "self.linear2("),
+            ("decoder.cross.out",),
+            Watch(f"{dec}.linear2", output()),
+        ),
+        _node(
+            "decoder.out",
+            "decoder layer",
+            "layer output",
+            "norm3(x + feed-forward): the next layer's tgt",
+            (layer.forward, "return self.norm3("),
+            ("decoder.ffn",),
+            Watch(dec, output()),
+        ),
+        _node(
+            "hs",
+            "decoder output",
+            "hs",
+            "every layer's output through the shared final norm",
+            (TransformerDecoder.forward, "intermediate.append(self.norm(tgt))"),
+            ("decoder.out",),
+            Watch("transformer.decoder", output()),
+        ),
+    ]
+    return nodes + _head_nodes(model, "hs")
+
+
+def _layer_outputs(name: str) -> Reader:
+    """Reads ``name`` of every decoder layer from a detector's outputs, first layer first."""
+
+    def read(module: nn.Module, arguments: dict, out: dict) -> list[Tensor]:
+        return [aux[name] for aux in out.get("aux_outputs", [])] + [out[name]]
+
+    return read
+
+
+# What the heads compute, and the lines that compute them, by a kind's classification.
+HEAD_LINES = {
+    "softmax": ("{classes} classes + 'no object'; softmax", "outputs_class = self.class_embed("),
+    "sigmoid": ("{classes} classes; sigmoid per class", "outputs_classes.append("),
+}
+BOX_LINES = {"softmax": "outputs_coord = self.bbox_embed(", "sigmoid": "outputs_coords.append("}
+
+
+def _head_nodes(model: nn.Module, source: str) -> list[FlowNode]:
+    classification = kind_of(model.config).classification
+    class_note, class_code = HEAD_LINES[classification]
+    forward = type(model).forward
+    return [
+        _node(
+            "pred_logits",
+            "heads",
+            "class logits",
+            "Linear: " + class_note.format(classes=model.config.num_classes),
+            (forward, class_code),
+            (source,),
+            Watch("", _layer_outputs("pred_logits")),
+        ),
+        _node(
+            "pred_boxes",
+            "heads",
+            "boxes",
+            "3-layer MLP, sigmoid: normalised cx, cy, w, h",
+            (forward, BOX_LINES[classification]),
+            (source,),
+            Watch("", _layer_outputs("pred_boxes")),
+        ),
+    ]
+
+
+def _sampling(index: int) -> Reader:
+    """Reads the sampling locations (0) or attention weights (1) an MSDeformAttn call used."""
+
+    def read(module: MSDeformAttn, arguments: dict, out: Tensor) -> Tensor:
+        return module.sampling(
+            arguments["query"], arguments["reference_points"], arguments["spatial_shapes"]
+        )[index]
+
+    return read
+
+
+def _deformable_attention_nodes(
+    prefix: str,
+    stage: str,
+    path: str,
+    query_inputs: Sequence[str],
+    query_labels: Sequence[str],
+    value_input: str,
+    references: str,
+) -> list[FlowNode]:
+    layer_class = (
+        DeformableTransformerEncoderLayer
+        if stage == "encoder layer"
+        else DeformableTransformerDecoderLayer
+    )
+    point_formula = "reference + offsets / (W_l, H_l) (point references)"
+    box_formula = "centre + offsets / P x box size / 2 (box references)"
+    formula = {
+        "points": point_formula,
+        "boxes": box_formula,
+        "point then boxes": f"layer 1: {point_formula}; later layers: {box_formula}",
+    }[references]
+    return [
+        _node(
+            f"{prefix}.query",
+            stage,
+            "query = " + " + ".join(query_labels),
+            "offsets and weights are Linear maps of it",
+            (layer_class.forward, "with_pos("),
+            query_inputs,
+            Watch(path, argument("query")),
+        ),
+        _node(
+            f"{prefix}.reference_points",
+            stage,
+            "reference points",
+            "per level, in each level's valid area: "
+            + ("points (x, y)" if references == "points" else "boxes (cx, cy, w, h) or points"),
+            (
+                (DeformableTransformerEncoder.get_reference_points, "return reference_points")
+                if stage == "encoder layer"
+                else (DeformableTransformerDecoder.forward, "reference_points_input = ")
+            ),
+            ("spatial_shapes",) if stage == "encoder layer" else ("reference_points",),
+            Watch(path, argument("reference_points")),
+        ),
+        _node(
+            f"{prefix}.value",
+            stage,
+            "value = value_proj(" + value_input + ")",
+            "no position; split into M heads",
+            (MSDeformAttn.forward, "value = self.value_proj("),
+            (value_input,),
+            Watch(f"{path}.value_proj", output()),
+        ),
+        _node(
+            f"{prefix}.offsets",
+            stage,
+            "sampling offsets",
+            "Linear(query): M heads x L levels x P points x (x, y)",
+            (MSDeformAttn.sampling, "sampling_offsets = self.sampling_offsets("),
+            (f"{prefix}.query",),
+            # Read from the attention's own call: the offsets Linear also runs when the sampling
+            # is re-run for the records below.
+            Watch(path, lambda m, a, out: m.sampling_offsets(a["query"])),
+        ),
+        _node(
+            f"{prefix}.weights",
+            stage,
+            "attention weights",
+            "softmax of Linear(query) over L levels x P points, per head",
+            (MSDeformAttn.sampling, "F.softmax("),
+            (f"{prefix}.query",),
+            Watch(path, _sampling(1)),
+        ),
+        _node(
+            f"{prefix}.locations",
+            stage,
+            "sampling locations",
+            formula,
+            (
+                (MSDeformAttn.locate, "centre + sampling_offsets")
+                if references == "boxes"
+                else (
+                    MSDeformAttn.locate,
+                    "reference_points + sampling_offsets / offset_normalizer",
+                )
+            ),
+            (f"{prefix}.reference_points", f"{prefix}.offsets", "spatial_shapes"),
+            Watch(path, _sampling(0)),
+        ),
+        _node(
+            f"{prefix}.out",
+            stage,
+            "deformable attention output",
+            "bilinear samples of value at the locations, weighted, summed, output_proj",
+            (MSDeformAttn.forward, "return self.output_proj("),
+            (f"{prefix}.value", f"{prefix}.locations", f"{prefix}.weights", "level_start_index"),
+            Watch(path, output()),
+        ),
+    ]
+
+
+def decoder_references(config) -> str:
+    """What Deformable DETR's decoder layers sample around: "points", "boxes" (two-stage: the
+    proposals are boxes), or "point then boxes" (box refinement turns the first layer's points
+    into boxes)."""
+    if config.two_stage:
+        return "boxes"
+    return "point then boxes" if config.with_box_refine else "points"
+
+
+def _deformable_flow(model: DeformableDETR) -> list[FlowNode]:
+    config = model.config
+    nodes = _backbone_nodes(model, ("images",))
+    backbone_keys = [n.key for n in nodes if n.stage == "backbone"]
+    for level, proj in enumerate(model.input_proj):
+        extra = level >= len(backbone_keys)
+        conv = proj[0]
+        nodes.append(
+            _node(
+                f"input_proj.{level}",
+                "input projection",
+                f"level {level}",
+                (
+                    f"3x3 stride-2 conv {conv.in_channels} -> C + GroupNorm (extra level)"
+                    if extra
+                    else f"1x1 conv {conv.in_channels} -> C + GroupNorm"
+                ),
+                (
+                    (DeformableDETR.forward, "src = self.input_proj[level](")
+                    if extra
+                    else (DeformableDETR.forward, "srcs = [proj(feature)")
+                ),
+                (
+                    (
+                        backbone_keys[-1]
+                        if level == len(backbone_keys)
+                        else f"input_proj.{level - 1}",
+                    )
+                    if extra
+                    else (backbone_keys[level],)
+                ),
+                Watch(f"input_proj.{level}", output()),
+            )
+        )
+    levels = [f"input_proj.{level}" for level in range(len(model.input_proj))]
+    transformer = DeformableTransformer.forward
+    nodes += [
+        _node(
+            "spatial_shapes",
+            "levels",
+            "spatial_shapes",
+            "(H, W) of every level",
+            (transformer, "spatial_shapes = torch.stack("),
+            levels,
+            Watch("transformer.encoder", argument("spatial_shapes")),
+        ),
+        _node(
+            "level_start_index",
+            "levels",
+            "level_start_index",
+            "where each level starts in the flattened sequence",
+            (transformer, "level_start_index = torch.cat("),
+            ("spatial_shapes",),
+            Watch("transformer.encoder", argument("level_start_index")),
+        ),
+        _node(
+            "valid_ratios",
+            "levels",
+            "valid_ratios",
+            "the unpadded fraction (w, h) of every level",
+            (transformer, "valid_ratios = torch.stack("),
+            ("images",),
+            Watch("transformer.encoder", argument("valid_ratios")),
+        ),
+        _node(
+            "src",
+            "levels",
+            "src (flattened)",
+            "every level's pixels, flattened and concatenated",
+            (transformer, "src_flatten = torch.cat("),
+            levels,
+            Watch("transformer.encoder", argument("src")),
+        ),
+        _node(
+            "pos",
+            "position",
+            "pos = position + level_embed",
+            "sine position of the pixel + the learned embedding of its level",
+            (transformer, "lvl_pos_embed = pos_embed + self.level_embed[level]"),
+            ("position",),
+            Watch("transformer.encoder", argument("pos")),
+        ),
+    ]
+    enc = "transformer.encoder.layers.*"
+    nodes += _deformable_attention_nodes(
+        "encoder.attn",
+        "encoder layer",
+        f"{enc}.self_attn",
+        ("src", "pos"),
+        ("src", "pos"),
+        "src",
+        references="points",
+    )
+    nodes += [
+        _node(
+            "encoder.ffn",
+            "encoder layer",
+            "feed-forward",
+            "norm2(x + Linear-ReLU-Linear(x)), x = norm1(src + attention)",
+            (DeformableTransformerEncoderLayer.feed_forward, "return self.norm2("),
+            ("encoder.attn.out",),
+            Watch(enc, output()),
+        ),
+        _node(
+            "memory",
+            "memory",
+            "memory",
+            "the encoder's output: the values every decoder layer samples",
+            (DeformableTransformerEncoder.forward, "return src"),
+            ("encoder.ffn",),
+            Watch("transformer.encoder", output()),
+        ),
+    ]
+    if config.two_stage:
+        nodes += [
+            _node(
+                "proposals.memory",
+                "two-stage proposals",
+                "output memory",
+                "LayerNorm(Linear(memory)): a proposal at every position",
+                (
+                    DeformableTransformer.gen_encoder_output_proposals,
+                    "return self.enc_output_norm(",
+                ),
+                ("memory",),
+                Watch("transformer.enc_output_norm", output()),
+            ),
+            _node(
+                "proposals.logits",
+                "two-stage proposals",
+                "proposal logits",
+                "the extra class head; the top K by the first class become the queries",
+                (transformer, "enc_outputs_class = self.decoder.class_embed["),
+                ("proposals.memory",),
+                Watch("", lambda m, a, out: out["enc_outputs"]["pred_logits"]),
+            ),
+            _node(
+                "proposals.boxes",
+                "two-stage proposals",
+                "proposal boxes",
+                "the extra box head + each position's own box",
+                (transformer, "enc_outputs_coord_unact = ("),
+                ("proposals.memory",),
+                Watch("", lambda m, a, out: out["enc_outputs"]["pred_boxes"]),
+            ),
+            _node(
+                "query_pos",
+                "decoder queries",
+                "query_pos | tgt",
+                "LayerNorm(Linear(sine code of the top-K boxes)), split in two",
+                (transformer, "query_pos, tgt = torch.split(pos_trans_out"),
+                ("proposals.boxes",),
+                Watch("transformer.pos_trans_norm", output()),
+            ),
+            _node(
+                "reference_points",
+                "decoder queries",
+                "reference boxes",
+                "the top-K proposal boxes",
+                (transformer, "reference_points = topk_coords_unact.sigmoid()"),
+                ("proposals.logits", "proposals.boxes"),
+                Watch("transformer.decoder", argument("reference_points")),
+            ),
+        ]
+    else:
+        nodes += [
+            _node(
+                "query_pos",
+                "decoder queries",
+                "query_pos",
+                "position half of query_embed",
+                (transformer, "query_pos, tgt = torch.split(query_embed"),
+                (),
+                Watch("transformer.decoder", argument("query_pos")),
+            ),
+            _node(
+                "reference_points",
+                "decoder queries",
+                "reference points",
+                "sigmoid(Linear(query_pos)): normalised (x, y)",
+                (transformer, "reference_points = self.reference_points("),
+                ("query_pos",),
+                Watch("transformer.decoder", argument("reference_points")),
+            ),
+        ]
+    nodes.append(
+        _node(
+            "tgt",
+            "decoder queries",
+            "tgt",
+            "the queries' content" + (": from the proposals" if config.two_stage else ""),
+            (
+                (transformer, "query_pos, tgt = torch.split(pos_trans_out")
+                if config.two_stage
+                else (transformer, "tgt = tgt.unsqueeze(0)")
+            ),
+            ("query_pos",) if config.two_stage else (),
+            Watch("transformer.decoder", argument("tgt")),
+        )
+    )
+    dec = "transformer.decoder.layers.*"
+    layer = DeformableTransformerDecoderLayer
+    nodes += _attention_nodes(
+        "decoder.self",
+        "decoder layer",
+        f"{dec}.self_attn",
+        layer,
+        (
+            (
+                "Q = tgt + query_pos",
+                "self-attention among the queries",
+                "self_attention",
+                "q = k =",
+                ("tgt", "query_pos"),
+            ),
+            (
+                "K = tgt + query_pos",
+                "the same as Q",
+                "self_attention",
+                "q = k =",
+                ("tgt", "query_pos"),
+            ),
+            ("V = tgt", "content only", "self_attention", "return self.self_attn(", ("tgt",)),
+        ),
+    )
+    nodes += _deformable_attention_nodes(
+        "decoder.cross",
+        "decoder layer",
+        f"{dec}.cross_attn",
+        ("decoder.self.out", "query_pos"),
+        ("tgt", "query_pos"),
+        "memory",
+        references=decoder_references(config),
+    )
+    nodes += [
+        _node(
+            "decoder.ffn",
+            "decoder layer",
+            "feed-forward",
+            "norm3(x + Linear-ReLU-Linear(x)), x = norm1(tgt + attention)",
+            (DeformableTransformerDecoderLayer.feed_forward, "return self.norm3("),
+            ("decoder.cross.out",),
+            Watch(dec, output()),
+        ),
+    ]
+    if config.with_box_refine:
+        nodes.append(
+            _node(
+                "decoder.refine",
+                "decoder layer",
+                "refined reference",
+                "the layer's box head moves its reference box: the next layer's reference",
+                (DeformableTransformerDecoder.forward, "reference_points = refine_boxes("),
+                ("decoder.ffn",),
+                Watch("transformer.decoder", lambda m, a, out: list(out[1])),
+            )
+        )
+    nodes.append(
+        _node(
+            "hs",
+            "decoder output",
+            "hs",
+            "every layer's output",
+            (DeformableTransformerDecoder.forward, "return torch.stack(intermediate)"),
+            ("decoder.ffn",),
+            Watch("transformer.decoder", output(0)),
+        )
+    )
+    return nodes + _head_nodes(model, "hs")
+
+
+# The flow of each model kind, by kind name.
+FLOWS: dict[str, Callable[[nn.Module], list[FlowNode]]] = {
+    "detr": _detr_flow,
+    "deformable_detr": _deformable_flow,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def flow_table(nodes: Sequence[FlowNode]) -> list[tuple[str, str, str, str]]:
+    """(stage, tensor, shape, note) rows; a repeated stage's calls share one row, its stage
+    naming the layer count, when every layer gave the same shape."""
+    rows = []
+    for node in nodes:
+        if not node.calls:
+            continue
+        shapes = []
+        for call in node.calls:
+            if call.shape not in shapes:
+                shapes.append(call.shape)
+        stage = node.stage
+        if stage in REPEATED_STAGES:
+            stage = f"{stage} x{len(node.calls)}"
+        shape = " | ".join(shape_text(s) for s in shapes)
+        note = node.note
+        if node.calls[0].values is not None:
+            note = f"{note}: {node.calls[0].values}"
+        rows.append((stage, node.label, shape, note))
+    return rows
+
+
+def format_trace(nodes: Sequence[FlowNode], title: str = "") -> str:
+    """The flow as an aligned text table, repeated layers collapsed into one block."""
+    header = ("stage", "tensor", "shape", "what it is")
+    rows = flow_table(nodes)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
     lines = [title] if title else []
     previous = None
     for index, row in enumerate([header, *rows]):
-        stage = row.stage if row.stage != previous else ""
-        previous = row.stage
-        cells = (stage, row.tensor, row.shape)
-        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + row.note)
+        stage = row[0] if row[0] != previous else ""
+        previous = row[0]
+        cells = (stage, row[1], row[2])
+        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + row[3])
         if index == 0:
-            lines.append("-" * (sum(widths) + 6 + len(header.note)))
+            lines.append("-" * (sum(widths) + 6 + len(header[3])))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def trace_model(
+    model: nn.Module, images: Tensor | None = None, size: Sequence[int] = (800, 1066)
+) -> list[FlowNode]:
+    """Runs ``model`` once (on ``images`` ``[B, 3, H, W]``, normalised, or on one random image of
+    ``size`` (H, W)) and returns its flow nodes."""
+    if images is None:
+        height, width = size
+        if height < 1 or width < 1:
+            raise ValueError(f"--size must be two positive numbers (H W), got {height} {width}")
+        images = torch.randn(1, 3, height, width, device=next(model.parameters()).device)
+    with torch.no_grad(), record_flow(model) as nodes:
+        model.eval()(images)
+    return nodes

@@ -47,6 +47,14 @@ class PostProcess(nn.Module):
         found = self.batched(outputs, target_sizes)
         return [dict(zip(found, values)) for values in zip(*found.values())]
 
+    def class_probabilities(self, logits: Tensor) -> Tensor:
+        """``pred_logits`` ``[B, Q, C(+1)]`` -> the probability of every class ``[B, Q, C]``
+        ("no object" dropped)."""
+        logits = logits.float()
+        if self.classification == "softmax":
+            return logits.softmax(-1)[..., :-1]
+        return logits.sigmoid()
+
     @torch.no_grad()
     def batched(self, outputs: dict, target_sizes: Tensor) -> dict[str, Tensor]:
         """:meth:`forward` for the whole batch at once: ``scores``, ``labels``, ``queries``
@@ -59,12 +67,13 @@ class PostProcess(nn.Module):
                 f"target_sizes has {target_sizes.shape[0]} entries for a batch of {logits.shape[0]}"
             )
         boxes = box_convert(boxes, "cxcywh", "xyxy")  # [B, Q, 4] normalised
+        prob = self.class_probabilities(logits)  # [B, Q, C]
         if self.classification == "softmax":
-            scores, labels = logits.softmax(-1)[..., :-1].max(-1)  # [B, Q]
+            scores, labels = prob.max(-1)  # [B, Q]
             query = torch.arange(logits.shape[1], device=logits.device).expand_as(labels)
         else:
             batch, _, num_classes = logits.shape
-            prob = logits.sigmoid().view(batch, -1)  # [B, Q*C]
+            prob = prob.view(batch, -1)  # [B, Q*C]
             k = min(self.num_select, prob.shape[1])
             scores, index = torch.topk(prob, k, dim=1)  # [B, K]
             labels = index % num_classes
