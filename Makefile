@@ -20,16 +20,21 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 # Trains a small Deformable DETR on the built-in digits dataset on the CPU, evaluates it and writes
-# the checkpoint, metrics, plot and a picture of predictions under runs/demo.
+# the checkpoint, metrics, plot and a picture of predictions under runs/demo, then the interactive
+# page of the trained model on a new digits image (runs/demo/explore.html).
 demo: $(VENV)/.installed
 	rm -rf runs/demo
 	$(BIN)/detrkit train --config configs/digits_demo.json --output runs/demo
+	$(BIN)/detrkit data make-digits runs/demo/sample --train 1 --val 1 --seed 7
+	$(BIN)/detrkit explore runs/demo/sample/val/000001.png --weights runs/demo/checkpoint.pth \
+		--threshold 0.3 --out runs/demo/explore.html
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The tests CI runs (5-7.5 min on a fresh clone on 2 cores, venv included). test-full adds
+# The tests CI runs (5-7.5 min on a fresh clone on 2 cores, venv included); the explore page's
+# tests need Debian's Chromium (apt-get install chromium), which .ci/run installs when missing. test-full adds
 # the compiled models and the rest of the export matrix (every model x format x option, minutes
 # per export on a CPU).
 test: lint

@@ -38,7 +38,7 @@ from detrkit.inference.detector import Detector, ImageInput, to_uint8_image
 from detrkit.inference.trace import REPEATED_STAGES, FlowNode, decoder_references, record_flow
 from detrkit.models import kind_of
 
-ENCODER_QUERY_BUDGET = 3000  # Deformable DETR encoder queries stored for pixel selection
+ENCODER_QUERY_BUDGET = 5000  # Deformable DETR encoder queries stored for pixel selection
 IMAGE_LONG_SIDE = 1333  # the page's copy of the image is at most this long
 JPEG_QUALITY = 88
 

@@ -201,7 +201,6 @@ function buildImage() {
   el("svg:image", { href: DATA.image.src, x: 0, y: 0, width: W, height: H, preserveAspectRatio: "none", id: "photo" }, svg);
   for (const id of ["overlay", "detections", "boxes", "samples", "marks"]) el("svg:g", { id }, svg);
   svg.addEventListener("click", (event) => {
-    if (event.target.classList.contains("detection")) return;
     const p = imagePoint(svg, event);
     if (p.x >= 0 && p.x < W && p.y >= 0 && p.y < H) selectPixel(p.x, p.y);
   });
@@ -230,11 +229,19 @@ function drawDetections(u) {
       stroke: selected ? "#00e5ff" : "#ffd400", "stroke-width": (selected ? 3 : 2) * u,
       "data-query": d.query, "data-index": i,
     }, g);
-    rect.style.pointerEvents = "all";
-    rect.addEventListener("click", () => selectQuery(d.query));
-    el("svg:title", {}, rect, `#${i + 1} ${d.label} ${d.score.toFixed(2)} (query ${d.query})`);
-    el("svg:text", { class: "detection-label", x: x1 + 2 * u, y: y1 - 4 * u, "font-size": 13 * u, "stroke-width": 3 * u },
+    // The outline and the label select the query; a click inside the box picks a pixel.
+    const hit = el("svg:rect", {
+      class: "detection-hit", x: x1, y: y1, width: x2 - x1, height: y2 - y1, fill: "none",
+      stroke: "transparent", "stroke-width": 10 * u, "data-query": d.query,
+    }, g);
+    const label = el("svg:text", { class: "detection-label", x: x1 + 2 * u, y: y1 - 4 * u, "font-size": 14 * u, "stroke-width": 3 * u, "data-query": d.query },
       g, `#${i + 1} ${d.label} ${d.score.toFixed(2)}`);
+    for (const target of [rect, hit, label]) {
+      target.style.pointerEvents = target === label ? "all" : "stroke";
+      target.style.cursor = "pointer";
+      target.addEventListener("click", (event) => { event.stopPropagation(); selectQuery(d.query); });
+    }
+    el("svg:title", {}, hit, `#${i + 1} ${d.label} ${d.score.toFixed(2)} (query ${d.query})`);
   });
 }
 
@@ -262,7 +269,7 @@ function drawQuery(u, extent) {
     // Layer numbers side by side along the top edge, so that overlapping boxes stay readable.
     el("svg:text", {
       x: x1 + (2 + 11 * layer) * u, y: y1 + 12 * u, "font-size": 11 * u, fill: selected ? "#00e5ff" : "#ffffff",
-      class: "detection-label", "stroke-width": 3 * u,
+      class: "detection-label layer-label", "stroke-width": 3 * u,
     }, boxes, `${layer + 1}`);
     if (selected || state.zoom) extent.push([x1, y1], [x2, y2]);
   }
@@ -460,7 +467,7 @@ function renderSelection() {
     const [x, y] = state.pixel;
     if (DATA.deformable) {
       const f = state.encoderQuery, level = state.encQueryLevel;
-      el("p", {}, box, `Pixel (${x.toFixed(1)}, ${y.toFixed(1)}): the encoder query of level ${level} cell (row ${f.row}, column ${f.col}), sequence index ${f.flat}, in encoder layer ${state.encLayer + 1}; it samples every level. Stored encoder queries: every ${DATA.deformable.encoder.steps[level]}th cell on this level.`);
+      el("p", {}, box, `Pixel (${x.toFixed(1)}, ${y.toFixed(1)}): the encoder query of level ${level} cell (row ${f.row}, column ${f.col}), sequence index ${f.flat}, in encoder layer ${state.encLayer + 1}; it samples every level. Stored encoder queries on this level: ${stepText(DATA.deformable.encoder.steps[level])} (the nearest stored one is shown).`);
       sampleTable(box);
     } else {
       const [r, c] = state.encoderCell;
@@ -677,6 +684,9 @@ function renderNode() {
 
 // ------------------------------------------------------------------------------------------
 
+// "every cell", or "one cell in 3 x 3" when a level's encoder queries were thinned out.
+const stepText = (step) => (step === 1 ? "every cell" : `one cell in ${step} x ${step}`);
+
 function renderHeader() {
   document.getElementById("variant").textContent = DATA.variant;
   const n = DATA.detections.length;
@@ -692,7 +702,7 @@ function renderHeader() {
   }
   const storage = document.getElementById("storage");
   if (DATA.deformable) {
-    const steps = DATA.deformable.encoder.steps.map((s, l) => `level ${l}: every ${s === 1 ? "" : s + "th "}cell`).join(", ");
+    const steps = DATA.deformable.encoder.steps.map((s, l) => `level ${l}: ${stepText(s)}`).join(", ");
     storage.textContent = "Stored exactly (float32): boxes, reference points, decoder sampling locations and weights. " +
       `Quantised: encoder sampling locations (uint16 steps of their range, under 0.05 pixel) and weights (steps of 1/255); encoder queries kept for pixel selection: ${steps} (the nearest kept cell is shown).`;
   } else {
