@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import detrkit
 from detrkit.cli.main import main
 from detrkit.inference import Detector, capture_internals
 from detrkit.inference.explain import to_image_pixels
 from detrkit.inference.explore import ENCODER_QUERY_BUDGET, explore
 from detrkit.inference.trace import record_flow, trace_model
+from detrkit.models import PRESETS
 from helpers import REPO_ROOT, tiny_model
 
 SCREENSHOTS = REPO_ROOT / "build" / "screenshots"
@@ -168,7 +170,7 @@ def screen_positions_match(page: Page) -> None:
     assert mismatches == []
 
 
-@pytest.mark.parametrize("name", ["deformable", "deformable_two_stage"])
+@pytest.mark.parametrize("name", ["deformable", "deformable_refine", "deformable_two_stage"])
 def test_deformable_page_draws_the_captured_sampling_points(browser, tmp_path, name):
     model = tiny_model(name, nheads=4, enc_layers=2)
     path, data, internals = page_and_internals(tmp_path, model, name)
@@ -328,8 +330,6 @@ def _shot(name: str) -> Path:
 def test_a_full_size_two_stage_page_fits_and_opens(browser, tmp_path):
     """The issue's bound: a full-size two-stage Deformable DETR on an 800x1066 image gives a
     page of at most 20 MB."""
-    import detrkit
-
     torch.manual_seed(0)
     model = detrkit.build_model("deformable_detr_two_stage").eval()
     pixels = torch.randint(0, 256, (3, 800, 1066), dtype=torch.uint8)
@@ -458,3 +458,34 @@ def test_trace_of_a_checkpoint_on_an_image_matches_the_page(files, tmp_path, cap
     for node in trace_model(model, batch):
         assert node.label in table
         assert "[" + ", ".join(map(str, node.calls[-1].shape)) + "]" in table
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_gets_a_page_of_its_whole_flow(name, tmp_path):
+    """Every preset: a page naming its variant and formula, whose every graph node was recorded
+    in the pass and points at the line of detrkit's code that computes it."""
+    backbone = "resnet50" if PRESETS[name].dilation else "resnet18"
+    options = dict(backbone=backbone, hidden_dim=32, nheads=2, enc_layers=1, dec_layers=2)
+    torch.manual_seed(0)
+    model = detrkit.build_model(name, **options, dim_feedforward=32, num_queries=8).eval()
+    detector = Detector(model, threshold=0.0, size=None, device="cpu")
+    path, data = explore(detector, image(), tmp_path / "page.html", name)
+    assert path.read_text().count("<script") == 2  # the data and the script, nothing fetched
+    config = model.config
+    if config.model_type == "detr":
+        assert data["variant"].startswith("DETR") and ("DC5" in data["variant"]) == config.dilation
+    else:
+        formulas = set(data["deformable"]["decoder"]["formula"])
+        if config.two_stage:
+            assert formulas == {"boxes"}
+        assert ("two-stage" in data["variant"]) == config.two_stage
+        assert ("box refinement" in data["variant"]) == config.with_box_refine
+        assert ("points" in formulas) == (not config.two_stage)
+        assert ("boxes" in formulas) == (config.two_stage or config.with_box_refine)
+    for node in data["graph"]:
+        assert node["calls"], node["key"]
+        line = (REPO_ROOT / "src" / node["code"]["path"]).read_text().splitlines()
+        assert line[node["code"]["number"] - 1].strip() == node["code"]["text"]
+        repeated = {"encoder layer": config.enc_layers, "decoder layer": config.dec_layers}
+        if node["stage"] in repeated:
+            assert len(node["calls"]) == repeated[node["stage"]], node["key"]

@@ -197,8 +197,9 @@ def _deformable_data(internals: Internals) -> dict:
         "levels": levels,
         "points": points,
         "decoder": {
-            # [layers, Q, L, 2 or 4]: what each layer's attention received (x valid ratios)
-            "references": pack(torch.stack([r.reference_points[0] for r in decoder]).float()),
+            # [layers, Q, L, 4]: what each layer's attention received (x valid ratios)
+            # (box refinement: layer 1 has points, the later layers boxes; points get w = h = 0)
+            "references": pack(torch.stack([as_box(r.reference_points[0]) for r in decoder])),
             # [layers, Q, M, L, P, 2] normalised (x, y); [layers, Q, M, L, P]
             "locations": pack(torch.stack([r.sampling_locations[0] for r in decoder]).float()),
             "weights": pack(torch.stack([r.attention_weights[0] for r in decoder]).float()),
@@ -215,6 +216,15 @@ def _deformable_data(internals: Internals) -> dict:
             "weights": pack(weight_steps),  # [layers, N, M, L, P] uint8 steps of 1/255
         },
     }
+
+
+def as_box(reference: Tensor) -> Tensor:
+    """Reference points ``[..., 2]`` or boxes ``[..., 4]`` as float32 ``[..., 4]`` (points get a
+    zero size)."""
+    reference = reference.float()
+    if reference.shape[-1] == 4:
+        return reference
+    return torch.cat([reference, torch.zeros_like(reference)], -1)
 
 
 def decoder_formula_per_layer(records) -> list[str]:

@@ -276,13 +276,13 @@ function drawQuery(u, extent) {
   if (!DATA.deformable) return drawCrossAttention(u);
 
   const d = DATA.deformable, layer = state.decLayer;
-  const refs = A.dec_references; // [layers, Q, L, 2 or 4]
-  const size = refs.shape[3];
+  const refs = A.dec_references; // [layers, Q, L, 4]; points have w = h = 0
+  const boxReference = d.decoder.formula[layer] === "boxes";
   const levels = state.level === "all" ? [...Array(d.levels).keys()] : [state.level];
   for (const level of levels) {
     const o = offset(refs.shape, layer, q, level, 0);
     const [px, py] = toPixels(refs[o], refs[o + 1], level);
-    if (size === 4) {
+    if (boxReference) {
       const ratio = d.valid_ratios[level];
       const [x1, y1, x2, y2] = boxPixels(refs[o] / ratio[0], refs[o + 1] / ratio[1], refs[o + 2] / ratio[0], refs[o + 3] / ratio[1]);
       el("svg:rect", {
@@ -483,7 +483,8 @@ function renderSelection() {
   let text = `Query ${q}: best class ${name} ${A.scores[q].toFixed(3)}${det ? " (detected)" : ""}. After decoder layer ${state.decLayer + 1}: box (cx, cy, w, h) = (${b}), normalised.`;
   if (DATA.deformable) {
     const r = A.dec_references, ro = offset(r.shape, state.decLayer, q, 0, 0);
-    const ref = Array.from(r.slice(ro, ro + r.shape[3])).map((v) => v.toFixed(4)).join(", ");
+    const count = DATA.deformable.decoder.formula[state.decLayer] === "boxes" ? 4 : 2;
+    const ref = Array.from(r.slice(ro, ro + count)).map((v) => v.toFixed(4)).join(", ");
     text += ` Its reference at layer ${state.decLayer + 1} (level 0): (${ref}); sampling formula: ${DATA.deformable.decoder.formula[state.decLayer]}.`;
     el("p", {}, box, text);
     sampleTable(box);
