@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import detrkit
 from detrkit.inference.capture import bind_arguments, request_attention_weights
 from detrkit.models import kind_of
 from detrkit.models.backbone import Joiner, ResNetBackbone
@@ -44,7 +43,8 @@ from detrkit.models.transformer import (
     TransformerEncoderLayer,
 )
 
-PACKAGE_ROOT = Path(detrkit.__file__).parent
+# The folder holding the detrkit package: code paths are shown from there (detrkit/models/...).
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
 SMALL_TENSOR = 16  # integer tensors up to this many elements are shown by value
 
 
@@ -64,7 +64,7 @@ def code_line(function: Callable, snippet: str) -> CodeLine:
     for offset, line in enumerate(lines):
         if snippet in line:
             path = Path(inspect.getsourcefile(function)).resolve()
-            relative = path.relative_to(PACKAGE_ROOT.resolve().parent).as_posix()
+            relative = path.relative_to(SOURCE_ROOT).as_posix()
             return CodeLine(relative, start + offset, line.strip())
     raise LookupError(f"{function.__qualname__} has no line containing {snippet!r}")
 
