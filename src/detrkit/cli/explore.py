@@ -6,8 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from detrkit.cli.arguments import model_option, non_negative_int, positive_int, threshold
-from detrkit.inference.detector import MAX_SIZE, SHORT_SIDE
+from detrkit.cli.arguments import model_option, positive_int, threshold
+from detrkit.cli.inference import add_image_size_options, image_sizes
 from detrkit.models import available_models
 
 
@@ -26,28 +26,13 @@ def _add_model_source(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_image_size_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--short-side",
-        type=non_negative_int,
-        help=f"resize the image to this short side, 0 to keep it (default {SHORT_SIDE}, or "
-        "scaled by the image_scale of the training run the checkpoint comes from)",
-    )
-    parser.add_argument(
-        "--max-size", type=positive_int, help=f"bound on the long side (default {MAX_SIZE})"
-    )
-
-
 def reference_detector(args: argparse.Namespace, threshold_value: float):
     """A Detector running the reference model (not an optimised copy: the page and the trace
     point at the reference code) from ``--weights`` or ``--model``, and a name for its source."""
     from detrkit.inference import Detector
     from detrkit.models import build_model
 
-    sizes = {}
-    if args.short_side is not None or args.max_size is not None:
-        short_side = SHORT_SIDE if args.short_side is None else args.short_side
-        sizes = {"size": short_side or None, "max_size": args.max_size or MAX_SIZE}
+    sizes = image_sizes(args)
     if args.weights is not None:
         if args.model_option:
             raise ValueError("--model-option: only with --model (a checkpoint has its own config)")
@@ -163,7 +148,7 @@ def add_explore_commands(commands) -> None:
         "--threshold", type=threshold, default=0.5, help="minimum score of a detection (0.5)"
     )
     explore.add_argument("--overwrite", action="store_true", help="replace an earlier page")
-    _add_image_size_options(explore)
+    add_image_size_options(explore)
     explore.set_defaults(run=cmd_explore)
 
     trace = commands.add_parser(
@@ -183,5 +168,5 @@ def add_explore_commands(commands) -> None:
         metavar=("H", "W"),
         help="without --image: the random image's height and width (default 800 1066)",
     )
-    _add_image_size_options(trace)
+    add_image_size_options(trace)
     trace.set_defaults(run=cmd_trace)

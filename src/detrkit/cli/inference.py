@@ -16,10 +16,7 @@ def make_detector(args: argparse.Namespace):
     from detrkit.inference import Detector
 
     # Without --short-side and --max-size the Detector takes the training run's image scale.
-    sizes = {}
-    if args.short_side is not None or args.max_size is not None:
-        short_side = SHORT_SIDE if args.short_side is None else args.short_side
-        sizes = {"size": short_side or None, "max_size": args.max_size or MAX_SIZE}
+    sizes = image_sizes(args)
     detector = Detector.from_checkpoint(
         args.weights,
         device=args.device,
@@ -121,6 +118,12 @@ def _add_detector_options(parser: argparse.ArgumentParser, default_threshold: fl
         help=f"minimum score of a detection (default {default_threshold})",
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
+    add_image_size_options(parser)
+    add_precision_option(parser, default="fp32")
+
+
+def add_image_size_options(parser: argparse.ArgumentParser) -> None:
+    """``--short-side`` and ``--max-size``: how images are resized before the model sees them."""
     parser.add_argument(
         "--short-side",
         type=non_negative_int,
@@ -133,7 +136,15 @@ def _add_detector_options(parser: argparse.ArgumentParser, default_threshold: fl
         help=f"bound on the long side (default {MAX_SIZE}); with or without --short-side, "
         "giving it turns off the training run's image_scale",
     )
-    add_precision_option(parser, default="fp32")
+
+
+def image_sizes(args: argparse.Namespace) -> dict:
+    """The Detector's ``size`` and ``max_size`` that ``--short-side`` and ``--max-size`` ask for;
+    empty when neither is given, so that a checkpoint's training scale applies."""
+    if args.short_side is None and args.max_size is None:
+        return {}
+    short_side = SHORT_SIDE if args.short_side is None else args.short_side
+    return {"size": short_side or None, "max_size": args.max_size or MAX_SIZE}
 
 
 def add_inference_commands(commands) -> None:

@@ -292,6 +292,48 @@ def _attention_nodes(
     return nodes
 
 
+def _feed_forward_nodes(
+    prefix: str, path: str, layer_class: type, norm: str, name: str
+) -> list[FlowNode]:
+    """DETR's position-wise MLP of a layer at ``path`` and the layer's output ``norm(x + MLP(x))``,
+    the next layer's ``name``."""
+    stage = f"{prefix} layer"
+    return [
+        _node(
+            f"{prefix}.ffn",
+            stage,
+            "feed-forward",
+            "Linear-ReLU-Linear of the attention's normalised sum",
+            (layer_class.feed_forward, "self.linear2("),
+            (f"{prefix}.{'self' if prefix == 'encoder' else 'cross'}.out",),
+            Watch(f"{path}.linear2", output()),
+        ),
+        _node(
+            f"{prefix}.out",
+            stage,
+            "layer output",
+            f"{norm}(x + feed-forward): the next layer's {name}",
+            (layer_class.forward, f"return self.{norm}("),
+            (f"{prefix}.ffn",),
+            Watch(path, output()),
+        ),
+    ]
+
+
+# Q, K and V of the decoder's self-attention among the object queries (both kinds).
+DECODER_SELF_ATTENTION = (
+    (
+        "Q = tgt + query_pos",
+        "self-attention among the queries",
+        "self_attention",
+        "q = k =",
+        ("tgt", "query_pos"),
+    ),
+    ("K = tgt + query_pos", "the same as Q", "self_attention", "q = k =", ("tgt", "query_pos")),
+    ("V = tgt", "content only", "self_attention", "return self.self_attn(", ("tgt",)),
+)
+
+
 def _detr_flow(model: DETR) -> list[FlowNode]:
     enc = "transformer.encoder.layers.*"
     dec = "transformer.decoder.layers.*"
@@ -337,25 +379,8 @@ def _detr_flow(model: DETR) -> list[FlowNode]:
             ("V = src", "content only", "self_attention", "v = src", ("src",)),
         ),
     )
+    nodes += _feed_forward_nodes("encoder", f"{enc}", layer, "norm2", "src")
     nodes += [
-        _node(
-            "encoder.ffn",
-            "encoder layer",
-            "feed-forward",
-            "Linear-ReLU-Linear of norm1(src + attention)",
-            (layer.feed_forward, "self.linear2("),
-            ("encoder.self.out",),
-            Watch(f"{enc}.linear2", output()),
-        ),
-        _node(
-            "encoder.out",
-            "encoder layer",
-            "layer output",
-            "norm2(x + feed-forward): the next layer's src",
-            (layer.forward, "return self.norm2("),
-            ("encoder.ffn",),
-            Watch(enc, output()),
-        ),
         _node(
             "memory",
             "memory",
@@ -390,23 +415,7 @@ def _detr_flow(model: DETR) -> list[FlowNode]:
         "decoder layer",
         f"{dec}.self_attn",
         layer,
-        (
-            (
-                "Q = tgt + query_pos",
-                "self-attention among the queries",
-                "self_attention",
-                "q = k =",
-                ("tgt", "query_pos"),
-            ),
-            (
-                "K = tgt + query_pos",
-                "the same as Q",
-                "self_attention",
-                "q = k =",
-                ("tgt", "query_pos"),
-            ),
-            ("V = tgt", "content only", "self_attention", "return self.self_attn(", ("tgt",)),
-        ),
+        DECODER_SELF_ATTENTION,
     )
     nodes += _attention_nodes(
         "decoder.cross",
@@ -425,25 +434,8 @@ def _detr_flow(model: DETR) -> list[FlowNode]:
             ("V = memory", "no position", "cross_attention", "v = memory", ("memory",)),
         ),
     )
+    nodes += _feed_forward_nodes("decoder", f"{dec}", layer, "norm3", "tgt")
     nodes += [
-        _node(
-            "decoder.ffn",
-            "decoder layer",
-            "feed-forward",
-            "Linear-ReLU-Linear",
-            (layer.feed_forward, "self.linear2("),
-            ("decoder.cross.out",),
-            Watch(f"{dec}.linear2", output()),
-        ),
-        _node(
-            "decoder.out",
-            "decoder layer",
-            "layer output",
-            "norm3(x + feed-forward): the next layer's tgt",
-            (layer.forward, "return self.norm3("),
-            ("decoder.ffn",),
-            Watch(dec, output()),
-        ),
         _node(
             "hs",
             "decoder output",
@@ -829,23 +821,7 @@ def _deformable_flow(model: DeformableDETR) -> list[FlowNode]:
         "decoder layer",
         f"{dec}.self_attn",
         layer,
-        (
-            (
-                "Q = tgt + query_pos",
-                "self-attention among the queries",
-                "self_attention",
-                "q = k =",
-                ("tgt", "query_pos"),
-            ),
-            (
-                "K = tgt + query_pos",
-                "the same as Q",
-                "self_attention",
-                "q = k =",
-                ("tgt", "query_pos"),
-            ),
-            ("V = tgt", "content only", "self_attention", "return self.self_attn(", ("tgt",)),
-        ),
+        DECODER_SELF_ATTENTION,
     )
     nodes += _deformable_attention_nodes(
         "decoder.cross",
