@@ -167,7 +167,9 @@ def add_inference_commands(commands) -> None:
         description="DETR: each object's cross-attention map (heads averaged and per head) and "
         "the encoder self-attention of chosen pixels. Deformable DETR: each object's reference "
         "and sampling points on every level for every decoder layer, its box after every layer "
-        "(box refinement), and the encoder sampling points of chosen pixels. PNG figures.",
+        "(box refinement), and the encoder sampling points of chosen pixels; one marker shape "
+        "per head, panels zoomed to small objects, a legend in every figure. PNG figures; "
+        "detrkit explore shows the same interactively.",
     )
     explain.add_argument(
         "images",
