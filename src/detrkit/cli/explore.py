@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 from detrkit.cli.arguments import model_option, positive_int, threshold
@@ -57,9 +58,14 @@ def check_page_path(out: Path, overwrite: bool) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise ValueError(f"--out {out}: the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: cannot write into {parent} (permission denied)")
     existing_results([out], f"--out {out}", overwrite)
+    # Try, before the model runs: permissions, read-only and special file systems all show here.
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp")
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot write into {parent} ({error.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
@@ -79,8 +85,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
     size = path.stat().st_size
     found = len(data["detections"])
     print(
-        f"wrote {path} ({size / 1e6:.1f} MB): {data['variant']}, {found} detections at "
-        f"threshold {data['threshold']}"
+        f"wrote {path} ({size / 1e6:.1f} MB): {data['variant']}, {found} "
+        f"detection{'' if found == 1 else 's'} at threshold {data['threshold']}"
         + (
             ""
             if found

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from detrkit.files import existing_results, write_atomically
 from detrkit.inference.capture import Internals, capture_internals
-from detrkit.inference.detector import Detector, ImageInput, to_uint8_image
+from detrkit.inference.detector import Detections, Detector, ImageInput, to_uint8_image
 from detrkit.inference.trace import REPEATED_STAGES, FlowNode, decoder_references, record_flow
 from detrkit.models import kind_of
 
@@ -148,6 +148,26 @@ def _layer_boxes(outputs: dict) -> Tensor:
     """Every decoder layer's boxes ``[L, Q, 4]`` normalised cx, cy, w, h (image 0)."""
     boxes = [aux["pred_boxes"][0] for aux in outputs.get("aux_outputs", [])]
     return torch.stack([*boxes, outputs["pred_boxes"][0]]).float()
+
+
+def one_per_query(found: Detections) -> list[dict]:
+    """The detections, best first, one per query: its best class, and the other classes that
+    passed the threshold in ``also`` (Deformable DETR scores every class of a query)."""
+    by_query: dict[int, dict] = {}
+    for query, name, score, box in zip(
+        found.queries.tolist(), found.names, found.scores.tolist(), found.boxes
+    ):
+        if query in by_query:
+            by_query[query]["also"].append([name, score])
+        else:
+            by_query[query] = {
+                "query": query,
+                "label": name,
+                "score": score,
+                "box": [float(v) for v in box],
+                "also": [],
+            }
+    return list(by_query.values())
 
 
 def encoder_cells(spatial_shapes: Sequence[Sequence[int]], budget: int) -> list[int]:
@@ -290,12 +310,8 @@ def explore_data(
         "input_size": list(nodes[0].calls[0].shape[-2:]),  # the resized, padded batch
         "threshold": detector.threshold if threshold is None else threshold,
         "class_names": list(detector.class_names),
-        "detections": [
-            {"query": int(q), "label": name, "score": float(s), "box": [float(v) for v in box]}
-            for q, name, s, box in zip(
-                found.queries.tolist(), found.names, found.scores.tolist(), found.boxes
-            )
-        ],
+        "detections": one_per_query(found),
+        "pairs": len(found),  # (query, class) pairs at the threshold
         "best": {
             "query": best,
             "score": float(scores[best]),

@@ -274,7 +274,8 @@ def _attention_nodes(
             f"{prefix}.weights",
             stage,
             "attention weights",
-            "softmax(Q K^T / sqrt(C / M)) per head, over the keys",
+            "softmax(Q K^T / sqrt(C / M)) per head, over the keys; the forward does not keep "
+            "them (need_weights=False): a hook asks nn.MultiheadAttention for them per head",
             (getattr(layer_class, method), "_attn("),
             (f"{prefix}.query", f"{prefix}.key"),
             Watch(module_path, output(1), needs_attention_weights=True),

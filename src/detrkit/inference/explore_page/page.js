@@ -150,8 +150,10 @@ function buildControls() {
     const box = el("input", { type: "checkbox", "data-head": m }, label);
     box.checked = true;
     box.onchange = () => { box.checked ? state.heads.add(m) : state.heads.delete(m); render(); };
-    const icon = el("svg:svg", { width: 14, height: 14, viewBox: "-7 -7 14 14" }, label);
-    el("svg:path", { d: marker(m), fill: "#888", stroke: "#222" }, icon);
+    if (DATA.deformable) { // DETR draws maps, not markers
+      const icon = el("svg:svg", { width: 14, height: 14, viewBox: "-7 -7 14 14" }, label);
+      el("svg:path", { d: marker(m), fill: "#888", stroke: "#222" }, icon);
+    }
     label.append(` ${m + 1}`);
   }
   const only = el("button", { type: "button", id: "heads-all" }, heads, "all");
@@ -164,7 +166,14 @@ function buildControls() {
   query.max = numQueries - 1;
   query.onchange = () => {
     const q = Math.round(+query.value);
-    if (q >= 0 && q < numQueries) selectQuery(q);
+    const note = document.getElementById("query-note");
+    if (Number.isFinite(q) && q >= 0 && q < numQueries) {
+      note.textContent = "";
+      selectQuery(q);
+    } else {
+      note.textContent = `queries are 0 to ${numQueries - 1}`;
+      query.value = state.query;
+    }
   };
   const zoom = document.getElementById("zoom");
   zoom.onchange = () => { state.zoom = zoom.checked; render(); };
@@ -221,6 +230,8 @@ function clear(id) {
 
 function drawDetections(u) {
   const g = clear("detections");
+  const placed = []; // label rectangles so far: a label that would cover one moves up
+  const lineHeight = 16 * u;
   DATA.detections.forEach((d, i) => {
     const [x1, y1, x2, y2] = d.box;
     const selected = state.focus === "query" && d.query === state.query;
@@ -234,18 +245,29 @@ function drawDetections(u) {
       class: "detection-hit", x: x1, y: y1, width: x2 - x1, height: y2 - y1, fill: "none",
       stroke: "transparent", "stroke-width": 10 * u, "data-query": d.query,
     }, g);
-    const label = el("svg:text", { class: "detection-label", x: x1 + 2 * u, y: y1 - 4 * u, "font-size": 14 * u, "stroke-width": 3 * u, "data-query": d.query },
-      g, `#${i + 1} ${d.label} ${d.score.toFixed(2)}`);
+    const text = `#${i + 1} ${d.label} ${d.score.toFixed(2)}`;
+    const width = text.length * 8 * u;
+    let y = y1 - 4 * u;
+    const covers = (p) => x1 < p.x + p.width && p.x < x1 + width && y - lineHeight < p.y && p.y - lineHeight < y;
+    for (let tries = 0; tries < 12 && placed.some(covers); tries++) y -= lineHeight;
+    placed.push({ x: x1, y, width });
+    const label = el("svg:text", { class: "detection-label", x: x1 + 2 * u, y, "font-size": 14 * u, "stroke-width": 3 * u, "data-query": d.query }, g, text);
     for (const target of [rect, hit, label]) {
       target.style.pointerEvents = target === label ? "all" : "stroke";
       target.style.cursor = "pointer";
       target.addEventListener("click", (event) => { event.stopPropagation(); selectQuery(d.query); });
     }
-    el("svg:title", {}, hit, `#${i + 1} ${d.label} ${d.score.toFixed(2)} (query ${d.query})`);
+    const also = d.also.map(([name, score]) => `, ${name} ${score.toFixed(2)}`).join("");
+    el("svg:title", {}, hit, `#${i + 1} ${d.label} ${d.score.toFixed(2)}${also} (query ${d.query})`);
   });
 }
 
 function cross(g, x, y, size, colour, attrs) {
+  // A dark outline first: a white or yellow mark stays visible on a light picture.
+  el("svg:path", {
+    d: `M${x - size},${y}H${x + size}M${x},${y - size}V${y + size}`,
+    stroke: "#000", "stroke-width": size / 3.5 + size / 4, fill: "none", "stroke-opacity": 0.8,
+  }, g);
   return el("svg:path", {
     d: `M${x - size},${y}H${x + size}M${x},${y - size}V${y + size}`,
     stroke: colour, "stroke-width": size / 3.5, fill: "none", ...attrs,
@@ -375,6 +397,8 @@ function drawMap(values, u, label) {
   const [h, w] = DATA.detr.feature_shape, [vh, vw] = DATA.detr.valid_shape;
   let top = 0;
   for (let r = 0; r < vh; r++) for (let c = 0; c < vw; c++) top = Math.max(top, values[r * w + c]);
+  // The photo dimmed underneath, so that the map's colours are not the picture's.
+  el("svg:rect", { x: 0, y: 0, width: W, height: H, fill: "#000", "fill-opacity": 0.55 }, g);
   for (let r = 0; r < vh; r++) {
     for (let c = 0; c < vw; c++) {
       const v = values[r * w + c];
@@ -434,13 +458,31 @@ function zoomTo(extent) {
   let w = x2 - x1, h = y2 - y1;
   if (w / h < W / H) { const extra = (h * W) / H - w; x1 -= extra / 2; w += extra; }
   else { const extra = (w * H) / W - h; y1 -= extra / 2; h += extra; }
-  if (w >= 0.8 * W || h >= 0.8 * H) { x1 = 0; y1 = 0; w = W; h = H; }
-  x1 = Math.min(Math.max(0, x1), W - w);
-  y1 = Math.min(Math.max(0, y1), H - h);
+  if (x1 < 0 || y1 < 0 || x1 + w > W || y1 + h > H) {
+    // Marks outside the image (samples that read the zero padding): show them and the image.
+    const left = Math.min(0, x1), top = Math.min(0, y1);
+    const right = Math.max(W, x1 + w), bottom = Math.max(H, y1 + h);
+    x1 = left; y1 = top; w = right - left; h = bottom - top;
+    if (w / h < W / H) { const extra = (h * W) / H - w; x1 -= extra / 2; w += extra; }
+    else { const extra = (w * H) / W - h; y1 -= extra / 2; h += extra; }
+  } else if (w >= 0.8 * W || h >= 0.8 * H) { x1 = 0; y1 = 0; w = W; h = H; }
   svg.setAttribute("viewBox", `${x1} ${y1} ${w} ${h}`);
 }
 
+// Controls that do not apply to the view shown are hidden or disabled.
+function updateControls() {
+  const pixel = state.focus === "pixel";
+  if (DATA.deformable) {
+    document.getElementById("enc-level-control").hidden = !pixel;
+  } else {
+    const heads = document.getElementById("heads");
+    heads.querySelectorAll("input, button").forEach((b) => { b.disabled = pixel; });
+    heads.title = pixel ? "the encoder's self-attention is stored averaged over the heads" : "";
+  }
+}
+
 function renderImage() {
+  updateControls();
   clear("overlay");
   // Draw once at full view to measure what the selection covers, then zoom and redraw so that
   // marks keep their size on screen.
@@ -454,6 +496,7 @@ function renderImage() {
   }
   renderSelection();
   renderLegend();
+  renderDetectionList();
 }
 
 // ------------------------------------------------------------------------------------------
@@ -489,21 +532,42 @@ function renderSelection() {
     el("p", {}, box, text);
     sampleTable(box);
   } else {
-    text += ` Cross-attention over the ${DATA.detr.feature_shape.join("x")} feature map, ${state.mapLabel}; largest weight ${fmt(state.shownTop, 5)}.`;
+    text += ` Cross-attention over the ${DATA.detr.feature_shape.join("x")} feature map, ${state.mapLabel} (heads count from 1); largest weight ${fmt(state.shownTop, 5)}; ${uniformText()}.`;
     el("p", {}, box, text);
   }
 }
 
 function sampleTable(box) {
   const points = [...state.shownPoints].sort((a, b) => b.w - a.w).slice(0, 12);
-  el("p", { class: "small" }, box, "The heaviest samples shown (x, y in image pixels):");
+  const encoder = state.focus === "pixel";
+  el("p", { class: "small" }, box, "The heaviest samples shown: x, y in image pixels; heads and points count from 1, levels from 0 (as the level selector)." +
+    (encoder ? " Encoder weights are stored in steps of 1/255 (shown to 3 decimals)." : ""));
   const table = el("table", {}, box);
   const head = el("tr", {}, table);
-  for (const t of ["head", "level", "point", "x", "y", "weight"]) el("th", {}, head, t);
+  for (const t of ["head", "level", "point", "x", "y", "weight", ""]) el("th", {}, head, t);
   for (const s of points) {
     const row = el("tr", {}, table);
-    for (const v of [s.m + 1, s.level, s.p + 1, s.x.toFixed(1), s.y.toFixed(1), s.w.toFixed(4)]) el("td", {}, row, `${v}`);
+    const outside = s.x < 0 || s.y < 0 || s.x > W || s.y > H;
+    const weight = encoder ? "≈" + s.w.toFixed(3) : s.w.toFixed(4);
+    for (const v of [s.m + 1, s.level, s.p + 1, s.x.toFixed(1), s.y.toFixed(1), weight, outside ? "outside the image: reads the zero padding" : ""]) el("td", {}, row, `${v}`);
   }
+}
+
+function renderDetectionList() {
+  const list = document.getElementById("detection-list");
+  list.innerHTML = "";
+  el("strong", {}, list, `Detections (${DATA.detections.length})`);
+  if (DATA.pairs > DATA.detections.length) {
+    el("p", { class: "small" }, list, `${DATA.pairs} (query, class) pairs passed the threshold; one entry per query, its best class first.`);
+  }
+  const ol = el("ol", {}, list);
+  DATA.detections.forEach((d) => {
+    const li = el("li", {}, ol);
+    const also = d.also.map(([name, score]) => `, ${name} ${score.toFixed(2)}`).join("");
+    const button = el("button", { type: "button", "data-query": d.query }, li, `${d.label} ${d.score.toFixed(2)}${also} (query ${d.query})`);
+    if (state.focus === "query" && state.query === d.query) button.classList.add("current");
+    button.onclick = () => selectQuery(d.query);
+  });
 }
 
 function legendItem(dl, icon, title, text) {
@@ -519,6 +583,16 @@ function icon(draw) {
   svg.style.verticalAlign = "middle";
   draw(svg);
   return svg;
+}
+
+// What every weight would be if attention were spread evenly: a scale for the colours.
+function uniformText() {
+  if (DATA.deformable) {
+    const n = DATA.deformable.levels * DATA.deformable.points;
+    return `evenly spread, each of a head's ${n} samples (levels x points) would weigh 1/${n} = ${fmt(1 / n, 4)}`;
+  }
+  const [vh, vw] = DATA.detr.valid_shape;
+  return `evenly spread, each of the ${vh * vw} cells would weigh 1/${vh * vw} = ${fmt(1 / (vh * vw), 5)}`;
 }
 
 function renderLegend() {
@@ -537,8 +611,9 @@ function renderLegend() {
       "boxes after the other layers", "one dash pattern per layer, numbered 1, 2, ... along the top edge");
   }
   if (DATA.deformable) {
-    legendItem(dl, icon((s) => cross(s, 0, 0, 6, "#00e5ff", {})), "reference point",
-      state.focus === "pixel" ? "the encoder query's own cell centre" : "where this decoder layer's query samples around (per level; outline colour = level)");
+    legendItem(dl, icon((s) => cross(s, 0, 0, 6, LEVEL_COLOURS[1], {})), "reference point",
+      (state.focus === "pixel" ? "the encoder query's own cell centre" : "where this decoder layer's query samples around, one per level") +
+      "; its colour is its level's (below)");
     if (DATA.decoder_references !== "points" && state.focus !== "pixel") {
       legendItem(dl, icon((s) => el("svg:rect", { x: -9, y: -6, width: 18, height: 12, fill: "none", stroke: "#00e5ff", "stroke-dasharray": "4 3" }, s)),
         "reference box", "box references: the sampling offsets are scaled by this box's size");
@@ -548,7 +623,7 @@ function renderLegend() {
     }
     DATA.deformable.spatial_shapes.forEach(([h, w], l) => legendItem(dl,
       icon((s) => el("svg:circle", { r: 5, fill: "#666", stroke: LEVEL_COLOURS[l % LEVEL_COLOURS.length], "stroke-width": 2 }, s)),
-      `level ${l}`, `outline of samples on the ${h}x${w} map`));
+      `level ${l}`, `the ${h}x${w} map: outline of its samples, colour of its reference mark`));
   } else {
     legendItem(dl, icon((s) => el("svg:rect", { x: -9, y: -6, width: 18, height: 12, fill: colour(0.8), "fill-opacity": 0.7 }, s)),
       "feature-map cell", state.focus === "pixel" ? "encoder self-attention of the pixel's cell (heads averaged)" : "cross-attention weight of the query on this cell");
@@ -556,7 +631,7 @@ function renderLegend() {
   const bar = el("div", { class: "colour-bar" }, legend);
   bar.style.height = "12px";
   bar.style.background = `linear-gradient(to right, ${VIRIDIS.join(",")})`;
-  el("div", { class: "small" }, legend, `colour: attention weight, 0 to ${fmt(state.shownTop || 0, 4)} (the largest shown)`);
+  el("div", { class: "small" }, legend, `colour: attention weight, 0 to ${fmt(state.shownTop || 0, 4)} (the largest shown); ${uniformText()}`);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -570,7 +645,7 @@ const COLUMNS = [
   ["decoder layer"],
   ["decoder output", "heads"],
 ];
-const NODE_W = 210, NODE_H = 38, COL_GAP = 90, ROW_GAP = 12, TOP = 30;
+const NODE_W = 200, NODE_H = 38, COL_GAP = 80, ROW_GAP = 12, TOP = 30, LEFT = 60;
 
 function shownCall(node) {
   if (node.stage === "encoder layer") return node.calls[Math.min(state.encLayer, node.calls.length - 1)];
@@ -593,15 +668,15 @@ function layoutGraph() {
       const nodes = DATA.graph.filter((n) => n.stage === stage);
       if (!nodes.length) continue;
       y += 18;
-      place["stage:" + stage] = { x: 20 + col * (NODE_W + COL_GAP), y: y - 6, col };
+      place["stage:" + stage] = { x: LEFT + col * (NODE_W + COL_GAP), y: y - 6, col };
       for (const node of nodes) {
-        place[node.key] = { x: 20 + col * (NODE_W + COL_GAP), y, col };
+        place[node.key] = { x: LEFT + col * (NODE_W + COL_GAP), y, col };
         y += NODE_H + ROW_GAP;
       }
     }
     heights.push(y);
   });
-  return { place, width: 40 + COLUMNS.length * (NODE_W + COL_GAP), height: Math.max(...heights) + 20 };
+  return { place, width: LEFT + COLUMNS.length * (NODE_W + COL_GAP), height: Math.max(...heights) + 20 };
 }
 
 function renderGraph() {
@@ -633,7 +708,8 @@ function renderGraph() {
       if (from.col < to.col) {
         const x1 = from.x + NODE_W, y1 = from.y + NODE_H / 2, x2 = to.x, y2 = to.y + NODE_H / 2;
         d = `M${x1},${y1}C${x1 + COL_GAP / 2},${y1} ${x2 - COL_GAP / 2},${y2} ${x2},${y2}`;
-        lx = x2 - COL_GAP + 4; ly = y2 - 3;
+        // At the source: every edge leaving a node carries the same shape, written once.
+        lx = x1 + 4; ly = y1 - 3;
       } else {
         // Within a column: an arc on the left side.
         const x1 = from.x, y1 = from.y + NODE_H / 2, x2 = to.x, y2 = to.y + NODE_H / 2;
@@ -653,7 +729,8 @@ function renderGraph() {
     const g = el("svg:g", { class: "node" + (node.key === selected ? " selected" : linked ? " linked" : ""), transform: `translate(${p.x},${p.y})`, "data-key": node.key }, nodes);
     el("svg:rect", { width: NODE_W, height: NODE_H }, g);
     el("svg:text", { x: 6, y: 15 }, g, node.label.length > 34 ? node.label.slice(0, 33) + "…" : node.label);
-    el("svg:text", { x: 6, y: 30, class: "shape" }, g, callShapes(node));
+    const shapes = callShapes(node);
+    el("svg:text", { x: 6, y: 30, class: "shape" }, g, shapes.length > 32 ? shapes.slice(0, 31) + "…" : shapes);
     el("svg:title", {}, g, `${node.label}: ${node.note}`);
     g.addEventListener("click", () => { state.node = node.key; renderGraph(); renderNode(); });
   }
@@ -680,7 +757,10 @@ function renderNode() {
   row("dtype", call.dtype);
   if (call.stats) for (const [k, v] of Object.entries(call.stats)) row(k, fmt(v, 5));
   if (call.values) row("values", JSON.stringify(call.values));
-  if (node.inputs.length) row("from", node.inputs.map((k) => (DATA.graph.find((n) => n.key === k) || { label: k }).label).join("; "));
+  const label = (k) => (DATA.graph.find((n) => n.key === k) || { label: k }).label;
+  if (node.inputs.length) row("from", node.inputs.map(label).join("; "));
+  const users = DATA.graph.filter((n) => n.inputs.includes(node.key)).map((n) => `${n.label} (${n.stage})`);
+  if (users.length) row("to", users.join("; "));
 }
 
 // ------------------------------------------------------------------------------------------
