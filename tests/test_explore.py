@@ -403,6 +403,7 @@ def test_bad_inputs_are_named(files, tmp_path, capsys, arguments, message):
         ("{tmp}/page.png", "must end in .html"),
         ("{tmp}/existing.html", "holds earlier results"),
         ("{tmp}/link.html", "holds earlier results"),
+        ("/proc/page.html", "cannot write into /proc"),  # tried before the model runs
     ],
 )
 def test_bad_output_paths_are_named(files, tmp_path, capsys, out, message):
