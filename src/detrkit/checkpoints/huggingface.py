@@ -98,7 +98,15 @@ _COMPILED = {
     model_type: [(re.compile(pattern), replacement) for pattern, replacement in renames]
     for model_type, renames in RENAMES.items()
 }
-_PLUS_ONE = re.compile(r"<(\d+)\+1>")
+# "<i+n>" in a renamed key: the index i plus n (transformers counts stages, convs and mask-head
+# stages from 0 where the original counts from 1 or continues a numbering).
+_PLUS = re.compile(r"<(\d+)\+(\d+)>")
+
+
+def _add_indices(key: str) -> str:
+    return _PLUS.sub(lambda m: str(int(m.group(1)) + int(m.group(2))), key)
+
+
 _QKV = re.compile(r"^(.*)\.<(q|k|v)>\.(weight|bias)$")
 
 
@@ -107,8 +115,7 @@ def _rename(key: str, model_type: str) -> str | None:
         match = pattern.match(key)
         if match:
             renamed = match.expand(replacement) + key[match.end() :]
-            # Stages and convs count from 0 in transformers' ResNet, from 1 in torchvision's.
-            return _PLUS_ONE.sub(lambda m: str(int(m.group(1)) + 1), renamed)
+            return _add_indices(renamed)
     return None
 
 
@@ -144,6 +151,53 @@ def convert_hf_state_dict(
                 path, f"{module}: attention has only the {sorted(parts)} projections of q, k, v"
             )
         state_dict[f"{module}.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return state_dict
+
+
+# transformers' DetrForSegmentation: its mask head and attention map under their original names.
+# save_pretrained writes the original names (kept as they are); the module names of transformers 5
+# are renamed.
+_MASK_HEAD_RENAMES = [
+    (
+        re.compile(
+            r"(?:mask_head\.(?:lay\d|gn\d|adapter\d|out_lay)|bbox_attention\.[qk]_linear)\."
+        ),
+        r"\g<0>",
+    ),
+    (re.compile(r"mask_head\.conv([12])\.conv\."), r"mask_head.lay\1."),
+    (re.compile(r"mask_head\.conv([12])\.norm\."), r"mask_head.gn\1."),
+    (re.compile(r"mask_head\.fpn_stages\.(\d)\.fpn_adapter\."), r"mask_head.adapter<\1+1>."),
+    (re.compile(r"mask_head\.fpn_stages\.(\d)\.refine\.conv\."), r"mask_head.lay<\1+3>."),
+    (re.compile(r"mask_head\.fpn_stages\.(\d)\.refine\.norm\."), r"mask_head.gn<\1+3>."),
+    (re.compile(r"mask_head\.output_conv\."), "mask_head.out_lay."),
+    (re.compile(r"bbox_attention\.(q|k)_proj\."), r"bbox_attention.\1_linear."),
+]
+
+
+def convert_hf_segmentation_state_dict(
+    path: Path, hf_state_dict: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """Renames a transformers ``DetrForSegmentation`` state dict to the official panoptic names:
+    the detector under ``detr.``, then ``bbox_attention`` and ``mask_head``."""
+    detector = {k[len("detr.") :]: v for k, v in hf_state_dict.items() if k.startswith("detr.")}
+    state_dict = {
+        f"detr.{key}": tensor for key, tensor in convert_hf_state_dict(path, detector).items()
+    }
+    unknown = []
+    for key, tensor in hf_state_dict.items():
+        if key.startswith("detr."):
+            continue
+        for pattern, replacement in _MASK_HEAD_RENAMES:
+            match = pattern.match(key)
+            if match:
+                state_dict[_add_indices(match.expand(replacement) + key[match.end() :])] = tensor
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(
+            path, f"unexpected keys for a DETR segmentation model: {format_names(unknown)}"
+        )
     return state_dict
 
 

@@ -51,7 +51,10 @@ class DETR(nn.Module):
         features, masks, positions = self.backbone(images, mask)
         src = self.input_proj(features[-1])  # [B, C, H/32, W/32]
         hs, _ = self.transformer(src, masks[-1], self.query_embed.weight, positions[-1])
-        # hs: [L, B, Q, C], one entry per decoder layer
+        return self.heads(hs)
+
+    def heads(self, hs: Tensor) -> dict:
+        """Class logits and boxes of every decoder layer's outputs ``hs`` ``[L, B, Q, C]``."""
         outputs_class = self.class_embed(hs)  # [L, B, Q, num_classes + 1]
         outputs_coord = self.bbox_embed(hs).sigmoid()  # [L, B, Q, 4] normalised cx, cy, w, h
         out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}

@@ -1,0 +1,94 @@
+"""DETR's mask head (detrkit.models.segmentation): the official panoptic parameter layout, and the
+same logits, boxes and masks as transformers' DetrForSegmentation on the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from detrkit.checkpoints import CheckpointError
+from detrkit.checkpoints.huggingface import convert_hf_segmentation_state_dict
+from detrkit.models import build_config
+from detrkit.models.segmentation import DETRSegmentation
+from helpers import padded_batch, randomize, shared_reference_file
+
+
+def layout(model) -> list[str]:
+    return [f"{name} {tuple(t.shape)}" for name, t in model.state_dict().items()]
+
+
+def read_keys(name: str) -> list[str]:
+    return [line.strip() for line in shared_reference_file(name).read_text().splitlines() if line]
+
+
+def test_the_official_panoptic_layout():
+    """R50 with 250 classes: the official checkpoint's names and shapes, in its order. DC5 has the
+    same; R101 is the R101 detector under ``detr.`` with the same mask head."""
+    official = read_keys("detr_r50_panoptic.keys")
+    for preset in ("detr_r50", "detr_r50_dc5"):
+        model = DETRSegmentation(build_config(preset, num_classes=250))
+        assert layout(model) == official, preset
+    r101 = layout(DETRSegmentation(build_config("detr_r101", num_classes=250)))
+    head = [key for key in official if not key.startswith("detr.")]
+    detector = [f"detr.{key}" for key in read_keys("detr_r101.keys")]
+    # The detector file has 91 classes; the panoptic models 250.
+    detector = [
+        key.replace("(92, 256)", "(251, 256)").replace("(92,)", "(251,)")
+        if key.startswith("detr.class_embed")
+        else key
+        for key in detector
+    ]
+    assert r101 == detector + head
+
+
+def test_outputs_add_a_mask_per_query_at_stride_4():
+    torch.manual_seed(0)
+    config = build_config("detr_r50", enc_layers=1, dec_layers=2, num_queries=7, num_classes=4)
+    model = DETRSegmentation(config).eval()
+    images, mask = padded_batch()
+    with torch.no_grad():
+        out = model(images, mask)
+    batch, _, height, width = images.shape
+    assert out["pred_masks"].shape == (batch, 7, height // 4, width // 4)
+    assert out["pred_logits"].shape == (batch, 7, 5)
+    assert len(out["aux_outputs"]) == 1
+    assert torch.isfinite(out["pred_masks"]).all()
+
+
+def test_matches_transformers_detr_for_segmentation(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("timm")
+    hf_config = transformers.DetrConfig(
+        num_labels=5, auxiliary_loss=False, encoder_layers=2, decoder_layers=2, num_queries=9
+    )
+    torch.manual_seed(0)
+    hf = transformers.DetrForSegmentation(hf_config).eval()
+    randomize(hf)
+    hf.save_pretrained(tmp_path)
+
+    config = build_config(
+        "detr_r50", num_classes=5, enc_layers=2, dec_layers=2, num_queries=9, aux_loss=False
+    )
+    model = DETRSegmentation(config).eval()
+    weights = load_file(tmp_path / "model.safetensors")
+    converted = convert_hf_segmentation_state_dict(tmp_path, weights)
+    model.load_state_dict(converted, strict=True)
+    # transformers 5's own module names (its live state dict) convert to the same.
+    live = convert_hf_segmentation_state_dict(tmp_path, hf.state_dict())
+    assert live.keys() == converted.keys()
+    assert all(torch.equal(live[key], converted[key]) for key in live)
+
+    images, mask = padded_batch()
+    assert mask[1].any() and not mask[0].any()  # one image padded
+    with torch.no_grad():
+        expected = hf(pixel_values=images, pixel_mask=(~mask).long())
+        ours = model(images, mask)
+    torch.testing.assert_close(ours["pred_logits"], expected.logits, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours["pred_boxes"], expected.pred_boxes, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours["pred_masks"], expected.pred_masks, rtol=0, atol=1e-4)
+
+
+def test_unknown_keys_are_named(tmp_path):
+    with pytest.raises(CheckpointError, match=r"segmentation model: mask_head\.extra\.weight"):
+        convert_hf_segmentation_state_dict(tmp_path, {"mask_head.extra.weight": torch.zeros(1)})
