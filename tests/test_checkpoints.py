@@ -202,8 +202,8 @@ def test_new_number_of_classes(tmp_path):
             assert torch.equal(tensor, original[name]), name
 
 
-def test_panoptic_checkpoint_is_named(tmp_path):
+def test_a_detector_under_detr_without_a_mask_head_is_named(tmp_path):
     state_dict = {f"detr.{k}": v for k, v in small_detr().state_dict().items()}
     torch.save({"model": state_dict}, tmp_path / "panoptic.pth")
-    with pytest.raises(CheckpointError, match="panoptic"):
+    with pytest.raises(CheckpointError, match="without a mask head"):
         detrkit.load(tmp_path / "panoptic.pth")

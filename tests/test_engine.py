@@ -567,7 +567,15 @@ def test_unreadable_training_images_are_counted_in_the_log(tmp_path, capsys):
     assert "are not there, e.g. 3.png" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("preset", detrkit.available_models())
+# Training the panoptic models' mask head is not in detrkit yet (build_criterion refuses them).
+TRAINABLE = [
+    name
+    for name in detrkit.available_models()
+    if not isinstance(detrkit.models.PRESETS[name], detrkit.models.DETRSegmentationConfig)
+]
+
+
+@pytest.mark.parametrize("preset", TRAINABLE)
 def test_every_trainable_parameter_takes_part_in_the_loss(preset):
     """Distributed training runs DDP with find_unused_parameters=False: a parameter that no loss
     reaches would make it fail, so every preset's trainable parameters must get a gradient."""

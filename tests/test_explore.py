@@ -23,7 +23,7 @@ from detrkit.inference import Detector, capture_internals
 from detrkit.inference.explain import to_image_pixels
 from detrkit.inference.explore import ENCODER_QUERY_BUDGET, explore
 from detrkit.inference.trace import record_flow, trace_model
-from detrkit.models import PRESETS
+from detrkit.models import PRESETS, DeformableDETRConfig, DETRSegmentationConfig
 from helpers import REPO_ROOT, tiny_model
 
 SCREENSHOTS = REPO_ROOT / "build" / "screenshots"
@@ -467,13 +467,15 @@ def test_every_preset_gets_a_page_of_its_whole_flow(name, tmp_path):
     in the pass and points at the line of detrkit's code that computes it."""
     backbone = "resnet50" if PRESETS[name].dilation else "resnet18"
     options = dict(backbone=backbone, hidden_dim=32, nheads=2, enc_layers=1, dec_layers=2)
+    if isinstance(PRESETS[name], DETRSegmentationConfig):  # the mask head's group norms
+        options.update(hidden_dim=128, nheads=8)
     torch.manual_seed(0)
     model = detrkit.build_model(name, **options, dim_feedforward=32, num_queries=8).eval()
     detector = Detector(model, threshold=0.0, size=None, device="cpu")
     path, data = explore(detector, image(), tmp_path / "page.html", name)
     assert path.read_text().count("<script") == 2  # the data and the script, nothing fetched
     config = model.config
-    if config.model_type == "detr":
+    if not isinstance(config, DeformableDETRConfig):
         assert data["variant"].startswith("DETR") and ("DC5" in data["variant"]) == config.dilation
     else:
         formulas = set(data["deformable"]["decoder"]["formula"])

@@ -18,7 +18,7 @@ from detrkit.cli.main import main
 from detrkit.inference import Detector
 from detrkit.inference.explain import explain
 from detrkit.inference.trace import format_trace, trace_model
-from detrkit.models import PRESETS
+from detrkit.models import PRESETS, DeformableDETRConfig, DETRSegmentationConfig
 
 
 def write_images(directory, sizes, names=None):
@@ -166,12 +166,14 @@ def test_explain_and_trace_from_the_command_line(tmp_path, checkpoint, capsys):
 
 
 def small_options(name: str) -> dict:
-    """Every preset, shrunk to run in a fraction of a second (DC5 needs a bottleneck ResNet)."""
+    """Every preset, shrunk to run in a fraction of a second (DC5 needs a bottleneck ResNet, the
+    mask head's group norms a hidden_dim of 128)."""
     backbone = "resnet50" if PRESETS[name].dilation else "resnet18"
+    masks = isinstance(PRESETS[name], DETRSegmentationConfig)
     return dict(
         backbone=backbone,
-        hidden_dim=32,
-        nheads=2,
+        hidden_dim=128 if masks else 32,
+        nheads=8 if masks else 2,
         enc_layers=1,
         dec_layers=2,
         dim_feedforward=32,
@@ -189,7 +191,7 @@ def test_explain_and_trace_run_for_every_preset(name, tmp_path):
     objects, written, _ = explain(detector, image, tmp_path, [(40.0, 30.0)], max_objects=1)
     names = {path.name for path in written}
     assert len(objects) == 1 and "detections.png" in names
-    if config.model_type == "detr":
+    if not isinstance(config, DeformableDETRConfig):
         assert names >= {"object1_cross_attention.png", "encoder_self_attention.png"}
     else:
         assert names >= {"object1_sampling_points.png", "encoder_pixel1_sampling_points.png"}

@@ -14,7 +14,7 @@ from detrkit.checkpoints.official import CONFIG_READERS
 from detrkit.deploy.metadata import export_metadata
 from detrkit.engine.config import RECIPES, TrainConfig
 from detrkit.inference.capture import HOOKS
-from detrkit.inference.trace import BOX_LINES, FLOWS, HEAD_LINES
+from detrkit.inference.trace import BOX_LINES, FLOWS, HEAD_LINES, HEAD_METHODS
 from detrkit.loss.criterion import CLASS_LOSSES, build_criterion
 from detrkit.models import (
     DETR,
@@ -23,6 +23,8 @@ from detrkit.models import (
     DeformableDETR,
     DeformableDETRConfig,
     DETRConfig,
+    DETRSegmentation,
+    DETRSegmentationConfig,
     ModelConfig,
     ModelKind,
     PostProcess,
@@ -47,6 +49,7 @@ BY_CLASSIFICATION = {
     "loss.criterion.CLASS_LOSSES": CLASS_LOSSES,
     "inference.trace.HEAD_LINES": HEAD_LINES,
     "inference.trace.BOX_LINES": BOX_LINES,
+    "inference.trace.HEAD_METHODS": HEAD_METHODS,
 }
 
 
@@ -66,6 +69,7 @@ def test_the_kinds():
     } == {
         "detr": (DETRConfig, DETR, "softmax"),
         "deformable_detr": (DeformableDETRConfig, DeformableDETR, "sigmoid"),
+        "detr_segmentation": (DETRSegmentationConfig, DETRSegmentation, "softmax"),
     }
     for name, kind in KINDS.items():
         assert kind.name == name == kind.config_class.model_type
@@ -89,7 +93,11 @@ def test_the_kind_decides_post_processing_loss_and_metadata(preset):
     config = PRESETS[preset]
     classification = kind_of(config).classification
     assert PostProcess.for_config(config).classification == classification
-    assert build_criterion(config).classification == CLASS_LOSSES[classification]
+    if isinstance(config, DETRSegmentationConfig):
+        with pytest.raises(ValueError, match="training DETR's mask head"):
+            build_criterion(config)
+    else:
+        assert build_criterion(config).classification == CLASS_LOSSES[classification]
     metadata = export_metadata(config, ["images"], ["pred_logits", "pred_boxes"])
     assert metadata["classification"] == classification
     assert metadata["model_type"] == kind_of(config).name

@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import detrkit
 from detrkit.checkpoints import CheckpointError
-from detrkit.checkpoints.huggingface import convert_hf_segmentation_state_dict
+from detrkit.checkpoints.huggingface import convert_hf_state_dict
 from detrkit.models import build_config
 from detrkit.models.segmentation import DETRSegmentation
 from helpers import padded_batch, randomize, shared_reference_file
@@ -67,15 +68,13 @@ def test_matches_transformers_detr_for_segmentation(tmp_path):
     randomize(hf)
     hf.save_pretrained(tmp_path)
 
-    config = build_config(
-        "detr_r50", num_classes=5, enc_layers=2, dec_layers=2, num_queries=9, aux_loss=False
-    )
-    model = DETRSegmentation(config).eval()
+    model = detrkit.load(tmp_path)  # the directory, as save_pretrained wrote it
+    assert isinstance(model, DETRSegmentation)
+    assert (model.config.num_classes, model.config.num_queries) == (5, 9)
     weights = load_file(tmp_path / "model.safetensors")
-    converted = convert_hf_segmentation_state_dict(tmp_path, weights)
-    model.load_state_dict(converted, strict=True)
+    converted = convert_hf_state_dict(tmp_path, weights, "detr_segmentation")
     # transformers 5's own module names (its live state dict) convert to the same.
-    live = convert_hf_segmentation_state_dict(tmp_path, hf.state_dict())
+    live = convert_hf_state_dict(tmp_path, hf.state_dict(), "detr_segmentation")
     assert live.keys() == converted.keys()
     assert all(torch.equal(live[key], converted[key]) for key in live)
 
@@ -90,5 +89,40 @@ def test_matches_transformers_detr_for_segmentation(tmp_path):
 
 
 def test_unknown_keys_are_named(tmp_path):
-    with pytest.raises(CheckpointError, match=r"segmentation model: mask_head\.extra\.weight"):
-        convert_hf_segmentation_state_dict(tmp_path, {"mask_head.extra.weight": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"detr_segmentation model: mask_head\.extra\.weight"):
+        convert_hf_state_dict(
+            tmp_path, {"mask_head.extra.weight": torch.zeros(1)}, "detr_segmentation"
+        )
+
+
+def test_official_panoptic_checkpoints_load(tmp_path):
+    """An official panoptic checkpoint (``{"model": state_dict}`` in the original's names) loads
+    with detrkit.load, its config read off the weights, and computes what it computed."""
+    torch.manual_seed(0)
+    config = build_config("detr_r50_panoptic", enc_layers=1, dec_layers=2, num_queries=6)
+    model = DETRSegmentation(config).eval()
+    randomize(model)
+    torch.save({"model": model.state_dict()}, tmp_path / "panoptic.pth")
+    loaded = detrkit.load(tmp_path / "panoptic.pth").eval()
+    assert isinstance(loaded.config, type(config))
+    assert (loaded.config.num_classes, loaded.config.num_queries) == (250, 6)
+    images, mask = padded_batch()
+    with torch.no_grad():
+        expected, ours = model(images, mask), loaded(images, mask)
+    for name in ("pred_logits", "pred_boxes", "pred_masks"):
+        torch.testing.assert_close(ours[name], expected[name], rtol=0, atol=0)
+    # detrkit's own format keeps the kind.
+    again = detrkit.load(detrkit.save(loaded, tmp_path / "native"))
+    assert isinstance(again, DETRSegmentation) and again.config == loaded.config
+
+
+def test_training_the_mask_head_is_refused_clearly():
+    from detrkit.loss import build_criterion
+
+    with pytest.raises(ValueError, match="training DETR's mask head"):
+        build_criterion(build_config("detr_r50_panoptic"))
+
+
+def test_a_mask_head_that_cannot_be_built_is_named():
+    with pytest.raises(ValueError, match="hidden_dim a multiple of 128"):
+        build_config("detr_r50_panoptic", hidden_dim=64, nheads=8)

@@ -90,9 +90,27 @@ _DEFORMABLE_RENAMES: list[tuple[str, str]] = [
     (r"(class_embed|bbox_embed)\.", r"\1."),
 ]
 
+# transformers' DetrForSegmentation: the detector under "detr.", and the mask head and attention
+# map. save_pretrained writes the original names (kept as they are); transformers 5's module
+# names are renamed.
+_SEGMENTATION_RENAMES: list[tuple[str, str]] = [
+    (r"detr\." + pattern, "detr." + replacement)
+    for pattern, replacement in _BACKBONE_RENAMES + _DETR_RENAMES
+] + [
+    (r"(?:mask_head\.(?:lay\d|gn\d|adapter\d|out_lay)|bbox_attention\.[qk]_linear)\.", r"\g<0>"),
+    (r"mask_head\.conv([12])\.conv\.", r"mask_head.lay\1."),
+    (r"mask_head\.conv([12])\.norm\.", r"mask_head.gn\1."),
+    (r"mask_head\.fpn_stages\.(\d)\.fpn_adapter\.", r"mask_head.adapter<\1+1>."),
+    (r"mask_head\.fpn_stages\.(\d)\.refine\.conv\.", r"mask_head.lay<\1+3>."),
+    (r"mask_head\.fpn_stages\.(\d)\.refine\.norm\.", r"mask_head.gn<\1+3>."),
+    (r"mask_head\.output_conv\.", "mask_head.out_lay."),
+    (r"bbox_attention\.(q|k)_proj\.", r"bbox_attention.\1_linear."),
+]
+
 RENAMES = {
     "detr": _BACKBONE_RENAMES + _DETR_RENAMES,
     "deformable_detr": _BACKBONE_RENAMES + _DEFORMABLE_RENAMES,
+    "detr_segmentation": _SEGMENTATION_RENAMES,
 }
 _COMPILED = {
     model_type: [(re.compile(pattern), replacement) for pattern, replacement in renames]
@@ -122,8 +140,8 @@ def _rename(key: str, model_type: str) -> str | None:
 def convert_hf_state_dict(
     path: Path, hf_state_dict: dict[str, Tensor], model_type: str = "detr"
 ) -> dict[str, Tensor]:
-    """Renames a transformers state dict (``model_type`` "detr" or "deformable_detr") to the
-    official names; separate q/k/v projections are stacked into ``in_proj_weight``/``in_proj_bias``
+    """Renames a transformers state dict (``model_type`` a kind's name) to the official names;
+    separate q/k/v projections are stacked into ``in_proj_weight``/``in_proj_bias``
     as ``nn.MultiheadAttention`` keeps them."""
     state_dict: dict[str, Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
@@ -143,7 +161,7 @@ def convert_hf_state_dict(
             state_dict[renamed] = tensor
     if unknown:
         raise CheckpointError(
-            path, f"unexpected keys for a {model_type} detection model: {format_names(unknown)}"
+            path, f"unexpected keys for a {model_type} model: {format_names(unknown)}"
         )
     for (module, kind), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
@@ -151,53 +169,6 @@ def convert_hf_state_dict(
                 path, f"{module}: attention has only the {sorted(parts)} projections of q, k, v"
             )
         state_dict[f"{module}.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    return state_dict
-
-
-# transformers' DetrForSegmentation: its mask head and attention map under their original names.
-# save_pretrained writes the original names (kept as they are); the module names of transformers 5
-# are renamed.
-_MASK_HEAD_RENAMES = [
-    (
-        re.compile(
-            r"(?:mask_head\.(?:lay\d|gn\d|adapter\d|out_lay)|bbox_attention\.[qk]_linear)\."
-        ),
-        r"\g<0>",
-    ),
-    (re.compile(r"mask_head\.conv([12])\.conv\."), r"mask_head.lay\1."),
-    (re.compile(r"mask_head\.conv([12])\.norm\."), r"mask_head.gn\1."),
-    (re.compile(r"mask_head\.fpn_stages\.(\d)\.fpn_adapter\."), r"mask_head.adapter<\1+1>."),
-    (re.compile(r"mask_head\.fpn_stages\.(\d)\.refine\.conv\."), r"mask_head.lay<\1+3>."),
-    (re.compile(r"mask_head\.fpn_stages\.(\d)\.refine\.norm\."), r"mask_head.gn<\1+3>."),
-    (re.compile(r"mask_head\.output_conv\."), "mask_head.out_lay."),
-    (re.compile(r"bbox_attention\.(q|k)_proj\."), r"bbox_attention.\1_linear."),
-]
-
-
-def convert_hf_segmentation_state_dict(
-    path: Path, hf_state_dict: dict[str, Tensor]
-) -> dict[str, Tensor]:
-    """Renames a transformers ``DetrForSegmentation`` state dict to the official panoptic names:
-    the detector under ``detr.``, then ``bbox_attention`` and ``mask_head``."""
-    detector = {k[len("detr.") :]: v for k, v in hf_state_dict.items() if k.startswith("detr.")}
-    state_dict = {
-        f"detr.{key}": tensor for key, tensor in convert_hf_state_dict(path, detector).items()
-    }
-    unknown = []
-    for key, tensor in hf_state_dict.items():
-        if key.startswith("detr."):
-            continue
-        for pattern, replacement in _MASK_HEAD_RENAMES:
-            match = pattern.match(key)
-            if match:
-                state_dict[_add_indices(match.expand(replacement) + key[match.end() :])] = tensor
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise CheckpointError(
-            path, f"unexpected keys for a DETR segmentation model: {format_names(unknown)}"
-        )
     return state_dict
 
 
@@ -231,16 +202,16 @@ def read_hf_directory(
         raise CheckpointError(config_file, "not a transformers config (expected a JSON object)")
     model_type = hf_config.get("model_type")
     architectures = hf_config.get("architectures") or []
-    if model_type not in RENAMES:
+    if model_type not in ("detr", "deformable_detr"):
         raise CheckpointError(
             config_file,
-            f"model_type is {model_type!r}; detrkit reads {' and '.join(map(repr, RENAMES))} "
-            "directories",
+            f"model_type is {model_type!r}; detrkit reads 'detr' and 'deformable_detr' directories",
         )
-    if any("Segmentation" in a for a in architectures):
+    if "DetrForSegmentation" in architectures:
+        model_type = "detr_segmentation"
+    elif any("Segmentation" in a for a in architectures):
         raise CheckpointError(
-            config_file,
-            f"{architectures[0]} is a segmentation model; detrkit builds detection models only",
+            config_file, f"{architectures[0]}: detrkit reads DETR's segmentation models only"
         )
     state_dict = convert_hf_state_dict(path, _read_hf_weights(path, map_location), model_type)
 

@@ -6,6 +6,7 @@ with the official parameter names, which are detrkit's own) and usually ``"args"
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pickle
 import re
 from pathlib import Path
@@ -15,7 +16,12 @@ import torch
 from torch import Tensor
 
 from detrkit.checkpoints.errors import CheckpointError
-from detrkit.models.config import DeformableDETRConfig, DETRConfig, ModelConfig
+from detrkit.models.config import (
+    DeformableDETRConfig,
+    DETRConfig,
+    DETRSegmentationConfig,
+    ModelConfig,
+)
 
 # The only globals an official checkpoint's pickle may name besides torch's tensor machinery.
 SAFE_GLOBALS = [argparse.Namespace]
@@ -123,6 +129,17 @@ def infer_detr_config(
     )
 
 
+def infer_detr_segmentation_config(
+    path: Path, state_dict: dict[str, Tensor], args: dict[str, Any]
+) -> DETRSegmentationConfig:
+    """A panoptic DETR: its detector's config, read off the weights under ``detr.``."""
+    detector = {k[len("detr.") :]: v for k, v in state_dict.items() if k.startswith("detr.")}
+    config = infer_detr_config(path, detector, args)
+    return DETRSegmentationConfig(
+        **{f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    )
+
+
 def infer_deformable_detr_config(
     path: Path, state_dict: dict[str, Tensor], args: dict[str, Any]
 ) -> DeformableDETRConfig:
@@ -170,6 +187,7 @@ def infer_deformable_detr_config(
 CONFIG_READERS = {
     "detr": infer_detr_config,
     "deformable_detr": infer_deformable_detr_config,
+    "detr_segmentation": infer_detr_segmentation_config,
 }
 
 
@@ -182,13 +200,13 @@ def _require(path: Path, state_dict: dict[str, Tensor], *keys: str, model: str) 
 
 
 def detect_model_type(path: Path, state_dict: dict[str, Tensor]) -> str:
-    """'detr' or 'deformable_detr' by the weights; refuses what detrkit cannot build, naming it."""
-    if any(k.startswith("detr.") for k in state_dict) or "bbox_attention.q_linear.weight" in (
-        state_dict
-    ):
+    """'detr', 'deformable_detr' or 'detr_segmentation' (the panoptic models: the detector under
+    ``detr.`` and a mask head) by the weights."""
+    if "mask_head.lay1.weight" in state_dict:
+        return "detr_segmentation"
+    if any(k.startswith("detr.") for k in state_dict):
         raise CheckpointError(
-            path,
-            "this is a DETR panoptic segmentation checkpoint; detrkit builds detection models only",
+            path, "a DETR under 'detr.' without a mask head ('mask_head.lay1.weight')"
         )
     return "deformable_detr" if "transformer.level_embed" in state_dict else "detr"
 

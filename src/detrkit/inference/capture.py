@@ -72,6 +72,11 @@ class Internals:
     initial_reference: Tensor | None = None
     layer_references: Tensor | None = None
 
+    @property
+    def deformable(self) -> bool:
+        """Whether the model sampled (Deformable DETR) rather than attended densely (DETR)."""
+        return bool(self.encoder_sampling)
+
 
 def bind_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """A call's arguments by parameter name, however they were passed."""
@@ -182,6 +187,8 @@ def _deformable_hooks(model: nn.Module, internals: Internals) -> list:
 HOOKS: dict[str, Callable[[nn.Module, Internals], list]] = {
     "detr": _detr_hooks,
     "deformable_detr": _deformable_hooks,
+    # The panoptic model's detector, under "detr."
+    "detr_segmentation": lambda model, internals: _detr_hooks(model.detr, internals),
 }
 
 

@@ -684,7 +684,7 @@ def explain_figures(
         if objects
         else nothing_found_figure(pixels_u8, detector.threshold, highest)
     }
-    if internals.model_type == "detr":
+    if not internals.deformable:
         for obj in objects:
             figures[f"object{obj.number}_cross_attention.png"] = cross_attention_figure(
                 pixels_u8, internals, obj

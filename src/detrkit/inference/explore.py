@@ -36,7 +36,7 @@ from detrkit.files import existing_results, write_atomically
 from detrkit.inference.capture import Internals, capture_internals
 from detrkit.inference.detector import Detections, Detector, ImageInput, to_uint8_image
 from detrkit.inference.trace import REPEATED_STAGES, FlowNode, decoder_references, record_flow
-from detrkit.models import kind_of
+from detrkit.models import DeformableDETRConfig, DETRSegmentationConfig, kind_of
 
 ENCODER_QUERY_BUDGET = 5000  # Deformable DETR encoder queries stored for pixel selection
 IMAGE_LONG_SIDE = 1333  # the page's copy of the image is at most this long
@@ -105,9 +105,11 @@ def image_data_url(image: Tensor) -> tuple[str, float]:
 
 def variant_of(config) -> str:
     """A name for the variant a config describes, e.g. "Deformable DETR, two-stage"."""
-    kind = kind_of(config)
-    if kind.name == "detr":
-        return f"DETR ({config.backbone}{', DC5' if config.dilation else ''})"
+    if not isinstance(config, DeformableDETRConfig):
+        masks = (
+            ", panoptic: with the mask head" if isinstance(config, DETRSegmentationConfig) else ""
+        )
+        return f"DETR ({config.backbone}{', DC5' if config.dilation else ''}{masks})"
     parts = [
         f"{config.num_feature_levels}-level" if config.num_feature_levels > 1 else "single-scale"
     ]
@@ -324,7 +326,7 @@ def explore_data(
         },
         "graph": _graph(nodes),
     }
-    if kind.name == "detr":
+    if not internals.deformable:
         data["detr"] = _detr_data(internals)
     else:
         data["deformable"] = _deformable_data(internals)

@@ -11,6 +11,7 @@ it as a graph. Nothing in the model is changed.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ from detrkit.models.deformable_transformer import (
 )
 from detrkit.models.detr import DETR
 from detrkit.models.position_encoding import PositionEmbeddingSine
+from detrkit.models.segmentation import DETRSegmentation
 from detrkit.models.transformer import (
     Transformer,
     TransformerDecoder,
@@ -465,12 +467,14 @@ HEAD_LINES = {
     "sigmoid": ("{classes} classes; sigmoid per class", "outputs_classes.append("),
 }
 BOX_LINES = {"softmax": "outputs_coord = self.bbox_embed(", "sigmoid": "outputs_coords.append("}
+# The detector's method that holds those lines.
+HEAD_METHODS = {"softmax": "heads", "sigmoid": "forward"}
 
 
 def _head_nodes(model: nn.Module, source: str) -> list[FlowNode]:
     classification = kind_of(model.config).classification
     class_note, class_code = HEAD_LINES[classification]
-    forward = type(model).forward
+    forward = getattr(type(model), HEAD_METHODS[classification])
     return [
         _node(
             "pred_logits",
@@ -870,10 +874,44 @@ def _deformable_flow(model: DeformableDETR) -> list[FlowNode]:
     return nodes + _head_nodes(model, "hs")
 
 
+def _detr_segmentation_flow(model: DETRSegmentation) -> list[FlowNode]:
+    """The detector's flow under ``detr.``, then the mask head."""
+    nodes = _detr_flow(model.detr)
+    for node in nodes:
+        if node.watch.path:  # "" is the whole model: its images and outputs are the detector's
+            node.watch = dataclasses.replace(node.watch, path="detr." + node.watch.path)
+    forward = DETRSegmentation.forward
+    backbone = [node.key for node in nodes if node.stage == "backbone"]
+    return [
+        *nodes,
+        _node(
+            "bbox_mask",
+            "mask head",
+            "attention maps",
+            "the last decoder layer's outputs over the memory: softmax(q k^T) per head, "
+            "normalised over heads and positions together",
+            (forward, "bbox_mask = self.bbox_attention("),
+            ("hs", "memory"),
+            Watch("bbox_attention", output()),
+        ),
+        _node(
+            "pred_masks",
+            "mask head",
+            "mask logits",
+            "3x3 convs and group norm on [C5 projection | attention maps], upsampled with "
+            "C4, C3, C2 added: one map per query at stride 4",
+            (forward, 'out["pred_masks"] = '),
+            ("bbox_mask", "input_proj", *backbone[:-1]),
+            Watch("", output("pred_masks")),
+        ),
+    ]
+
+
 # The flow of each model kind, by kind name.
 FLOWS: dict[str, Callable[[nn.Module], list[FlowNode]]] = {
     "detr": _detr_flow,
     "deformable_detr": _deformable_flow,
+    "detr_segmentation": _detr_segmentation_flow,
 }
 
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
 from detrkit.loss.matcher import HungarianMatcher
-from detrkit.models.config import ModelConfig
+from detrkit.models.config import DETRSegmentationConfig, ModelConfig
 from detrkit.models.kinds import kind_of
 
 SOFTMAX_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
@@ -202,5 +202,10 @@ class SetCriterion(nn.Module):
 
 def build_criterion(config: ModelConfig) -> SetCriterion:
     """The loss a model config's detector was trained with in the original code."""
+    if isinstance(config, DETRSegmentationConfig):
+        raise ValueError(
+            "training DETR's mask head (its focal and dice mask losses) is not in detrkit yet: "
+            "train the detector with a detr preset; its weights load into the panoptic model"
+        )
     loss = CLASS_LOSSES[kind_of(config).classification]
     return SetCriterion(config.num_classes, classification=loss)

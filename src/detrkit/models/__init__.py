@@ -1,6 +1,11 @@
 """Detection models: backbone -> position encoding -> transformer -> heads."""
 
-from detrkit.models.config import DeformableDETRConfig, DETRConfig, ModelConfig
+from detrkit.models.config import (
+    DeformableDETRConfig,
+    DETRConfig,
+    DETRSegmentationConfig,
+    ModelConfig,
+)
 from detrkit.models.deformable_detr import DeformableDETR
 from detrkit.models.detr import DETR
 from detrkit.models.kinds import KINDS, ModelKind, kind_of
@@ -12,12 +17,15 @@ from detrkit.models.presets import (
     build_model,
     model_from_config,
 )
+from detrkit.models.segmentation import DETRSegmentation
 
 __all__ = [
     "DETR",
     "KINDS",
     "PRESETS",
     "DETRConfig",
+    "DETRSegmentation",
+    "DETRSegmentationConfig",
     "DeformableDETR",
     "DeformableDETRConfig",
     "ModelConfig",

@@ -131,6 +131,24 @@ class DETRConfig(ModelConfig):
 
 
 @dataclass
+class DETRSegmentationConfig(DETRConfig):
+    """DETR with the mask head of its panoptic models: the detector's fields, one mask per
+    query (:class:`~detrkit.models.segmentation.DETRSegmentation`)."""
+
+    model_type: ClassVar[str] = "detr_segmentation"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # The mask head's group norms (8 groups) take hidden_dim + nheads channels, then
+        # hidden_dim / 2 down to hidden_dim / 16.
+        if (self.hidden_dim + self.nheads) % 8 or self.hidden_dim % 128:
+            raise ValueError(
+                "the mask head needs hidden_dim a multiple of 128 and hidden_dim + nheads a "
+                f"multiple of 8, got hidden_dim {self.hidden_dim} and nheads {self.nheads}"
+            )
+
+
+@dataclass
 class DeformableDETRConfig(ModelConfig):
     """Deformable DETR (Zhu et al., 2021): multi-scale deformable attention, sigmoid classes."""
 

@@ -13,9 +13,15 @@ from typing import Literal
 
 from torch import nn
 
-from detrkit.models.config import DeformableDETRConfig, DETRConfig, ModelConfig
+from detrkit.models.config import (
+    DeformableDETRConfig,
+    DETRConfig,
+    DETRSegmentationConfig,
+    ModelConfig,
+)
 from detrkit.models.deformable_detr import DeformableDETR
 from detrkit.models.detr import DETR
+from detrkit.models.segmentation import DETRSegmentation
 
 Classification = Literal["softmax", "sigmoid"]
 CLASSIFICATIONS: tuple[Classification, ...] = ("softmax", "sigmoid")
@@ -50,6 +56,7 @@ KINDS: dict[str, ModelKind] = {
     for kind in (
         ModelKind(DETRConfig, DETR, "softmax"),
         ModelKind(DeformableDETRConfig, DeformableDETR, "sigmoid"),
+        ModelKind(DETRSegmentationConfig, DETRSegmentation, "softmax"),
     )
 }
 

@@ -7,7 +7,13 @@ from typing import Any
 
 from torch import nn
 
-from detrkit.models.config import DeformableDETRConfig, DETRConfig, ModelConfig, check_known_fields
+from detrkit.models.config import (
+    DeformableDETRConfig,
+    DETRConfig,
+    DETRSegmentationConfig,
+    ModelConfig,
+    check_known_fields,
+)
 from detrkit.models.kinds import kind_of
 
 PRESETS: dict[str, ModelConfig] = {
@@ -19,6 +25,12 @@ PRESETS: dict[str, ModelConfig] = {
     "deformable_detr_single_scale": DeformableDETRConfig(num_feature_levels=1),
     "deformable_detr_refine": DeformableDETRConfig(with_box_refine=True),
     "deformable_detr_two_stage": DeformableDETRConfig(with_box_refine=True, two_stage=True),
+    # The panoptic models of the original: COCO's 250 thing and stuff ids.
+    "detr_r50_panoptic": DETRSegmentationConfig(backbone="resnet50", num_classes=250),
+    "detr_r50_dc5_panoptic": DETRSegmentationConfig(
+        backbone="resnet50", dilation=True, num_classes=250
+    ),
+    "detr_r101_panoptic": DETRSegmentationConfig(backbone="resnet101", num_classes=250),
     # Small models for the built-in digits dataset and CPUs: a ResNet-18 trained from scratch
     # (no pre-trained weights are downloaded), a narrow transformer, few queries.
     "detr_digits": DETRConfig(

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrkit.models.backbone import RESNET_CHANNELS, ResNetBackbone
-from detrkit.models.config import DETRConfig
+from detrkit.models.config import DETRSegmentationConfig
 from detrkit.models.detr import DETR
 
 GROUPS = 8  # group norm groups of the mask head
@@ -111,7 +111,7 @@ class DETRSegmentation(nn.Module):
     """DETR (under ``detr``) with the mask head. Same call as :class:`DETR`; the outputs add
     ``pred_masks`` ``[B, Q, H/4, W/4]``, one mask logit map per query."""
 
-    def __init__(self, config: DETRConfig) -> None:
+    def __init__(self, config: DETRSegmentationConfig) -> None:
         super().__init__()
         self.config = config
         self.detr = DETR(config)

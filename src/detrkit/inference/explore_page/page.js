@@ -643,7 +643,7 @@ const COLUMNS = [
   ["encoder layer"],
   ["memory", "two-stage proposals", "decoder queries"],
   ["decoder layer"],
-  ["decoder output", "heads"],
+  ["decoder output", "heads", "mask head"],
 ];
 const NODE_W = 200, NODE_H = 38, COL_GAP = 80, ROW_GAP = 12, TOP = 30, LEFT = 60;
 
