@@ -16,6 +16,16 @@ import numbers
 from torch import nn
 
 from detrkit.deploy.errors import ExportError
+from detrkit.models import DETRSegmentationConfig
+
+
+def check_exportable(model: nn.Module) -> None:
+    """Raises ExportError for a model kind that detrkit cannot export yet (checked first, by
+    :func:`check_export_size`, before anything is traced)."""
+    if isinstance(model.config, DETRSegmentationConfig):
+        raise ExportError(
+            "exporting DETR's segmentation models (with their pred_masks) is not in detrkit yet"
+        )
 
 
 def feature_strides(model: nn.Module) -> list[int]:
@@ -63,6 +73,7 @@ def check_export_size(model: nn.Module, size: tuple[int, int], name: str | None 
         raise ExportError(f"size must be (height, width), two whole numbers, got {size}")
     height, width = size
     name = name or f"size {height}x{width}"
+    check_exportable(model)
     strides = feature_strides(model)
     side, positions = smallest_side(strides), required_positions(model)
     rule = (
