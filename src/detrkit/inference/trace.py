@@ -881,6 +881,11 @@ def _detr_segmentation_flow(model: DETRSegmentation) -> list[FlowNode]:
         if node.watch.path:  # "" is the whole model: its images and outputs are the detector's
             node.watch = dataclasses.replace(node.watch, path="detr." + node.watch.path)
     forward = DETRSegmentation.forward
+    # The lines of DETR.forward that this model's own forward runs in its place.
+    own_lines = {"images": "detr.backbone(images, mask)", "input_proj": "src = detr.input_proj("}
+    for node in nodes:
+        if node.key in own_lines:
+            node.code = code_line(forward, own_lines[node.key])
     backbone = [node.key for node in nodes if node.stage == "backbone"]
     return [
         *nodes,
