@@ -148,3 +148,36 @@ def test_the_command_line_names_what_is_not_there_yet(tmp_path, capsys):
     run = ["train", "--model", "detr_r50_panoptic", "--data", "digits"]
     assert main([*run, "--output", str(tmp_path / "run")]) == 2
     assert "training DETR's mask head" in capsys.readouterr().err
+
+
+def test_mask_losses_match_transformers():
+    """Focal and dice mask losses of matched queries, against transformers' ImageLoss, with
+    images of two sizes (target masks padded) and unordered matches."""
+    from transformers.loss.loss_for_object_detection import ImageLoss
+
+    from detrkit.loss.masks import mask_losses
+
+    generator = torch.Generator().manual_seed(0)
+    pred_masks = torch.randn(2, 6, 12, 16, generator=generator)
+    targets = [
+        {"masks": (torch.rand(3, 48, 64, generator=generator) > 0.6).float()},
+        {"masks": (torch.rand(2, 40, 56, generator=generator) > 0.5).float()},
+    ]
+    indices = [
+        (torch.tensor([4, 0, 2]), torch.tensor([1, 2, 0])),
+        (torch.tensor([5, 1]), torch.tensor([0, 1])),
+    ]
+    ours = mask_losses(pred_masks, targets, indices, num_boxes=5.0)
+    reference = ImageLoss(None, 3, 0.1, ["masks"]).loss_masks(
+        {"pred_masks": pred_masks}, targets, indices, 5.0
+    )
+    for name in ("loss_mask", "loss_dice"):
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-5, atol=1e-6)
+    # Logits that are the target (at its size) leave almost no loss; their opposite, a dice
+    # loss near 1 per mask.
+    target = targets[0]["masks"][:2]  # [2, 48, 64]
+    match = [(torch.tensor([0, 1]), torch.tensor([0, 1]))]
+    right = mask_losses((target * 40 - 20)[None], [{"masks": target}], match, 2.0)
+    wrong = mask_losses((20 - target * 40)[None], [{"masks": target}], match, 2.0)
+    assert right["loss_dice"] < 1e-3 and right["loss_mask"] < 1e-6
+    assert wrong["loss_dice"] > 0.99 and wrong["loss_mask"] > 1.0
