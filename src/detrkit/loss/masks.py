@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import sigmoid_focal_loss
 
+
 def dice_loss(logits: Tensor, targets: Tensor, num_boxes: float) -> Tensor:
     """``1 - (2 |P n T| + 1) / (|P| + |T| + 1)`` per mask, ``P`` the sigmoid of ``logits``
     ``[N, HW]``, ``T`` the binary ``targets`` ``[N, HW]``; summed and divided by ``num_boxes``.
