@@ -116,11 +116,40 @@ def test_official_panoptic_checkpoints_load(tmp_path):
     assert isinstance(again, DETRSegmentation) and again.config == loaded.config
 
 
-def test_training_the_mask_head_is_refused_clearly():
+def test_the_criterion_adds_the_mask_losses_and_trains_the_mask_head():
+    """build_criterion of a panoptic model: the final layer's masks are matched and scored
+    (focal and dice, weight 1 each), the auxiliary layers' boxes only; every parameter of the
+    mask head gets a gradient; targets without masks are named."""
     from detrkit.loss import build_criterion
 
-    with pytest.raises(ValueError, match="training DETR's mask head"):
-        build_criterion(build_config("detr_r50_panoptic"))
+    torch.manual_seed(0)
+    config = build_config("detr_r50_panoptic", enc_layers=1, dec_layers=2, num_queries=6)
+    model = DETRSegmentation(config).train()
+    criterion = build_criterion(config)
+    images, mask = padded_batch()
+    height, width = images.shape[-2:]
+    masks = torch.zeros(2, 1, height, width)
+    masks[0, 0, 10:40, 20:60] = 1
+    masks[1, 0, 30:50, 10:30] = 1
+    boxes = torch.tensor([[0.31, 0.39, 0.31, 0.47], [0.16, 0.63, 0.16, 0.31]])
+    targets = [
+        {"labels": torch.tensor([3]), "boxes": boxes[i : i + 1], "masks": masks[i]}
+        for i in range(2)
+    ]
+    losses = criterion(model(images, mask), targets)
+    assert {"loss_mask", "loss_dice"} <= set(losses) and "loss_mask_0" not in losses
+    assert criterion.weight_dict["loss_mask"] == criterion.weight_dict["loss_dice"] == 1.0
+    losses["loss"].backward()
+    head = [
+        name
+        for name, p in model.named_parameters()
+        if name.startswith(("mask_head", "bbox_attention"))
+    ]
+    assert head and all(model.get_parameter(name).grad is not None for name in head)
+    with pytest.raises(ValueError, match=r"targets\[0\] has no 'masks'"):
+        criterion(
+            model(images, mask), [{k: v for k, v in t.items() if k != "masks"} for t in targets]
+        )
 
 
 def test_a_mask_head_that_cannot_be_built_is_named():
@@ -147,7 +176,8 @@ def test_the_command_line_names_what_is_not_there_yet(tmp_path, capsys):
     assert not (tmp_path / "m.onnx").exists()
     run = ["train", "--model", "detr_r50_panoptic", "--data", "digits"]
     assert main([*run, "--output", str(tmp_path / "run")]) == 2
-    assert "training DETR's mask head" in capsys.readouterr().err
+    assert "detrkit train reads boxes, not masks, so far" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_mask_losses_match_transformers():

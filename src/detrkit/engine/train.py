@@ -51,7 +51,12 @@ from detrkit.engine.visualize import draw_predictions
 from detrkit.fast import optimize_for_training
 from detrkit.files import remove_temporaries, write_json
 from detrkit.loss import build_criterion
-from detrkit.models import PostProcess, build_config, model_from_config
+from detrkit.models import (
+    DETRSegmentationConfig,
+    PostProcess,
+    build_config,
+    model_from_config,
+)
 from detrkit.models.presets import closest_preset, override_config
 
 
@@ -313,6 +318,11 @@ def train(
     train_set, val_set = build_datasets(config)
     # The papers' modules swapped for fast ones on the same parameters (detrkit.fast).
     model = optimize_for_training(build_training_model(config, train_set, log))
+    if isinstance(model.config, DETRSegmentationConfig):  # before anything is written
+        raise ValueError(
+            "detrkit train reads boxes, not masks, so far: train a panoptic model's mask head "
+            "from Python (detrkit.loss.build_criterion takes targets with 'masks')"
+        )
     config = config.resolved(model.config)
     config.validate()
     if process.is_main:

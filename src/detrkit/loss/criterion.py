@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
+from detrkit.loss.masks import mask_losses
 from detrkit.loss.matcher import HungarianMatcher
 from detrkit.models.config import DETRSegmentationConfig, ModelConfig
 from detrkit.models.kinds import kind_of
@@ -101,7 +102,10 @@ class SetCriterion(nn.Module):
         total = outputs["pred_logits"].new_zeros((), dtype=torch.float)
         for layer_outputs, layer_targets, suffix in layers:
             layer = self.layer_losses(layer_outputs, layer_targets, num_boxes)
-            total = total + sum(weight * layer[name] for name, weight in self.weight_dict.items())
+            # Masks are predicted by the final layer only: other layers have no mask losses.
+            total = total + sum(
+                weight * layer[name] for name, weight in self.weight_dict.items() if name in layer
+            )
             # Auxiliary layers report only their weighted losses; the logging metrics are final's.
             losses.update(
                 {
@@ -180,12 +184,21 @@ class SetCriterion(nn.Module):
                 class_error = 100 - (predicted == matched_labels).float().mean() * 100
             else:
                 class_error = logits.new_zeros(())
-        return {
+        losses = {
             "loss_ce": loss_ce,
             "loss_bbox": loss_bbox,
             "loss_giou": loss_giou,
             "class_error": class_error,
         }
+        if "pred_masks" in outputs:  # the panoptic models' final layer
+            for index, target in enumerate(targets):
+                if "masks" not in target:
+                    raise ValueError(
+                        f"targets[{index}] has no 'masks': a model with a mask head is trained "
+                        "on every object's mask ([n, H, W], as its boxes)"
+                    )
+            losses.update(mask_losses(outputs["pred_masks"], targets, indices, num_boxes))
+        return losses
 
     def cardinality_error(self, outputs: dict, targets: list[dict]) -> Tensor:
         """|number of predicted objects - number of targets|, averaged over images."""
@@ -202,10 +215,9 @@ class SetCriterion(nn.Module):
 
 def build_criterion(config: ModelConfig) -> SetCriterion:
     """The loss a model config's detector was trained with in the original code."""
-    if isinstance(config, DETRSegmentationConfig):
-        raise ValueError(
-            "training DETR's mask head (its focal and dice mask losses) is not in detrkit yet: "
-            "train the detector with a detr preset; its weights load into the panoptic model"
-        )
     loss = CLASS_LOSSES[kind_of(config).classification]
+    if isinstance(config, DETRSegmentationConfig):
+        # The panoptic models add the mask losses, each weighted 1 as in the original.
+        weights = {**SOFTMAX_WEIGHTS, "loss_mask": 1.0, "loss_dice": 1.0}
+        return SetCriterion(config.num_classes, weight_dict=weights, classification=loss)
     return SetCriterion(config.num_classes, classification=loss)
