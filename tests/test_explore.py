@@ -492,3 +492,37 @@ def test_every_preset_gets_a_page_of_its_whole_flow(name, tmp_path):
         repeated = {"encoder layer": config.enc_layers, "decoder layer": config.dec_layers}
         if node["stage"] in repeated:
             assert len(node["calls"]) == repeated[node["stage"]], node["key"]
+
+
+def test_a_panoptic_page_shows_the_query_mask(browser, tmp_path):
+    """DETR's panoptic models: the query's mask probabilities, as the page draws them, are the
+    sigmoid of its pred_masks (in steps of 1/255)."""
+    torch.manual_seed(0)
+    model = detrkit.build_model(
+        "detr_r50_panoptic", backbone="resnet18", enc_layers=1, dec_layers=2, num_queries=5
+    ).eval()
+    detector = Detector(model, threshold=0.0, size=None, device="cpu")
+    path, data = explore(detector, image(), tmp_path / "panoptic.html", "panoptic")
+    with torch.no_grad():
+        _, outputs = detector.detect([image()])
+    page = Page(browser, path)
+    try:
+        page.check_clean(path)
+        query = data["detections"][0]["query"]
+        page.select_query(query)
+        page.page.select_option("#detr-map", "mask")
+        (drawn,) = page.read("#mask-overlay")
+        probabilities = outputs["pred_masks"][0, query].sigmoid()
+        assert int(drawn["query"]) == query
+        assert abs(float(drawn["mean"]) - float(probabilities.mean())) <= 0.5 / 255 + 1e-6
+        height, width = probabilities.shape
+        alpha = page.page.evaluate(
+            "([x, y]) => window.explore.state.maskCanvas.getContext('2d')"
+            ".getImageData(x, y, 1, 1).data[3]",
+            [width // 2, height // 3],
+        )
+        expected = round(round(float(probabilities[height // 3, width // 2]) * 255) * 0.7)
+        assert abs(alpha - expected) <= 1
+        page.screenshot("explore_panoptic_mask")
+    finally:
+        page.close()

@@ -326,6 +326,10 @@ def explore_data(
         },
         "graph": _graph(nodes),
     }
+    if "pred_masks" in outputs:
+        # [Q, H/4, W/4] mask probabilities of image 0, in steps of 1/255 (drawn as an overlay).
+        probabilities = outputs["pred_masks"][0].float().sigmoid()
+        data["masks"] = pack(torch.round(probabilities * 255).cpu().numpy().astype(np.uint8))
     if not internals.deformable:
         data["detr"] = _detr_data(internals)
     else:

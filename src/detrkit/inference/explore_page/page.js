@@ -7,7 +7,7 @@ const SVG = "http://www.w3.org/2000/svg";
 const A = {}; // unpacked arrays by name
 const state = {
   encLayer: 0, decLayer: 0, level: "all", encQueryLevel: 0, heads: new Set(),
-  query: null, pixel: null, focus: "query", zoom: true, node: null,
+  query: null, pixel: null, focus: "query", zoom: true, node: null, detrMap: "attention",
 };
 
 // ------------------------------------------------------------------------------------------
@@ -49,6 +49,7 @@ async function unpackAll() {
     A.crossMax = await unpack(DATA.detr.cross.maxima);
     A.encoder = await unpack(DATA.detr.encoder);
     A.encoderMax = await unpack(DATA.detr.encoder.maxima);
+    if (DATA.masks) A.masks = await unpack(DATA.masks);
   }
 }
 
@@ -162,6 +163,11 @@ function buildControls() {
     render();
   };
 
+  if (DATA.masks) {
+    const map = document.getElementById("detr-map");
+    document.getElementById("map-control").hidden = false;
+    map.onchange = () => { state.detrMap = map.value; render(); };
+  }
   const query = document.getElementById("query");
   query.max = numQueries - 1;
   query.onchange = () => {
@@ -295,7 +301,7 @@ function drawQuery(u, extent) {
     }, boxes, `${layer + 1}`);
     if (selected || state.zoom) extent.push([x1, y1], [x2, y2]);
   }
-  if (!DATA.deformable) return drawCrossAttention(u);
+  if (!DATA.deformable) return state.detrMap === "mask" ? drawMask() : drawCrossAttention(u);
 
   const d = DATA.deformable, layer = state.decLayer;
   const refs = A.dec_references; // [layers, Q, L, 4]; points have w = h = 0
@@ -417,6 +423,31 @@ function selectedHeads() {
   return [...state.heads].sort((a, b) => a - b);
 }
 
+// The panoptic models: the query's mask probability over the image, drawn through a canvas.
+function drawMask() {
+  const g = clear("overlay");
+  const [, h, w] = A.masks.shape, q = state.query;
+  const canvas = document.createElement("canvas");
+  canvas.width = w;
+  canvas.height = h;
+  const context = canvas.getContext("2d"), pixels = context.createImageData(w, h);
+  let sum = 0;
+  for (let i = 0; i < h * w; i++) {
+    const p = A.masks[q * h * w + i];
+    sum += p / 255;
+    pixels.data.set([0, 229, 255, Math.round(p * 0.7)], 4 * i); // cyan, as opaque as likely
+  }
+  context.putImageData(pixels, 0, 0);
+  el("svg:rect", { x: 0, y: 0, width: W, height: H, fill: "#000", "fill-opacity": 0.45 }, g);
+  el("svg:image", {
+    href: canvas.toDataURL(), x: 0, y: 0, width: W, height: H, preserveAspectRatio: "none",
+    id: "mask-overlay", "data-query": q, "data-mean": sum / (h * w), style: "image-rendering: pixelated",
+  }, g);
+  state.maskCanvas = canvas;
+  state.shownTop = 1;
+  state.mapLabel = "mask probability";
+}
+
 function drawCrossAttention(u) {
   const [h, w] = DATA.detr.feature_shape, heads = selectedHeads();
   const values = new Float64Array(h * w);
@@ -532,7 +563,12 @@ function renderSelection() {
     el("p", {}, box, text);
     sampleTable(box);
   } else {
-    text += ` Cross-attention over the ${DATA.detr.feature_shape.join("x")} feature map, ${state.mapLabel} (heads count from 1); largest weight ${fmt(state.shownTop, 5)}; ${uniformText()}.`;
+    if (state.detrMap === "mask") {
+      const [, h, w] = A.masks.shape;
+      text += ` Its mask: sigmoid of its ${h}x${w} mask logits (stride 4), stored in steps of 1/255; cyan as opaque as the probability.`;
+    } else {
+      text += ` Cross-attention over the ${DATA.detr.feature_shape.join("x")} feature map, ${state.mapLabel} (heads count from 1); largest weight ${fmt(state.shownTop, 5)}; ${uniformText()}.`;
+    }
     el("p", {}, box, text);
   }
 }
@@ -624,6 +660,10 @@ function renderLegend() {
     DATA.deformable.spatial_shapes.forEach(([h, w], l) => legendItem(dl,
       icon((s) => el("svg:circle", { r: 5, fill: "#666", stroke: LEVEL_COLOURS[l % LEVEL_COLOURS.length], "stroke-width": 2 }, s)),
       `level ${l}`, `the ${h}x${w} map: outline of its samples, colour of its reference mark`));
+  } else if (state.focus === "query" && state.detrMap === "mask") {
+    legendItem(dl, icon((s) => el("svg:rect", { x: -9, y: -6, width: 18, height: 12, fill: "#00e5ff", "fill-opacity": 0.7 }, s)),
+      "the query's mask", "cyan, as opaque as the mask probability (transparent: 0, strongest: 1)");
+    return;
   } else {
     legendItem(dl, icon((s) => el("svg:rect", { x: -9, y: -6, width: 18, height: 12, fill: colour(0.8), "fill-opacity": 0.7 }, s)),
       "feature-map cell", state.focus === "pixel" ? "encoder self-attention of the pixel's cell (heads averaged)" : "cross-attention weight of the query on this cell");
