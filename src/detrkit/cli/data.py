@@ -23,7 +23,12 @@ def cmd_data_make_digits(args: argparse.Namespace) -> int:
     """Writes the digits detection dataset in COCO format."""
     try:
         written = write_digits_coco(
-            args.out, args.train, args.val, seed=args.seed, overwrite=args.overwrite
+            args.out,
+            args.train,
+            args.val,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            masks=args.masks,
         )
     except FileExistsError:
         raise  # named by main, with --overwrite
@@ -32,6 +37,8 @@ def cmd_data_make_digits(args: argparse.Namespace) -> int:
         return 2
     for split, count in (("train", args.train), ("val", args.val)):
         print(f"wrote {count} {split} images to {args.out}/{split}, annotations {written[split]}")
+        if args.masks:
+            print(f"  panoptic annotations {written['panoptic_' + split]} (PNGs beside it)")
     return 0
 
 
@@ -67,5 +74,11 @@ def add_data_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     digits.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
     digits.add_argument(
         "--overwrite", action="store_true", help="replace a digits dataset written there before"
+    )
+    digits.add_argument(
+        "--masks",
+        action="store_true",
+        help="add each digit's exact mask (RLE) and write the panoptic version "
+        "(annotations/panoptic_{train,val}.json and PNGs; the canvas as stuff)",
     )
     digits.set_defaults(run=cmd_data_make_digits)

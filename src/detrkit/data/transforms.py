@@ -21,8 +21,9 @@ from torchvision.transforms.v2 import functional as F
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Target fields with one entry per box, filtered along with the boxes.
-INSTANCE_FIELDS = ("labels", "area", "iscrowd")
+# Target fields with one entry per box, filtered along with the boxes (``masks``: a
+# ``tv_tensors.Mask`` ``[N, H, W]``, which the transforms move with the image).
+INSTANCE_FIELDS = ("labels", "area", "iscrowd", "masks")
 
 # What the datasets accept as ``transforms``: (image, target) -> (image, target).
 SampleTransform = Callable[[Any, dict[str, Any]], tuple[Any, dict[str, Any]]]
@@ -220,7 +221,7 @@ def to_training_sample(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Applies ``transforms`` to a sample, then converts it to what the models and the loss take:
     a plain image tensor and ``boxes`` as (cx, cy, w, h) divided by the final image's size, with
-    ``size`` that image's ``[h, w]``."""
+    ``size`` that image's ``[h, w]``; ``masks``, when there, as a bool tensor ``[N, h, w]``."""
     if transforms is not None:
         image, target = transforms(image, target)
     boxes = target["boxes"]
@@ -235,6 +236,14 @@ def to_training_sample(
     target = dict(target)
     target["boxes"] = cxcywh.as_subclass(Tensor) / scale  # [N, 4] in [0, 1]
     target["size"] = torch.tensor([height, width])
+    if "masks" in target:
+        masks = target["masks"]
+        if tuple(masks.shape[-2:]) != (height, width):
+            raise ValueError(
+                f"masks of size {tuple(masks.shape[-2:])} for an image of {(height, width)}: "
+                "a sample's masks must cover its image pixel for pixel"
+            )
+        target["masks"] = masks.as_subclass(Tensor).bool()  # [N, h, w]
     if isinstance(image, Tensor):
         image = image.as_subclass(Tensor)
     return image, target
