@@ -131,112 +131,90 @@ class _Objects:
         self.xywh: list[list[float]] = []
         self.labels: list[int] = []
         self.areas: list[float] = []
+        self.segmentations: list[Any] = []
 
 
-class CocoDetection(Dataset):
-    """A detection dataset in COCO format: ``images_dir`` holds the files named in the JSON.
+def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """A COCO ``segmentation`` as a ``uint8`` mask ``[height, width]``, 1 inside: polygons
+    (merged into one mask), an uncompressed RLE (``counts`` a list) or a compressed one
+    (``counts`` a string). It must have passed
+    :func:`~detrkit.data.validate.segmentation_problem` at this size: pycocotools checks
+    nothing itself."""
+    from pycocotools import mask as mask_utils
 
-    Items are ``(image, target)``. Without ``transforms`` the image is ``uint8`` ``[3, H, W]``;
-    ``transforms`` (e.g. :func:`~detrkit.data.make_train_transforms`) receive the image as a
-    ``tv_tensors.Image`` and the target with ``boxes`` as ``tv_tensors.BoundingBoxes`` (XYXY,
-    pixels). The returned target has ``boxes`` (normalised cx, cy, w, h of the final image),
-    ``labels``, ``image_id``, ``orig_size`` and ``size`` (``[h, w]`` before and after the
-    transforms), ``area`` (the annotation's area, in original-image pixels) and ``iscrowd``.
+    if isinstance(segmentation, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation["counts"], list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = {"size": [height, width], "counts": segmentation["counts"].encode("ascii")}
+    return mask_utils.decode(rle)
 
-    As in the original DETR, crowd objects are left out of the targets, boxes are clipped to the
-    image and boxes left empty by the clipping are dropped (as are boxes of zero size); one
-    warning, when the dataset is built, counts what is left out.
 
-    ``label_mapping="contiguous"`` numbers the sorted category ids 0..K-1 (custom datasets);
-    ``"coco"`` uses the category ids themselves as labels (the 91-class COCO models).
+def label_mapping_of(
+    names: dict[int, str], label_mapping: LabelMapping
+) -> tuple[list[int], list[str], dict[int, int]]:
+    """The labels of categories ``{id: name}``: ``category_ids`` and ``class_names`` per label,
+    and each category id's label. ``"contiguous"`` numbers the sorted ids 0..K-1, ``"coco"``
+    makes the ids the labels (ids that no category uses keep a placeholder name, like the
+    original COCO class list does)."""
+    ids = sorted(names)
+    if label_mapping == "contiguous":
+        category_ids = ids
+        class_names = [names[i] for i in ids]
+    else:
+        category_ids = list(range(ids[-1] + 1)) if ids else []
+        class_names = [names.get(i, "N/A") for i in category_ids]
+    label_of = {category_id: category_ids.index(category_id) for category_id in ids}
+    return category_ids, class_names, label_of
 
-    The JSON file must follow every rule of :mod:`detrkit.data.validate` (the rules
-    ``detrkit data check`` reports on): a field missing, null or of a wrong type, a repeated id,
-    an annotation of an unknown image or category, a negative box size or a file name leading
-    outside ``images_dir`` raise :class:`~detrkit.data.validate.CocoFormatError` (a ValueError)
-    naming the file, the entry and the field. A set with no usable object can still be
-    evaluated on; :func:`require_trainable` refuses it for training.
 
-    An unreadable image is warned about once and skipped: the item at the next index (wrapping
-    around) that can be read is returned in its place, and its target's ``skipped`` is 1 (0 for
-    an item read from its own file: summed over an epoch, the number of items whose file could
-    not be read). The dataset's ``skipped`` counts the unreadable files found so far (in this
-    process: each DataLoader worker keeps its own count). With ``skip_unreadable=False`` (the
-    default under ``strict=True``) it raises :class:`ImageReadError` instead, a missing file at
-    construction: evaluation needs that, as a skipped image's objects would count as missed and
-    the image read in its place twice.
-    """
+class CocoImages(Dataset):
+    """What the COCO-format datasets share: the labels of the categories and the reading of the
+    image files, an unreadable one skipped (see :class:`CocoDetection`). Subclasses set
+    ``image_ids`` and ``_files`` (per position), call :meth:`_set_labels` and define
+    ``_sample(position, image)``."""
 
     def __init__(
         self,
         images_dir: str | Path,
-        annotations_json: str | Path,
-        transforms: SampleTransform | None = None,
-        label_mapping: LabelMapping = "contiguous",
-        strict: bool = False,
-        skip_unreadable: bool | None = None,
+        transforms: SampleTransform | None,
+        label_mapping: LabelMapping,
+        skip_unreadable: bool,
     ) -> None:
         if label_mapping not in ("contiguous", "coco"):
             raise ValueError(f"label_mapping must be 'contiguous' or 'coco', got {label_mapping!r}")
         self.images_dir = Path(images_dir)
-        self.annotations_json = Path(annotations_json)
         self.transforms = transforms
         self.label_mapping = label_mapping
-        self.strict = strict
-        self.skip_unreadable = not strict if skip_unreadable is None else skip_unreadable
+        self.skip_unreadable = skip_unreadable
         self._unreadable: set[str] = set()
+        self.image_ids: list[int] = []
+        self._files: list[str] = []
 
-        index = validate_coco(read_coco_json(self.annotations_json))
-        index.raise_errors(self.annotations_json)
-        left_out = index.left_out_counts()
-        if any(left_out.values()):
-            crowd, empty, off = left_out.values()
-            warnings.warn(
-                f"{self.annotations_json}: left out of the targets: {crowd} crowd annotations, "
-                f"{empty} boxes of zero size, {off} boxes wholly outside their image "
-                "(`detrkit data check` lists them)",
-                stacklevel=2,
+    def _set_labels(self, names: dict[int, str], things: dict[int, bool] | None = None) -> None:
+        """Sets ``category_ids``, ``class_names`` and ``is_thing`` (per label; ``things``: per
+        category id, default all things; placeholder labels of ``"coco"`` count as things)."""
+        self.category_ids, self.class_names, self._label_of = label_mapping_of(
+            names, self.label_mapping
+        )
+        things = things or {}
+        self.is_thing = [things.get(category_id, True) for category_id in self.category_ids]
+
+    def _missing_files_error(self, source: Path) -> None:
+        """Raises ImageReadError when listed image files are not there (for datasets that do not
+        skip unreadable files: found at construction, not images into an epoch)."""
+        bad = [
+            finding.detail
+            for name in self._files
+            for finding in image_file_findings(self.images_dir, name)
+            if finding.severity == "error"
+        ]
+        if bad:
+            raise ImageReadError(
+                f"{self.images_dir}: {len(bad)} of the {len(self)} images listed in "
+                f"{source} are not there, e.g. {'; '.join(bad[:3])}"
             )
-        # Why a training run could learn nothing from this set (None: it can); see
-        # require_trainable. Kept instead of the index, which workers would copy.
-        self.untrainable_reason = index.untrainable_reason()
-        self._set_labels(index.categories)
-        # Sorted ids, as torchvision's and the original DETR's COCO datasets order them.
-        self.image_ids = sorted(index.images)
-        self._files = [index.images[i].file_name for i in self.image_ids]
-        self._objects = [self._targets_of(index.objects[i]) for i in self.image_ids]
-        if not self.skip_unreadable:  # found now, not images into an epoch
-            bad = [
-                finding.detail
-                for name in self._files
-                for finding in image_file_findings(self.images_dir, name)
-                if finding.severity == "error"
-            ]
-            if bad:
-                raise ImageReadError(
-                    f"{self.images_dir}: {len(bad)} of the {len(self)} images listed in "
-                    f"{self.annotations_json} are not there, e.g. {'; '.join(bad[:3])}"
-                )
-
-    def _set_labels(self, names: dict[int, str]) -> None:
-        ids = sorted(names)
-        if self.label_mapping == "contiguous":
-            self.category_ids = ids
-            self.class_names = [names[i] for i in ids]
-        else:
-            # The ids are the labels; ids no category uses keep a placeholder name, like the
-            # original COCO class list does.
-            self.category_ids = list(range(ids[-1] + 1))
-            self.class_names = [names.get(i, "N/A") for i in self.category_ids]
-        self._label_of = {category_id: self.category_ids.index(category_id) for category_id in ids}
-
-    def _targets_of(self, found: list[CocoObject]) -> _Objects:
-        objects = _Objects()
-        for item in found:
-            objects.xywh.append(item.xywh)
-            objects.labels.append(self._label_of[item.category_id])
-            objects.areas.append(item.area)
-        return objects
 
     @property
     def num_classes(self) -> int:
@@ -284,6 +262,107 @@ class CocoDetection(Dataset):
         raise ImageReadError(f"{self.images_dir}: none of the {len(self)} images can be read")
 
     def _sample(self, position: int, image: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+
+class CocoDetection(CocoImages):
+    """A detection dataset in COCO format: ``images_dir`` holds the files named in the JSON.
+
+    Items are ``(image, target)``. Without ``transforms`` the image is ``uint8`` ``[3, H, W]``;
+    ``transforms`` (e.g. :func:`~detrkit.data.make_train_transforms`) receive the image as a
+    ``tv_tensors.Image`` and the target with ``boxes`` as ``tv_tensors.BoundingBoxes`` (XYXY,
+    pixels). The returned target has ``boxes`` (normalised cx, cy, w, h of the final image),
+    ``labels``, ``image_id``, ``orig_size`` and ``size`` (``[h, w]`` before and after the
+    transforms), ``area`` (the annotation's area, in original-image pixels) and ``iscrowd``.
+
+    ``masks=True`` adds ``masks``, each object's ``segmentation`` (polygons, uncompressed or
+    compressed RLE) decoded at its image's size: a ``tv_tensors.Mask`` ``[N, H, W]`` for the
+    transforms, which move it with the image, and bool ``[N, h, w]`` in the returned target,
+    aligned with ``boxes``. Every kept object then needs a segmentation that decodes (the rules
+    of :func:`~detrkit.data.validate.validate_coco` with ``masks``), and an image file whose
+    size is not the JSON's is an error when it is read (:class:`CocoFormatError` naming both
+    files and both sizes): its masks would not cover it pixel for pixel.
+
+    As in the original DETR, crowd objects are left out of the targets, boxes are clipped to the
+    image and boxes left empty by the clipping are dropped (as are boxes of zero size, and their
+    masks with them); one warning, when the dataset is built, counts what is left out.
+
+    ``label_mapping="contiguous"`` numbers the sorted category ids 0..K-1 (custom datasets);
+    ``"coco"`` uses the category ids themselves as labels (the 91-class COCO models). Every
+    category is a thing (``is_thing``, per label, all True).
+
+    The JSON file must follow every rule of :mod:`detrkit.data.validate` (the rules
+    ``detrkit data check`` reports on): a field missing, null or of a wrong type, a repeated id,
+    an annotation of an unknown image or category, a negative box size or a file name leading
+    outside ``images_dir`` raise :class:`~detrkit.data.validate.CocoFormatError` (a ValueError)
+    naming the file, the entry and the field. A set with no usable object can still be
+    evaluated on; :func:`require_trainable` refuses it for training.
+
+    An unreadable image is warned about once and skipped: the item at the next index (wrapping
+    around) that can be read is returned in its place, and its target's ``skipped`` is 1 (0 for
+    an item read from its own file: summed over an epoch, the number of items whose file could
+    not be read). The dataset's ``skipped`` counts the unreadable files found so far (in this
+    process: each DataLoader worker keeps its own count). With ``skip_unreadable=False`` (the
+    default under ``strict=True``) it raises :class:`ImageReadError` instead, a missing file at
+    construction: evaluation needs that, as a skipped image's objects would count as missed and
+    the image read in its place twice.
+    """
+
+    def __init__(
+        self,
+        images_dir: str | Path,
+        annotations_json: str | Path,
+        transforms: SampleTransform | None = None,
+        label_mapping: LabelMapping = "contiguous",
+        strict: bool = False,
+        skip_unreadable: bool | None = None,
+        masks: bool = False,
+    ) -> None:
+        super().__init__(
+            images_dir,
+            transforms,
+            label_mapping,
+            not strict if skip_unreadable is None else skip_unreadable,
+        )
+        self.annotations_json = Path(annotations_json)
+        self.strict = strict
+        self.masks = masks
+
+        index = validate_coco(read_coco_json(self.annotations_json), masks=masks)
+        index.raise_errors(self.annotations_json)
+        left_out = index.left_out_counts()
+        if any(left_out.values()):
+            crowd, empty, off = left_out.values()
+            warnings.warn(
+                f"{self.annotations_json}: left out of the targets: {crowd} crowd annotations, "
+                f"{empty} boxes of zero size, {off} boxes wholly outside their image "
+                "(`detrkit data check` lists them)",
+                stacklevel=2,
+            )
+        # Why a training run could learn nothing from this set (None: it can); see
+        # require_trainable. Kept instead of the index, which workers would copy.
+        self.untrainable_reason = index.untrainable_reason()
+        self._set_labels(index.categories)
+        # Sorted ids, as torchvision's and the original DETR's COCO datasets order them.
+        self.image_ids = sorted(index.images)
+        self._files = [index.images[i].file_name for i in self.image_ids]
+        # The JSON's (height, width) of each image, which its masks are decoded at.
+        self._sizes = [(index.images[i].height, index.images[i].width) for i in self.image_ids]
+        self._objects = [self._targets_of(index.objects[i]) for i in self.image_ids]
+        if not self.skip_unreadable:
+            self._missing_files_error(self.annotations_json)
+
+    def _targets_of(self, found: list[CocoObject]) -> _Objects:
+        objects = _Objects()
+        for item in found:
+            objects.xywh.append(item.xywh)
+            objects.labels.append(self._label_of[item.category_id])
+            objects.areas.append(item.area)
+            if self.masks:
+                objects.segmentations.append(item.segmentation)
+        return objects
+
+    def _sample(self, position: int, image: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         height, width = image.shape[-2:]
         objects = self._objects[position]
         boxes = torch.tensor(objects.xywh, dtype=torch.float32).reshape(-1, 4)
@@ -301,19 +380,40 @@ class CocoDetection(Dataset):
             "area": torch.tensor(objects.areas, dtype=torch.float32)[keep],
             "iscrowd": torch.zeros(int(keep.sum()), dtype=torch.int64),
         }
+        if self.masks:
+            target["masks"] = self._masks(position, (height, width), keep.tolist())
         return to_training_sample(tv_tensors.Image(image), target, self.transforms)
+
+    def _masks(self, position: int, size: tuple[int, int], keep: list[bool]) -> tv_tensors.Mask:
+        """The kept objects' masks ``[N, H, W]``, decoded at the image file's size."""
+        listed = self._sizes[position]
+        if listed != size:
+            raise CocoFormatError(
+                f"{self.annotations_json}: image {self.images_dir / self._files[position]} is "
+                f"{size[1]}x{size[0]} (width x height), the JSON says {listed[1]}x{listed[0]}; "
+                "its masks would not cover it pixel for pixel"
+            )
+        segmentations = self._objects[position].segmentations
+        masks = [
+            decode_segmentation(segmentation, *size)
+            for segmentation, kept in zip(segmentations, keep)
+            if kept
+        ]
+        stacked = np.stack(masks) if masks else np.zeros((0, *size), dtype=np.uint8)
+        return tv_tensors.Mask(torch.from_numpy(stacked).bool())
 
 
 def to_coco_results(
     image_id: int, detections: dict[str, Tensor], category_ids: Sequence[int] | None = None
 ) -> list[dict]:
     """One image's detections (absolute xyxy boxes) as COCO result entries (xywh boxes), labels
-    mapped back to the dataset's category ids when a mapping is given."""
+    mapped back to the dataset's category ids when a mapping is given; detections with
+    ``masks`` ``[K, H, W]`` add each one's ``segmentation`` as compressed RLE."""
     boxes = detections["boxes"].detach().float().cpu()
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
     labels = detections["labels"].tolist()
     scores = detections["scores"].float().tolist()
-    return [
+    results = [
         {
             "image_id": int(image_id),
             "category_id": int(category_ids[label] if category_ids is not None else label),
@@ -322,3 +422,16 @@ def to_coco_results(
         }
         for box, label, score in zip(xywh, labels, scores)
     ]
+    if "masks" in detections:
+        for result, rle in zip(results, masks_to_rle(detections["masks"])):
+            result["segmentation"] = rle
+    return results
+
+
+def masks_to_rle(masks: Tensor) -> list[dict]:
+    """Binary masks ``[K, H, W]`` as COCO's compressed RLE, ``counts`` as text (JSON-ready)."""
+    from pycocotools import mask as mask_utils
+
+    array = np.asfortranarray(masks.detach().cpu().numpy().transpose(1, 2, 0).astype(np.uint8))
+    encoded = mask_utils.encode(array)  # [H, W, K] Fortran order -> K RLEs
+    return [{"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")} for rle in encoded]

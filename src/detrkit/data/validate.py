@@ -38,6 +38,26 @@ KINDS: dict[str, tuple[Severity, str]] = {
         "annotations with a field missing, null or of a wrong type",
     ),
     "negative_box_size": ("error", "boxes of negative width or height (is it [x, y, w, h]?)"),
+    # Instance masks (the objects' segmentation), read by CocoDetection(masks=True); without
+    # masks they are warnings (see validate_coco).
+    "missing_segmentation": ("error", "objects without a 'segmentation' (their mask)"),
+    "malformed_segmentation": (
+        "error",
+        "segmentations that are neither polygons (a list of lists) nor an RLE object",
+    ),
+    "malformed_polygon": (
+        "error",
+        "polygons that are not x, y pairs of numbers, or have fewer than 3 points",
+    ),
+    "malformed_rle": (
+        "error",
+        "RLE masks that do not decode: size not [height, width], counts not run lengths "
+        "covering the image",
+    ),
+    "segmentation_size_mismatch": (
+        "error",
+        "RLE masks whose size is not their image's height and width",
+    ),
     "duplicate_annotation_id": (
         "error",
         "annotations repeating an earlier id (COCO evaluation would mix them up)",
@@ -106,14 +126,20 @@ class Finding:
 
     kind: str
     detail: str
+    # Where the severity depends on what reads the data (instance masks are errors only for a
+    # loader that decodes them): the severity in place of the kind's, and what the report adds
+    # to the kind's description to say why.
+    override: Severity | None = None
+    note: str = ""
 
     @property
     def severity(self) -> Severity:
-        return KINDS[self.kind][0]
+        return self.override or KINDS[self.kind][0]
 
     @property
     def description(self) -> str:
-        return KINDS[self.kind][1]
+        description = KINDS[self.kind][1]
+        return f"{description} ({self.note})" if self.note else description
 
 
 @dataclass
@@ -128,11 +154,14 @@ class ImageEntry:
 @dataclass
 class CocoObject:
     """A non-crowd annotation of non-zero size: what the loader puts in the targets (clipped to
-    the image it is read from)."""
+    the image it is read from). ``segmentation`` is the annotation's as the JSON has it (None
+    where it has none), read when masks are asked for."""
 
     xywh: list[float]
     category_id: int
     area: float
+    annotation_id: int = 0
+    segmentation: Any = None
 
 
 @dataclass
@@ -143,12 +172,22 @@ class CocoIndex:
     categories: dict[int, str] = field(default_factory=dict)
     objects: dict[int, list[CocoObject]] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
+    # Whether the segmentation rules are errors (a loader that decodes the masks) or warnings.
+    masks: bool = False
     # Objects inside their image as the JSON sizes it: what training learns from.
     usable_objects: int = 0
     annotated: set[int] = field(default_factory=set)  # ids of images with a usable object
 
     def add(self, kind: str, detail: str) -> None:
         self.findings.append(Finding(kind, detail))
+
+    def add_segmentation(self, kind: str, detail: str) -> None:
+        """A finding of the segmentation rules: an error for a loader that decodes the masks,
+        a warning for one reading boxes only."""
+        if self.masks:
+            self.add(kind, detail)
+        else:
+            self.findings.append(Finding(kind, detail, "warning", _BOXES_ONLY))
 
     @property
     def errors(self) -> list[Finding]:
@@ -261,12 +300,16 @@ def outside_reason(file_name: str) -> str | None:
     return None
 
 
-def validate_coco(data: dict[str, Any]) -> CocoIndex:
+def validate_coco(data: dict[str, Any], masks: bool = False) -> CocoIndex:
     """Applies every rule to a parsed instances file (as :func:`read_coco_json` returns it).
 
     Never raises for problems in the data: they are the index's findings, errors and warnings.
+    ``masks``: the rules of a loader that decodes each object's mask (``CocoDetection(...,
+    masks=True)``): every object needs a ``segmentation`` that decodes at its image's size.
+    Without it, a segmentation that is there and would not decode is a warning (box training
+    never reads it) and a missing one is fine.
     """
-    index = CocoIndex()
+    index = CocoIndex(masks=masks)
     _index_categories(index, data["categories"])
     _index_images(index, data["images"])
     _index_annotations(index, data["annotations"])
@@ -379,8 +422,16 @@ def _index_annotations(index: CocoIndex, annotations: list[Any]) -> None:
         if w == 0 or h == 0:
             index.add("empty_box", described)
             continue
+        segmentation = annotation.get("segmentation")
+        _check_segmentation(index, annotation, where, image)
         index.objects[image_id].append(
-            CocoObject([float(v) for v in bbox], category_id, float(annotation["area"]))
+            CocoObject(
+                [float(v) for v in bbox],
+                category_id,
+                float(annotation["area"]),
+                annotation["id"],
+                segmentation,
+            )
         )
         if image.width is None or image.height is None:
             continue
@@ -392,6 +443,158 @@ def _index_annotations(index: CocoIndex, annotations: list[Any]) -> None:
             index.add("box_outside_image", f"{described} in {image.width}x{image.height}")
         index.usable_objects += 1
         index.annotated.add(image_id)
+
+
+_BOXES_ONLY = "ignored when reading boxes only; an error for a loader of masks, `--masks`"
+
+
+def _check_segmentation(
+    index: CocoIndex, annotation: dict[str, Any], where: str, image: ImageEntry
+) -> None:
+    """Adds the findings of an object's segmentation: missing (only for a loader of masks),
+    or one that would not decode at its image's size."""
+    where = f"{where} (id {annotation['id']}, image id {annotation['image_id']})"
+    segmentation = annotation.get("segmentation")
+    if segmentation is None:
+        if index.masks:
+            had = "null" if "segmentation" in annotation else "no 'segmentation'"
+            index.add(
+                "missing_segmentation",
+                f"{where} has {had}; reading masks needs every object's polygons or RLE",
+            )
+        return
+    size = None if image.height is None or image.width is None else (image.height, image.width)
+    problem = segmentation_problem(segmentation, size)
+    if problem is not None:
+        kind, detail = problem
+        index.add_segmentation(kind, f"{where}: {detail}")
+
+
+def segmentation_problem(segmentation: Any, size: tuple[int, int] | None) -> tuple[str, str] | None:
+    """Why a COCO ``segmentation`` would not decode into a mask of ``size`` (height, width; None
+    when unknown), as ``(kind, detail)``; None when it decodes. Polygons are a list of
+    ``[x1, y1, x2, y2, ...]`` lists of at least 3 points; an RLE is ``{"size": [height, width],
+    "counts": ...}``, counts a list of run lengths (uncompressed) or COCO's compressed string,
+    the runs adding up to height * width."""
+    if isinstance(segmentation, list):
+        return _polygon_problem(segmentation)
+    if isinstance(segmentation, dict):
+        return _rle_problem(segmentation, size)
+    return (
+        "malformed_segmentation",
+        f"segmentation {shown_value(segmentation)}; expected polygons [[x1, y1, x2, y2, ...], "
+        '...] or an RLE {"size": [height, width], "counts": ...}',
+    )
+
+
+def _polygon_problem(polygons: list[Any]) -> tuple[str, str] | None:
+    if not polygons:
+        return "malformed_polygon", "segmentation [] has no polygon"
+    for k, polygon in enumerate(polygons):
+        if not isinstance(polygon, list):
+            return (
+                "malformed_polygon",
+                f"segmentation[{k}] is {shown_value(polygon)}; expected a polygon "
+                "[x1, y1, x2, y2, ...]",
+            )
+        for j, value in enumerate(polygon):
+            if not _is_number(value):
+                return (
+                    "malformed_polygon",
+                    f"segmentation[{k}][{j}] is {shown_value(value)}; expected a finite number",
+                )
+        if len(polygon) % 2:
+            return (
+                "malformed_polygon",
+                f"segmentation[{k}] has {len(polygon)} coordinates, an odd number; expected "
+                "x, y pairs",
+            )
+        if len(polygon) < 6:
+            points = len(polygon) // 2
+            return (
+                "malformed_polygon",
+                f"segmentation[{k}] has {points} point{'s' if points != 1 else ''}; a polygon "
+                "needs at least 3",
+            )
+    return None
+
+
+def _rle_problem(rle: dict[str, Any], size: tuple[int, int] | None) -> tuple[str, str] | None:
+    rle_size, counts = rle.get("size"), rle.get("counts")
+    if not (
+        isinstance(rle_size, list)
+        and len(rle_size) == 2
+        and all(_is_int(v) for v in rle_size)
+        and min(rle_size) > 0
+    ):
+        return (
+            "malformed_rle",
+            f"RLE size {shown_value(rle_size)}; expected [height, width], 2 positive integers",
+        )
+    height, width = rle_size
+    if size is not None and tuple(rle_size) != size:
+        return (
+            "segmentation_size_mismatch",
+            f"RLE size [{height}, {width}] (height, width) for an image of "
+            f"[{size[0]}, {size[1]}] in the JSON",
+        )
+    if isinstance(counts, list):
+        bad = next((v for v in counts if not (_is_int(v) and v >= 0)), None)
+        if bad is not None:
+            return (
+                "malformed_rle",
+                f"RLE counts hold {shown_value(bad)}; expected non-negative integers (run lengths)",
+            )
+        runs = counts
+    elif isinstance(counts, str):
+        runs = compressed_counts(counts)
+        if isinstance(runs, str):
+            return "malformed_rle", f"RLE counts {shown_value(counts)} do not decode: {runs}"
+    else:
+        return (
+            "malformed_rle",
+            f"RLE counts {shown_value(counts)}; expected a list of run lengths or COCO's "
+            "compressed string",
+        )
+    total = sum(runs)
+    if total != height * width:
+        return (
+            "malformed_rle",
+            f"RLE counts cover {total} pixels, not height * width = {height * width}",
+        )
+    return None
+
+
+def compressed_counts(counts: str) -> list[int] | str:
+    """The run lengths of COCO's compressed RLE string, or why it does not decode.
+
+    Each run is a little-endian base-32 number in characters '0' (48) to 'o' (111), bit 0x20 of
+    a character saying more follow and bit 0x10 of the last the sign; from the third run on, the
+    number is the difference from the run two before. pycocotools does not check any of this
+    (and writes past its buffer on runs longer than the image), hence this reader.
+    """
+    runs: list[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position == len(counts):
+                return "it ends inside a number"
+            code = ord(counts[position]) - 48
+            if not 0 <= code < 64:
+                return f"character {counts[position]!r} at {position} is outside '0'..'o'"
+            value |= (code & 0x1F) << shift
+            more = bool(code & 0x20)
+            position += 1
+            shift += 5
+            if not more and code & 0x10:
+                value -= 1 << shift  # sign-extends the number
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            return f"run {len(runs)} is negative ({value})"
+        runs.append(value)
+    return runs
 
 
 def image_file_findings(images_dir: Path, file_name: str, label: str = "") -> list[Finding]:
