@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from detrkit.data.coco import masks_to_rle
 from detrkit.data.transforms import SampleTransform, to_training_sample
 from detrkit.files import existing_results, write_atomically, write_json
 
@@ -269,14 +270,6 @@ class DigitsDetection(Dataset):
         return to_training_sample(image, target, self.transforms)
 
 
-def rle_of(mask: np.ndarray) -> dict:
-    """A binary mask ``[H, W]`` as COCO's compressed RLE (``counts`` a string, as JSON holds it)."""
-    from pycocotools import mask as mask_utils
-
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
 def panoptic_png(segment_ids: np.ndarray) -> np.ndarray:
     """Segment ids ``[H, W]`` as the COCO panoptic PNG's colours: id = R + 256 G + 256^2 B."""
     ids = segment_ids.astype(np.uint32)
@@ -349,7 +342,7 @@ def write_digits_coco(
                     "iscrowd": 0,
                 }
                 if masks:
-                    annotation["segmentation"] = rle_of(mask)
+                    annotation["segmentation"] = masks_to_rle(torch.from_numpy(mask[None]))[0]
                 annotations.append(annotation)
             if masks:
                 segment_masks, labels, boxes = panoptic_segments(scene)

@@ -78,6 +78,11 @@ class TrainConfig:
         "batch_size unless given",
     )
     freeze_backbone: bool = _option(False, "do not train the backbone")
+    # The paper's panoptic recipe: a trained detector (--finetune), frozen, and the mask head
+    # trained alone.
+    freeze_detector: bool = _option(
+        False, "panoptic models: train the mask head alone, the detector (detr.*) frozen"
+    )
 
     epochs: int | None = _option(None, "epochs (default: the model's original recipe)")
     batch_size: int | None = _option(None, "images per batch and process (default: recipe)")

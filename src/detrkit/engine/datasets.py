@@ -14,32 +14,48 @@ from detrkit.data import (
     make_val_transforms,
     require_trainable,
 )
+from detrkit.data.coco import masks_to_rle
 from detrkit.engine.config import TrainConfig
 
 
-def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
-    """Train and validation datasets, augmented at ``image_scale`` times the original sizes."""
+def build_datasets(config: TrainConfig, masks: bool = False) -> tuple[Dataset, Dataset]:
+    """Train and validation datasets, augmented at ``image_scale`` times the original sizes.
+    With ``masks`` (a panoptic model) the targets carry masks: the digits' panoptic version
+    (the canvas as stuff), or the COCO instances' segmentations."""
     augment = AugmentationConfig().scaled(config.image_scale)
     val_transforms = make_val_transforms(augment)
     train_transforms = make_train_transforms(augment) if config.augment else val_transforms
     if config.data == "digits":
-        train_set = DigitsDetection("train", config.digits_train, config.seed, train_transforms)
+        train_set = DigitsDetection(
+            "train", config.digits_train, config.seed, train_transforms, panoptic=masks
+        )
         require_trainable(train_set, "the digits training set")
-        return train_set, DigitsDetection("val", config.digits_val, config.seed, val_transforms)
+        val_set = DigitsDetection(
+            "val", config.digits_val, config.seed, val_transforms, panoptic=masks
+        )
+        return train_set, val_set
     train_images, train_json, val_images, val_json = config.coco_paths()
     mapping = config.label_mapping
-    train_set = CocoDetection(train_images, train_json, train_transforms, label_mapping=mapping)
+    train_set = CocoDetection(
+        train_images, train_json, train_transforms, label_mapping=mapping, masks=masks
+    )
     # Refused now rather than after an epoch of zero steps or of background only.
     require_trainable(train_set)
     # Evaluated on: every image must be read (see CocoDetection's skip_unreadable).
     val_set = CocoDetection(
-        val_images, val_json, val_transforms, label_mapping=mapping, skip_unreadable=False
+        val_images,
+        val_json,
+        val_transforms,
+        label_mapping=mapping,
+        skip_unreadable=False,
+        masks=masks,
     )
     return train_set, val_set
 
 
 def coco_ground_truth(dataset: Dataset):
     """The dataset's annotations as a pycocotools COCO object, for COCOeval."""
+    from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
 
     if isinstance(dataset, CocoDetection):
@@ -53,7 +69,8 @@ def coco_ground_truth(dataset: Dataset):
         scene = dataset.scene(index)
         height, width = scene.image.shape[:2]
         images.append({"id": index + 1, "height": height, "width": width})
-        for box, label, mask in zip(scene.boxes.tolist(), scene.labels.tolist(), scene.masks):
+        rles = masks_to_rle(torch.from_numpy(scene.masks))
+        for box, label, rle in zip(scene.boxes.tolist(), scene.labels.tolist(), rles):
             x1, y1, x2, y2 = box
             annotations.append(
                 {
@@ -61,8 +78,11 @@ def coco_ground_truth(dataset: Dataset):
                     "image_id": index + 1,
                     "category_id": int(label),
                     "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "area": float(mask.sum()),
+                    "area": float(mask_utils.area(rle)),
                     "iscrowd": 0,
+                    # The digits' exact masks, for mask AP; the canvas (panoptic) is not an
+                    # instance.
+                    "segmentation": rle,
                 }
             )
     categories = [{"id": i, "name": name} for i, name in enumerate(dataset.class_names)]

@@ -11,10 +11,10 @@ from detrkit.checkpoints.load import load, training_run_config
 from detrkit.data import AugmentationConfig, CocoDetection, DigitsDetection, make_val_transforms
 from detrkit.engine.config import check_counts
 from detrkit.engine.datasets import coco_ground_truth, make_loader
-from detrkit.engine.evaluate import AUTOCAST_DTYPES, coco_metrics, predict_dataset
+from detrkit.engine.evaluate import AUTOCAST_DTYPES, score_dataset
 from detrkit.fast import optimize_for_inference
 from detrkit.files import existing_results, write_json
-from detrkit.models import PostProcess
+from detrkit.models import DETRSegmentationConfig, PostProcess
 
 
 def validation_set(
@@ -23,11 +23,13 @@ def validation_set(
     digits_val: int = 200,
     seed: int = 42,
     label_mapping: str = "contiguous",
+    masks: bool = False,
 ):
-    """The validation split named by ``data``: "digits" or "coco:VAL_IMAGES,VAL_JSON"."""
+    """The validation split named by ``data``: "digits" or "coco:VAL_IMAGES,VAL_JSON"; with
+    ``masks`` (a panoptic model) the digits' panoptic version or the COCO instances' masks."""
     transforms = make_val_transforms(AugmentationConfig().scaled(image_scale))
     if data == "digits":
-        return DigitsDetection("val", digits_val, seed, transforms)
+        return DigitsDetection("val", digits_val, seed, transforms, panoptic=masks)
     if data.startswith("coco:"):
         parts = data.removeprefix("coco:").split(",")
         if len(parts) != 2:
@@ -37,7 +39,12 @@ def validation_set(
             )
         # Every image must be read: evaluating some would score the others' objects as missed.
         return CocoDetection(
-            parts[0], parts[1], transforms, label_mapping=label_mapping, skip_unreadable=False
+            parts[0],
+            parts[1],
+            transforms,
+            label_mapping=label_mapping,
+            skip_unreadable=False,
+            masks=masks,
         )
     raise ValueError(f"--data {data!r}: expected 'digits' or 'coco:...'")
 
@@ -98,22 +105,24 @@ def evaluate_checkpoint(
         existing_results([out / name for name in EVAL_FILES], f"--out {out}", overwrite)
     model = load(weights, map_location=device)
     require_finite_weights(model, str(weights))
-    dataset = validation_set(data, image_scale, digits_val, seed, label_mapping)
+    masks = isinstance(model.config, DETRSegmentationConfig)
+    dataset = validation_set(data, image_scale, digits_val, seed, label_mapping, masks)
     check_classes(model.config, dataset, str(weights), data)
     if precision is not None:
         model = optimize_for_inference(model, precision)
     loader = make_loader(dataset, batch_size, seed, shuffle=False, workers=workers)
     loader.batch_sampler.set_epoch(0)
     category_ids = None if label_mapping == "coco" else dataset.category_ids
-    results = predict_dataset(
+    numbers, results = score_dataset(
         model,
         loader,
+        dataset,
+        coco_ground_truth(dataset),
         PostProcess.for_config(model.config),
         category_ids,
         torch.device(device),
         AUTOCAST_DTYPES[amp],
     )
-    numbers = coco_metrics(coco_ground_truth(dataset), results)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / EVAL_FILES[0], numbers, indent=2)

@@ -23,7 +23,8 @@ def param_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if name.startswith("backbone.0"):
+        # "backbone.0." or, under a panoptic model's detector, "detr.backbone.0."
+        if ".backbone.0." in f".{name}":
             groups["backbone"].append(param)
         elif lr_linear_proj_mult != 1.0 and any(key in name for key in LINEAR_PROJ_NAMES):
             groups["linear_proj"].append(param)

@@ -31,12 +31,7 @@ from detrkit.data.digits import digit_crops
 from detrkit.engine.config import DEFAULT_MODEL, TrainConfig
 from detrkit.engine.datasets import SeededSamples, build_datasets, coco_ground_truth, make_loader
 from detrkit.engine.distributed import ProcessInfo, any_process, barrier, init_distributed
-from detrkit.engine.evaluate import (
-    AUTOCAST_DTYPES,
-    coco_metrics,
-    gather_results,
-    predict_dataset,
-)
+from detrkit.engine.evaluate import AUTOCAST_DTYPES, headline, score_dataset
 from detrkit.engine.logger import MetricsLog, plot_metrics
 from detrkit.engine.optim import build_optimizer
 from detrkit.engine.pretrain import pretrain_backbone
@@ -52,6 +47,8 @@ from detrkit.fast import optimize_for_training
 from detrkit.files import remove_temporaries, write_json
 from detrkit.loss import build_criterion
 from detrkit.models import (
+    DETRConfig,
+    DETRSegmentation,
     DETRSegmentationConfig,
     PostProcess,
     build_config,
@@ -212,6 +209,13 @@ def finetune_config(
     return dataclasses.replace(config, **taken), lines
 
 
+def _trains_masks(config: TrainConfig) -> bool:
+    """Whether the run trains a model with masks: its data must then give them."""
+    if config.model is not None:
+        return isinstance(build_config(config.model), DETRSegmentationConfig)
+    return isinstance(read_checkpoint(config.finetune)[1], DETRSegmentationConfig)
+
+
 def build_training_model(config: TrainConfig, train_set, log) -> nn.Module:
     """The preset with the dataset's classes, or the fine-tuning checkpoint (new class head when
     the class count differs)."""
@@ -227,7 +231,13 @@ def build_training_model(config: TrainConfig, train_set, log) -> nn.Module:
     }
     if config.finetune:
         state_dict, base = read_checkpoint(config.finetune)
-        if config.model is not None and build_config(config.model).model_type != base.model_type:
+        target = build_config(config.model) if config.model is not None else base
+        # The paper's panoptic recipe starts from a trained detector: its weights go under
+        # `detr.`, the mask head starts new.
+        detector_only = isinstance(target, DETRSegmentationConfig) and type(base) is DETRConfig
+        if detector_only:
+            base = DETRSegmentationConfig(**dataclasses.asdict(base))
+        if target.model_type != base.model_type:
             raise ValueError(
                 f"--finetune {config.finetune} holds a {base.model_type} model, but --model is "
                 f"{config.model}: leave --model out (the checkpoint sets the model; "
@@ -236,10 +246,19 @@ def build_training_model(config: TrainConfig, train_set, log) -> nn.Module:
         model_config = override_config(base, str(config.finetune), **options)
         num_classes = model_config.num_classes
         reset = base.num_classes != num_classes
+        if reset and config.freeze_detector:
+            raise ValueError(
+                f"--finetune {config.finetune} has {base.num_classes} classes and the data "
+                f"{num_classes}: its class head would start new, and --freeze-detector would "
+                "keep it untrained; fine-tune the detector on this data first, or leave out "
+                "--freeze-detector"
+            )
         model = model_from_config(model_config)
-        load_weights(model, state_dict, config.finetune, reset_class_head=reset)
+        loaded = model.detr if detector_only else model
+        load_weights(loaded, state_dict, config.finetune, reset_class_head=reset)
         log(
             f"fine-tuning from {config.finetune}"
+            + (" (the detector; the mask head starts new)" if detector_only else "")
             + (
                 f": class head re-initialised ({base.num_classes} -> {num_classes} classes)"
                 if reset
@@ -252,6 +271,15 @@ def build_training_model(config: TrainConfig, train_set, log) -> nn.Module:
         for param in model.backbone.parameters():
             param.requires_grad_(False)
         log("backbone frozen")
+    if config.freeze_detector:
+        if not isinstance(model, DETRSegmentation):
+            raise ValueError(
+                f"--freeze-detector trains a panoptic model's mask head alone, but the model is "
+                f"a {model.config.model_type} model, which has none"
+            )
+        for param in model.detr.parameters():
+            param.requires_grad_(False)
+        log("detector frozen: training the mask head alone")
     return model
 
 
@@ -315,14 +343,9 @@ def train(
     torch.manual_seed(config.seed)
     if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    train_set, val_set = build_datasets(config)
+    train_set, val_set = build_datasets(config, masks=_trains_masks(config))
     # The papers' modules swapped for fast ones on the same parameters (detrkit.fast).
     model = optimize_for_training(build_training_model(config, train_set, log))
-    if isinstance(model.config, DETRSegmentationConfig):  # before anything is written
-        raise ValueError(
-            "detrkit train reads boxes, not masks, so far: train a panoptic model's mask head "
-            "from Python (detrkit.loss.build_criterion takes targets with 'masks')"
-        )
     config = config.resolved(model.config)
     config.validate()
     if process.is_main:
@@ -559,7 +582,7 @@ def _train_one_epoch(
     from tqdm import tqdm
 
     model.train()
-    if config.freeze_backbone:  # keep batch-norm statistics frozen too
+    if config.freeze_backbone or config.freeze_detector:  # keep batch-norm statistics frozen too
         (model.module if hasattr(model, "module") else model).backbone.eval()
     total = len(loader)
     if config.max_steps_per_epoch is not None:
@@ -643,18 +666,14 @@ def evaluate_epoch(
     if getattr(dataset, "label_mapping", "contiguous") == "coco":
         category_ids = None
     loader.batch_sampler.set_epoch(0)
-    results = gather_results(
-        predict_dataset(model, loader, postprocess, category_ids, device, autocast_dtype)
+    numbers, results = score_dataset(
+        model, loader, dataset, coco_gt, postprocess, category_ids, device, autocast_dtype
     )
     if not process.is_main:
         return {}
-    numbers = coco_metrics(coco_gt, results)
     metrics.write({"type": "eval", "epoch": epoch + 1, **numbers})
     write_json(run_dir / "eval_results.json", results)
-    log(
-        f"epoch {epoch + 1}: AP {numbers['AP'] or 0:.3f}  AP50 {numbers['AP50'] or 0:.3f}  "
-        f"AP75 {numbers['AP75'] or 0:.3f}"
-    )
+    log(f"epoch {epoch + 1}: {headline(numbers)}")
     return numbers
 
 

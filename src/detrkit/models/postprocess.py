@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
@@ -47,6 +50,29 @@ class PostProcess(nn.Module):
         found = self.batched(outputs, target_sizes)
         return [dict(zip(found, values)) for values in zip(*found.values())]
 
+    @torch.no_grad()
+    def add_masks(
+        self,
+        outputs: dict,
+        detections: list[dict[str, Tensor]],
+        input_size: Sequence[int],
+        image_sizes: Sequence[Sequence[int]],
+        orig_sizes: Tensor,
+        threshold: float = 0.5,
+    ) -> list[dict[str, Tensor]]:
+        """``detections`` (from :meth:`forward`) with ``masks`` ``[K, H, W]`` bool at each
+        image's original size, from a panoptic model's ``pred_masks`` (:func:`instance_masks`).
+        ``input_size`` is the padded batch's ``(H, W)``, ``image_sizes`` each image's in it."""
+        return [
+            {
+                **found,
+                "masks": instance_masks(masks, found["queries"], input_size, size, orig, threshold),
+            }
+            for found, masks, size, orig in zip(
+                detections, outputs["pred_masks"], image_sizes, orig_sizes.tolist()
+            )
+        ]
+
     def class_probabilities(self, logits: Tensor) -> Tensor:
         """``pred_logits`` ``[B, Q, C(+1)]`` -> the probability of every class ``[B, Q, C]``
         ("no object" dropped)."""
@@ -83,3 +109,118 @@ class PostProcess(nn.Module):
         scale = torch.stack([width, height, width, height], dim=1)  # [B, 4]
         boxes = boxes * scale[:, None, :]
         return {"scores": scores, "labels": labels, "boxes": boxes, "queries": query}
+
+
+def _image_masks(
+    pred_masks: Tensor, input_size: Sequence[int], image_size: Sequence[int]
+) -> Tensor:
+    """One image's mask logits ``[K, h/4, w/4]`` of the padded batch -> logits ``[K, h, w]`` of
+    the image alone: upsampled to the padded input's size, then the padding cut off."""
+    logits = F.interpolate(
+        pred_masks[:, None].float(), size=tuple(input_size), mode="bilinear", align_corners=False
+    )[:, 0]  # [K, H_pad, W_pad]
+    height, width = (int(v) for v in image_size)
+    return logits[:, :height, :width]
+
+
+def instance_masks(
+    pred_masks: Tensor,
+    queries: Tensor,
+    input_size: Sequence[int],
+    image_size: Sequence[int],
+    orig_size: Sequence[int],
+    threshold: float = 0.5,
+) -> Tensor:
+    """The binary masks of one image's detections at its original size, as the original DETR's
+    instance post-processing makes them: the query's logits upsampled to the input, thresholded
+    at ``threshold`` after a sigmoid, then resized (nearest) to ``orig_size``.
+
+    ``pred_masks`` ``[Q, h/4, w/4]`` this image's mask logits; ``queries`` ``[K]`` the detections'
+    queries; ``input_size`` the padded batch's ``(H, W)``; ``image_size`` this image's ``(h, w)``
+    in the batch (before padding). Returns ``[K, H_orig, W_orig]`` bool."""
+    logits = _image_masks(pred_masks[queries], input_size, image_size)  # [K, h, w]
+    binary = (logits.sigmoid() > threshold).float()
+    resized = F.interpolate(binary[:, None], size=tuple(int(v) for v in orig_size), mode="nearest")
+    return resized[:, 0].bool()  # [K, H_orig, W_orig]
+
+
+def panoptic_segmentation(
+    logits: Tensor,
+    pred_masks: Tensor,
+    is_thing: Sequence[bool],
+    input_size: Sequence[int],
+    image_size: Sequence[int],
+    orig_size: Sequence[int],
+    threshold: float = 0.85,
+    min_area: int = 4,
+) -> tuple[Tensor, list[dict]]:
+    """One image's panoptic segmentation, as the original DETR makes it.
+
+    Queries whose best class (``no object`` included) is a real class scoring above
+    ``threshold`` are kept; each pixel goes to the kept query whose mask logit is highest there;
+    the segments of one stuff class merge into one; the map is resized (nearest) to
+    ``orig_size``; segments of ``min_area`` pixels or fewer (small, or mostly covered by
+    others) are dropped and their pixels given to the rest, until none is left that small.
+
+    ``logits`` ``[Q, C + 1]``, ``pred_masks`` ``[Q, h/4, w/4]`` one image's outputs;
+    ``is_thing`` ``[C]`` per label. Returns the segment ids ``[H_orig, W_orig]`` int64 (0 where
+    no segment is, numbered from 1 otherwise) and one dict per segment: ``id``, ``label``,
+    ``isthing``, ``score`` (the best of its queries) and ``area`` in pixels.
+    """
+    num_classes = logits.shape[-1] - 1
+    if len(is_thing) != num_classes:
+        raise ValueError(f"is_thing has {len(is_thing)} entries for {num_classes} classes")
+    scores, labels = logits.float().softmax(-1).max(-1)  # [Q]
+    keep = (labels != num_classes) & (scores > threshold)
+    scores, labels = scores[keep], labels[keep]
+    masks = _image_masks(pred_masks[keep], input_size, image_size)  # [K, h, w]
+    orig = tuple(int(v) for v in orig_size)
+    while True:
+        ids, owners = _assign_pixels(masks, labels, is_thing, orig)
+        area = torch.bincount(ids.flatten(), minlength=len(owners) + 1)[1:]  # [S]
+        small = area <= min_area
+        if not small.any():
+            break
+        # Drop every query of a small segment and assign its pixels again.
+        dropped = torch.cat([owners[i] for i in small.nonzero()[:, 0].tolist()])
+        kept = torch.ones(len(labels), dtype=torch.bool)
+        kept[dropped] = False
+        masks, labels, scores = masks[kept], labels[kept], scores[kept]
+    segments = [
+        {
+            "id": index + 1,
+            "label": int(labels[queries[0]]),
+            "isthing": bool(is_thing[int(labels[queries[0]])]),
+            "score": float(scores[queries].max()),
+            "area": int(area[index]),
+        }
+        for index, queries in enumerate(owners)
+    ]
+    return ids, segments
+
+
+def _assign_pixels(
+    masks: Tensor, labels: Tensor, is_thing: Sequence[bool], orig_size: tuple[int, int]
+) -> tuple[Tensor, list[Tensor]]:
+    """Each pixel to the query of highest logit, the queries of one stuff class as one segment.
+    Returns segment ids ``[H_orig, W_orig]`` (from 1; 0 without queries) and, per segment, the
+    indices of its queries."""
+    if len(labels) == 0:
+        return torch.zeros(orig_size, dtype=torch.int64), []
+    winner = masks.argmax(0)  # [h, w] the query whose logit is highest
+    owners: list[Tensor] = []
+    segment_of = torch.empty(len(labels), dtype=torch.int64)
+    for query in range(len(labels)):
+        label = int(labels[query])
+        if not is_thing[label]:
+            earlier = [s for s, members in enumerate(owners) if int(labels[members[0]]) == label]
+            if earlier:
+                owners[earlier[0]] = torch.cat([owners[earlier[0]], torch.tensor([query])])
+                segment_of[query] = earlier[0] + 1
+                continue
+        owners.append(torch.tensor([query]))
+        segment_of[query] = len(owners)
+    ids = segment_of[winner]  # [h, w]
+    ids = F.interpolate(ids[None, None].float(), size=orig_size, mode="nearest")[0, 0].long()
+    # A segment may have lost every pixel to the resize; it is numbered still, and has area 0.
+    return ids, owners

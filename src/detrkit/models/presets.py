@@ -44,6 +44,19 @@ PRESETS: dict[str, ModelConfig] = {
         num_queries=20,
         num_classes=10,
     ),
+    # detr_digits with the mask head, for the panoptic digits (the canvas as an 11th, stuff
+    # class); 8 heads, as the mask head's group norms need hidden_dim + nheads a multiple of 8.
+    "detr_digits_panoptic": DETRSegmentationConfig(
+        backbone="resnet18",
+        backbone_norm="batch",
+        hidden_dim=128,
+        nheads=8,
+        enc_layers=2,
+        dec_layers=2,
+        dim_feedforward=512,
+        num_queries=20,
+        num_classes=11,
+    ),
     "deformable_detr_digits": DeformableDETRConfig(
         backbone="resnet18",
         backbone_norm="batch",

@@ -128,6 +128,11 @@ class DETRSegmentation(nn.Module):
         fpn_dims = [channels["layer3"], channels["layer2"], channels["layer1"]]
         self.mask_head = MaskHeadSmallConv(hidden_dim + nheads, fpn_dims, hidden_dim)
 
+    @property
+    def backbone(self) -> nn.Module:
+        """The detector's backbone (``detr.backbone``), where training code looks for it."""
+        return self.detr.backbone
+
     def forward(self, images: Tensor, mask: Tensor | None = None) -> dict:
         detr = self.detr
         if mask is None:
