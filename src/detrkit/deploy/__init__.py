@@ -134,8 +134,13 @@ def export(
     # requires_grad on every weight: tracing a matmul with frozen weights checks the input's
     # strides, which fixes the batch size of the decoder's attention to the export's.
     source = copy.deepcopy(model).to("cpu", torch.float32).eval().requires_grad_(True)
-    # Exports return the last layer's predictions only: leave the other layers' out of the graph.
-    source.config = dataclasses.replace(config, aux_loss=False)
+    # Exports return the last layer's predictions only: leave the other layers' out of the graph,
+    # in every module that reads the config (a panoptic model's detector, under ``detr``, too;
+    # with one decoder layer its empty list of earlier layers would be a node that torch.export
+    # saves but cannot load).
+    for module in source.modules():
+        if isinstance(getattr(module, "config", None), ModelConfig):
+            module.config = dataclasses.replace(module.config, aux_loss=False)
     # Exports trace the reference computation on the whole batch: optimize_for_inference's fast
     # modules (chunked MLPs and batches, reordered decoder attention, Winograd convolutions that
     # are an extension's kernels, in-place residual additions) go back to the reference ones.

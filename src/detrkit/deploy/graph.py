@@ -4,7 +4,11 @@ Exported graphs take ``images`` ``[B, 3, H, W]`` (normalised as the models take 
 ``mask`` ``[B, H, W]`` (True on padding) and, with post-processing, ``orig_sizes`` ``[B, 2]`` (each
 image's (height, width) in pixels). They return the final ``pred_logits`` and ``pred_boxes``
 (no auxiliary outputs) or, post-processed, ``scores``, ``labels`` and absolute xyxy ``boxes``.
-Batch, height and width are dynamic.
+Panoptic models (DETR's mask head) add ``pred_masks`` ``[B, K, ceil(H/4), ceil(W/4)]``: the mask
+logits of each query, or of each detection when post-processed (K = Q for DETR, whose detections
+are its queries in order), at stride 4 of the padded input. Upsampling them to the image and
+thresholding stay in Python: at the input's size they would be K times the image. Batch, height
+and width are dynamic.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from torch import Tensor, nn
 from torch.export import Dim, ExportedProgram
 
 from detrkit.deploy.errors import ExportError
-from detrkit.models import PostProcess
+from detrkit.models import DETRSegmentationConfig, PostProcess
 
 RAW_OUTPUTS = ("pred_logits", "pred_boxes")
 DETECTION_OUTPUTS = ("scores", "labels", "boxes")
+# The panoptic models' extra output, raw or post-processed.
+MASK_OUTPUT = "pred_masks"
 # Dynamic axes of each input; every other axis is fixed.
 DYNAMIC_AXES = {"images": (0, 2, 3), "mask": (0, 1, 2), "orig_sizes": (0,)}
 # Readable names for the dynamic axes of the exported graph's inputs and outputs.
@@ -50,14 +56,23 @@ class ExportedDetector(nn.Module):
             self.postprocess = PostProcess.for_config(model.config)
             self.postprocess.num_select = num_select
         self.output_names = list(DETECTION_OUTPUTS if with_postprocess else RAW_OUTPUTS)
+        self.with_masks = has_masks(model)
+        if self.with_masks:
+            self.output_names.append(MASK_OUTPUT)
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         named = dict(zip(self.input_names, inputs))
         outputs = self.model(named["images"], named.get("mask"))
         if self.postprocess is None:
-            return outputs["pred_logits"], outputs["pred_boxes"]
-        found = self.postprocess.batched(outputs, named["orig_sizes"])
-        return found["scores"], found["labels"], found["boxes"]
+            found = outputs
+        else:
+            found = self.postprocess.batched(outputs, named["orig_sizes"])
+            if self.with_masks:
+                # Each detection's query's masks (the queries themselves, in order, for DETR).
+                masks = outputs[MASK_OUTPUT]  # [B, Q, h, w]
+                index = found["queries"][:, :, None, None].expand(-1, -1, *masks.shape[-2:])
+                found[MASK_OUTPUT] = masks.gather(1, index)  # [B, K, h, w]
+        return tuple(found[name] for name in self.output_names)
 
     def example_inputs(self, size: tuple[int, int], batch: int = 2) -> tuple[Tensor, ...]:
         """Inputs to trace with. The batch is 2, not 1: tracing treats a size of 1 as special and
@@ -77,6 +92,11 @@ class ExportedDetector(nn.Module):
         return (
             tuple({axis: Dim.AUTO for axis in DYNAMIC_AXES[name]} for name in self.input_names),
         )
+
+
+def has_masks(model: nn.Module) -> bool:
+    """Whether ``model`` is a panoptic model, whose outputs add ``pred_masks``."""
+    return isinstance(model.config, DETRSegmentationConfig)
 
 
 def check_dynamic(program: ExportedProgram, input_names: list[str], exporter: str) -> None:

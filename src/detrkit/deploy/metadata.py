@@ -22,7 +22,7 @@ def export_metadata(
         boxes = "absolute x1, y1, x2, y2 in the pixels of orig_sizes"
     else:
         boxes = "normalised cx, cy, w, h in [0, 1] of the unpadded image"
-    return {
+    metadata = {
         "detrkit_version": __version__,
         "model_type": config.model_type,
         "preset": preset,
@@ -39,3 +39,11 @@ def export_metadata(
         # "no object".
         "classification": kind_of(config).classification,
     }
+    if "pred_masks" in output_names:
+        of = "detection (of its query)" if postprocessed else "query"
+        metadata["masks"] = (
+            f"pred_masks [B, K, ceil(H/4), ceil(W/4)]: mask logits of each {of} at stride 4 of "
+            "the padded input; upsample bilinearly to H x W, keep each image's unpadded part, "
+            "then sigmoid > 0.5, resized to the image's own size, is its mask"
+        )
+    return metadata

@@ -16,22 +16,13 @@ import numbers
 from torch import nn
 
 from detrkit.deploy.errors import ExportError
-from detrkit.models import DETRSegmentationConfig
-
-
-def check_exportable(model: nn.Module) -> None:
-    """Raises ExportError for a model kind that detrkit cannot export yet (checked first, by
-    :func:`check_export_size`, before anything is traced)."""
-    if isinstance(model.config, DETRSegmentationConfig):
-        raise ExportError(
-            "exporting DETR's segmentation models (with their pred_masks) is not in detrkit yet"
-        )
 
 
 def feature_strides(model: nn.Module) -> list[int]:
     """The stride of every feature level of a detrkit model: the backbone's stages, then
-    Deformable DETR's extra levels, each a stride-2 convolution on the one before."""
-    strides = list(model.backbone[0].strides)
+    Deformable DETR's extra levels, each a stride-2 convolution on the one before. A panoptic
+    model's backbone is its detector's (``model.detr``)."""
+    strides = list(getattr(model, "detr", model).backbone[0].strides)
     levels = getattr(model.config, "num_feature_levels", len(strides))
     for _ in range(levels - len(strides)):
         strides.append(strides[-1] * 2)
@@ -73,7 +64,6 @@ def check_export_size(model: nn.Module, size: tuple[int, int], name: str | None 
         raise ExportError(f"size must be (height, width), two whole numbers, got {size}")
     height, width = size
     name = name or f"size {height}x{width}"
-    check_exportable(model)
     strides = feature_strides(model)
     side, positions = smallest_side(strides), required_positions(model)
     rule = (
