@@ -13,6 +13,7 @@ from detrkit.data.coco import (
 from detrkit.data.coco_names import COCO_NAMES, class_names_for
 from detrkit.data.digits import DigitsDetection, make_scene, write_digits_coco
 from detrkit.data.drawing import draw_detections
+from detrkit.data.panoptic import CocoPanoptic, pq_categories
 from detrkit.data.transforms import (
     AugmentationConfig,
     RandomShortSideResize,
@@ -29,6 +30,7 @@ __all__ = [
     "AugmentationConfig",
     "CocoDetection",
     "CocoFormatError",
+    "CocoPanoptic",
     "DigitsDetection",
     "ImageReadError",
     "Problem",
@@ -43,6 +45,7 @@ __all__ = [
     "make_train_transforms",
     "make_val_transforms",
     "pad_images",
+    "pq_categories",
     "read_coco_json",
     "read_image",
     "require_trainable",

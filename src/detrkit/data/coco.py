@@ -83,10 +83,12 @@ def _read_with_pillow(path: Path) -> Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # [H, W, 3] -> [3, H, W]
 
 
-def read_coco_json(path: str | Path) -> dict[str, Any]:
+def read_coco_json(path: str | Path, what: str = "instances") -> dict[str, Any]:
     """Parses a COCO instances file and checks it has the ``images``, ``annotations`` and
     ``categories`` lists; raises ValueError naming the file and what is wrong (OSError when it
-    cannot be read). The entries are checked by :func:`~detrkit.data.validate.validate_coco`."""
+    cannot be read). The entries are checked by :func:`~detrkit.data.validate.validate_coco`.
+    ``what`` names the kind of file in the messages (COCO's panoptic files have the same
+    lists)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -102,7 +104,7 @@ def read_coco_json(path: str | Path) -> dict[str, Any]:
     if missing:
         raise CocoFormatError(
             f"{path}: missing {', '.join(repr(name) for name in missing)} "
-            f"(a COCO instances file has 'images', 'annotations' and 'categories')"
+            f"(a COCO {what} file has 'images', 'annotations' and 'categories')"
         )
     for name in SECTIONS:
         if not isinstance(data[name], list):

@@ -269,6 +269,20 @@ class DigitsDetection(Dataset):
             target["masks"] = tv_tensors.Mask(torch.from_numpy(masks))
         return to_training_sample(image, target, self.transforms)
 
+    def panoptic_target(self, index: int) -> Tensor:
+        """Scene ``index``'s ground truth for panoptic quality, ``[H, W, 2]`` ``int64``: each
+        pixel's (category id, segment id) from :func:`panoptic_segments` (the digits, then the
+        canvas, id 10; segments numbered from 1 in that order, as :func:`write_digits_coco`'s
+        PNGs number them), whether or not the dataset is ``panoptic``. The format of
+        :meth:`CocoPanoptic.panoptic_target <detrkit.data.CocoPanoptic.panoptic_target>`
+        (void: category -1, though every pixel of a scene has a segment)."""
+        from detrkit.data.panoptic import panoptic_target_of
+
+        if index < 0:
+            index += self.num_images
+        masks, labels, _ = panoptic_segments(self.scene(index))
+        return panoptic_target_of(torch.from_numpy(masks), labels.tolist(), masks.shape[1:])
+
 
 def panoptic_png(segment_ids: np.ndarray) -> np.ndarray:
     """Segment ids ``[H, W]`` as the COCO panoptic PNG's colours: id = R + 256 G + 256^2 B."""

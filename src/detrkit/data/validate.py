@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -82,6 +83,30 @@ KINDS: dict[str, tuple[Severity, str]] = {
     "image_without_annotations": (
         "warning",
         "images with no usable object: trained on as background only",
+    ),
+    # COCO's panoptic format (detrkit.data.panoptic): its JSON, then its PNGs, which only
+    # check_panoptic and the reading of an item look at.
+    "malformed_panoptic_annotation": (
+        "error",
+        "panoptic annotations or segments with a field missing, null or of a wrong type",
+    ),
+    "duplicate_panoptic_annotation": ("error", "images with more than one panoptic annotation"),
+    "duplicate_segment_id": ("error", "segments repeating an earlier id of their image"),
+    "missing_panoptic_annotation": (
+        "warning",
+        "images without a panoptic annotation (left out of the panoptic dataset)",
+    ),
+    "no_panoptic_dir": ("error", "the folder of the panoptic PNGs does not exist"),
+    "missing_panoptic_png": ("error", "panoptic PNGs that do not exist"),
+    "unreadable_panoptic_png": ("error", "panoptic PNGs that cannot be decoded"),
+    "panoptic_size_mismatch": ("error", "panoptic PNGs whose size is not their image's"),
+    "unlisted_segment_id": (
+        "error",
+        "segment ids in a PNG that its annotation's segments_info does not list",
+    ),
+    "segment_without_pixels": (
+        "warning",
+        "segments listed in segments_info with no pixel in their PNG (left out)",
     ),
     # The image files, which only check_dataset and the reading of an item look at.
     "no_images_dir": ("error", "the images folder does not exist"),
@@ -277,11 +302,18 @@ FIELDS = {
 
 def _field_problems(entry: Any, section: str, i: int) -> list[str]:
     """What is wrong with the fields of ``section[i]``, one line per field."""
-    where = f"{section}[{i}]"
+    return field_problems(entry, f"{section}[{i}]", FIELDS[section])
+
+
+def field_problems(
+    entry: Any, where: str, rules: dict[str, tuple[Callable[[Any], bool], str]]
+) -> list[str]:
+    """What is wrong with the fields of the entry at ``where`` under ``rules`` (field name:
+    (test, what is expected)), one line per field."""
     if not isinstance(entry, dict):
         return [f"{where} is {shown_value(entry)}; expected an object"]
     problems = []
-    for name, (valid, expected) in FIELDS[section].items():
+    for name, (valid, expected) in rules.items():
         if name not in entry:
             problems.append(f"{where} has no {name!r}; expected {expected}")
         elif not valid(entry[name]):
