@@ -7,16 +7,34 @@ import sys
 from typing import Any
 
 from detrkit.cli.arguments import non_negative_int
-from detrkit.data.check import check_dataset
+from detrkit.data.check import check_dataset, check_panoptic
 from detrkit.data.digits import write_digits_coco
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     """Prints the dataset report; exits non-zero only when the dataset is unusable: when
     training or evaluation would refuse it (the loader applies the same rules)."""
-    report = check_dataset(args.images, args.annotations, decode_images=not args.no_decode)
-    print(report.format())
-    return report.exit_code
+    if args.annotations is None and args.panoptic is None:
+        raise ValueError(
+            "data check: give an instances JSON (ANNOTATIONS), a panoptic one (--panoptic) or both"
+        )
+    if args.panoptic_dir is not None and args.panoptic is None:
+        raise ValueError("data check: --panoptic-dir is the folder of --panoptic's PNGs; give both")
+    reports = []
+    if args.annotations is not None:
+        reports.append(
+            check_dataset(
+                args.images, args.annotations, decode_images=not args.no_decode, masks=args.masks
+            )
+        )
+    if args.panoptic is not None:
+        reports.append(
+            check_panoptic(
+                args.images, args.panoptic, args.panoptic_dir, decode_images=not args.no_decode
+            )
+        )
+    print("\n\n".join(report.format() for report in reports))
+    return max(report.exit_code for report in reports)
 
 
 def cmd_data_make_digits(args: argparse.Namespace) -> int:
@@ -53,7 +71,27 @@ def add_data_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         "would refuse it (exit 1), warnings for what they leave out or clip",
     )
     check.add_argument("images", help="directory of the image files")
-    check.add_argument("annotations", help="COCO instances JSON file")
+    check.add_argument(
+        "annotations",
+        nargs="?",
+        help="COCO instances JSON file (optional with --panoptic: both sets are checked)",
+    )
+    check.add_argument(
+        "--masks",
+        action="store_true",
+        help="check the instances as mask training reads them: every object needs a "
+        "segmentation (polygons or RLE) that decodes at its image's size",
+    )
+    check.add_argument(
+        "--panoptic",
+        metavar="PANOPTIC_JSON",
+        help="also (or only) check a COCO panoptic set of these images: its JSON and PNGs",
+    )
+    check.add_argument(
+        "--panoptic-dir",
+        metavar="DIR",
+        help="folder of the panoptic PNGs (default: PANOPTIC_JSON without .json, COCO's layout)",
+    )
     check.add_argument(
         "--no-decode",
         action="store_true",

@@ -7,7 +7,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from detrkit.data.coco import read_coco_json, read_image
+from detrkit.data.coco import ImageReadError, read_coco_json, read_image
+from detrkit.data.panoptic import (
+    PanopticIndex,
+    default_panoptic_dir,
+    png_findings,
+    read_segment_ids,
+    validate_panoptic,
+)
 from detrkit.data.validate import CocoIndex, Finding, Severity, image_file_findings, validate_coco
 
 MAX_EXAMPLES = 3
@@ -35,6 +42,9 @@ class Report:
     num_annotations: int = 0
     num_categories: int = 0
     problems: dict[str, Problem] = field(default_factory=dict)
+    # A panoptic set's (check_panoptic): the folder of its PNGs and its number of segments.
+    panoptic_dir: Path | None = None
+    num_segments: int = 0
 
     def add(self, kind: str, severity: Severity, description: str, example: str = "") -> None:
         """Counts one occurrence of a problem."""
@@ -72,6 +82,9 @@ class Report:
             f"found {self.num_images} images, {self.num_annotations} annotations, "
             f"{self.num_categories} categories",
         ]
+        if self.panoptic_dir is not None:
+            lines.insert(2, f"PNGs:        {self.panoptic_dir}")
+            lines[-1] += f", {self.num_segments} segments"
         for title, problems in (("errors", self.errors), ("warnings", self.warnings)):
             if problems:
                 lines.append(f"{title}:")
@@ -86,7 +99,10 @@ class Report:
 
 
 def check_dataset(
-    images_dir: str | Path, annotations_json: str | Path, decode_images: bool = True
+    images_dir: str | Path,
+    annotations_json: str | Path,
+    decode_images: bool = True,
+    masks: bool = False,
 ) -> Report:
     """Checks a COCO instances file and its images; never raises for problems in the data.
 
@@ -97,6 +113,10 @@ def check_dataset(
     files or cannot be decoded (evaluation refuses those; training skips them).
     ``decode_images=False`` only reads the image headers: much faster, but truncated files go
     unnoticed.
+
+    ``masks``: checks the file as ``CocoDetection(..., masks=True)`` reads it: every kept object
+    needs a segmentation that decodes at its image's size (bad polygons and RLE are errors,
+    not warnings), and an image file whose size is not the JSON's is an error.
     """
     report = Report(Path(images_dir), Path(annotations_json))
     try:
@@ -108,20 +128,89 @@ def check_dataset(
     report.num_annotations = len(data["annotations"])
     report.num_categories = len(data["categories"])
 
-    index = validate_coco(data)
+    index = validate_coco(data, masks=masks)
     for finding in index.findings:
         report.record(finding)
     reason = index.untrainable_reason()
     if reason is not None and index.images:
         report.record(Finding("not_trainable", reason))
-    _check_image_files(report, index, decode_images)
+    _check_image_files(report, index, decode_images, masks)
     return report
 
 
-def _check_image_files(report: Report, index: CocoIndex, decode: bool) -> None:
+def check_panoptic(
+    images_dir: str | Path,
+    panoptic_json: str | Path,
+    panoptic_dir: str | Path | None = None,
+    decode_images: bool = True,
+) -> Report:
+    """Checks a COCO panoptic set: its JSON (the rules of
+    :func:`~detrkit.data.panoptic.validate_panoptic`), its images as :func:`check_dataset` does,
+    and each annotation's PNG in ``panoptic_dir`` (default: the JSON's path without ``.json``):
+    missing or not decodable, of another size than its image, holding ids its segments_info
+    does not list (errors: :class:`~detrkit.data.CocoPanoptic` refuses them) or listing segments
+    without a pixel (warnings: left out). The PNGs are always decoded, ``decode_images`` only
+    concerns the images. Never raises for problems in the data."""
+    panoptic_dir = Path(
+        default_panoptic_dir(panoptic_json) if panoptic_dir is None else panoptic_dir
+    )
+    report = Report(Path(images_dir), Path(panoptic_json), panoptic_dir=panoptic_dir)
+    try:
+        data = read_coco_json(panoptic_json, what="panoptic")
+    except (OSError, ValueError) as error:
+        report.record(Finding("invalid_annotations_file", str(error)))
+        return report
+    report.num_images = len(data["images"])
+    report.num_annotations = len(data["annotations"])
+    report.num_categories = len(data["categories"])
+    index = validate_panoptic(data)
+    report.num_segments = sum(len(entry.segments) for entry in index.panoptic.values())
+    for finding in index.findings:
+        report.record(finding)
+    sizes = _check_image_files(report, index, decode_images)
+    _check_pngs(report, index, sizes)
+    return report
+
+
+def _check_pngs(report: Report, index: PanopticIndex, sizes: dict[int, tuple[int, int]]) -> None:
+    assert report.panoptic_dir is not None
+    if not report.panoptic_dir.is_dir():
+        report.record(Finding("no_panoptic_dir", str(report.panoptic_dir)))
+        return
+    for image_id, entry in index.panoptic.items():
+        where = f"{entry.file_name} (image id {image_id})"
+        path = report.panoptic_dir / entry.file_name
+        if not path.is_file():
+            report.record(Finding("missing_panoptic_png", f"{where}: no such file"))
+            continue
+        try:
+            ids = read_segment_ids(path)
+        except ImageReadError as error:
+            report.record(Finding("unreadable_panoptic_png", f"{where}: {error}"))
+            continue
+        image = index.images[image_id]
+        size = sizes.get(image_id, (image.height, image.width))
+        if None not in size and tuple(ids.shape) != size:
+            report.record(
+                Finding(
+                    "panoptic_size_mismatch",
+                    f"{where}: PNG {ids.shape[1]}x{ids.shape[0]}, image {image.file_name} "
+                    f"{size[1]}x{size[0]} (width x height)",
+                )
+            )
+        for finding in png_findings(ids, entry, where):
+            report.record(finding)
+
+
+def _check_image_files(
+    report: Report, index: CocoIndex, decode: bool, masks: bool = False
+) -> dict[int, tuple[int, int]]:
+    """Adds the findings of the images' files; returns the size (height, width) of each image
+    read."""
+    sizes: dict[int, tuple[int, int]] = {}
     if not report.images_dir.is_dir():
         report.record(Finding("no_images_dir", str(report.images_dir)))
-        return
+        return sizes
     for image_id, entry in index.images.items():
         if entry.file_name is None:  # malformed or unsafe: reported already
             continue
@@ -141,12 +230,21 @@ def _check_image_files(report: Report, index: CocoIndex, decode: bool) -> None:
         except Exception as error:  # Pillow signals broken files with many exception types
             report.record(Finding("unreadable_image", f"{where}: {error}"))
             continue
+        sizes[image_id] = (height, width)
         listed = (entry.height, entry.width)
         if None not in listed and listed != (height, width):
+            # Masks are decoded at the JSON's size: they would not cover the image.
+            override, note = ("error", _MASKS_SIZE) if masks else (None, "")
             report.record(
                 Finding(
                     "image_size_mismatch",
                     f"{where}: JSON {listed[1]}x{listed[0]}, file {width}x{height} "
                     "(width x height)",
+                    override,
+                    note,
                 )
             )
+    return sizes
+
+
+_MASKS_SIZE = "an error for masks, which would not cover their image: masks=True refuses them"
