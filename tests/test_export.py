@@ -62,7 +62,9 @@ def exports(tmp_path_factory):
     return get
 
 
-def assert_matches_pytorch(model, exported: ExportedModel, with_mask: bool = True) -> None:
+def assert_matches_pytorch(
+    model, exported: ExportedModel, with_mask: bool = True, outputs=("pred_logits", "pred_boxes")
+) -> None:
     """Every check size and batch, with and without padding: within TOLERANCE of PyTorch."""
     for count, size in CHECKS:
         for padded in (False, True) if with_mask else (False,):
@@ -71,7 +73,7 @@ def assert_matches_pytorch(model, exported: ExportedModel, with_mask: bool = Tru
                 expected = model(images, mask if with_mask else None)
             inputs = {"images": images, "mask": mask} if with_mask else {"images": images}
             actual = exported(**inputs)
-            for name in ("pred_logits", "pred_boxes"):
+            for name in outputs:
                 assert actual[name].shape == expected[name].shape, (name, count, size)
                 difference = (actual[name] - expected[name]).abs().max().item()
                 assert difference <= TOLERANCE, (name, count, size, padded, difference)
@@ -498,3 +500,139 @@ def test_nan_in_the_export_is_a_difference():
     broken["boxes"][0, 1, 2] = float("nan")
     with pytest.raises(ExportError, match="1 detections have no counterpart"):
         compare(detections, broken, TOLERANCE, torch.tensor([[100, 200]]))
+
+
+# --- DETR's panoptic models: pred_masks beside the detector's outputs ---------------------------
+
+PANOPTIC_SIZE = (64, 96)  # the smallest DETR takes is 33: masks of 16x24 at the export's size
+PANOPTIC_OUTPUTS = ("pred_logits", "pred_boxes", "pred_masks")
+
+
+def tiny_panoptic_model() -> torch.nn.Module:
+    """A small random DETRSegmentation (the mask head needs hidden_dim a multiple of 128), every
+    weight perturbed as tiny_model perturbs them."""
+    torch.manual_seed(0)
+    model = detrkit.build_model(
+        "detr_r50_panoptic",
+        backbone="resnet18",
+        hidden_dim=128,
+        nheads=8,
+        enc_layers=1,
+        dec_layers=1,
+        dim_feedforward=64,
+        num_queries=5,
+        num_classes=3,
+        dropout=0.0,
+    ).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+@pytest.fixture(scope="module")
+def panoptic_checkpoint(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("panoptic")
+    model = tiny_panoptic_model()
+    model.config.class_names = ["cat", "dog", "sky"]
+    return detrkit.save(model, folder / "checkpoint")
+
+
+@needs_onnx
+def test_cli_exports_a_panoptic_model_with_its_masks(panoptic_checkpoint, tmp_path, capsys):
+    """`detrkit export` of DETR's panoptic model: pred_masks [B, Q, H/4, W/4] (rounded up) beside
+    pred_logits and pred_boxes, verified, named in the metadata, and what PyTorch computes at
+    other batch and image sizes, padded or not. (25 s: one ONNX trace.)"""
+    import onnx
+
+    out = tmp_path / "panoptic.onnx"
+    size = [str(side) for side in PANOPTIC_SIZE]
+    assert (
+        main(["export", "--weights", str(panoptic_checkpoint), "--out", str(out), "--size", *size])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "verified with ONNX Runtime on a batch of 1 at 64x96 and a batch of 3 at" in printed
+    assert "pred_masks" in printed
+
+    graph = onnx.load(out)
+    assert [value.name for value in graph.graph.output] == list(PANOPTIC_OUTPUTS)
+    metadata = {entry.key: entry.value for entry in graph.metadata_props}
+    assert metadata["model_type"] == "detr_segmentation"
+    assert json.loads(metadata["outputs"]) == list(PANOPTIC_OUTPUTS)
+    assert metadata["masks"].startswith("pred_masks [B, K, ceil(H/4), ceil(W/4)]: mask logits")
+
+    exported = ExportedModel(out)
+    assert exported.input_names == ["images", "mask"]
+    assert exported.output_names == list(PANOPTIC_OUTPUTS)
+    assert {node.domain for node in graph.graph.node} == {""} and not graph.functions
+    model = detrkit.load(panoptic_checkpoint).eval()
+    assert_matches_pytorch(model, exported, outputs=PANOPTIC_OUTPUTS)
+    images, mask = batch((131, 147), 3, padded=True)
+    assert exported(images=images, mask=mask)["pred_masks"].shape == (3, 5, 33, 37)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize(
+    ("format", "options"),
+    [
+        pytest.param("torch", {}, id="torch"),
+        pytest.param("onnx", {"with_mask": False}, marks=needs_onnx, id="onnx-no-mask"),
+        pytest.param("onnx", {"with_postprocess": True}, marks=needs_onnx, id="onnx-postprocess"),
+        pytest.param("torch", {"with_postprocess": True}, id="torch-postprocess"),
+        pytest.param("onnx", {"opset": 22}, marks=needs_onnx, id="onnx-opset-22"),
+    ],
+)
+def test_every_export_option_takes_a_panoptic_model(tmp_path, format, options):
+    """Every format and option of `detrkit export` on the panoptic model: the export verifies,
+    and its pred_masks are PyTorch's, per query or, post-processed, per detection (DETR's
+    detections are its queries, in order)."""
+    model = tiny_panoptic_model()
+    path = tmp_path / ("m.onnx" if format == "onnx" else "m.pt2")
+    result = detrkit.export(model, path, format, size=PANOPTIC_SIZE, **options)
+    assert result.differences["pred_masks"] <= TOLERANCE
+    exported = ExportedModel(path)
+    with_mask = options.get("with_mask", True)
+    if not options.get("with_postprocess"):
+        assert exported.output_names == list(PANOPTIC_OUTPUTS)
+        assert_matches_pytorch(model, exported, with_mask, outputs=PANOPTIC_OUTPUTS)
+        return
+    assert exported.output_names == ["scores", "labels", "boxes", "pred_masks"]
+    images, mask = batch((131, 147), 3, padded=True)
+    orig_sizes = torch.tensor([[480, 640], [300, 500], [131, 147]])
+    actual = exported(images=images, mask=mask, orig_sizes=orig_sizes)
+    with torch.no_grad():
+        outputs = model(images, mask)
+        found = detrkit.models.PostProcess.for_config(model.config).batched(outputs, orig_sizes)
+    assert torch.equal(found["queries"], torch.arange(5).expand(3, 5))
+    expected = {name: found[name] for name in ("scores", "labels", "boxes")}
+    expected["pred_masks"] = outputs["pred_masks"]
+    differences = compare(expected, actual, TOLERANCE, orig_sizes)
+    assert differences["labels"] == 0 and differences["pred_masks"] <= TOLERANCE
+
+
+def test_post_processed_masks_are_compared_with_the_matching_detection():
+    """Post-processed, each detection's masks must be those of the PyTorch detection its label,
+    score and box match: detections may swap places where scores tie, their masks with them."""
+    sizes = torch.tensor([[100, 200]])
+    masks = torch.randn(1, 3, 4, 6, generator=torch.Generator().manual_seed(0))
+    expected = {
+        "scores": torch.tensor([[0.9, 0.5, 0.5]]),
+        "labels": torch.tensor([[1, 2, 2]]),
+        "boxes": torch.tensor([[[0.0, 0, 10, 10], [5, 5, 9, 9], [1, 1, 2, 2]]]),
+        "pred_masks": masks,
+    }
+    swapped = {k: v[:, [0, 2, 1]] for k, v in expected.items()}
+    differences = compare(expected, swapped, TOLERANCE, sizes)
+    assert differences == {"scores": 0, "boxes": 0, "labels": 0, "pred_masks": 0}
+    # The boxes swapped but not the masks: two detections with another detection's masks.
+    wrong = {**swapped, "pred_masks": masks}
+    with pytest.raises(ExportError, match=r"2 detections have no counterpart.*masks within 1e-04"):
+        compare(expected, wrong, TOLERANCE, sizes)
+    off = {k: v.clone() for k, v in expected.items()}
+    off["pred_masks"][0, 0, 2, 3] += 5e-5
+    assert compare(expected, off, TOLERANCE, sizes)["pred_masks"] == pytest.approx(5e-5, rel=1e-2)
+    off["pred_masks"][0, 0, 2, 3] = float("nan")
+    with pytest.raises(ExportError, match="1 detections have no counterpart"):
+        compare(expected, off, TOLERANCE, sizes)
