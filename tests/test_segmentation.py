@@ -157,23 +157,9 @@ def test_a_mask_head_that_cannot_be_built_is_named():
         build_config("detr_r50_panoptic", hidden_dim=64, nheads=8)
 
 
-def test_exporting_masks_is_refused_clearly(tmp_path):
-    from detrkit.deploy import ExportError
-
-    model = DETRSegmentation(build_config("detr_r50_panoptic", enc_layers=1, dec_layers=1))
-    with pytest.raises(ExportError, match="segmentation models"):
-        detrkit.export(model, tmp_path / "model.onnx", size=(64, 64))
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_the_command_line_names_what_is_not_there_yet(tmp_path, capsys):
     from detrkit.cli.main import main
 
-    model = DETRSegmentation(build_config("detr_r50_panoptic", enc_layers=1, dec_layers=1))
-    weights = detrkit.save(model, tmp_path / "panoptic")
-    assert main(["export", "--weights", str(weights), "--out", str(tmp_path / "m.onnx")]) == 2
-    assert "segmentation models" in capsys.readouterr().err
-    assert not (tmp_path / "m.onnx").exists()
     run = ["train", "--model", "detr_r50_panoptic", "--data", "digits"]
     assert main([*run, "--output", str(tmp_path / "run")]) == 2
     assert "detrkit train reads boxes, not masks, so far" in capsys.readouterr().err
