@@ -147,7 +147,11 @@ def load(
     """
     state_dict, config = read_checkpoint(path, map_location)
     if "num_classes" in overrides and overrides["num_classes"] != config.num_classes:
-        config = dataclasses.replace(config, class_names=None, category_ids=None)
+        # Names, ids and the thing/stuff split were the old classes'.
+        labels = {"class_names": None, "category_ids": None}
+        if hasattr(config, "is_thing"):
+            labels["is_thing"] = None
+        config = dataclasses.replace(config, **labels)
     try:
         config = dataclasses.replace(config, **overrides)
     except (TypeError, ValueError) as error:

@@ -267,6 +267,10 @@ def build_training_model(config: TrainConfig, train_set, log) -> nn.Module:
         )
     else:
         model = model_from_config(build_config(config.model, **options))
+    things = getattr(train_set, "is_thing", None)
+    if isinstance(model, DETRSegmentation) and things and "is_thing" not in config.model_options:
+        # The dataset's stuff classes, which panoptic segmentation merges into one segment each.
+        model.config.is_thing = [bool(thing) for thing in things]
     if config.freeze_backbone:
         for param in model.backbone.parameters():
             param.requires_grad_(False)

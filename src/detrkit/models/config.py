@@ -30,6 +30,20 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+# The list fields of configs: what they hold (for errors), which items they accept and how
+# each item is stored.
+_LIST_FIELDS: dict[str, tuple[str, Any, Any]] = {
+    "class_names": ("a list of names or null", lambda item: isinstance(item, str), str),
+    "category_ids": ("a list of integers or null", _is_integer, int),
+    "is_thing": ("a list of true/false or null", lambda item: isinstance(item, bool), bool),
+}
+
+# COCO panoptic's category ids (what the published 250-class panoptic models predict): 1 to 90
+# are its things, 92 to 200 its stuff (the original's ``is_thing_map = {i: i <= 90}``).
+COCO_PANOPTIC_LAST_THING_ID = 90
+COCO_PANOPTIC_NUM_CLASSES = 250
+
+
 @dataclass
 class ModelConfig:
     """What every detector's architecture shares; subclasses add their own fields."""
@@ -98,15 +112,13 @@ class ModelConfig:
                 ok = ok and not isinstance(value, bool)
             elif isinstance(default, str):
                 kind, ok = "a string", isinstance(value, str)
-            else:  # class_names, category_ids: lists or None
-                ids = f.name == "category_ids"
-                kind = "a list of integers or null" if ids else "a list of names or null"
-                item_ok = _is_integer if ids else (lambda item: isinstance(item, str))
+            else:  # class_names, category_ids, is_thing: lists or None
+                kind, item_ok, convert = _LIST_FIELDS.get(f.name, _LIST_FIELDS["class_names"])
                 ok = value is None or (
                     isinstance(value, (list, tuple)) and all(item_ok(item) for item in value)
                 )
                 if ok and value is not None:
-                    setattr(self, f.name, [int(v) for v in value] if ids else list(value))
+                    setattr(self, f.name, [convert(v) for v in value])
             if not ok:
                 raise ValueError(f"{f.name} must be {kind}, got {value!r}")
 
@@ -135,10 +147,19 @@ class DETRSegmentationConfig(DETRConfig):
     """DETR with the mask head of its panoptic models: the detector's fields, one mask per
     query (:class:`~detrkit.models.segmentation.DETRSegmentation`)."""
 
+    # Per class, whether it is a thing (counted objects) or stuff (amorphous regions, one
+    # segment per class in a panoptic segmentation); None: COCO panoptic's own split for
+    # 250-class models (the published ones), every class a thing for others. See thing_classes.
+    is_thing: list[bool] | None = None
+
     model_type: ClassVar[str] = "detr_segmentation"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.is_thing is not None and len(self.is_thing) != self.num_classes:
+            raise ValueError(
+                f"is_thing has {len(self.is_thing)} entries but num_classes is {self.num_classes}"
+            )
         # The mask head's group norms (8 groups) take hidden_dim + nheads channels, then
         # hidden_dim / 2 down to hidden_dim / 16.
         if (self.hidden_dim + self.nheads) % 8 or self.hidden_dim % 128:
@@ -146,6 +167,16 @@ class DETRSegmentationConfig(DETRConfig):
                 "the mask head needs hidden_dim a multiple of 128 and hidden_dim + nheads a "
                 f"multiple of 8, got hidden_dim {self.hidden_dim} and nheads {self.nheads}"
             )
+
+    def thing_classes(self) -> list[bool]:
+        """Whether each class is a thing: ``is_thing`` when set; else, for a 250-class model (the
+        published panoptic ones predict COCO panoptic's category ids), the ids up to 90; else
+        every class."""
+        if self.is_thing is not None:
+            return list(self.is_thing)
+        if self.num_classes == COCO_PANOPTIC_NUM_CLASSES:
+            return [i <= COCO_PANOPTIC_LAST_THING_ID for i in range(self.num_classes)]
+        return [True] * self.num_classes
 
 
 @dataclass

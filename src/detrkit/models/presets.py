@@ -112,7 +112,9 @@ def closest_preset(config: ModelConfig) -> tuple[str, dict]:
     """The preset of the config's kind that differs from it in the fewest fields, and those
     fields' values (class names aside): ``("detr_r50", {"num_classes": 21})``."""
     fields = [
-        f.name for f in dataclasses.fields(config) if f.name not in ("class_names", "category_ids")
+        f.name
+        for f in dataclasses.fields(config)
+        if f.name not in ("class_names", "category_ids", "is_thing")
     ]
     best_name, best_overrides = "", {}
     for name, preset in sorted(PRESETS.items()):
