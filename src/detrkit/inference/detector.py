@@ -19,9 +19,18 @@ from detrkit.data import AugmentationConfig, make_val_transforms, pad_images, re
 from detrkit.data.coco_names import class_names_for
 from detrkit.fast import optimize_for_inference
 from detrkit.models import PostProcess
+from detrkit.models.postprocess import (
+    instance_masks,
+    mask_probabilities,
+    panoptic_segmentation,
+)
 
 # The original's validation resize: short side 800, long side at most 1333.
 SHORT_SIDE, MAX_SIZE = 800, 1333
+
+# The original's panoptic post-processing: queries scoring above 0.85, segments over 4 pixels.
+PANOPTIC_THRESHOLD, PANOPTIC_MIN_AREA = 0.85, 4
+MASK_THRESHOLD = 0.5  # a pixel is in a detection's mask where the sigmoid exceeds this
 
 # What a Detector takes as one image.
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
@@ -37,6 +46,8 @@ class Detections:
     names: list[str]  # K class names
     queries: Tensor  # [K] the object query each detection came from
     image_size: tuple[int, int]  # the input image's (height, width)
+    # [K, H, W] bool at the input image's size: each detection's mask (panoptic models), or None
+    masks: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -46,8 +57,50 @@ class Detections:
         return [f"{name} {score:.2f}" for name, score in zip(self.names, self.scores.tolist())]
 
     def as_dict(self) -> dict[str, Tensor]:
-        """The ``boxes`` / ``scores`` / ``labels`` dict that PostProcess returns."""
-        return {"boxes": self.boxes, "scores": self.scores, "labels": self.labels}
+        """The ``boxes`` / ``scores`` / ``labels`` dict that PostProcess returns, with ``masks``
+        when there are masks (as :meth:`PostProcess.add_masks` adds them)."""
+        found = {"boxes": self.boxes, "scores": self.scores, "labels": self.labels}
+        if self.masks is not None:
+            found["masks"] = self.masks
+        return found
+
+
+@dataclass
+class Segment:
+    """One segment of a panoptic segmentation."""
+
+    id: int  # its value in ``segment_ids`` (from 1)
+    label: int  # class index
+    name: str
+    category_id: int  # the dataset's category id (the label when the model has no mapping)
+    isthing: bool  # a thing (one segment per object) or stuff (one segment per class)
+    score: float  # the best score of its queries
+    area: int  # pixels, in the input image
+
+
+@dataclass
+class PanopticResult:
+    """One image's panoptic segmentation: every pixel belongs to one segment or to none."""
+
+    segment_ids: Tensor  # [H, W] int64 at the input image's size: a segment's id, 0 for none
+    segments: list[Segment]  # those whose id occurs in segment_ids, by id
+
+    def __len__(self) -> int:
+        return len(self.segments)
+
+
+@dataclass
+class ModelRun:
+    """The model's outputs on a batch of images, with where each image lies in the batch."""
+
+    outputs: dict  # the model's raw outputs
+    input_size: tuple[int, int]  # the padded batch's (H, W)
+    resized_sizes: list[tuple[int, int]]  # each image's (h, w) in the batch, before padding
+    image_sizes: list[tuple[int, int]]  # each input image's own (height, width)
+
+    @property
+    def has_masks(self) -> bool:
+        return "pred_masks" in self.outputs
 
 
 def training_image_scale(weights: str | os.PathLike) -> tuple[float, Path] | None:
@@ -188,46 +241,171 @@ class Detector:
         return batch.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
-    def detect(
-        self, images: Sequence[Tensor], threshold: float | None = None
-    ) -> tuple[list[Detections], dict]:
-        """Runs the model on RGB ``uint8`` ``[3, H, W]`` images; returns their detections scoring
-        at least ``threshold`` (default: the detector's) and the model's raw outputs."""
-        threshold = self.threshold if threshold is None else threshold
+    def run(self, images: Sequence[Tensor]) -> ModelRun:
+        """Runs the model on RGB ``uint8`` ``[3, H, W]`` images (one padded batch)."""
         batch, mask = self.preprocess(images)
         outputs = self.model(batch, mask)
         require_finite_outputs(outputs, "Detector")
-        sizes = torch.tensor([list(image.shape[-2:]) for image in images], device=self.device)
+        # Padding is at the bottom and right: an image's rows and columns are its unpadded ones.
+        valid = ~mask
+        resized = [(int(v[:, 0].sum()), int(v[0, :].sum())) for v in valid]
+        return ModelRun(
+            outputs,
+            tuple(batch.shape[-2:]),
+            resized,
+            [tuple(image.shape[-2:]) for image in images],
+        )
+
+    @torch.no_grad()
+    def detections(
+        self, run: ModelRun, threshold: float | None = None, masks: bool = True
+    ) -> list[Detections]:
+        """Each image's detections in ``run`` scoring at least ``threshold`` (default: the
+        detector's), best first; with their masks when the model has masks, unless ``masks``
+        is False."""
+        threshold = self.threshold if threshold is None else threshold
+        sizes = torch.tensor(run.image_sizes, device=self.device)
         found = []
-        for image, result in zip(images, self.postprocess(outputs, sizes)):
+        for index, result in enumerate(self.postprocess(run.outputs, sizes)):
             scores = result["scores"]
             # Best first: DETR's post-processing lists detections in query order.
             keep = torch.nonzero(scores >= threshold).squeeze(1)
             keep = keep[scores[keep].argsort(descending=True, stable=True)]
             labels = result["labels"][keep].cpu()
+            queries = result["queries"][keep]
             found.append(
                 Detections(
                     boxes=result["boxes"][keep].cpu(),
                     scores=result["scores"][keep].cpu(),
                     labels=labels,
                     names=[self.class_names[int(label)] for label in labels],
-                    queries=result["queries"][keep].cpu(),
-                    image_size=tuple(image.shape[-2:]),
+                    queries=queries.cpu(),
+                    image_size=run.image_sizes[index],
+                    masks=self.query_masks(run, index, queries)
+                    if masks and run.has_masks
+                    else None,
                 )
             )
-        return found, outputs
+        return found
+
+    def query_masks(
+        self, run: ModelRun, index: int, queries: Tensor, probabilities: bool = False
+    ) -> Tensor:
+        """The masks of some queries of image ``index`` of ``run`` at the input image's size:
+        ``[K, H, W]`` bool (:func:`~detrkit.models.postprocess.instance_masks`), or with
+        ``probabilities`` the sigmoid of the mask logits, float (resized bilinearly)."""
+        self._require_masks(run)
+        pred_masks = run.outputs["pred_masks"][index]
+        queries = queries.to(pred_masks.device)
+        args = (run.input_size, run.resized_sizes[index], run.image_sizes[index])
+        if not probabilities:
+            return instance_masks(pred_masks, queries, *args, MASK_THRESHOLD).cpu()
+        return mask_probabilities(pred_masks, queries, *args).cpu()
+
+    def panoptic_segments(
+        self,
+        run: ModelRun,
+        threshold: float = PANOPTIC_THRESHOLD,
+        min_area: int = PANOPTIC_MIN_AREA,
+    ) -> list[PanopticResult]:
+        """Each image's panoptic segmentation in ``run``, as the original DETR makes it
+        (:func:`~detrkit.models.postprocess.panoptic_segmentation`: queries scoring above
+        ``threshold``, segments over ``min_area`` pixels), at the input image's size."""
+        self._require_masks(run)
+        is_thing = self.config.thing_classes()
+        category_ids = self.config.category_ids
+        results = []
+        for index, (logits, pred_masks) in enumerate(
+            zip(run.outputs["pred_logits"], run.outputs["pred_masks"])
+        ):
+            segment_ids, segments = panoptic_segmentation(
+                logits.cpu(),
+                pred_masks.cpu(),
+                is_thing,
+                run.input_size,
+                run.resized_sizes[index],
+                run.image_sizes[index],
+                threshold,
+                min_area,
+            )
+            kept = [
+                Segment(
+                    id=segment["id"],
+                    label=segment["label"],
+                    name=self.class_names[segment["label"]],
+                    category_id=int(
+                        category_ids[segment["label"]] if category_ids else segment["label"]
+                    ),
+                    isthing=segment["isthing"],
+                    score=segment["score"],
+                    area=segment["area"],
+                )
+                for segment in segments
+                if segment["area"] > 0  # numbered, but every pixel lost to the resize
+            ]
+            results.append(PanopticResult(segment_ids, kept))
+        return results
+
+    def _require_masks(self, run: ModelRun) -> None:
+        if not run.has_masks:
+            raise ValueError(no_masks_message(self.config))
+
+    @torch.no_grad()
+    def detect(
+        self, images: Sequence[Tensor], threshold: float | None = None, masks: bool = True
+    ) -> tuple[list[Detections], dict]:
+        """Runs the model on RGB ``uint8`` ``[3, H, W]`` images; returns their detections scoring
+        at least ``threshold`` (default: the detector's), with masks when the model has them
+        (unless ``masks`` is False), and the model's raw outputs."""
+        run = self.run(images)
+        return self.detections(run, threshold, masks), run.outputs
+
+    def panoptic(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        threshold: float = PANOPTIC_THRESHOLD,
+        min_area: int = PANOPTIC_MIN_AREA,
+    ) -> PanopticResult | list[PanopticResult]:
+        """The panoptic segmentation of one image (a :class:`PanopticResult`) or of a list of
+        images (a list), as :meth:`panoptic_segments` makes it. Raises ValueError for a model
+        without masks (a detection model)."""
+        if not self.has_masks:
+            raise ValueError(no_masks_message(self.config))
+        pixels, single = _as_image_list(images)
+        found = self.panoptic_segments(self.run(pixels), threshold, min_area)
+        return found[0] if single else found
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether the model predicts masks (DETR's panoptic models)."""
+        return self.config.model_type == "detr_segmentation"
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> Detections | list[Detections]:
         """Detects objects in one image (returns its :class:`Detections`) or in a list of images
         (returns a list). A 4-D tensor ``[B, C, H, W]`` counts as a list of B images."""
-        if isinstance(images, Tensor) and images.dim() == 4:
-            images = list(images)
-        single = not isinstance(images, (list, tuple))
-        pixels = [to_uint8_image(image) for image in ([images] if single else images)]
-        if not pixels:
-            raise ValueError("Detector was given an empty list of images")
+        pixels, single = _as_image_list(images)
         found, _ = self.detect(pixels)
         return found[0] if single else found
+
+
+def _as_image_list(images: ImageInput | Sequence[ImageInput]) -> tuple[list[Tensor], bool]:
+    """One image or a list of them (a 4-D tensor being a list) -> RGB ``uint8`` images, and
+    whether one image was given."""
+    if isinstance(images, Tensor) and images.dim() == 4:
+        images = list(images)
+    single = not isinstance(images, (list, tuple))
+    pixels = [to_uint8_image(image) for image in ([images] if single else images)]
+    if not pixels:
+        raise ValueError("Detector was given an empty list of images")
+    return pixels, single
+
+
+def no_masks_message(config) -> str:
+    """Why a model without masks cannot give a panoptic segmentation."""
+    return (
+        f"a detection model ({config.model_type}) has no masks: panoptic needs a "
+        "detr_segmentation model, e.g. detr_r50_panoptic"
+    )
 
 
 def _default_device() -> torch.device:

@@ -144,6 +144,23 @@ def instance_masks(
     return resized[:, 0].bool()  # [K, H_orig, W_orig]
 
 
+def mask_probabilities(
+    pred_masks: Tensor,
+    queries: Tensor,
+    input_size: Sequence[int],
+    image_size: Sequence[int],
+    orig_size: Sequence[int],
+) -> Tensor:
+    """The sigmoid of some queries' mask logits at one image's original size, ``[K, H_orig,
+    W_orig]`` float: :func:`instance_masks` before its threshold, resized bilinearly (for
+    pictures of what a query sees, not for masks). Arguments as :func:`instance_masks`'s."""
+    probabilities = _image_masks(pred_masks[queries], input_size, image_size).sigmoid()
+    size = tuple(int(v) for v in orig_size)
+    return F.interpolate(probabilities[:, None], size=size, mode="bilinear", align_corners=False)[
+        :, 0
+    ]
+
+
 def panoptic_segmentation(
     logits: Tensor,
     pred_masks: Tensor,
