@@ -64,7 +64,8 @@ class ExportResult:
     format: str
     metadata: dict[str, str]
     # The largest absolute difference from PyTorch of each output; post-processed, "boxes" is in
-    # pixels, from the matching detection, and "labels" counts detections without a match (0).
+    # pixels, from the matching detection, and "labels" counts detections without a match (0);
+    # "pred_masks" (panoptic models) is in mask logits, post-processed from the matching detection.
     # Empty when not verified.
     differences: dict[str, float] = field(default_factory=dict)
     # (batch, height, width) of each check: the export's size, then a larger one.
@@ -91,7 +92,10 @@ def export(
     The graph takes ``images`` ``[B, 3, H, W]`` (normalised) and, with ``with_mask``, ``mask``
     ``[B, H, W]``, with B, H and W dynamic, and returns ``pred_logits`` and ``pred_boxes``. With
     ``with_postprocess`` it also takes ``orig_sizes`` ``[B, 2]`` and returns ``scores``,
-    ``labels`` and absolute xyxy ``boxes`` (the ``num_select`` best for Deformable DETR). ``size``
+    ``labels`` and absolute xyxy ``boxes`` (the ``num_select`` best for Deformable DETR). DETR's
+    panoptic models add ``pred_masks`` ``[B, Q, ceil(H/4), ceil(W/4)]``, the mask logits of each
+    query (or detection) at stride 4, verified like the rest (see :mod:`detrkit.deploy.graph`).
+    ``size``
     is the (H, W) traced with: every feature map must be at least 2x2 there, so each side at
     least the coarsest stride plus one (DETR 33, DC5 17, four-level Deformable DETR 65), and
     two-stage needs as many encoder positions as queries (113x113 for 300); a smaller size is

@@ -26,6 +26,7 @@ class ExportedModel:
 
     >>> exported = ExportedModel("detr.onnx")
     >>> outputs = exported(images=images, mask=mask)  # {"pred_logits": ..., "pred_boxes": ...}
+    >>> exported.output_names  # a panoptic model's add "pred_masks"
     >>> exported.metadata["class_names"]  # JSON text
 
     ONNX files run on ONNX Runtime's CPU provider, programs with ``torch.export.load``; a
