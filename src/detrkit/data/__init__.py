@@ -1,7 +1,7 @@
 """Data: datasets, augmentations and batching, COCO names and results, drawing detections."""
 
 from detrkit.data.batching import collate_fn, pad_images
-from detrkit.data.check import Problem, Report, check_dataset
+from detrkit.data.check import Problem, Report, check_dataset, check_panoptic
 from detrkit.data.coco import (
     CocoDetection,
     ImageReadError,
@@ -38,6 +38,7 @@ __all__ = [
     "RandomSizeCrop",
     "Report",
     "check_dataset",
+    "check_panoptic",
     "class_names_for",
     "collate_fn",
     "draw_detections",

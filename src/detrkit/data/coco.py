@@ -150,7 +150,10 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
         rle = mask_utils.frPyObjects(segmentation, height, width)
     else:
         rle = {"size": [height, width], "counts": segmentation["counts"].encode("ascii")}
-    return mask_utils.decode(rle)
+    with warnings.catch_warnings():
+        # pycocotools' decoder under NumPy 2 warns on every call about its own array copies.
+        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+        return mask_utils.decode(rle)
 
 
 def label_mapping_of(
