@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from detrkit.cli.arguments import model_option, non_negative_int
-from detrkit.engine.config import TrainConfig
+from detrkit.engine.config import DIGITS_DATA, TrainConfig
 from detrkit.fast import PRECISIONS
 
 _TYPES = {"int": int, "float": float, "str": str}
@@ -178,7 +178,7 @@ def run_eval(args: argparse.Namespace) -> int:
     settings = {**EVAL_DEFAULTS, **from_run}
     settings.update({name: value for name, value in given.items() if value is not None})
     taken = {name: from_run[name] for name in from_run if given[name] is None}
-    if args.data != "digits":  # the digits split's settings do not apply
+    if args.data not in DIGITS_DATA:  # the digits split's settings do not apply
         taken = {k: v for k, v in taken.items() if k not in ("digits_val", "seed")}
     if taken:
         listed = ", ".join(f"{name}={value}" for name, value in taken.items())

@@ -33,6 +33,18 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 DEFAULT_MODEL = "deformable_detr_digits"
 
+# The built-in digits: boxes (with masks for a panoptic model), or always the panoptic version
+# (the canvas as an 11th, stuff class), e.g. to train the detector a panoptic model will use.
+DIGITS_DATA = ("digits", "digits-panoptic")
+# COCO files: instances JSONs (with masks for a panoptic model: polygons or RLE), or COCO's
+# panoptic format (each JSON with its folder of PNGs beside it, named as the JSON without .json).
+COCO_DATA = ("coco:", "coco-panoptic:")
+
+
+def is_panoptic_data(data: str) -> bool:
+    """Whether ``data`` names one of the panoptic forms (things and stuff, masks always)."""
+    return data == "digits-panoptic" or data.startswith("coco-panoptic:")
+
 
 def check_counts(**counts: int | None) -> None:
     """Raises ValueError naming the first of ``counts`` below 1 (None: not set)."""
@@ -58,8 +70,10 @@ class TrainConfig:
     model_options: dict[str, Any] = field(default_factory=dict)
     data: str = _option(
         "digits",
-        "'digits' (the built-in dataset, made on the fly) or "
-        "coco:TRAIN_IMAGES,TRAIN_JSON,VAL_IMAGES,VAL_JSON (COCO-format files)",
+        "'digits' (the built-in dataset, made on the fly; 'digits-panoptic': its panoptic "
+        "version), coco:TRAIN_IMAGES,TRAIN_JSON,VAL_IMAGES,VAL_JSON (COCO instances files) or "
+        "coco-panoptic:TRAIN_IMAGES,TRAIN_JSON,VAL_IMAGES,VAL_JSON (COCO panoptic files, "
+        "their PNG folders beside them)",
     )
     label_mapping: str = _option(
         "contiguous",
@@ -184,7 +198,7 @@ class TrainConfig:
             raise ValueError(
                 f"label_mapping must be 'contiguous' or 'coco', got {self.label_mapping!r}"
             )
-        if self.data != "digits":
+        if self.data not in DIGITS_DATA:
             self.coco_paths()
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
@@ -201,7 +215,7 @@ class TrainConfig:
                 "backbone_pretrain_images must be at least 1 (or None for digits_train), got "
                 f"{self.backbone_pretrain_images}"
             )
-        if self.backbone_pretrain_steps and self.data != "digits":
+        if self.backbone_pretrain_steps and self.data not in DIGITS_DATA:
             raise ValueError(
                 "backbone_pretrain_steps works on the built-in digits only (it classifies their "
                 f"crops), not on --data {self.data!r}"
@@ -209,12 +223,15 @@ class TrainConfig:
 
     def coco_paths(self) -> tuple[str, str, str, str]:
         """The train images, train JSON, validation images and validation JSON that
-        ``data = "coco:..."`` names; ValueError for any other form of ``data``."""
-        parts = self.data.removeprefix("coco:").split(",")
-        if not self.data.startswith("coco:") or len(parts) != 4:
+        ``data = "coco:..."`` (or ``"coco-panoptic:..."``) names; ValueError for any other form
+        of ``data``."""
+        prefix = next((p for p in COCO_DATA if self.data.startswith(p)), "")
+        parts = self.data.removeprefix(prefix).split(",")
+        if not prefix or len(parts) != 4:
             raise ValueError(
-                f"data must be 'digits' or coco:TRAIN_IMAGES,TRAIN_JSON,VAL_IMAGES,VAL_JSON, got "
-                f"{self.data!r}"
+                "data must be 'digits', 'digits-panoptic', "
+                "coco:TRAIN_IMAGES,TRAIN_JSON,VAL_IMAGES,VAL_JSON or "
+                f"coco-panoptic:TRAIN_IMAGES,TRAIN_JSON,VAL_IMAGES,VAL_JSON, got {self.data!r}"
             )
         return parts[0], parts[1], parts[2], parts[3]
 

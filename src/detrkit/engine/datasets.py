@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from detrkit.data import (
     AugmentationConfig,
     CocoDetection,
+    CocoPanoptic,
     DigitsDetection,
     collate_fn,
     make_train_transforms,
@@ -15,27 +16,36 @@ from detrkit.data import (
     require_trainable,
 )
 from detrkit.data.coco import masks_to_rle
-from detrkit.engine.config import TrainConfig
+from detrkit.engine.config import DIGITS_DATA, TrainConfig, is_panoptic_data
 
 
 def build_datasets(config: TrainConfig, masks: bool = False) -> tuple[Dataset, Dataset]:
     """Train and validation datasets, augmented at ``image_scale`` times the original sizes.
     With ``masks`` (a panoptic model) the targets carry masks: the digits' panoptic version
-    (the canvas as stuff), or the COCO instances' segmentations."""
+    (the canvas as stuff), or the COCO instances' segmentations; the panoptic forms of
+    ``data`` always do."""
     augment = AugmentationConfig().scaled(config.image_scale)
     val_transforms = make_val_transforms(augment)
     train_transforms = make_train_transforms(augment) if config.augment else val_transforms
-    if config.data == "digits":
+    if config.data in DIGITS_DATA:
+        panoptic = masks or is_panoptic_data(config.data)
         train_set = DigitsDetection(
-            "train", config.digits_train, config.seed, train_transforms, panoptic=masks
+            "train", config.digits_train, config.seed, train_transforms, panoptic=panoptic
         )
         require_trainable(train_set, "the digits training set")
         val_set = DigitsDetection(
-            "val", config.digits_val, config.seed, val_transforms, panoptic=masks
+            "val", config.digits_val, config.seed, val_transforms, panoptic=panoptic
         )
         return train_set, val_set
     train_images, train_json, val_images, val_json = config.coco_paths()
     mapping = config.label_mapping
+    if is_panoptic_data(config.data):
+        train_set = CocoPanoptic(
+            train_images, train_json, None, train_transforms, mapping, skip_unreadable=True
+        )
+        val_set = CocoPanoptic(val_images, val_json, None, val_transforms, mapping)
+        require_trainable(train_set, train_json)
+        return train_set, val_set
     train_set = CocoDetection(
         train_images, train_json, train_transforms, label_mapping=mapping, masks=masks
     )
@@ -64,6 +74,8 @@ def coco_ground_truth(dataset: Dataset):
 
         with contextlib.redirect_stdout(io.StringIO()):
             return COCO(str(dataset.annotations_json))
+    if isinstance(dataset, CocoPanoptic):
+        return _panoptic_instances(dataset)
     images, annotations = [], []
     for index in range(len(dataset)):
         scene = dataset.scene(index)
@@ -88,6 +100,46 @@ def coco_ground_truth(dataset: Dataset):
     categories = [{"id": i, "name": name} for i, name in enumerate(dataset.class_names)]
     coco = COCO()
     coco.dataset = {"images": images, "annotations": annotations, "categories": categories}
+    coco.createIndex()
+    return coco
+
+
+def _panoptic_instances(dataset: CocoPanoptic):
+    """A panoptic set's things as COCO instances (boxes and RLE masks of their segments), for
+    box and mask AP."""
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+
+    things = {i for i, thing in zip(dataset.category_ids, dataset.is_thing) if thing}
+    images, annotations = [], []
+    for index, image_id in enumerate(dataset.image_ids):
+        target = dataset.panoptic_target(index)  # [H, W, 2] (category id, segment id)
+        height, width = target.shape[:2]
+        images.append({"id": int(image_id), "height": height, "width": width})
+        for category, segment in target.flatten(0, 1).unique(dim=0).tolist():
+            if category not in things:
+                continue
+            mask = (target[..., 0] == category) & (target[..., 1] == segment)
+            rle = masks_to_rle(mask[None])[0]
+            x, y, w, h = mask_utils.toBbox(rle).tolist()
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": int(image_id),
+                    "category_id": int(category),
+                    "bbox": [x, y, w, h],
+                    "area": float(mask_utils.area(rle)),
+                    "iscrowd": 0,
+                    "segmentation": rle,
+                }
+            )
+    names = dict(zip(dataset.category_ids, dataset.class_names))
+    coco = COCO()
+    coco.dataset = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": int(i), "name": name} for i, name in names.items()],
+    }
     coco.createIndex()
     return coco
 

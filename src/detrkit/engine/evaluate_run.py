@@ -8,8 +8,14 @@ import torch
 
 from detrkit.checkpoints.finite import require_finite_weights
 from detrkit.checkpoints.load import load, training_run_config
-from detrkit.data import AugmentationConfig, CocoDetection, DigitsDetection, make_val_transforms
-from detrkit.engine.config import check_counts
+from detrkit.data import (
+    AugmentationConfig,
+    CocoDetection,
+    CocoPanoptic,
+    DigitsDetection,
+    make_val_transforms,
+)
+from detrkit.engine.config import COCO_DATA, DIGITS_DATA, check_counts, is_panoptic_data
 from detrkit.engine.datasets import coco_ground_truth, make_loader
 from detrkit.engine.evaluate import AUTOCAST_DTYPES, score_dataset
 from detrkit.fast import optimize_for_inference
@@ -25,28 +31,36 @@ def validation_set(
     label_mapping: str = "contiguous",
     masks: bool = False,
 ):
-    """The validation split named by ``data``: "digits" or "coco:VAL_IMAGES,VAL_JSON"; with
-    ``masks`` (a panoptic model) the digits' panoptic version or the COCO instances' masks."""
+    """The validation split named by ``data``: "digits", "digits-panoptic",
+    "coco:VAL_IMAGES,VAL_JSON" or "coco-panoptic:VAL_IMAGES,VAL_JSON"; with ``masks`` (a
+    panoptic model) the digits' panoptic version or the COCO instances' masks."""
     transforms = make_val_transforms(AugmentationConfig().scaled(image_scale))
-    if data == "digits":
-        return DigitsDetection("val", digits_val, seed, transforms, panoptic=masks)
-    if data.startswith("coco:"):
-        parts = data.removeprefix("coco:").split(",")
-        if len(parts) != 2:
-            raise ValueError(
-                f"--data {data!r}: expected coco:VAL_IMAGES,VAL_JSON (the validation split "
-                "only, not the four parts of training's --data)"
-            )
-        # Every image must be read: evaluating some would score the others' objects as missed.
-        return CocoDetection(
-            parts[0],
-            parts[1],
-            transforms,
-            label_mapping=label_mapping,
-            skip_unreadable=False,
-            masks=masks,
+    if data in DIGITS_DATA:
+        panoptic = masks or is_panoptic_data(data)
+        return DigitsDetection("val", digits_val, seed, transforms, panoptic=panoptic)
+    prefix = next((p for p in COCO_DATA if data.startswith(p)), None)
+    if prefix is None:
+        raise ValueError(
+            f"--data {data!r}: expected 'digits', 'digits-panoptic', coco:VAL_IMAGES,VAL_JSON "
+            "or coco-panoptic:VAL_IMAGES,VAL_JSON"
         )
-    raise ValueError(f"--data {data!r}: expected 'digits' or 'coco:...'")
+    parts = data.removeprefix(prefix).split(",")
+    if len(parts) != 2:
+        raise ValueError(
+            f"--data {data!r}: expected {prefix}VAL_IMAGES,VAL_JSON (the validation split "
+            "only, not the four parts of training's --data)"
+        )
+    # Every image must be read: evaluating some would score the others' objects as missed.
+    if is_panoptic_data(data):
+        return CocoPanoptic(parts[0], parts[1], None, transforms, label_mapping)
+    return CocoDetection(
+        parts[0],
+        parts[1],
+        transforms,
+        label_mapping=label_mapping,
+        skip_unreadable=False,
+        masks=masks,
+    )
 
 
 # What evaluate_checkpoint's data settings default to, and which fields of a training run's

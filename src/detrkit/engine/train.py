@@ -28,7 +28,7 @@ from detrkit.checkpoints.load import (
 )
 from detrkit.data import ImageReadError
 from detrkit.data.digits import digit_crops
-from detrkit.engine.config import DEFAULT_MODEL, TrainConfig
+from detrkit.engine.config import DEFAULT_MODEL, DIGITS_DATA, TrainConfig
 from detrkit.engine.datasets import SeededSamples, build_datasets, coco_ground_truth, make_loader
 from detrkit.engine.distributed import ProcessInfo, any_process, barrier, init_distributed
 from detrkit.engine.evaluate import AUTOCAST_DTYPES, headline, score_dataset
@@ -236,7 +236,12 @@ def build_training_model(config: TrainConfig, train_set, log) -> nn.Module:
         # `detr.`, the mask head starts new.
         detector_only = isinstance(target, DETRSegmentationConfig) and type(base) is DETRConfig
         if detector_only:
-            base = DETRSegmentationConfig(**dataclasses.asdict(base))
+            try:
+                base = DETRSegmentationConfig(**dataclasses.asdict(base))
+            except ValueError as error:
+                raise ValueError(
+                    f"--finetune {config.finetune}: its detector cannot take a mask head: {error}"
+                ) from None
         if target.model_type != base.model_type:
             raise ValueError(
                 f"--finetune {config.finetune} holds a {base.model_type} model, but --model is "
@@ -321,7 +326,7 @@ def train(
         prepare_output(run_dir, replace=overwrite or resume == "auto")
         config, finetune_notes = finetune_config(config, given)
     if config.model is None and not config.finetune:
-        if config.data != "digits":
+        if config.data not in DIGITS_DATA:
             raise ValueError(
                 f"--model is needed for --data {config.data!r} (`detrkit models` lists the "
                 f"presets; {DEFAULT_MODEL} is the default only for the built-in digits)"
