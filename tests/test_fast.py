@@ -447,3 +447,30 @@ def test_weights_changed_after_substitution_take_effect():
         after = fast(**inputs)
     assert (after - before).abs().max() > 1e-3
     assert_close_relative(after, expected, FP32_TOLERANCE, "after the change")
+
+
+def test_the_panoptic_model_optimized_computes_its_masks_as_the_reference():
+    """DETR's mask head reads the backbone's C2-C4 and the transformer's memory: the fast
+    backbone (batch norm folded, Winograd, channels-last) and transformer must feed it the same."""
+    torch.manual_seed(0)
+    model = build_model("detr_digits_panoptic", num_queries=6, dim_feedforward=64).eval()
+    g = generator()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1, generator=g)
+                module.running_var.uniform_(0.5, 1.5, generator=g)
+    images = torch.randn(2, 3, 96, 128, generator=g)
+    mask = torch.zeros(2, 96, 128, dtype=torch.bool)
+    mask[1, :, 100:] = True
+    with torch.no_grad():
+        expected = model(images, mask)
+        optimized = optimize_for_inference(model)
+        assert any(hasattr(type(m), "reference_class") for m in optimized.modules())
+        actual = optimized(images, mask)
+    for key in ("pred_logits", "pred_boxes", "pred_masks"):
+        scale = expected[key].abs().max()
+        assert (actual[key] - expected[key]).abs().max() <= 1e-4 * scale, key
+    state = list(model.state_dict())
+    trained = optimize_for_training(model)
+    assert list(trained.state_dict()) == state
