@@ -636,3 +636,12 @@ def test_post_processed_masks_are_compared_with_the_matching_detection():
     off["pred_masks"][0, 0, 2, 3] = float("nan")
     with pytest.raises(ExportError, match="1 detections have no counterpart"):
         compare(expected, off, TOLERANCE, sizes)
+
+
+def test_the_smallest_panoptic_export_size_is_its_detectors():
+    """The mask head reads C2-C4 of the detector's backbone (under ``detr``): the coarsest map is
+    still C5, so the smallest size is DETR's."""
+    model = tiny_panoptic_model()
+    check_export_size(model, (33, 33))
+    with pytest.raises(ExportError, match=r"size 32x64 is too small.*at least 33 pixels"):
+        check_export_size(model, (32, 64))
