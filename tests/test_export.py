@@ -557,7 +557,13 @@ def test_cli_exports_a_panoptic_model_with_its_masks(panoptic_checkpoint, tmp_pa
     assert "pred_masks" in printed
 
     graph = onnx.load(out)
-    assert [value.name for value in graph.graph.output] == list(PANOPTIC_OUTPUTS)
+    dims = {
+        value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        for value in graph.graph.output
+    }
+    assert list(dims) == list(PANOPTIC_OUTPUTS)
+    # ceil(height / 4) and ceil(width / 4), in the tracer's words but the inputs' axis names
+    assert dims["pred_masks"] == ["batch", 5, "(((height - 1)//4)) + 1", "(((width - 1)//4)) + 1"]
     metadata = {entry.key: entry.value for entry in graph.metadata_props}
     assert metadata["model_type"] == "detr_segmentation"
     assert json.loads(metadata["outputs"]) == list(PANOPTIC_OUTPUTS)

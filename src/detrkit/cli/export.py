@@ -145,7 +145,8 @@ def add_export_commands(commands: argparse._SubParsersAction[Any]) -> None:
     parser.add_argument(
         "--with-postprocess",
         action="store_true",
-        help="also take orig_sizes [B, 2] and return scores, labels and absolute xyxy boxes",
+        help="also take orig_sizes [B, 2] and return scores, labels and absolute xyxy boxes "
+        "(and a panoptic model's pred_masks, per detection)",
     )
     parser.add_argument(
         "--no-mask", action="store_true", help="no padding mask input (images are not padded)"

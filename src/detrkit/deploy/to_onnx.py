@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -129,13 +130,19 @@ def _name_axes(model) -> None:
                     f"the ONNX export fixed axis {axis} ({name}) of {value.name} to {dim}; the "
                     "model's code specialises on it"
                 )
-            renames[dim.value] = name
+            if isinstance(dim.value, str):
+                renames[dim.value] = name
+    # Whole symbols, and symbols inside an output's size expression: a panoptic model's
+    # pred_masks is "(((height - 1)//4)) + 1" high, that is ceil(height / 4).
+    symbol = re.compile(r"\b(" + "|".join(map(re.escape, renames)) + r")\b") if renames else None
+
+    def rename(dim):
+        if not isinstance(dim, ir.SymbolicDim) or not isinstance(dim.value, str) or not symbol:
+            return dim
+        return ir.SymbolicDim(symbol.sub(lambda found: renames[found.group(1)], dim.value))
+
     for value in [*model.graph.inputs, *model.graph.outputs]:
-        dims = [
-            ir.SymbolicDim(renames.get(d.value, d.value)) if isinstance(d, ir.SymbolicDim) else d
-            for d in value.shape
-        ]
-        value.shape = ir.Shape(dims)
+        value.shape = ir.Shape([rename(d) for d in value.shape])
 
 
 def save_onnx(model, tmp: Path) -> None:
