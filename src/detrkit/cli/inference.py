@@ -8,7 +8,12 @@ from pathlib import Path
 
 from detrkit.cli.arguments import non_negative_int, pixel, positive_int, threshold
 from detrkit.cli.train import add_precision_option
-from detrkit.inference.detector import MAX_SIZE, SHORT_SIDE, training_image_scale
+from detrkit.inference.detector import (
+    MAX_SIZE,
+    PANOPTIC_THRESHOLD,
+    SHORT_SIDE,
+    training_image_scale,
+)
 
 
 def make_detector(args: argparse.Namespace):
@@ -42,13 +47,22 @@ def check_output_directory(out: Path) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Detections on files, folders and glob patterns; 1 when some inputs were skipped."""
+    from detrkit.inference.detector import no_masks_message
     from detrkit.inference.predict import category_ids_note, predict_files
 
     check_output_directory(args.out)
     detector = make_detector(args)
+    if args.panoptic and not detector.has_masks:
+        raise ValueError(f"--weights {args.weights}: {no_masks_message(detector.config)}")
     try:
         report = predict_files(
-            detector, args.inputs, args.out, args.batch_size, overwrite=args.overwrite
+            detector,
+            args.inputs,
+            args.out,
+            args.batch_size,
+            overwrite=args.overwrite,
+            panoptic=args.panoptic,
+            panoptic_threshold=args.panoptic_threshold,
         )
     except FileExistsError:
         raise
@@ -59,6 +73,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         f"{args.threshold}: pictures in {args.out}, results in {report.results_file} "
         f"({category_ids_note(detector)}), image ids in {report.images_file}"
     )
+    if report.panoptic_file is not None:
+        print(
+            f"{report.segments} panoptic segments (queries above {args.panoptic_threshold}): "
+            f"{report.panoptic_file} and its PNGs in {report.panoptic_file.with_suffix('')}"
+        )
     if report.skipped:
         print(f"detrkit: skipped {len(report.skipped)} inputs (listed above)", file=sys.stderr)
         return 1
@@ -154,11 +173,26 @@ def add_inference_commands(commands) -> None:
         help="detect objects in images; write annotated images and COCO results",
         description="Detects objects in image files, folders or glob patterns; writes each image "
         "with its detections drawn, detections.json (COCO results format) and images.json (the "
-        "image ids). Unreadable inputs are reported and skipped (exit status 1).",
+        "image ids); a panoptic model's masks are drawn under the boxes and written as RLE "
+        "segmentations. Unreadable inputs are reported and skipped (exit status 1).",
     )
     predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs")
     _add_detector_options(predict, default_threshold=0.5)
     predict.add_argument("--batch-size", type=positive_int, default=1, help="images per forward")
+    predict.add_argument(
+        "--panoptic",
+        action="store_true",
+        help="also write each image's panoptic segmentation in COCO's panoptic format: "
+        "OUT/panoptic/NAME.png and OUT/panoptic.json (DETR's panoptic models, e.g. "
+        "detr_r50_panoptic)",
+    )
+    predict.add_argument(
+        "--panoptic-threshold",
+        type=threshold,
+        default=PANOPTIC_THRESHOLD,
+        help="with --panoptic: minimum score of a query to take part in the segmentation "
+        f"(default {PANOPTIC_THRESHOLD}, the original's)",
+    )
     predict.set_defaults(run=cmd_predict)
 
     explain = commands.add_parser(

@@ -1,4 +1,5 @@
-"""Boxes and captions drawn on an image, shared by training pictures, predict and explain."""
+"""Boxes, captions and masks drawn on an image, shared by training pictures, predict and
+explain."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import inspect
 from collections.abc import Sequence
 
 from torch import Tensor
-from torchvision.utils import draw_bounding_boxes
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 # Box colours by label: matplotlib's "tab10", distinct and readable on photographs.
 PALETTE = (
@@ -51,10 +52,7 @@ def draw_detections(
         image = image.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2)
     if len(boxes) == 0:
         return image
-    if labels is None:
-        colors = [PALETTE[2]] * len(boxes)
-    else:
-        colors = [PALETTE[int(label) % len(PALETTE)] for label in labels]
+    colors = _colors(len(boxes), labels)
     # Text and lines grow with the picture: about 1/50 of its long side, never under 14 px.
     font_size = max(14, round(max(image.shape[-2:]) / 50))
     # Captions on a filled background in the box's colour, black or white, whichever contrasts
@@ -75,6 +73,35 @@ def draw_detections(
         font_size=font_size,
         **caption_style,
     )
+
+
+def draw_masks(
+    image: Tensor, masks: Tensor, labels: Tensor | None = None, alpha: float = 0.5
+) -> Tensor:
+    """Draws binary masks over an image, each in the colour :func:`draw_detections` gives its
+    box (by label), ``alpha`` opaque; later masks over earlier ones. Draw the boxes after, on top.
+
+    Args:
+        image: ``uint8`` ``[3, H, W]``.
+        masks: ``[K, H, W]`` bool, ``image``'s size.
+        labels: ``[K]`` class indices choosing the colours (None: one colour).
+
+    Returns:
+        ``uint8`` ``[3, H, W]``.
+    """
+    if len(masks) == 0:
+        return image
+    colors = _colors(len(masks), labels)
+    return draw_segmentation_masks(
+        image.cpu(), masks.detach().bool().cpu(), alpha=alpha, colors=colors
+    )
+
+
+def _colors(count: int, labels: Tensor | None) -> list[str]:
+    """The colour of each of ``count`` boxes or masks: by label, or one colour without labels."""
+    if labels is None:
+        return [PALETTE[2]] * count
+    return [PALETTE[int(label) % len(PALETTE)] for label in labels]
 
 
 def _text_color(background: str) -> str:

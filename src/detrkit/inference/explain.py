@@ -33,11 +33,18 @@ from torch import Tensor
 from detrkit.data.drawing import draw_detections
 from detrkit.files import existing_results, write_atomically
 from detrkit.inference.capture import Internals, SamplingRecord, capture_internals
-from detrkit.inference.detector import Detections, Detector, ImageInput, to_uint8_image
+from detrkit.inference.detector import (
+    MASK_THRESHOLD,
+    Detections,
+    Detector,
+    ImageInput,
+    to_uint8_image,
+)
 
 PANEL_INCHES = 3.2
 POINTS_CMAP = "plasma"  # sampling points, dark (light weight) to yellow (heavy weight)
 ATTENTION_CMAP = "inferno"
+MASK_CMAP = "viridis"  # a panoptic model's query masks, probability 0 to 1
 DISPLAY_PIXELS = 400  # images are subsampled to about this long side in figure panels
 # Sampling points: one marker shape per attention head (8 in the presets), reused past 14; no
 # "P" (a filled plus), which would look like the reference point's "+".
@@ -338,12 +345,18 @@ def _valid_map_shape(internals: Internals, batch: int) -> tuple[int, int]:
 
 
 def cross_attention_figure(
-    image: Tensor, internals: Internals, obj: ExplainedObject, batch: int = 0
+    image: Tensor,
+    internals: Internals,
+    obj: ExplainedObject,
+    batch: int = 0,
+    mask: Tensor | None = None,
 ) -> Figure:
     """DETR: where an object's query looks in the last decoder layer: heads averaged, then each
     head, as a map over the feature map's cells (``gid`` ``"attention/mean"``,
     ``"attention/head1"``...), each coloured from 0 to its own maximum; the cyan box is the
-    detection (``"box"``)."""
+    detection (``"box"``). A panoptic model's query ``mask`` (``[H, W]`` probabilities at the
+    image's size, the sigmoid of its mask logits) comes first, beside them (``"mask"``, on a
+    0-to-1 scale; its outline at 0.5, the detection's mask, ``"mask/outline"``)."""
     record = internals.decoder_cross_attention[-1]
     height, width = internals.feature_shape
     valid_h, valid_w = _valid_map_shape(internals, batch)
@@ -353,7 +366,8 @@ def cross_attention_figure(
         (f"head {m + 1}", f"attention/head{m + 1}", maps[m]) for m in range(len(maps))
     ]
     layers = len(internals.decoder_cross_attention)
-    rows, cols = _grid(len(panels), 5)
+    offset = 0 if mask is None else 1  # the mask panel first
+    rows, cols = _grid(len(panels) + offset, 5)
     figure, axes = _new_figure(
         rows,
         cols,
@@ -362,25 +376,57 @@ def cross_attention_figure(
         image.shape[-2] / image.shape[-1],
     )
     image_size = image.shape[-2:]
+    all_axes = [ax for row in axes for ax in row]
+    handles = [_box_handle(f"cyan box: the detection ({obj.caption})", linewidth=1.5)]
+    if mask is not None:
+        ax = all_axes[0]
+        _show_image(ax, image)
+        # Subsampled as the image is: a panel is a few hundred pixels wide.
+        step = max(1, max(image_size) // DISPLAY_PIXELS)
+        values = mask.float().cpu()[::step, ::step]
+        shown = ax.imshow(
+            values.numpy(),
+            extent=(0, image_size[1], image_size[0], 0),
+            cmap=MASK_CMAP,
+            alpha=0.6,
+            vmin=0.0,
+            vmax=1.0,
+        )
+        shown.set_gid("mask")
+        if float(values.max()) > MASK_THRESHOLD > float(values.min()):
+            # At the centres of the (subsampled) pixels, in the image's coordinates.
+            rows = (torch.arange(values.shape[0]) * step + step / 2).numpy()
+            cols = (torch.arange(values.shape[1]) * step + step / 2).numpy()
+            outline = ax.contour(
+                cols, rows, values.numpy(), levels=[MASK_THRESHOLD], colors="white", linewidths=1
+            )
+            outline.set_gid("mask/outline")
+        _draw_box(ax, obj.box, "cyan", "box", linewidth=1.5)
+        ax.set_title(f"mask (max {float(mask.max()):.2f})", fontsize=9)
+        figure.colorbar(shown, ax=ax, shrink=0.8, label="mask probability")
+        handles.append(
+            Patch(
+                facecolor=colormaps[MASK_CMAP](0.75),
+                alpha=0.6,
+                label=f"first panel: the query's mask probability (the sigmoid of its mask "
+                f"logits); white line: {MASK_THRESHOLD}, the detection's mask",
+            )
+        )
     for index, (label, gid, values) in enumerate(panels):
-        ax = axes[index // cols][index % cols]
+        ax = all_axes[index + offset]
         _show_image(ax, image)
         peak = float(values.max())
         _overlay(ax, values, image_size, peak, gid)
         _draw_box(ax, obj.box, "cyan", "box", linewidth=1.5)
         ax.set_title(f"{label} (max {peak:.3f})", fontsize=9)
-    _relative_colorbar(figure, [ax for row in axes for ax in row])
-    _legend(
-        figure,
-        [
-            _box_handle(f"cyan box: the detection ({obj.caption})", linewidth=1.5),
-            _overlay_handle(
-                "overlay: the query's attention weight on each feature-map cell "
-                f"({valid_h}x{valid_w} squares; each head's weights sum to 1)"
-            ),
-        ],
-        cols=1,
+    _relative_colorbar(figure, all_axes[offset:])
+    handles.append(
+        _overlay_handle(
+            "overlay: the query's attention weight on each feature-map cell "
+            f"({valid_h}x{valid_w} squares; each head's weights sum to 1)"
+        )
     )
+    _legend(figure, handles, cols=1)
     return figure
 
 
@@ -667,8 +713,10 @@ def explain_figures(
     if pixels is not None:
         check_pixels(pixels, image_size)
     with torch.no_grad(), capture_internals(detector.model) as internals:
-        # Every candidate, so that the highest score can be told when none passes the threshold.
-        (found,), _ = detector.detect([pixels_u8], threshold=0.0)
+        run = detector.run([pixels_u8])
+    # Every candidate, so that the highest score can be told when none passes the threshold;
+    # the masks of the explained ones alone.
+    (found,) = detector.detections(run, threshold=0.0, masks=False)
     objects = select_objects(found, max_objects, detector.threshold)
     highest = highest_candidate(found)
     pixels = list(pixels) if pixels is not None else auto_pixels(objects, image_size)
@@ -685,9 +733,15 @@ def explain_figures(
         else nothing_found_figure(pixels_u8, detector.threshold, highest)
     }
     if not internals.deformable:
-        for obj in objects:
+        queries = torch.tensor([obj.query for obj in objects], dtype=torch.long)
+        masks = (
+            detector.query_masks(run, 0, queries, probabilities=True)
+            if run.has_masks and objects
+            else [None] * len(objects)
+        )
+        for obj, mask in zip(objects, masks):
             figures[f"object{obj.number}_cross_attention.png"] = cross_attention_figure(
-                pixels_u8, internals, obj
+                pixels_u8, internals, obj, mask=mask
             )
         if pixels:
             figures["encoder_self_attention.png"] = encoder_attention_figure(

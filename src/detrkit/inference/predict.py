@@ -1,4 +1,5 @@
-"""``detrkit predict``: detections on image files, drawn and written as COCO results."""
+"""``detrkit predict``: detections on image files, drawn and written as COCO results; for DETR's
+panoptic models with their masks, and optionally as a COCO panoptic segmentation."""
 
 from __future__ import annotations
 
@@ -9,21 +10,32 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
 from detrkit.data import ImageReadError, read_image
 from detrkit.data.coco import to_coco_results
-from detrkit.data.drawing import draw_detections
+from detrkit.data.digits import panoptic_png
+from detrkit.data.drawing import draw_detections, draw_masks
 from detrkit.files import existing_results, write_atomically
-from detrkit.inference.detector import Detections, Detector
+from detrkit.inference.detector import (
+    PANOPTIC_THRESHOLD,
+    Detections,
+    Detector,
+    PanopticResult,
+    no_masks_message,
+)
 from detrkit.models.deformable_transformer import ImageTooSmallError
 
 # Files a folder contributes (an explicitly named file is tried whatever its suffix).
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 RESULTS_FILE = "detections.json"  # COCO results format: a list of detections
 IMAGES_FILE = "images.json"  # COCO "images" entries: which image_id is which file
+# --panoptic: COCO's panoptic format, the JSON and a folder of PNGs named after it.
+PANOPTIC_FILE, PANOPTIC_DIR = "panoptic.json", "panoptic"
 
 
 @dataclass
@@ -35,6 +47,8 @@ class PredictReport:
     results_file: Path | None = None
     images_file: Path | None = None
     detections: int = 0
+    panoptic_file: Path | None = None  # with panoptic: the COCO panoptic JSON
+    segments: int = 0  # with panoptic: segments written
 
 
 def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -91,18 +105,30 @@ def _detect_or_skip(
     batch: list[tuple[int, Tensor]],
     paths: Sequence[Path],
     skip: Callable[[str, str], None],
-) -> list[tuple[tuple[int, Tensor], Detections]]:
-    """Each (index, image) of ``batch`` with its detections. An image too small for the model
-    goes to ``skip``; when a batch is, its images are tried one at a time (padded together,
-    they are as large as the largest)."""
+    panoptic_threshold: float | None = None,
+) -> list[tuple[tuple[int, Tensor], Detections, PanopticResult | None]]:
+    """Each (index, image) of ``batch`` with its detections and, given a
+    ``panoptic_threshold``, its panoptic segmentation (else None). An image too small for the
+    model goes to ``skip``; when a batch is, its images are tried one at a time (padded
+    together, they are as large as the largest)."""
     try:
-        found, _ = detector.detect([pixels for _, pixels in batch])
+        run = detector.run([pixels for _, pixels in batch])
     except ImageTooSmallError as error:
         if len(batch) == 1:
             skip(str(paths[batch[0][0]]), str(error))
             return []
-        return [pair for item in batch for pair in _detect_or_skip(detector, [item], paths, skip)]
-    return list(zip(batch, found))
+        return [
+            found
+            for item in batch
+            for found in _detect_or_skip(detector, [item], paths, skip, panoptic_threshold)
+        ]
+    found = detector.detections(run)
+    segmented = (
+        detector.panoptic_segments(run, panoptic_threshold)
+        if panoptic_threshold is not None
+        else [None] * len(batch)
+    )
+    return list(zip(batch, found, segmented))
 
 
 def _read_batches(
@@ -131,6 +157,57 @@ def save_picture(pixels: Tensor, path: Path) -> None:
         write_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
+def draw_prediction(pixels: Tensor, detections: Detections) -> Tensor:
+    """An image with its detections drawn: the masks (where the model has them), each under its
+    box, in the box's colour."""
+    if detections.masks is not None:
+        pixels = draw_masks(pixels, detections.masks, detections.labels)
+    return draw_detections(pixels, detections.boxes, detections.captions(), detections.labels)
+
+
+def segments_info(segmentation: PanopticResult) -> list[dict]:
+    """A panoptic segmentation's segments as COCO panoptic ``segments_info``: ``id``,
+    ``category_id``, ``isthing``, ``iscrowd`` (0), ``area`` and ``bbox`` (x, y, w, h of its
+    pixels), with the ``score``."""
+    ids = segmentation.segment_ids
+    info = []
+    for segment in segmentation.segments:
+        rows, cols = torch.nonzero(ids == segment.id, as_tuple=True)
+        x, y = int(cols.min()), int(rows.min())
+        bbox = [x, y, int(cols.max()) + 1 - x, int(rows.max()) + 1 - y]
+        info.append(
+            {
+                "id": segment.id,
+                "category_id": segment.category_id,
+                "isthing": int(segment.isthing),
+                "iscrowd": 0,
+                "area": segment.area,
+                "bbox": bbox,
+                "score": round(segment.score, 5),
+            }
+        )
+    return info
+
+
+def panoptic_categories(detector: Detector) -> list[dict]:
+    """The COCO panoptic ``categories`` of the model's classes (``id``: the category id,
+    ``name``, ``isthing``), without the "N/A" gaps of COCO's ids."""
+    ids = detector.config.category_ids or range(detector.config.num_classes)
+    return [
+        {"id": int(category_id), "name": name, "isthing": int(thing)}
+        for category_id, name, thing in zip(
+            ids, detector.class_names, detector.config.thing_classes()
+        )
+        if name != "N/A"
+    ]
+
+
+def save_panoptic_png(segment_ids: Tensor, path: Path) -> None:
+    """Writes segment ids ``[H, W]`` as a COCO panoptic PNG (id = R + 256 G + 256^2 B)."""
+    picture = Image.fromarray(panoptic_png(segment_ids.cpu().numpy().astype(np.int64)))
+    write_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
+
+
 def _write_json(path: Path, value) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(value) + "\n"))
 
@@ -142,17 +219,29 @@ def predict_files(
     batch_size: int = 1,
     progress: bool = True,
     overwrite: bool = False,
+    panoptic: bool = False,
+    panoptic_threshold: float = PANOPTIC_THRESHOLD,
 ) -> PredictReport:
     """Detects objects in every image ``inputs`` name and writes into ``out``: each image with
     its detections drawn, ``detections.json`` (COCO results: image_id, category_id = the label,
     bbox as x, y, w, h, score) and ``images.json`` (the COCO "images" entries of those ids).
+    A model with masks draws each detection's mask under its box and adds its
+    ``segmentation`` (compressed RLE) to detections.json.
+
+    ``panoptic`` (a model with masks only): also each image's panoptic segmentation
+    (:meth:`Detector.panoptic_segments`, queries scoring above ``panoptic_threshold``) as COCO's
+    panoptic format: ``panoptic/<name>.png`` (segment id = R + 256 G + 256^2 B, 0 for none) and
+    ``panoptic.json`` (images, annotations with their ``segments_info``, categories).
 
     Inputs that name nothing or cannot be read are reported on stderr and skipped; the others
-    are processed. Raises ValueError when no input names a file, or when an output would
-    overwrite an input; FileExistsError when ``out`` holds earlier results, unless ``overwrite``.
+    are processed. Raises ValueError when no input names a file, when an output would
+    overwrite an input, or for ``panoptic`` with a model without masks; FileExistsError when
+    ``out`` holds earlier results, unless ``overwrite``. Nothing is written before these checks.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if panoptic and not detector.has_masks:
+        raise ValueError(no_masks_message(detector.config))
     out = Path(out)
     paths, problems = expand_inputs(inputs)
     report = PredictReport()
@@ -169,26 +258,40 @@ def predict_files(
         skip(name, why)
     names = output_names(paths)
     targets = [out / name for name in names]
-    inputs_resolved = {path.resolve() for path in paths}
-    for target in targets:
-        if target.resolve() in inputs_resolved:
-            raise ValueError(f"--out {out}: writing {target.name} would overwrite an input image")
     results_file, images_file = out / RESULTS_FILE, out / IMAGES_FILE
-    existing_results([*targets, results_file, images_file], f"--out {out}", overwrite)
+    outputs = [*targets, results_file, images_file]
+    png_targets: list[Path] = []
+    if panoptic:
+        # PNG names distinct even where two inputs differ only in their suffix.
+        png_names = output_names([path.with_suffix(".png") for path in paths])
+        png_targets = [out / PANOPTIC_DIR / name for name in png_names]
+        outputs += [*png_targets, out / PANOPTIC_FILE]
+    inputs_resolved = {path.resolve() for path in paths}
+    for target in outputs:
+        if target.resolve() in inputs_resolved:
+            where = target.relative_to(out)
+            raise ValueError(f"--out {out}: writing {where} would overwrite an input image")
+    existing_results(outputs, f"--out {out}", overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    if panoptic:
+        (out / PANOPTIC_DIR).mkdir(exist_ok=True)
 
     done: list[tuple[int, Detections]] = []  # (index into paths, detections)
+    segmented: list[list[dict]] = []  # with panoptic: each done image's segments_info
     bar = tqdm(
         total=len(paths), unit="image", desc="predict", disable=not progress or len(paths) < 2
     )
     with bar:
         for batch in _read_batches(paths, batch_size, skip):
-            for (index, pixels), detections in _detect_or_skip(detector, batch, paths, skip):
-                drawn = draw_detections(
-                    pixels, detections.boxes, detections.captions(), detections.labels
-                )
-                save_picture(drawn, targets[index])
+            threshold = panoptic_threshold if panoptic else None
+            for (index, pixels), detections, segmentation in _detect_or_skip(
+                detector, batch, paths, skip, threshold
+            ):
+                save_picture(draw_prediction(pixels, detections), targets[index])
                 report.pictures.append(targets[index])
+                if segmentation is not None:
+                    save_panoptic_png(segmentation.segment_ids, png_targets[index])
+                    segmented.append(segments_info(segmentation))
                 done.append((index, detections))
             bar.update(batch[-1][0] + 1 - bar.n)  # skipped files count as done too
         bar.update(len(paths) - bar.n)
@@ -208,6 +311,19 @@ def predict_files(
     report.results_file, report.images_file = results_file, images_file
     _write_json(report.results_file, results)
     _write_json(report.images_file, images)
+    if panoptic:
+        annotations = [
+            {"image_id": image_id, "file_name": png_targets[index].name, "segments_info": info}
+            for image_id, (index, _), info in zip(ids, done, segmented)
+        ]
+        report.panoptic_file = out / PANOPTIC_FILE
+        report.segments = sum(len(info) for info in segmented)
+        value = {
+            "images": images,
+            "annotations": annotations,
+            "categories": panoptic_categories(detector),
+        }
+        _write_json(report.panoptic_file, value)
     return report
 
 
