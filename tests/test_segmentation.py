@@ -157,12 +157,19 @@ def test_a_mask_head_that_cannot_be_built_is_named():
         build_config("detr_r50_panoptic", hidden_dim=64, nheads=8)
 
 
-def test_the_command_line_names_what_is_not_there_yet(tmp_path, capsys):
+def test_training_a_panoptic_model_on_boxes_alone_is_refused_naming_the_file(tmp_path, capsys):
+    """A panoptic model trains on masks: COCO instances without segmentations are refused
+    before anything is written, naming the file and an annotation."""
     from detrkit.cli.main import main
+    from helpers import write_square_coco
 
-    run = ["train", "--model", "detr_r50_panoptic", "--data", "digits"]
+    images, annotations = write_square_coco(tmp_path / "coco")
+    data = f"coco:{images},{annotations},{images},{annotations}"
+    run = ["train", "--model", "detr_digits_panoptic", "--data", data, "--workers", "0"]
     assert main([*run, "--output", str(tmp_path / "run")]) == 2
-    assert "detrkit train reads boxes, not masks, so far" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert str(annotations) in error and "segmentation" in error
+    assert len(error.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
 
 

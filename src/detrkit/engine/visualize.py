@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.utils import make_grid
 
 from detrkit.data import collate_fn
-from detrkit.data.drawing import draw_detections
+from detrkit.data.drawing import draw_detections, draw_masks
 from detrkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from detrkit.files import write_atomically
 from detrkit.models import PostProcess
@@ -24,9 +24,9 @@ def draw_predictions(
     threshold: float = 0.3,
     min_side: int = 320,
 ) -> Path:
-    """Draws the detections scoring at least ``threshold`` (with class name and score) on the
-    first ``num_images`` images of ``dataset``, enlarged to at least ``min_side`` pixels so that
-    labels stay legible, as one PNG grid."""
+    """Draws the detections scoring at least ``threshold`` (with class name and score, and the
+    mask of a panoptic model's) on the first ``num_images`` images of ``dataset``, enlarged to at
+    least ``min_side`` pixels so that labels stay legible, as one PNG grid."""
     from PIL import Image
 
     model.eval()
@@ -36,7 +36,12 @@ def draw_predictions(
     with torch.no_grad():
         outputs = model(images.to(device), mask.to(device))
     sizes = torch.stack([t["size"] for t in targets]).to(device)
-    detections = PostProcess.for_config(model.config)(outputs, sizes)
+    postprocess = PostProcess.for_config(model.config)
+    detections = postprocess(outputs, sizes)
+    if "pred_masks" in outputs:
+        detections = postprocess.add_masks(
+            outputs, detections, images.shape[-2:], sizes.tolist(), sizes
+        )
     names = model.config.class_names or [str(i) for i in range(model.config.num_classes)]
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -49,6 +54,8 @@ def draw_predictions(
             f"{names[int(label)]} {score:.2f}"
             for label, score in zip(found["labels"][keep], found["scores"][keep])
         ]
+        if "masks" in found:
+            pixels = draw_masks(pixels, found["masks"][keep], found["labels"][keep])
         tiles.append(
             draw_detections(
                 pixels, found["boxes"][keep], captions, found["labels"][keep], min_side=min_side
