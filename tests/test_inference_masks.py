@@ -360,3 +360,22 @@ def test_explain_shows_a_panoptic_querys_mask(tmp_path, model):
     written = explain(detector, image, tmp_path, max_objects=1)[1]
     assert (tmp_path / "object1_cross_attention.png") in written
     assert Image.open(tmp_path / "object1_cross_attention.png").size[0] > 0
+
+
+def test_training_gives_the_model_the_datasets_stuff_classes():
+    from types import SimpleNamespace
+
+    from detrkit.engine.config import TrainConfig
+    from detrkit.engine.train import build_training_model
+
+    dataset = SimpleNamespace(
+        num_classes=11, class_names=NAMES, category_ids=list(range(11)), is_thing=THINGS
+    )
+    options = {"num_queries": 5}
+    config = TrainConfig(model="detr_digits_panoptic", model_options=options)
+    model = build_training_model(config, dataset, log=lambda line: None)
+    assert model.config.is_thing == THINGS and model.config.thing_classes() == THINGS
+    # A detection model has no such field.
+    config = TrainConfig(model="detr_digits", model_options=options)
+    model = build_training_model(config, dataset, log=lambda line: None)
+    assert not hasattr(model.config, "is_thing")
