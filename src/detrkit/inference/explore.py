@@ -290,7 +290,8 @@ def explore_data(
         capture_internals(model) as internals,
         record_flow(model) as nodes,
     ):
-        (found,), outputs = detector.detect([pixels], threshold)
+        # The page draws a query's mask from pred_masks itself.
+        (found,), outputs = detector.detect([pixels], threshold, masks=False)
     # Every query's best class and its score (image 0, last layer), as post-processing scores.
     scores, labels = detector.postprocess.class_probabilities(outputs["pred_logits"])[0].max(-1)
     best = int(scores.argmax())
