@@ -2,7 +2,13 @@
 
 from detrkit.data.coco_names import COCO_NAMES, class_names_for
 from detrkit.inference.capture import AttentionRecord, Internals, SamplingRecord, capture_internals
-from detrkit.inference.detector import Detections, Detector, to_uint8_image
+from detrkit.inference.detector import (
+    Detections,
+    Detector,
+    PanopticResult,
+    Segment,
+    to_uint8_image,
+)
 
 __all__ = [
     "COCO_NAMES",
@@ -10,7 +16,9 @@ __all__ = [
     "Detections",
     "Detector",
     "Internals",
+    "PanopticResult",
     "SamplingRecord",
+    "Segment",
     "capture_internals",
     "class_names_for",
     "to_uint8_image",
