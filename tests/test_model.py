@@ -100,6 +100,7 @@ def test_build_model_presets_and_errors():
     presets += ["deformable_detr", "deformable_detr_single_scale", "deformable_detr_refine"]
     presets += ["deformable_detr_two_stage", "deformable_detr_digits"]
     presets += ["detr_r50_panoptic", "detr_r50_dc5_panoptic", "detr_r101_panoptic"]
+    presets += ["detr_digits_panoptic"]
     assert detrkit.available_models() == sorted(presets)
     model = detrkit.build_model("detr_r50_dc5", num_classes=3, enc_layers=1, dec_layers=1)
     assert model.config.dilation and model.class_embed.out_features == 4
