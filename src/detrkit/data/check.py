@@ -119,14 +119,9 @@ def check_dataset(
     not warnings), and an image file whose size is not the JSON's is an error.
     """
     report = Report(Path(images_dir), Path(annotations_json))
-    try:
-        data = read_coco_json(annotations_json)
-    except (OSError, ValueError) as error:
-        report.record(Finding("invalid_annotations_file", str(error)))
+    data = _read_counted(report, annotations_json, "instances")
+    if data is None:
         return report
-    report.num_images = len(data["images"])
-    report.num_annotations = len(data["annotations"])
-    report.num_categories = len(data["categories"])
 
     index = validate_coco(data, masks=masks)
     for finding in index.findings:
@@ -136,6 +131,20 @@ def check_dataset(
         report.record(Finding("not_trainable", reason))
     _check_image_files(report, index, decode_images, masks)
     return report
+
+
+def _read_counted(report: Report, path: str | Path, what: str) -> dict | None:
+    """The JSON file with its entries counted into ``report``; None (and the finding recorded)
+    when it cannot be read as a COCO ``what`` file."""
+    try:
+        data = read_coco_json(path, what=what)
+    except (OSError, ValueError) as error:
+        report.record(Finding("invalid_annotations_file", str(error)))
+        return None
+    report.num_images = len(data["images"])
+    report.num_annotations = len(data["annotations"])
+    report.num_categories = len(data["categories"])
+    return data
 
 
 def check_panoptic(
@@ -155,14 +164,9 @@ def check_panoptic(
         default_panoptic_dir(panoptic_json) if panoptic_dir is None else panoptic_dir
     )
     report = Report(Path(images_dir), Path(panoptic_json), panoptic_dir=panoptic_dir)
-    try:
-        data = read_coco_json(panoptic_json, what="panoptic")
-    except (OSError, ValueError) as error:
-        report.record(Finding("invalid_annotations_file", str(error)))
+    data = _read_counted(report, panoptic_json, "panoptic")
+    if data is None:
         return report
-    report.num_images = len(data["images"])
-    report.num_annotations = len(data["annotations"])
-    report.num_categories = len(data["categories"])
     index = validate_panoptic(data)
     report.num_segments = sum(len(entry.segments) for entry in index.panoptic.values())
     for finding in index.findings:

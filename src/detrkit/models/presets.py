@@ -16,6 +16,17 @@ from detrkit.models.config import (
 )
 from detrkit.models.kinds import kind_of
 
+# The digits DETRs' shared fields (detr_digits, detr_digits_panoptic).
+_DETR_DIGITS = dict(
+    backbone="resnet18",
+    backbone_norm="batch",
+    hidden_dim=128,
+    enc_layers=2,
+    dec_layers=2,
+    dim_feedforward=512,
+    num_queries=20,
+)
+
 PRESETS: dict[str, ModelConfig] = {
     "detr_r50": DETRConfig(backbone="resnet50"),
     "detr_r50_dc5": DETRConfig(backbone="resnet50", dilation=True),
@@ -33,30 +44,10 @@ PRESETS: dict[str, ModelConfig] = {
     "detr_r101_panoptic": DETRSegmentationConfig(backbone="resnet101", num_classes=250),
     # Small models for the built-in digits dataset and CPUs: a ResNet-18 trained from scratch
     # (no pre-trained weights are downloaded), a narrow transformer, few queries.
-    "detr_digits": DETRConfig(
-        backbone="resnet18",
-        backbone_norm="batch",
-        hidden_dim=128,
-        nheads=4,
-        enc_layers=2,
-        dec_layers=2,
-        dim_feedforward=512,
-        num_queries=20,
-        num_classes=10,
-    ),
+    "detr_digits": DETRConfig(**_DETR_DIGITS, nheads=4, num_classes=10),
     # detr_digits with the mask head, for the panoptic digits (the canvas as an 11th, stuff
     # class); 8 heads, as the mask head's group norms need hidden_dim + nheads a multiple of 8.
-    "detr_digits_panoptic": DETRSegmentationConfig(
-        backbone="resnet18",
-        backbone_norm="batch",
-        hidden_dim=128,
-        nheads=8,
-        enc_layers=2,
-        dec_layers=2,
-        dim_feedforward=512,
-        num_queries=20,
-        num_classes=11,
-    ),
+    "detr_digits_panoptic": DETRSegmentationConfig(**_DETR_DIGITS, nheads=8, num_classes=11),
     "deformable_detr_digits": DeformableDETRConfig(
         backbone="resnet18",
         backbone_norm="batch",
