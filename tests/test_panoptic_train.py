@@ -223,7 +223,8 @@ def test_freeze_detector_trains_the_mask_head_alone(tmp_path, capsys):
     ]
     assert any(name.startswith("mask_head.") for name in changed)
     assert any(name.startswith("bbox_attention.") for name in changed)
-    assert [r for r in records(masks_dir) if r["type"] == "eval"][0]["PQ"] is not None
+    (evaluation,) = [r for r in records(masks_dir) if r["type"] == "eval"]
+    assert evaluation["PQ"] is not None
 
     # Errors, each one line before anything is written. A detector of the 10 digits would
     # start the panoptic model (11 classes) with a new class head, which a frozen detector
