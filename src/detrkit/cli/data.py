@@ -1,4 +1,5 @@
-"""The ``detrkit data`` commands: check a COCO-format dataset, write the built-in digits dataset."""
+"""The ``detrkit data`` commands: check a dataset (COCO, Pascal VOC, YOLO), convert VOC and YOLO
+to COCO files, write the built-in digits dataset."""
 
 from __future__ import annotations
 
@@ -7,13 +8,24 @@ import sys
 from typing import Any
 
 from detrkit.cli.arguments import non_negative_int
-from detrkit.data.check import check_dataset, check_panoptic
+from detrkit.data.check import check_dataset, check_format, check_panoptic
 from detrkit.data.digits import write_digits_coco
+from detrkit.data.formats import convert_to_coco, format_path, is_format_data
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     """Prints the dataset report; exits non-zero only when the dataset is unusable: when
     training or evaluation would refuse it (the loader applies the same rules)."""
+    if is_format_data(args.images):
+        if args.annotations is not None or args.panoptic is not None:
+            raise ValueError(
+                f"data check {args.images}: a VOC or YOLO dataset is checked alone (its "
+                "annotations are its own files); give no ANNOTATIONS or --panoptic"
+            )
+        format_path(args.images)  # an empty path: one line saying what is expected
+        reports = check_format(args.images, decode_images=not args.no_decode, masks=args.masks)
+        print("\n\n".join(report.format() for report in reports))
+        return max(report.exit_code for report in reports)
     if args.annotations is None and args.panoptic is None:
         raise ValueError(
             "data check: give an instances JSON (ANNOTATIONS), a panoptic one (--panoptic) or both"
@@ -60,6 +72,19 @@ def cmd_data_make_digits(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    """Writes a VOC or YOLO dataset's splits as COCO instances files, the images left in
+    place."""
+    data = f"{args.source_format}:{args.source}"
+    format_path(data)  # an empty path: one line saying what is expected
+    written = convert_to_coco(data, args.out, overwrite=args.overwrite)
+    for split in ("train", "val"):
+        print(f"wrote {written[split]} (file names relative to {written['images_' + split]})")
+    parts = [written[name] for name in ("images_train", "train", "images_val", "val")]
+    print(f"train on it with --data coco:{','.join(str(part) for part in parts)}")
+    return 0
+
+
 def add_data_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Adds the ``data`` command group (``check``, ``make-digits``) to a subparsers object."""
     data = subparsers.add_parser("data", help="check datasets, make the built-in digits dataset")
@@ -67,14 +92,19 @@ def add_data_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
 
     check = commands.add_parser(
         "check",
-        help="report the problems of a COCO-format dataset: errors where training or evaluation "
-        "would refuse it (exit 1), warnings for what they leave out or clip",
+        help="report the problems of a dataset (COCO, voc:ROOT, yolo:DATA_YAML): errors where "
+        "training or evaluation would refuse it (exit 1), warnings for what they leave out or clip",
     )
-    check.add_argument("images", help="directory of the image files")
+    check.add_argument(
+        "images",
+        help="directory of the image files; or voc:ROOT (a Pascal VOC folder) or "
+        "yolo:DATA_YAML (a YOLO dataset), whose train and val splits are checked",
+    )
     check.add_argument(
         "annotations",
         nargs="?",
-        help="COCO instances JSON file (optional with --panoptic: both sets are checked)",
+        help="COCO instances JSON file (optional with --panoptic: both sets are checked; none "
+        "for voc: and yolo:)",
     )
     check.add_argument(
         "--masks",
@@ -98,6 +128,28 @@ def add_data_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="only read image headers (faster; truncated images go unnoticed)",
     )
     check.set_defaults(run=cmd_data_check)
+
+    convert = commands.add_parser(
+        "convert",
+        help="write a Pascal VOC or YOLO dataset's train and val splits as COCO instances "
+        "files (OUT/annotations/instances_{train,val}.json), the images left in place",
+    )
+    convert.add_argument(
+        "--from",
+        dest="source_format",
+        choices=("voc", "yolo"),
+        required=True,
+        help="the source's format",
+    )
+    convert.add_argument("source", help="the VOC folder (ROOT) or the YOLO data.yaml")
+    convert.add_argument(
+        "--to", choices=("coco",), required=True, help="the format written (COCO instances)"
+    )
+    convert.add_argument("out", help="output directory")
+    convert.add_argument(
+        "--overwrite", action="store_true", help="replace COCO files written there before"
+    )
+    convert.set_defaults(run=cmd_data_convert)
 
     digits = commands.add_parser(
         "make-digits", help="write the handwritten-digits detection dataset in COCO format"

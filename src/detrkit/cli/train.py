@@ -90,7 +90,8 @@ def add_train_commands(commands) -> None:
     evaluate.add_argument(
         "--data",
         required=True,
-        help="'digits' (the built-in validation split) or coco:VAL_IMAGES,VAL_JSON",
+        help="'digits' (the built-in validation split), coco:VAL_IMAGES,VAL_JSON, or the val "
+        "split of voc:ROOT or yolo:DATA_YAML",
     )
     evaluate.add_argument("--out", type=Path, help="write metrics.json and results.json here")
     evaluate.add_argument(

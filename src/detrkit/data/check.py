@@ -1,7 +1,9 @@
-"""Checking a COCO-format dataset before training on it: every problem, counted, with examples."""
+"""Checking a dataset before training on it (COCO files, Pascal VOC, YOLO): every problem,
+counted, with examples."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from detrkit.data.panoptic import (
 from detrkit.data.validate import CocoIndex, Finding, Severity, image_file_findings, validate_coco
 
 MAX_EXAMPLES = 3
+SPLITS = ("train", "val")
 
 
 @dataclass
@@ -123,14 +126,53 @@ def check_dataset(
     if data is None:
         return report
 
+    _check_instances(report, data, decode_images, masks)
+    return report
+
+
+def _check_instances(
+    report: Report,
+    data: dict,
+    decode_images: bool,
+    masks: bool,
+    located: Callable[[Finding], Finding] = lambda finding: finding,
+) -> None:
+    """Records the findings of the instances ``data`` and of its image files; ``located``
+    rewrites each finding of the COCO rules (to name the place in the file it came from)."""
     index = validate_coco(data, masks=masks)
     for finding in index.findings:
-        report.record(finding)
+        report.record(located(finding))
     reason = index.untrainable_reason()
     if reason is not None and index.images:
         report.record(Finding("not_trainable", reason))
     _check_image_files(report, index, decode_images, masks)
-    return report
+
+
+def check_format(data: str, decode_images: bool = True, masks: bool = False) -> list[Report]:
+    """Checks the train and val splits of ``voc:ROOT`` or ``yolo:DATA_YAML``, one report each:
+    the format's own problems (malformed XML or label lines, class ids outside data.yaml's
+    names, label files without images and images without labels, naming file and line), then
+    every rule :func:`check_dataset` applies to the COCO instances they make (see
+    :mod:`detrkit.data.formats`). Never raises for problems in the data."""
+    from detrkit.data.formats import read_split
+
+    reports = []
+    for split in SPLITS:
+        converted = read_split(data, split)
+        report = Report(converted.images_dir, converted.source)
+        report.num_images = len(converted.coco["images"])
+        report.num_annotations = len(converted.coco["annotations"])
+        report.num_categories = len(converted.coco["categories"])
+        for finding in converted.findings:
+            report.record(finding)
+        if not any(finding.kind in _UNREAD for finding in converted.findings):
+            _check_instances(report, converted.coco, decode_images, masks, converted.located)
+        reports.append(report)
+    return reports
+
+
+# Findings after which a split has no images to check: what describes them was not read.
+_UNREAD = ("invalid_data_yaml", "missing_split")
 
 
 def _read_counted(report: Report, path: str | Path, what: str) -> dict | None:

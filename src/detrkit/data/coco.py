@@ -303,6 +303,11 @@ class CocoDetection(CocoImages):
     naming the file, the entry and the field. A set with no usable object can still be
     evaluated on; :func:`require_trainable` refuses it for training.
 
+    ``coco``: the instances as a dict in the form of the JSON file (``images``,
+    ``annotations`` and ``categories`` lists), built in memory: ``annotations_json`` then only
+    names them in messages (the readers of :mod:`detrkit.data.formats` build them from Pascal
+    VOC and YOLO files). The dict is kept as the ``coco`` attribute.
+
     An unreadable image is warned about once and skipped: the item at the next index (wrapping
     around) that can be read is returned in its place, and its target's ``skipped`` is 1 (0 for
     an item read from its own file: summed over an epoch, the number of items whose file could
@@ -322,6 +327,7 @@ class CocoDetection(CocoImages):
         strict: bool = False,
         skip_unreadable: bool | None = None,
         masks: bool = False,
+        coco: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
             images_dir,
@@ -332,8 +338,12 @@ class CocoDetection(CocoImages):
         self.annotations_json = Path(annotations_json)
         self.strict = strict
         self.masks = masks
+        # The instances built in memory (Pascal VOC and YOLO data, see detrkit.data.formats),
+        # kept for evaluation; None when read from annotations_json, re-read when needed.
+        self.coco = coco
 
-        index = validate_coco(read_coco_json(self.annotations_json), masks=masks)
+        data = read_coco_json(self.annotations_json) if coco is None else coco
+        index = validate_coco(data, masks=masks)
         index.raise_errors(self.annotations_json)
         left_out = index.left_out_counts()
         if any(left_out.values()):

@@ -108,6 +108,42 @@ KINDS: dict[str, tuple[Severity, str]] = {
         "warning",
         "segments listed in segments_info with no pixel in their PNG (left out)",
     ),
+    # Pascal VOC and YOLO files (detrkit.data.voc, detrkit.data.yolo), found while they are
+    # turned into COCO instances; the COCO rules above then apply to what they describe.
+    "invalid_data_yaml": (
+        "error",
+        "YOLO data.yaml unusable: not YAML, or 'names', 'train' or 'val' missing or malformed",
+    ),
+    "missing_split": (
+        "error",
+        "splits that are not there (VOC's ImageSets/Main/SPLIT.txt, YOLO's image folders or lists)",
+    ),
+    "malformed_xml": (
+        "error",
+        "VOC annotation files that are not XML, lack a tag or hold a bad value (the object left "
+        "out)",
+    ),
+    "missing_xml": ("error", "images of a VOC split without their Annotations/ID.xml"),
+    "malformed_label_line": (
+        "error",
+        "YOLO label lines that are not 'class cx cy w h', 5 numbers (the line left out)",
+    ),
+    "class_id_out_of_range": (
+        "error",
+        "YOLO class ids that data.yaml's names do not name (the line left out)",
+    ),
+    "coordinates_out_of_range": (
+        "error",
+        "YOLO coordinates outside [0, 1]: pixels instead of normalised? (the line left out)",
+    ),
+    "label_without_image": (
+        "warning",
+        "YOLO label files without an image of the same name (ignored)",
+    ),
+    "image_without_label": (
+        "warning",
+        "YOLO images without a label file (trained on as background)",
+    ),
     # The image files, which only check_dataset and the reading of an item look at.
     "no_images_dir": ("error", "the images folder does not exist"),
     "missing_image_file": (

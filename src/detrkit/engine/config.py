@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from detrkit.data.formats import format_path, is_format_data
 from detrkit.files import write_json
 from detrkit.models import ModelConfig
 from detrkit.models.config import check_known_fields
@@ -73,7 +74,8 @@ class TrainConfig:
         "'digits' (the built-in dataset, made on the fly; 'digits-panoptic': its panoptic "
         "version), coco:TRAIN_IMAGES,TRAIN_JSON,VAL_IMAGES,VAL_JSON (COCO instances files) or "
         "coco-panoptic:TRAIN_IMAGES,TRAIN_JSON,VAL_IMAGES,VAL_JSON (COCO panoptic files, "
-        "their PNG folders beside them)",
+        "their PNG folders beside them), voc:ROOT (a Pascal VOC folder) or yolo:DATA_YAML (a "
+        "YOLO dataset)",
     )
     label_mapping: str = _option(
         "contiguous",
@@ -198,7 +200,9 @@ class TrainConfig:
             raise ValueError(
                 f"label_mapping must be 'contiguous' or 'coco', got {self.label_mapping!r}"
             )
-        if self.data not in DIGITS_DATA:
+        if is_format_data(self.data):
+            format_path(self.data)
+        elif self.data not in DIGITS_DATA:
             self.coco_paths()
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
@@ -230,8 +234,9 @@ class TrainConfig:
         if not prefix or len(parts) != 4:
             raise ValueError(
                 "data must be 'digits', 'digits-panoptic', "
-                "coco:TRAIN_IMAGES,TRAIN_JSON,VAL_IMAGES,VAL_JSON or "
-                f"coco-panoptic:TRAIN_IMAGES,TRAIN_JSON,VAL_IMAGES,VAL_JSON, got {self.data!r}"
+                "coco:TRAIN_IMAGES,TRAIN_JSON,VAL_IMAGES,VAL_JSON, "
+                "coco-panoptic:TRAIN_IMAGES,TRAIN_JSON,VAL_IMAGES,VAL_JSON, voc:ROOT or "
+                f"yolo:DATA_YAML, got {self.data!r}"
             )
         return parts[0], parts[1], parts[2], parts[3]
 

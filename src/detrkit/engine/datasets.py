@@ -16,6 +16,7 @@ from detrkit.data import (
     require_trainable,
 )
 from detrkit.data.coco import masks_to_rle
+from detrkit.data.formats import format_dataset, is_format_data
 from detrkit.engine.config import DIGITS_DATA, TrainConfig, is_panoptic_data
 
 
@@ -37,8 +38,15 @@ def build_datasets(config: TrainConfig, masks: bool = False) -> tuple[Dataset, D
             "val", config.digits_val, config.seed, val_transforms, panoptic=panoptic
         )
         return train_set, val_set
-    train_images, train_json, val_images, val_json = config.coco_paths()
     mapping = config.label_mapping
+    if is_format_data(config.data):  # voc:ROOT, yolo:DATA_YAML
+        train_set = format_dataset(config.data, "train", train_transforms, mapping, masks=masks)
+        require_trainable(train_set)
+        val_set = format_dataset(
+            config.data, "val", val_transforms, mapping, skip_unreadable=False, masks=masks
+        )
+        return train_set, val_set
+    train_images, train_json, val_images, val_json = config.coco_paths()
     if is_panoptic_data(config.data):
         train_set = CocoPanoptic(
             train_images, train_json, None, train_transforms, mapping, skip_unreadable=True
@@ -68,6 +76,16 @@ def coco_ground_truth(dataset: Dataset):
     from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
 
+    if isinstance(dataset, CocoDetection) and dataset.coco is not None:  # built in memory
+        import contextlib
+        import copy
+        import io
+
+        coco = COCO()
+        coco.dataset = copy.deepcopy(dataset.coco)  # COCOeval adds fields to the annotations
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+        return coco
     if isinstance(dataset, CocoDetection):
         import contextlib
         import io

@@ -15,6 +15,7 @@ from detrkit.data import (
     DigitsDetection,
     make_val_transforms,
 )
+from detrkit.data.formats import format_dataset, is_format_data
 from detrkit.engine.config import COCO_DATA, DIGITS_DATA, check_counts, is_panoptic_data
 from detrkit.engine.datasets import coco_ground_truth, make_loader
 from detrkit.engine.evaluate import AUTOCAST_DTYPES, score_dataset
@@ -32,17 +33,22 @@ def validation_set(
     masks: bool = False,
 ):
     """The validation split named by ``data``: "digits", "digits-panoptic",
-    "coco:VAL_IMAGES,VAL_JSON" or "coco-panoptic:VAL_IMAGES,VAL_JSON"; with ``masks`` (a
+    "coco:VAL_IMAGES,VAL_JSON", "coco-panoptic:VAL_IMAGES,VAL_JSON", "voc:ROOT" or
+    "yolo:DATA_YAML" (their val split); with ``masks`` (a
     panoptic model) the digits' panoptic version or the COCO instances' masks."""
     transforms = make_val_transforms(AugmentationConfig().scaled(image_scale))
     if data in DIGITS_DATA:
         panoptic = masks or is_panoptic_data(data)
         return DigitsDetection("val", digits_val, seed, transforms, panoptic=panoptic)
+    if is_format_data(data):  # voc:ROOT, yolo:DATA_YAML: their val split
+        return format_dataset(
+            data, "val", transforms, label_mapping, skip_unreadable=False, masks=masks
+        )
     prefix = next((p for p in COCO_DATA if data.startswith(p)), None)
     if prefix is None:
         raise ValueError(
-            f"--data {data!r}: expected 'digits', 'digits-panoptic', coco:VAL_IMAGES,VAL_JSON "
-            "or coco-panoptic:VAL_IMAGES,VAL_JSON"
+            f"--data {data!r}: expected 'digits', 'digits-panoptic', coco:VAL_IMAGES,VAL_JSON, "
+            "coco-panoptic:VAL_IMAGES,VAL_JSON, voc:ROOT or yolo:DATA_YAML"
         )
     parts = data.removeprefix(prefix).split(",")
     if len(parts) != 2:
