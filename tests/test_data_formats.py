@@ -173,7 +173,8 @@ def coco_split(three: dict, split: str) -> CocoDetection:
 def test_the_three_formats_give_the_same_targets(three, split):
     with pytest.warns(UserWarning, match="1 crowd") if split == "train" else _no_warning():
         expected = coco_split(three, split)
-    voc = format_dataset(f"voc:{three['voc']}", split, skip_unreadable=False)
+    with pytest.warns(UserWarning, match="1 crowd") if split == "train" else _no_warning():
+        voc = format_dataset(f"voc:{three['voc']}", split, skip_unreadable=False)
     yolo = format_dataset(f"yolo:{three['yolo']}", split, skip_unreadable=False)
     for dataset in (voc, yolo):
         assert dataset.class_names == NAMES
@@ -215,8 +216,10 @@ def test_convert_writes_coco_files_that_read_the_same(three, tmp_path, capsys):
             ("train", (images_train, json_train)),
             ("val", (images_val, json_val)),
         ):
-            direct = format_dataset(f"{kind}:{source}", split, skip_unreadable=False)
-            with pytest.warns(UserWarning) if split == "train" and kind == "voc" else _no_warning():
+            crowd = split == "train" and kind == "voc"
+            with pytest.warns(UserWarning, match="1 crowd") if crowd else _no_warning():
+                direct = format_dataset(f"{kind}:{source}", split, skip_unreadable=False)
+            with pytest.warns(UserWarning, match="1 crowd") if crowd else _no_warning():
                 from_file = CocoDetection(images_dir, path, skip_unreadable=False)
             assert_same_items(items(from_file), items(direct))
             assert from_file.category_ids == direct.category_ids
@@ -316,6 +319,17 @@ def test_voc_check_names_file_and_line(tmp_path):
     assert "c.jpg" in reports[1].problems["unreadable_image"].examples[0]
     assert not reports[0].ok and not reports[1].ok
 
+    # A listed image that is not there: skipped by training, refused by evaluation.
+    (root / "JPEGImages" / "c.jpg").unlink()
+    found = problems(check_format(f"voc:{root}"))
+    assert found["missing_image_file"] == ["c.jpg (image id 1): no such file"]
+    assert len(format_dataset(f"voc:{root}", "val")) == 1
+    with pytest.raises(OSError, match=r"c\.jpg: no such file"):
+        format_dataset(f"voc:{root}", "val", skip_unreadable=False)
+
+    (root / "ImageSets" / "Main" / "val.txt").unlink()
+    with pytest.raises(CocoFormatError, match=r"^\S*val\.txt: no such file \(voc:ROOT reads"):
+        format_dataset(f"voc:{root}", "val")
     shutil.rmtree(root / "ImageSets")
     found = problems(check_format(f"voc:{root}"))
     assert set(found) == {"missing_split"}

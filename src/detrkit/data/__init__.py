@@ -1,7 +1,8 @@
-"""Data: datasets, augmentations and batching, COCO names and results, drawing detections."""
+"""Data: datasets (COCO, Pascal VOC, YOLO), augmentations and batching, COCO names and results,
+drawing detections."""
 
 from detrkit.data.batching import collate_fn, pad_images
-from detrkit.data.check import Problem, Report, check_dataset, check_panoptic
+from detrkit.data.check import Problem, Report, check_dataset, check_format, check_panoptic
 from detrkit.data.coco import (
     CocoDetection,
     ImageReadError,
@@ -13,6 +14,7 @@ from detrkit.data.coco import (
 from detrkit.data.coco_names import COCO_NAMES, class_names_for
 from detrkit.data.digits import DigitsDetection, make_scene, write_digits_coco
 from detrkit.data.drawing import draw_detections
+from detrkit.data.formats import convert_to_coco, format_dataset
 from detrkit.data.panoptic import CocoPanoptic, pq_categories
 from detrkit.data.transforms import (
     AugmentationConfig,
@@ -38,10 +40,13 @@ __all__ = [
     "RandomSizeCrop",
     "Report",
     "check_dataset",
+    "check_format",
     "check_panoptic",
     "class_names_for",
     "collate_fn",
+    "convert_to_coco",
     "draw_detections",
+    "format_dataset",
     "make_scene",
     "make_train_transforms",
     "make_val_transforms",

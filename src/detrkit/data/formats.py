@@ -104,7 +104,10 @@ class Converted:
             more = len(errors) - 1
             problems = "problem" if more == 1 else "problems"
             also = f" (and {more} more {problems}: `detrkit data check` lists them)" if more else ""
-            raise CocoFormatError(f"{self.source}: {errors[0].detail}{also}")
+            detail = errors[0].detail
+            # A detail naming the source itself (a missing split list) is not prefixed again.
+            prefix = "" if detail.startswith(str(self.source)) else f"{self.source}: "
+            raise CocoFormatError(f"{prefix}{detail}{also}")
         counts = Counter(
             finding.kind
             for finding in self.findings
