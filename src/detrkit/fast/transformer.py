@@ -48,8 +48,10 @@ class FastTransformerDecoderLayer(TransformerDecoderLayer):
     def feed_forward(self, x: Tensor) -> Tensor:
         return relu_mlp(self.linear1, self.dropout, self.linear2, x)
 
-    def self_attention(self, tgt: Tensor, query_pos: Tensor | None) -> Tensor:
-        return super().self_attention(tgt, query_pos).contiguous()
+    def self_attention(
+        self, tgt: Tensor, query_pos: Tensor | None, attn_mask: Tensor | None = None
+    ) -> Tensor:
+        return super().self_attention(tgt, query_pos, attn_mask).contiguous()
 
     def cross_attention(self, *args: Tensor | None) -> Tensor:
         return super().cross_attention(*args).contiguous()

@@ -11,6 +11,7 @@ from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 from detrkit.loss.masks import mask_losses
 from detrkit.loss.matcher import HungarianMatcher
 from detrkit.models.config import DETRSegmentationConfig, ModelConfig
+from detrkit.models.denoising import DenoisingQueries
 from detrkit.models.kinds import kind_of
 
 SOFTMAX_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
@@ -49,6 +50,12 @@ class SetCriterion(nn.Module):
     Auxiliary losses carry the decoder layer index as suffix (``loss_ce_0``); a two-stage model's
     encoder proposals are scored class-agnostically (``loss_ce_enc``). ``"loss"`` is the weighted
     total to back-propagate.
+
+    In denoising training (``denoising`` given, the model's ``dn_outputs`` computed from it), each
+    denoising query is also trained, at every layer, to give back the object it was noised from,
+    with no matching: the same three losses, weighted as theirs and normalised by the number of
+    denoising queries of objects, ``loss_ce_dn``, ``loss_bbox_dn``, ``loss_giou_dn`` (earlier
+    layers: ``loss_ce_dn_0``...).
     """
 
     def __init__(
@@ -87,7 +94,9 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
 
-    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+    def forward(
+        self, outputs: dict, targets: list[dict], denoising: DenoisingQueries | None = None
+    ) -> dict[str, Tensor]:
         self.check_labels(targets)
         num_boxes = num_boxes_across_processes(targets, outputs["pred_logits"].device)
         aux_outputs = outputs.get("aux_outputs", [])
@@ -114,10 +123,56 @@ class SetCriterion(nn.Module):
                     if not suffix or name in self.weight_dict
                 }
             )
+        if denoising is not None:
+            dn_outputs = outputs["dn_outputs"]
+            dn_layers = [(dn_outputs, "_dn")]
+            dn_layers += [
+                (aux, f"_dn_{i}") for i, aux in enumerate(dn_outputs.get("aux_outputs", []))
+            ]
+            for layer_outputs, suffix in dn_layers:
+                layer = self.denoising_losses(layer_outputs, targets, denoising, num_boxes)
+                total = total + sum(self.weight_dict[name] * value for name, value in layer.items())
+                losses.update({name + suffix: value for name, value in layer.items()})
         with torch.no_grad():
             losses["cardinality_error"] = self.cardinality_error(outputs, targets)
         losses["loss"] = total
         return losses
+
+    def denoising_losses(
+        self, outputs: dict, targets: list[dict], denoising: DenoisingQueries, num_boxes: float
+    ) -> dict[str, Tensor]:
+        """One layer's losses of the denoising queries: each against the object it was noised
+        from (classification of those queries only; padding queries are not trained)."""
+        device = outputs["pred_logits"].device
+        image = denoising.batch_index.to(device)
+        query = denoising.query_index.to(device)
+        # The objects of all images in one list: image b's object j is at start[b] + j.
+        counts = torch.tensor([len(t["labels"]) for t in targets], device=device)
+        start = counts.cumsum(0) - counts
+        flat = start[image] + denoising.target_index.to(device)
+        labels = torch.cat([t["labels"] for t in targets]).to(device)[flat]
+        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(device).float()[flat]
+        # Each group holds every object once: num_boxes per group.
+        num_targets = num_boxes * denoising.groups
+
+        logits = outputs["pred_logits"][image, query].float()  # [T, C(+1)]
+        if self.classification == "softmax":
+            loss_ce = F.cross_entropy(logits, labels, reduction="sum") / num_targets
+        else:
+            onehot = F.one_hot(labels, self.num_classes).to(logits.dtype)
+            focal = sigmoid_focal_loss(
+                logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none"
+            )
+            loss_ce = focal.sum() / num_targets
+        src_boxes = outputs["pred_boxes"][image, query].float()  # [T, 4]
+        loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum() / num_targets
+        giou = torch.diag(
+            generalized_box_iou(
+                box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy")
+            )
+        )
+        loss_giou = (1 - giou).sum() / num_targets
+        return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
     def check_labels(self, targets: list[dict]) -> None:
         """Raises ValueError naming the first target whose labels fall outside 0..C-1: the

@@ -14,6 +14,7 @@ from detrkit.models.deformable_transformer import (
     DeformableTransformer,
     refine_boxes,
 )
+from detrkit.models.denoising import DenoisingQueries
 from detrkit.models.heads import MLP
 from detrkit.models.position_encoding import build_position_encoding
 
@@ -30,6 +31,9 @@ class DeformableDETR(nn.Module):
     Same call as :class:`~detrkit.models.detr.DETR`: ``model(images, mask)`` returns
     ``pred_logits`` ``[B, Q, num_classes]`` (sigmoid scores, no "no object" class), ``pred_boxes``
     ``[B, Q, 4]`` normalised (cx, cy, w, h), ``aux_outputs`` and, two-stage, ``enc_outputs``.
+    In training, ``denoising`` (:class:`~detrkit.models.denoising.DenoisingQueries`) adds
+    denoising queries to the decoder; their predictions come as ``dn_outputs`` (``pred_logits``,
+    ``pred_boxes`` and ``aux_outputs``), the others' are those of the call without them.
     """
 
     def __init__(self, config: DeformableDETRConfig) -> None:
@@ -113,7 +117,12 @@ class DeformableDETR(nn.Module):
             if name in self._modules:
                 self._modules[name] = self._modules.pop(name)
 
-    def forward(self, images: Tensor, mask: Tensor | None = None) -> dict:
+    def forward(
+        self,
+        images: Tensor,
+        mask: Tensor | None = None,
+        denoising: DenoisingQueries | None = None,
+    ) -> dict:
         if mask is None:
             mask = images.new_zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool)
         features, masks, positions = self.backbone(images, mask)
@@ -128,8 +137,8 @@ class DeformableDETR(nn.Module):
 
         query_embed = None if self.config.two_stage else self.query_embed.weight
         hs, init_reference, inter_references, enc_class, enc_coord_unact = self.transformer(
-            srcs, masks, positions, query_embed
-        )  # hs: [L, B, Q, C]
+            srcs, masks, positions, query_embed, denoising
+        )  # hs: [L, B, Q, C] (denoising queries first, when given)
 
         outputs_classes, outputs_coords = [], []
         for layer in range(hs.shape[0]):
@@ -140,12 +149,26 @@ class DeformableDETR(nn.Module):
             outputs_classes.append(self.class_embed[layer](hs[layer]))  # [B, Q, num_classes]
             outputs_coords.append(coord.sigmoid())  # [B, Q, 4] normalised cx, cy, w, h
 
-        out = {"pred_logits": outputs_classes[-1], "pred_boxes": outputs_coords[-1]}
+        if denoising is None:
+            out = self.layer_outputs(outputs_classes, outputs_coords)
+        else:  # the denoising queries' predictions apart from the object queries'
+            dn = denoising.num_queries
+            out = self.layer_outputs(
+                [c[:, dn:] for c in outputs_classes], [b[:, dn:] for b in outputs_coords]
+            )
+            out["dn_outputs"] = self.layer_outputs(
+                [c[:, :dn] for c in outputs_classes], [b[:, :dn] for b in outputs_coords]
+            )
+        if self.config.two_stage:
+            out["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid()}
+        return out
+
+    def layer_outputs(self, classes: list[Tensor], coords: list[Tensor]) -> dict:
+        """The final layer's logits and boxes, and with ``aux_loss`` every earlier layer's."""
+        out = {"pred_logits": classes[-1], "pred_boxes": coords[-1]}
         if self.config.aux_loss:
             out["aux_outputs"] = [
                 {"pred_logits": logits, "pred_boxes": boxes}
-                for logits, boxes in zip(outputs_classes[:-1], outputs_coords[:-1])
+                for logits, boxes in zip(classes[:-1], coords[:-1])
             ]
-        if self.config.two_stage:
-            out["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid()}
         return out

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrkit.models.deformable_attention import MSDeformAttn
-from detrkit.models.transformer import clones, with_pos
+from detrkit.models.denoising import DenoisingQueries
+from detrkit.models.transformer import clones, heads_mask, with_pos
 
 
 class ImageTooSmallError(ValueError):
@@ -157,10 +158,14 @@ class DeformableTransformerDecoderLayer(nn.Module):
         tgt2 = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout4(tgt2))
 
-    def self_attention(self, tgt: Tensor, query_pos: Tensor) -> Tensor:
-        """Queries attend to each other: Q = K = tgt + query_pos, V = tgt."""
+    def self_attention(
+        self, tgt: Tensor, query_pos: Tensor, attn_mask: Tensor | None = None
+    ) -> Tensor:
+        """Queries attend to each other: Q = K = tgt + query_pos, V = tgt. ``attn_mask``
+        ``[B, Q, Q]``, True where a query may not look (denoising training), or None."""
         q = k = with_pos(tgt, query_pos)
-        return self.self_attn(q, k, tgt, need_weights=False)[0]
+        attn_mask = heads_mask(attn_mask, self.self_attn.num_heads)
+        return self.self_attn(q, k, tgt, attn_mask=attn_mask, need_weights=False)[0]
 
     def forward(
         self,
@@ -171,9 +176,10 @@ class DeformableTransformerDecoderLayer(nn.Module):
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         memory_padding_mask: Tensor | None,
+        self_attn_mask: Tensor | None = None,
     ) -> Tensor:
         # tgt, query_pos: [B, Q, C]; reference_points: [B, Q, L, 2 or 4]; memory: [B, S, C]
-        tgt = self.norm2(tgt + self.dropout2(self.self_attention(tgt, query_pos)))
+        tgt = self.norm2(tgt + self.dropout2(self.self_attention(tgt, query_pos, self_attn_mask)))
         tgt2 = self.cross_attn(
             with_pos(tgt, query_pos),
             reference_points,
@@ -210,8 +216,10 @@ class DeformableTransformerDecoder(nn.Module):
         valid_ratios: Tensor,
         query_pos: Tensor,
         memory_padding_mask: Tensor | None,
+        self_attn_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """``reference_points``: ``[B, Q, 2]`` points or ``[B, Q, 4]`` boxes, normalised.
+        """``reference_points``: ``[B, Q, 2]`` points or ``[B, Q, 4]`` boxes, normalised;
+        ``self_attn_mask``: the queries' self-attention mask (denoising training), or None.
         Returns ``[L, B, Q, C]`` outputs and ``[L, B, Q, 2 or 4]`` references."""
         intermediate, intermediate_reference_points = [], []
         for layer_index, layer in enumerate(self.layers):
@@ -228,6 +236,7 @@ class DeformableTransformerDecoder(nn.Module):
                 spatial_shapes,
                 level_start_index,
                 memory_padding_mask,
+                self_attn_mask,
             )
             if self.bbox_embed is not None:
                 delta = self.bbox_embed[layer_index](tgt)  # [B, Q, 4] in inverse-sigmoid space
@@ -360,11 +369,14 @@ class DeformableTransformer(nn.Module):
         masks: list[Tensor],
         pos_embeds: list[Tensor],
         query_embed: Tensor | None = None,
+        denoising: DenoisingQueries | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """
         Args:
             srcs, masks, pos_embeds: per level ``[B, C, H_l, W_l]``, ``[B, H_l, W_l]``, ``[B, C, H_l, W_l]``.
             query_embed: ``[Q, 2C]`` learned query position and content (None for two-stage).
+            denoising: training only: denoising queries decoded before the object queries,
+                under their attention mask (their outputs come first in every result).
 
         Returns:
             decoder outputs ``[L, B, Q, C]``, initial reference points ``[B, Q, 2 or 4]``, every
@@ -438,6 +450,14 @@ class DeformableTransformer(nn.Module):
             query_pos = query_pos.unsqueeze(0).expand(batch, -1, -1)
             tgt = tgt.unsqueeze(0).expand(batch, -1, -1)
             reference_points = self.reference_points(query_pos).sigmoid()  # [B, Q, 2]
+        self_attn_mask = None
+        if denoising is not None:  # DN-DETR: noised objects as extra queries, in front
+            tgt = torch.cat([denoising.content.to(tgt.dtype), tgt], 1)
+            query_pos = torch.cat([denoising.position.to(query_pos.dtype), query_pos], 1)
+            reference_points = torch.cat(
+                [denoising.reference.to(reference_points.dtype), reference_points], 1
+            )
+            self_attn_mask = denoising.attn_mask
         init_reference = reference_points
 
         hs, inter_references = self.decoder(
@@ -449,5 +469,6 @@ class DeformableTransformer(nn.Module):
             valid_ratios,
             query_pos,
             mask_flatten,
+            self_attn_mask,
         )
         return hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact

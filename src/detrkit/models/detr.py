@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from detrkit.models.backbone import Joiner, ResNetBackbone
 from detrkit.models.config import DETRConfig
+from detrkit.models.denoising import DenoisingQueries
 from detrkit.models.heads import MLP
 from detrkit.models.position_encoding import build_position_encoding
 from detrkit.models.transformer import Transformer
@@ -19,6 +20,9 @@ class DETR(nn.Module):
     and ``mask`` ``[B, H, W]`` True on padding (None: no padding). Returns ``pred_logits``
     ``[B, Q, num_classes + 1]`` (the last is "no object"), ``pred_boxes`` ``[B, Q, 4]`` (normalised
     cx, cy, w, h) and, with ``aux_loss``, ``aux_outputs``: the same for every earlier decoder layer.
+    In training, ``denoising`` (:class:`~detrkit.models.denoising.DenoisingQueries`) adds
+    denoising queries to the decoder; their predictions come as ``dn_outputs``, the others' are
+    those of the call without them.
     """
 
     def __init__(self, config: DETRConfig) -> None:
@@ -45,13 +49,24 @@ class DETR(nn.Module):
         position_embedding = build_position_encoding(config.position_embedding, hidden_dim)
         self.backbone = Joiner(backbone, position_embedding)
 
-    def forward(self, images: Tensor, mask: Tensor | None = None) -> dict:
+    def forward(
+        self,
+        images: Tensor,
+        mask: Tensor | None = None,
+        denoising: DenoisingQueries | None = None,
+    ) -> dict:
         if mask is None:
             mask = images.new_zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool)
         features, masks, positions = self.backbone(images, mask)
         src = self.input_proj(features[-1])  # [B, C, H/32, W/32]
-        hs, _ = self.transformer(src, masks[-1], self.query_embed.weight, positions[-1])
-        return self.heads(hs)
+        query_embed = self.query_embed.weight
+        hs, _ = self.transformer(src, masks[-1], query_embed, positions[-1], denoising)
+        if denoising is None:
+            return self.heads(hs)
+        dn = denoising.num_queries  # the denoising queries come first
+        out = self.heads(hs[:, :, dn:])
+        out["dn_outputs"] = self.heads(hs[:, :, :dn])
+        return out
 
     def heads(self, hs: Tensor) -> dict:
         """Class logits and boxes of every decoder layer's outputs ``hs`` ``[L, B, Q, C]``."""

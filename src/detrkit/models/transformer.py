@@ -12,10 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detrkit.models.denoising import DenoisingQueries
+
 
 def with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
     """``x + pos``: positions join queries and keys, never values."""
     return x if pos is None else x + pos
+
+
+def heads_mask(attn_mask: Tensor | None, num_heads: int) -> Tensor | None:
+    """A per-image attention mask ``[B, Lq, Lk]`` as ``nn.MultiheadAttention`` takes it: one
+    per image and head, ``[B * heads, Lq, Lk]``."""
+    return None if attn_mask is None else attn_mask.repeat_interleave(num_heads, 0)
 
 
 def clones(module: nn.Module, n: int) -> nn.ModuleList:
@@ -98,10 +106,14 @@ class TransformerDecoderLayer(nn.Module):
         """The position-wise MLP."""
         return self.linear2(self.dropout(F.relu(self.linear1(x))))
 
-    def self_attention(self, tgt: Tensor, query_pos: Tensor | None) -> Tensor:
-        """Queries attend to each other: Q = K = tgt + query_pos, V = tgt."""
+    def self_attention(
+        self, tgt: Tensor, query_pos: Tensor | None, attn_mask: Tensor | None = None
+    ) -> Tensor:
+        """Queries attend to each other: Q = K = tgt + query_pos, V = tgt. ``attn_mask``
+        ``[B, Q, Q]``, True where a query may not look (denoising training), or None."""
         q = k = with_pos(tgt, query_pos)
-        return self.self_attn(q, k, tgt, need_weights=False)[0]
+        attn_mask = heads_mask(attn_mask, self.self_attn.num_heads)
+        return self.self_attn(q, k, tgt, attn_mask=attn_mask, need_weights=False)[0]
 
     def cross_attention(
         self,
@@ -126,14 +138,16 @@ class TransformerDecoderLayer(nn.Module):
         memory_key_padding_mask: Tensor | None,
         pos: Tensor | None,
         query_pos: Tensor | None,
+        self_attn_mask: Tensor | None = None,
     ) -> Tensor:
         # tgt, query_pos: [B, Q, C]; memory, pos: [B, HW, C]; memory_key_padding_mask: [B, HW]
         cross = (memory, memory_key_padding_mask, pos, query_pos)
         if self.normalize_before:
-            tgt = tgt + self.dropout1(self.self_attention(self.norm1(tgt), query_pos))
+            attended = self.self_attention(self.norm1(tgt), query_pos, self_attn_mask)
+            tgt = tgt + self.dropout1(attended)
             tgt = tgt + self.dropout2(self.cross_attention(self.norm2(tgt), *cross))
             return tgt + self.dropout3(self.feed_forward(self.norm3(tgt)))
-        tgt = self.norm1(tgt + self.dropout1(self.self_attention(tgt, query_pos)))
+        tgt = self.norm1(tgt + self.dropout1(self.self_attention(tgt, query_pos, self_attn_mask)))
         tgt = self.norm2(tgt + self.dropout2(self.cross_attention(tgt, *cross)))
         return self.norm3(tgt + self.dropout3(self.feed_forward(tgt)))
 
@@ -165,11 +179,13 @@ class TransformerDecoder(nn.Module):
         memory_key_padding_mask: Tensor | None,
         pos: Tensor | None,
         query_pos: Tensor | None,
+        self_attn_mask: Tensor | None = None,
     ) -> Tensor:
-        """Returns every layer's output through the shared final norm: ``[L, B, Q, C]``."""
+        """Returns every layer's output through the shared final norm: ``[L, B, Q, C]``.
+        ``self_attn_mask``: the queries' self-attention mask (denoising training), or None."""
         intermediate = []
         for layer in self.layers:
-            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos)
+            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, self_attn_mask)
             intermediate.append(self.norm(tgt))
         return torch.stack(intermediate)
 
@@ -202,7 +218,12 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     def forward(
-        self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor
+        self,
+        src: Tensor,
+        mask: Tensor,
+        query_embed: Tensor,
+        pos_embed: Tensor,
+        denoising: DenoisingQueries | None = None,
     ) -> tuple[Tensor, Tensor]:
         """
         Args:
@@ -210,6 +231,8 @@ class Transformer(nn.Module):
             mask: padding mask ``[B, H, W]``, True on padding.
             query_embed: the object queries' learned positions ``[Q, C]``.
             pos_embed: position encoding of the features ``[B, C, H, W]``.
+            denoising: training only: denoising queries decoded before the object queries,
+                under their attention mask (their outputs come first).
 
         Returns:
             decoder outputs of every layer ``[L, B, Q, C]`` and the memory ``[B, C, H, W]``.
@@ -220,7 +243,12 @@ class Transformer(nn.Module):
         mask = mask.flatten(1)  # [B, HW]
         query_pos = query_embed.unsqueeze(0).expand(batch, -1, -1)  # [B, Q, C]
         tgt = torch.zeros_like(query_pos)  # queries' content starts empty
+        self_attn_mask = None
+        if denoising is not None:  # DN-DETR: noised objects as extra queries, in front
+            tgt = torch.cat([denoising.content.to(tgt.dtype), tgt], 1)
+            query_pos = torch.cat([denoising.position.to(query_pos.dtype), query_pos], 1)
+            self_attn_mask = denoising.attn_mask
 
         memory = self.encoder(src, mask, pos_embed)
-        hs = self.decoder(tgt, memory, mask, pos_embed, query_pos)
+        hs = self.decoder(tgt, memory, mask, pos_embed, query_pos, self_attn_mask)
         return hs, memory.transpose(1, 2).reshape(batch, channels, height, width)
