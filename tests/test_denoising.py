@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import detrkit
 from detrkit.fast import optimize_for_training
 from detrkit.loss import build_criterion
 from detrkit.loss.denoising import Denoiser
+from detrkit.models import model_from_config
 from detrkit.models.denoising import denoising_attention_mask
 
 TINY = dict(hidden_dim=32, nheads=4, dim_feedforward=64, num_queries=10, enc_layers=1)
@@ -199,3 +201,62 @@ def test_fast_attention_applies_the_mask_in_its_fused_path():
     got = fast(x, x, x, need_weights=False, attn_mask=blocked)[0]
     want = attention.eval()(x, x, x, need_weights=False, attn_mask=blocked)[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# --- `detrkit train --denoising` ---------------------------------------------------------------
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_with_denoising_logs_its_losses_resumes_and_keeps_the_checkpoint(tmp_path):
+    from detrkit.cli.main import main
+    from detrkit.engine.state import load_training_state
+    from helpers import tiny_args
+
+    dn = ["--denoising", "2", "--max-steps-per-epoch", "2", "--model-option=two_stage=true"]
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    assert main(tiny_args(resumed, *dn, "--epochs", "1")) == 0
+    train_records = [r for r in read_metrics(resumed) if r["type"] == "train"]
+    assert train_records
+    for record in train_records:  # the final layer's denoising losses, not the earlier layers'
+        assert {"loss_ce_dn", "loss_bbox_dn", "loss_giou_dn"} <= set(record)
+        assert not any(name.startswith("loss_ce_dn_") for name in record)
+    first = load_training_state(resumed / "checkpoint.pth")
+    assert set(first["denoising"]) == {"label_embed.weight"}  # two-stage: pos_trans positions
+
+    # The model in the checkpoint is the model of a run without denoising.
+    model = detrkit.load(resumed / "checkpoint.pth")
+    fresh = model_from_config(model.config)  # as a run without denoising would write it
+    shapes = {k: v.shape for k, v in fresh.state_dict().items()}
+    assert list(first["model"]) == list(fresh.state_dict())
+    assert {k: v.shape for k, v in first["model"].items()} == shapes
+    with torch.no_grad():
+        outputs = model(torch.randn(1, 3, 64, 80))
+    assert set(outputs) == {"pred_logits", "pred_boxes", "aux_outputs", "enc_outputs"}
+
+    # Resumed, the denoiser continues from its saved weights: the same run as one uninterrupted.
+    assert main(["train", "--resume", str(resumed), "--epochs", "2"]) == 0
+    assert main(tiny_args(straight, *dn, "--epochs", "2")) == 0
+    done = load_training_state(resumed / "checkpoint.pth")
+    expected = load_training_state(straight / "checkpoint.pth")
+    assert done["epoch"] == expected["epoch"] == 2
+    assert not torch.equal(
+        done["denoising"]["label_embed.weight"], first["denoising"]["label_embed.weight"]
+    )
+    for name, value in expected["denoising"].items():
+        torch.testing.assert_close(done["denoising"][name], value, rtol=0, atol=0)
+    for name, value in expected["model"].items():
+        torch.testing.assert_close(done["model"][name], value, rtol=0, atol=0, msg=name)
+
+
+def test_denoising_options_are_checked():
+    from detrkit.engine.config import TrainConfig
+
+    with pytest.raises(ValueError, match="denoising must be a non-negative"):
+        TrainConfig(denoising=-1).validate()
+    with pytest.raises(ValueError, match=r"dn_box_noise must be in \[0, 1\)"):
+        TrainConfig(dn_box_noise=1.0).validate()
+    with pytest.raises(ValueError, match="not a panoptic model"):
+        Denoiser(detrkit.build_model("detr_digits_panoptic").config)

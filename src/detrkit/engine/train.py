@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -46,6 +47,7 @@ from detrkit.engine.visualize import draw_predictions
 from detrkit.fast import optimize_for_training
 from detrkit.files import remove_temporaries, write_json
 from detrkit.loss import build_criterion
+from detrkit.loss.denoising import Denoiser
 from detrkit.models import (
     DETRConfig,
     DETRSegmentation,
@@ -384,6 +386,20 @@ def train(
     optimizer = build_optimizer(
         model, config.lr, config.lr_backbone, config.weight_decay, config.lr_linear_proj_mult
     )
+    # Denoising training: its embeddings train with the model at its learning rate, and are kept
+    # in the training checkpoint beside (not in) the model's weights.
+    denoiser = None
+    if config.denoising:
+        denoiser = Denoiser(
+            model.config, config.denoising, config.dn_label_noise, config.dn_box_noise
+        ).to(device)
+        optimizer.add_param_group(
+            {"params": list(denoiser.parameters()), "lr": config.lr, "name": "denoising"}
+        )
+        log(
+            f"denoising training: {config.denoising} groups, label noise {config.dn_label_noise}, "
+            f"box noise {config.dn_box_noise}"
+        )
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_drop, gamma=0.1)
     ema = (
         AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
@@ -394,6 +410,8 @@ def train(
     start_epoch, start_batch, step = 0, 0, 0
     if state is not None:
         model.load_state_dict(state["model"])
+        if denoiser is not None:
+            denoiser.load_state_dict(state["denoising"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema"):
@@ -442,6 +460,7 @@ def train(
         # The weights can turn NaN at a step whose loss was still finite: such a checkpoint
         # must not replace the last good one.
         kept = [("weights", model)] + ([("averaged weights", ema)] if ema is not None else [])
+        kept += [("denoising embeddings", denoiser)] if denoiser is not None else []
         for name, module in kept:
             try:
                 require_finite_weights(module, f"step {step} (epoch {epoch + 1})")
@@ -459,6 +478,7 @@ def train(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None,
+                "denoising": denoiser.state_dict() if denoiser is not None else None,
                 "scaler": scaler.state_dict(),
                 "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch,
@@ -496,6 +516,7 @@ def train(
                 stop,
                 process,
                 first_batch=start_batch if epoch == start_epoch else 0,
+                denoiser=denoiser,
             )
             if interrupted_at is not None:
                 save(epoch, interrupted_at)
@@ -585,9 +606,11 @@ def _train_one_epoch(
     stop: _StopRequest,
     process: ProcessInfo,
     first_batch: int = 0,
+    denoiser: Denoiser | None = None,
 ) -> tuple[int, int | None]:
     """One pass over ``loader``. Returns the global step reached and, if a stop signal arrived,
-    the index of the first batch not trained on (None otherwise)."""
+    the index of the first batch not trained on (None otherwise). ``denoiser``: denoising
+    training's queries are made by it for every batch."""
     from tqdm import tqdm
 
     model.train()
@@ -618,8 +641,16 @@ def _train_one_epoch(
         images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            outputs = model(images, mask)
-        losses = criterion(outputs, targets)
+            if denoiser is None:
+                outputs = model(images, mask)
+            else:
+                detector = model.module if hasattr(model, "module") else model
+                denoising = denoiser(detector, targets)  # None for a batch without objects
+                outputs = model(images, mask, denoising=denoising)
+        if denoiser is None:
+            losses = criterion(outputs, targets)
+        else:
+            losses = criterion(outputs, targets, denoising=denoising)
         loss = losses["loss"]
         if any_process(not bool(torch.isfinite(loss)), device):
             progress.close()
@@ -633,9 +664,14 @@ def _train_one_epoch(
         # The last window of an epoch (cut short by its end or max_steps_per_epoch) steps too:
         # its gradient must not carry over into the next epoch.
         if batch_index % config.grad_accum == 0 or batch_index == end:
+            trained_parameters = list(model.parameters())
+            if denoiser is not None:
+                if process.world_size > 1:
+                    _average_gradients(denoiser)  # not under DistributedDataParallel
+                trained_parameters += list(denoiser.parameters())
             scaler.unscale_(optimizer)
             if config.clip_max_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_max_norm)
+                torch.nn.utils.clip_grad_norm_(trained_parameters, config.clip_max_norm)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -654,6 +690,15 @@ def _train_one_epoch(
             print(f"[detrkit] epoch {epoch + 1}: {skipped_images} unreadable images skipped")
         metrics.write({"type": "data", "epoch": epoch + 1, "skipped_images": skipped_images})
     return step, None
+
+
+def _average_gradients(module: nn.Module) -> None:
+    """Averages ``module``'s gradients over the processes (a missing one counts as zero)."""
+    for parameter in module.parameters():
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        dist.all_reduce(parameter.grad)
+        parameter.grad /= dist.get_world_size()
 
 
 def evaluate_epoch(
