@@ -7,6 +7,7 @@ from detrkit.models.config import (
     ModelConfig,
 )
 from detrkit.models.deformable_detr import DeformableDETR
+from detrkit.models.denoising import DenoisingQueries
 from detrkit.models.detr import DETR
 from detrkit.models.kinds import KINDS, ModelKind, kind_of
 from detrkit.models.postprocess import PostProcess
@@ -28,6 +29,7 @@ __all__ = [
     "DETRSegmentationConfig",
     "DeformableDETR",
     "DeformableDETRConfig",
+    "DenoisingQueries",
     "ModelConfig",
     "ModelKind",
     "PostProcess",
