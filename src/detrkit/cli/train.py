@@ -117,6 +117,11 @@ def add_train_commands(commands) -> None:
         choices=["contiguous", "coco"],
         help="class numbering" + from_run.format("contiguous"),
     )
+    evaluate.add_argument(
+        "--group-by-aspect",
+        action=argparse.BooleanOptionalAction,
+        help="batch images of similar aspect ratio together" + from_run.format("on"),
+    )
     evaluate.set_defaults(run=run_eval)
 
 
@@ -198,6 +203,7 @@ def run_eval(args: argparse.Namespace) -> int:
         settings["label_mapping"],
         precision=args.precision,
         overwrite=args.overwrite,
+        group_by_aspect=settings["group_by_aspect"],
     )
     print(json.dumps(numbers, indent=2))
     return 0

@@ -240,6 +240,16 @@ class CocoImages(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def image_size(self, index: int) -> tuple[int, int] | None:
+        """The ``(height, width)`` of item ``index``'s file, from its header (the pixels are not
+        decoded); None when it cannot be read."""
+        try:
+            with Image.open(self.images_dir / self._files[index]) as picture:
+                width, height = picture.size
+        except Exception:  # Pillow signals unreadable files with many exception types
+            return None
+        return height, width
+
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")

@@ -137,13 +137,25 @@ def _overlaps(box: tuple[int, int, int, int], others: list[tuple[int, int, int, 
     return any(x0 < ox1 and ox0 < x1 and y0 < oy1 and oy0 < y1 for ox0, oy0, ox1, oy1 in others)
 
 
+def _canvas_size(rng: np.random.Generator) -> tuple[int, int]:
+    """A scene's (height, width): the first draw of its generator."""
+    height, width = rng.integers(*CANVAS_SIDES, size=2, endpoint=True)
+    return int(height), int(width)
+
+
+def scene_size(split: Split, index: int, seed: int = 0) -> tuple[int, int]:
+    """The ``(height, width)`` of :func:`make_scene`'s scene, without drawing it."""
+    _check_split(split)
+    return _canvas_size(np.random.default_rng([seed, _SPLIT_CODES[split], index]))
+
+
 def make_scene(split: Split, index: int, seed: int = 0) -> DigitsScene:
     """Generates scene ``index`` of a split; the same arguments always give the same scene."""
     _check_split(split)
     images, targets = _digits()
     pool = _split_indices(split)
     rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
-    height, width = (int(side) for side in rng.integers(*CANVAS_SIDES, size=2, endpoint=True))
+    height, width = _canvas_size(rng)
     background = _background(rng, height, width)
     canvas = background.astype(np.float32)
 
@@ -237,6 +249,12 @@ class DigitsDetection(Dataset):
         if not 0 <= index < self.num_images:
             raise IndexError(f"index {index} out of range for {self.num_images} images")
         return make_scene(self.split, index, self.seed)
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """The ``(height, width)`` of item ``index``, without drawing it."""
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self.num_images} images")
+        return scene_size(self.split, index, self.seed)
 
     def labels_to_category_ids(self, labels: Tensor | Sequence[int]) -> Tensor:
         """Labels are the category ids here; kept for the same interface as CocoDetection."""

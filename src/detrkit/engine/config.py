@@ -159,6 +159,11 @@ class TrainConfig:
     backbone_pretrain_images: int | None = _option(
         None, "the training scenes whose crops pre-training uses (default: digits_train)"
     )
+    # Deformable DETR's outputs depend on the padding an image gets in its batch; batches of
+    # one aspect ratio have almost none, in training and in evaluation (docs/training.md).
+    group_by_aspect: bool = _option(
+        True, "batch images of similar aspect ratio together (less padding), also in evaluation"
+    )
     workers: int = _option(2, "data-loading processes")
     seed: int = _option(42, "seed of every random stream of the run")
     device: str = _option("cpu", "cpu, cuda, cuda:1...")

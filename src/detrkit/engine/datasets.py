@@ -162,9 +162,33 @@ def _panoptic_instances(dataset: CocoPanoptic):
     return coco
 
 
+# Edges of the aspect-ratio (width / height) groups: images of one group pad little when
+# batched, as the validation resize gives them about the same shape.
+ASPECT_EDGES = (0.5, 0.625, 0.75, 0.875, 1.0, 1.0 / 0.875, 1.0 / 0.75, 1.0 / 0.625, 2.0)
+
+
+def aspect_groups(dataset: Dataset) -> list[int]:
+    """Each item's aspect-ratio group (an index into the bins :data:`ASPECT_EDGES` bound), from
+    the dataset's ``image_size(index)``; items of unknown size join the square group."""
+    edges = torch.tensor(ASPECT_EDGES)
+    groups = []
+    for index in range(len(dataset)):
+        size = dataset.image_size(index)
+        ratio = 1.0 if size is None else size[1] / size[0]
+        groups.append(int(torch.bucketize(torch.tensor(ratio), edges)))
+    return groups
+
+
 class EpochBatches(torch.utils.data.Sampler):
     """Batches of one epoch in an order fixed by (seed, epoch), this process's share when
-    distributed, starting at ``start`` batches in (to resume an interrupted epoch)."""
+    distributed, starting at ``start`` batches in (to resume an interrupted epoch).
+
+    With ``groups`` (one group id per item, e.g. :func:`aspect_groups`), a batch holds items of
+    one group only, as detectron2 groups by aspect ratio: items are taken in the epoch's order
+    and a batch is formed as soon as its group has ``batch_size`` of them; what is left of each
+    group ends the epoch in smaller batches. The batches are made for all processes at once and
+    dealt out in turn, repeated from the start to an equal count each, so that every process
+    takes the same number of steps."""
 
     def __init__(
         self,
@@ -174,6 +198,7 @@ class EpochBatches(torch.utils.data.Sampler):
         shuffle: bool = True,
         num_replicas: int = 1,
         rank: int = 0,
+        groups: list[int] | None = None,
     ) -> None:
         self.sampler = DistributedSampler(
             dataset,
@@ -184,21 +209,48 @@ class EpochBatches(torch.utils.data.Sampler):
             drop_last=False,
         )
         self.batch_size = batch_size
+        self.groups = groups
+        self.seed, self.shuffle = seed, shuffle
+        self.num_replicas, self.rank = num_replicas, rank
         self.start = 0
+        self.epoch = 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.sampler.set_epoch(epoch)
+        self.epoch = epoch
         self.start = start
 
+    def _batches(self) -> list[list[int]]:
+        if self.groups is None:
+            indices = list(self.sampler)
+            return [
+                indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)
+            ]
+        if self.shuffle:  # the order DistributedSampler draws, before it splits the processes
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(len(self.groups), generator=generator).tolist()
+        else:
+            order = list(range(len(self.groups)))
+        pending: dict[int, list[int]] = {}
+        batches = []
+        for index in order:
+            group = pending.setdefault(self.groups[index], [])
+            group.append(index)
+            if len(group) == self.batch_size:
+                batches.append(group.copy())
+                group.clear()
+        batches += [group for group in pending.values() if group]
+        count = -(-len(batches) // self.num_replicas) * self.num_replicas  # a multiple
+        batches = [batches[i % len(batches)] for i in range(count)] if batches else []
+        return batches[self.rank :: self.num_replicas]
+
     def __iter__(self):
-        indices = list(self.sampler)
-        batches = [
-            indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)
-        ]
-        return iter(batches[self.start :])
+        return iter(self._batches()[self.start :])
 
     def __len__(self) -> int:
-        return (len(self.sampler) + self.batch_size - 1) // self.batch_size - self.start
+        if self.groups is None:
+            return (len(self.sampler) + self.batch_size - 1) // self.batch_size - self.start
+        return len(self._batches()) - self.start
 
 
 class SeededSamples(Dataset):
@@ -227,9 +279,13 @@ def make_loader(
     workers: int,
     num_replicas: int = 1,
     rank: int = 0,
+    group_by_aspect: bool = False,
 ) -> DataLoader:
-    """A loader of ``(images, mask, targets)`` whose ``batch_sampler`` is an :class:`EpochBatches`."""
-    batches = EpochBatches(dataset, batch_size, seed, shuffle, num_replicas, rank)
+    """A loader of ``(images, mask, targets)`` whose ``batch_sampler`` is an
+    :class:`EpochBatches`; ``group_by_aspect`` batches images of similar aspect ratio together
+    (:func:`aspect_groups`: less padding)."""
+    groups = aspect_groups(_base(dataset)) if group_by_aspect else None
+    batches = EpochBatches(dataset, batch_size, seed, shuffle, num_replicas, rank, groups)
     return DataLoader(
         dataset,
         batch_sampler=batches,
@@ -240,3 +296,8 @@ def make_loader(
         # dropout uses, or a run resumed mid-epoch would drift from an uninterrupted one.
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def _base(dataset: Dataset) -> Dataset:
+    """The dataset under a :class:`SeededSamples` wrapper (the one that knows image sizes)."""
+    return dataset.dataset if isinstance(dataset, SeededSamples) else dataset

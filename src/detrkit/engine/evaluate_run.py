@@ -77,6 +77,7 @@ EVAL_DEFAULTS = {
     "digits_val": 200,
     "seed": 42,
     "label_mapping": "contiguous",
+    "group_by_aspect": True,
 }
 
 
@@ -109,10 +110,12 @@ def evaluate_checkpoint(
     label_mapping: str = EVAL_DEFAULTS["label_mapping"],
     precision: str | None = None,
     overwrite: bool = False,
+    group_by_aspect: bool = EVAL_DEFAULTS["group_by_aspect"],
 ) -> dict[str, float | None]:
     """Loads ``weights``, predicts the validation split and returns the 12 COCO numbers; with
     ``out``, writes ``metrics.json`` and the COCO results file ``results.json`` there (refusing
-    to replace earlier ones unless ``overwrite``). With a
+    to replace earlier ones unless ``overwrite``). ``group_by_aspect`` batches images of
+    similar aspect ratio together, as training does by default. With a
     ``precision``, runs the model prepared by :func:`~detrkit.fast.optimize_for_inference`."""
     if precision is not None and amp != "none":
         raise ValueError(f"choose one of amp ({amp!r}) and precision ({precision!r}), not both")
@@ -130,7 +133,9 @@ def evaluate_checkpoint(
     check_classes(model.config, dataset, str(weights), data)
     if precision is not None:
         model = optimize_for_inference(model, precision)
-    loader = make_loader(dataset, batch_size, seed, shuffle=False, workers=workers)
+    loader = make_loader(
+        dataset, batch_size, seed, shuffle=False, workers=workers, group_by_aspect=group_by_aspect
+    )
     loader.batch_sampler.set_epoch(0)
     category_ids = None if label_mapping == "coco" else dataset.category_ids
     numbers, results = score_dataset(

@@ -440,6 +440,7 @@ def train(
         config.workers,
         process.world_size,
         process.rank,
+        config.group_by_aspect,
     )
     val_loader = make_loader(
         val_set,
@@ -449,6 +450,7 @@ def train(
         config.workers,
         process.world_size,
         process.rank,
+        config.group_by_aspect,
     )
     coco_gt = coco_ground_truth(val_set) if process.is_main else None
     postprocess = PostProcess.for_config(model.config)

@@ -1,0 +1,63 @@
+"""Batches of one aspect ratio (less padding): the sampler's rules and what it saves."""
+
+from __future__ import annotations
+
+import torch
+
+from detrkit.data import AugmentationConfig, DigitsDetection, make_val_transforms
+from detrkit.engine.datasets import ASPECT_EDGES, EpochBatches, aspect_groups, make_loader
+
+
+def batches_of(sampler: EpochBatches, epoch: int, start: int = 0) -> list[list[int]]:
+    sampler.set_epoch(epoch, start)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    return batches
+
+
+def test_grouped_batches_hold_one_group_and_every_item_once():
+    groups = [i % 3 for i in range(23)]
+    sampler = EpochBatches(range(23), 4, seed=5, shuffle=True, groups=groups)
+    first = batches_of(sampler, 0)
+    assert sorted(i for batch in first for i in batch) == list(range(23))
+    assert all(len({groups[i] for i in batch}) == 1 for batch in first)
+    assert all(len(batch) == 4 for batch in first[:-3])  # at most one short batch per group
+    assert batches_of(sampler, 0) == first  # fixed by (seed, epoch)
+    assert batches_of(sampler, 1) != first
+    assert batches_of(sampler, 0, start=2) == first[2:]  # a resumed epoch
+    unshuffled = EpochBatches(range(23), 4, seed=5, shuffle=False, groups=groups)
+    assert batches_of(unshuffled, 0)[0] == [0, 3, 6, 9]
+
+
+def test_grouped_batches_give_every_process_the_same_number_of_steps():
+    groups = [0] * 9 + [1] * 5 + [2]
+    shares = [
+        batches_of(EpochBatches(range(15), 2, 0, True, 3, rank, groups), epoch=1)
+        for rank in range(3)
+    ]
+    assert len({len(share) for share in shares}) == 1
+    together = [i for share in shares for batch in share for i in batch]
+    assert set(together) == set(range(15))
+    assert all(len({groups[i] for i in batch}) == 1 for share in shares for batch in share)
+
+
+def test_aspect_groups_follow_each_images_shape_and_cut_the_padding():
+    dataset = DigitsDetection("val", 24, seed=3)
+    groups = aspect_groups(dataset)
+    edges = torch.tensor(ASPECT_EDGES)
+    for index, group in enumerate(groups):
+        height, width = dataset[index][0].shape[-2:]
+        assert group == int(torch.bucketize(torch.tensor(width / height), edges))
+
+    resized = DigitsDetection(
+        "val", 24, seed=3, transforms=make_val_transforms(AugmentationConfig().scaled(0.2))
+    )
+
+    def padding(group_by_aspect: bool) -> float:
+        loader = make_loader(resized, 4, 0, False, 0, group_by_aspect=group_by_aspect)
+        loader.batch_sampler.set_epoch(0)
+        padded = sum(int(mask.sum()) for _, mask, _ in loader)
+        total = sum(mask.numel() for _, mask, _ in loader)
+        return padded / total
+
+    assert padding(True) < 0.5 * padding(False)
