@@ -306,11 +306,15 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> None
 def test_killed_and_interrupted_runs_resume_to_the_same_weights(tmp_path):
     # The three runs start together and the two resumes run together: each is one-threaded and
     # mostly start-up, so on two cores this takes about half the time of running them in turn.
-    reference = run_cli(tiny_args(tmp_path / "reference", "--epochs", "3"))
+    # Batches grouped by aspect ratio, the default: its epochs resume at the right batch too.
+    def args(run_dir, *extra):
+        return tiny_args(run_dir, "--epochs", "3", "--group-by-aspect", *extra)
+
+    reference = run_cli(args(tmp_path / "reference"))
     killed_dir = tmp_path / "killed"
-    killed = run_cli(tiny_args(killed_dir, "--epochs", "3"))
+    killed = run_cli(args(killed_dir))
     stopped_dir = tmp_path / "stopped"
-    stopped = run_cli(tiny_args(stopped_dir, "--epochs", "3"))
+    stopped = run_cli(args(stopped_dir))
 
     # SIGKILL right after the first epoch's checkpoint: nothing can be flushed or cleaned up.
     wait_for(lambda: (killed_dir / "checkpoint.pth").exists(), killed)
@@ -318,7 +322,7 @@ def test_killed_and_interrupted_runs_resume_to_the_same_weights(tmp_path):
     killed.wait()
     state = load_training_state(killed_dir / "checkpoint.pth")  # complete, never half-written
     assert state["epoch"] >= 1
-    resumed_killed = run_cli(tiny_args(killed_dir, "--epochs", "3", "--resume", "auto"))
+    resumed_killed = run_cli(args(killed_dir, "--resume", "auto"))
 
     # SIGTERM in the middle of an epoch: a checkpoint at that batch, then an exact resume.
     metrics = stopped_dir / "metrics.jsonl"
@@ -326,7 +330,7 @@ def test_killed_and_interrupted_runs_resume_to_the_same_weights(tmp_path):
     stopped.send_signal(signal.SIGTERM)
     assert stopped.wait() == 128 + signal.SIGTERM
     assert load_training_state(stopped_dir / "checkpoint.pth")["step"] >= 5
-    resumed_stopped = run_cli(tiny_args(stopped_dir, "--epochs", "3", "--resume", str(stopped_dir)))
+    resumed_stopped = run_cli(args(stopped_dir, "--resume", str(stopped_dir)))
 
     for process in (reference, resumed_killed, resumed_stopped):
         assert process.wait() == 0, process.stdout.read()

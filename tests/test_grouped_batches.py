@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 
 from detrkit.data import AugmentationConfig, DigitsDetection, make_val_transforms
-from detrkit.engine.datasets import ASPECT_EDGES, EpochBatches, aspect_groups, make_loader
+from detrkit.engine.datasets import (
+    ASPECT_EDGES,
+    EpochBatches,
+    aspect_groups,
+    aspect_ratios,
+    make_loader,
+)
 
 
 def batches_of(sampler: EpochBatches, epoch: int, start: int = 0) -> list[list[int]]:
@@ -16,8 +22,10 @@ def batches_of(sampler: EpochBatches, epoch: int, start: int = 0) -> list[list[i
 
 
 def test_grouped_batches_hold_one_group_and_every_item_once():
-    groups = [i % 3 for i in range(23)]
-    sampler = EpochBatches(range(23), 4, seed=5, shuffle=True, groups=groups)
+    ratios = [(0.55, 1.0, 1.9)[i % 3] for i in range(23)]
+    groups = aspect_groups(ratios)
+    assert groups[:3] == [1, 4, 8]
+    sampler = EpochBatches(range(23), 4, seed=5, shuffle=True, ratios=ratios)
     first = batches_of(sampler, 0)
     assert sorted(i for batch in first for i in batch) == list(range(23))
     assert all(len({groups[i] for i in batch}) == 1 for batch in first)
@@ -25,14 +33,16 @@ def test_grouped_batches_hold_one_group_and_every_item_once():
     assert batches_of(sampler, 0) == first  # fixed by (seed, epoch)
     assert batches_of(sampler, 1) != first
     assert batches_of(sampler, 0, start=2) == first[2:]  # a resumed epoch
-    unshuffled = EpochBatches(range(23), 4, seed=5, shuffle=False, groups=groups)
-    assert batches_of(unshuffled, 0)[0] == [0, 3, 6, 9]
+    # In order (evaluation): sorted by ratio, consecutive ones together.
+    unshuffled = EpochBatches(range(23), 4, seed=5, shuffle=False, ratios=ratios)
+    assert batches_of(unshuffled, 0)[:2] == [[0, 3, 6, 9], [12, 15, 18, 21]]
 
 
 def test_grouped_batches_give_every_process_the_same_number_of_steps():
-    groups = [0] * 9 + [1] * 5 + [2]
+    ratios = [0.7] * 9 + [1.0] * 5 + [1.5]
+    groups = aspect_groups(ratios)
     shares = [
-        batches_of(EpochBatches(range(15), 2, 0, True, 3, rank, groups), epoch=1)
+        batches_of(EpochBatches(range(15), 2, 0, True, 3, rank, ratios), epoch=1)
         for rank in range(3)
     ]
     assert len({len(share) for share in shares}) == 1
@@ -43,7 +53,7 @@ def test_grouped_batches_give_every_process_the_same_number_of_steps():
 
 def test_aspect_groups_follow_each_images_shape_and_cut_the_padding():
     dataset = DigitsDetection("val", 24, seed=3)
-    groups = aspect_groups(dataset)
+    groups = aspect_groups(aspect_ratios(dataset))
     edges = torch.tensor(ASPECT_EDGES)
     for index, group in enumerate(groups):
         height, width = dataset[index][0].shape[-2:]

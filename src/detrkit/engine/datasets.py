@@ -167,26 +167,26 @@ def _panoptic_instances(dataset: CocoPanoptic):
 ASPECT_EDGES = (0.5, 0.625, 0.75, 0.875, 1.0, 1.0 / 0.875, 1.0 / 0.75, 1.0 / 0.625, 2.0)
 
 
-def aspect_groups(dataset: Dataset) -> list[int]:
-    """Each item's aspect-ratio group (an index into the bins :data:`ASPECT_EDGES` bound), from
-    the dataset's ``image_size(index)``; items of unknown size join the square group."""
-    edges = torch.tensor(ASPECT_EDGES)
-    groups = []
-    for index in range(len(dataset)):
-        size = dataset.image_size(index)
-        ratio = 1.0 if size is None else size[1] / size[0]
-        groups.append(int(torch.bucketize(torch.tensor(ratio), edges)))
-    return groups
+def aspect_ratios(dataset: Dataset) -> list[float]:
+    """Each item's width / height, from the dataset's ``image_size(index)`` (1 where unknown)."""
+    sizes = [dataset.image_size(index) for index in range(len(dataset))]
+    return [1.0 if size is None else size[1] / size[0] for size in sizes]
+
+
+def aspect_groups(ratios: list[float]) -> list[int]:
+    """Each aspect ratio's group: the bin of :data:`ASPECT_EDGES` it falls in."""
+    return torch.bucketize(torch.tensor(ratios), torch.tensor(ASPECT_EDGES)).tolist()
 
 
 class EpochBatches(torch.utils.data.Sampler):
     """Batches of one epoch in an order fixed by (seed, epoch), this process's share when
     distributed, starting at ``start`` batches in (to resume an interrupted epoch).
 
-    With ``groups`` (one group id per item, e.g. :func:`aspect_groups`), a batch holds items of
-    one group only, as detectron2 groups by aspect ratio: items are taken in the epoch's order
-    and a batch is formed as soon as its group has ``batch_size`` of them; what is left of each
-    group ends the epoch in smaller batches. The batches are made for all processes at once and
+    With ``ratios`` (each item's aspect ratio), a batch holds images of one shape. Shuffled
+    (training), as detectron2 groups them: items are taken in the epoch's order and a batch is
+    formed as soon as its group (:func:`aspect_groups`) has ``batch_size`` of them; what is left
+    of each group ends the epoch in smaller batches. In order (evaluation): the items sorted by
+    ratio, in batches of consecutive ones. The batches are made for all processes at once and
     dealt out in turn, repeated from the start to an equal count each, so that every process
     takes the same number of steps."""
 
@@ -198,7 +198,7 @@ class EpochBatches(torch.utils.data.Sampler):
         shuffle: bool = True,
         num_replicas: int = 1,
         rank: int = 0,
-        groups: list[int] | None = None,
+        ratios: list[float] | None = None,
     ) -> None:
         self.sampler = DistributedSampler(
             dataset,
@@ -209,7 +209,7 @@ class EpochBatches(torch.utils.data.Sampler):
             drop_last=False,
         )
         self.batch_size = batch_size
-        self.groups = groups
+        self.ratios = ratios
         self.seed, self.shuffle = seed, shuffle
         self.num_replicas, self.rank = num_replicas, rank
         self.start = 0
@@ -221,25 +221,28 @@ class EpochBatches(torch.utils.data.Sampler):
         self.start = start
 
     def _batches(self) -> list[list[int]]:
-        if self.groups is None:
+        if self.ratios is None:
             indices = list(self.sampler)
             return [
                 indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)
             ]
+        size = self.batch_size
         if self.shuffle:  # the order DistributedSampler draws, before it splits the processes
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(len(self.groups), generator=generator).tolist()
+            order = torch.randperm(len(self.ratios), generator=generator).tolist()
+            groups = aspect_groups(self.ratios)
+            pending: dict[int, list[int]] = {}
+            batches = []
+            for index in order:
+                group = pending.setdefault(groups[index], [])
+                group.append(index)
+                if len(group) == size:
+                    batches.append(group.copy())
+                    group.clear()
+            batches += [group for group in pending.values() if group]
         else:
-            order = list(range(len(self.groups)))
-        pending: dict[int, list[int]] = {}
-        batches = []
-        for index in order:
-            group = pending.setdefault(self.groups[index], [])
-            group.append(index)
-            if len(group) == self.batch_size:
-                batches.append(group.copy())
-                group.clear()
-        batches += [group for group in pending.values() if group]
+            order = sorted(range(len(self.ratios)), key=self.ratios.__getitem__)
+            batches = [order[i : i + size] for i in range(0, len(order), size)]
         count = -(-len(batches) // self.num_replicas) * self.num_replicas  # a multiple
         batches = [batches[i % len(batches)] for i in range(count)] if batches else []
         return batches[self.rank :: self.num_replicas]
@@ -248,7 +251,7 @@ class EpochBatches(torch.utils.data.Sampler):
         return iter(self._batches()[self.start :])
 
     def __len__(self) -> int:
-        if self.groups is None:
+        if self.ratios is None:
             return (len(self.sampler) + self.batch_size - 1) // self.batch_size - self.start
         return len(self._batches()) - self.start
 
@@ -283,9 +286,9 @@ def make_loader(
 ) -> DataLoader:
     """A loader of ``(images, mask, targets)`` whose ``batch_sampler`` is an
     :class:`EpochBatches`; ``group_by_aspect`` batches images of similar aspect ratio together
-    (:func:`aspect_groups`: less padding)."""
-    groups = aspect_groups(_base(dataset)) if group_by_aspect else None
-    batches = EpochBatches(dataset, batch_size, seed, shuffle, num_replicas, rank, groups)
+    (less padding; see :class:`EpochBatches`)."""
+    ratios = aspect_ratios(_base(dataset)) if group_by_aspect else None
+    batches = EpochBatches(dataset, batch_size, seed, shuffle, num_replicas, rank, ratios)
     return DataLoader(
         dataset,
         batch_sampler=batches,
