@@ -9,6 +9,7 @@ Both of transformers' backbone layouts are understood: the timm ResNet of the Hu
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,9 @@ import torch
 from torch import Tensor
 
 from detrkit.checkpoints.errors import CheckpointError, format_names
-from detrkit.checkpoints.native import read_safetensors
+from detrkit.checkpoints.native import read_safetensors, shared_names
 from detrkit.checkpoints.official import infer_config, layer_count, read_torch_file
+from detrkit.files import existing_results, write_atomically, write_text
 from detrkit.models.config import ModelConfig
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -276,3 +278,180 @@ def _read_hf_weights(path: Path, map_location: str | torch.device) -> dict[str, 
     raise CheckpointError(
         path, f"no weights: expected {' or '.join(HF_WEIGHT_FILES)} next to config.json"
     )
+
+
+# --- Writing: detrkit -> transformers -------------------------------------------------------------
+
+# transformers' class for each kind it can hold.
+TRANSFORMERS_CLASSES = {
+    "detr": "DetrForObjectDetection",
+    "detr_segmentation": "DetrForSegmentation",
+    "deformable_detr": "DeformableDetrForObjectDetection",
+}
+TRANSFORMERS_FILES = ("config.json", HF_WEIGHT_FILES[0], "preprocessor_config.json")
+
+
+def _import_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError(
+            "writing a transformers directory needs the transformers and timm packages "
+            "(pip install transformers timm)"
+        ) from None
+    return transformers
+
+
+def transformers_config(config: ModelConfig) -> Any:
+    """The transformers config (``DetrConfig`` or ``DeformableDetrConfig``) of the model that
+    ``config`` describes: its architecture, its class names as ``id2label`` and a timm ResNet
+    backbone built without downloading weights. ValueError for a model transformers cannot hold.
+
+    Where transformers' semantics differ it is set to compute what detrkit computes: DETR's
+    ``auxiliary_loss`` is off (with it on, transformers feeds each decoder layer the normalised
+    output of the previous one), and Deformable DETR's heads are not tied
+    (``tie_word_embeddings=False``), so every decoder layer keeps its own class head."""
+    transformers = _import_transformers()
+    kind = config.model_type
+    if kind not in TRANSFORMERS_CLASSES:
+        raise ValueError(
+            f"a {kind or type(config).__name__} model has no transformers counterpart; "
+            f"transformers holds {', '.join(TRANSFORMERS_CLASSES)}"
+        )
+    if getattr(config, "pre_norm", False):
+        raise ValueError(
+            "a pre-norm DETR (pre_norm=True) has no transformers counterpart: transformers' "
+            "DETR normalises after each block"
+        )
+    names = config.class_names or [f"class_{i}" for i in range(config.num_classes)]
+    fields: dict[str, Any] = {
+        "use_timm_backbone": True,
+        "backbone": config.backbone,  # timm names its ResNets as torchvision does
+        "use_pretrained_backbone": False,
+        "dilation": config.dilation,
+        "position_embedding_type": config.position_embedding,
+        "d_model": config.hidden_dim,
+        "encoder_attention_heads": config.nheads,
+        "decoder_attention_heads": config.nheads,
+        "encoder_layers": config.enc_layers,
+        "decoder_layers": config.dec_layers,
+        "encoder_ffn_dim": config.dim_feedforward,
+        "decoder_ffn_dim": config.dim_feedforward,
+        "dropout": config.dropout,
+        "num_queries": config.num_queries,
+        "id2label": dict(enumerate(names)),
+        "label2id": {name: i for i, name in enumerate(names)},
+        "architectures": [TRANSFORMERS_CLASSES[kind]],
+    }
+    if kind == "deformable_detr":
+        fields.update(
+            num_feature_levels=config.num_feature_levels,
+            encoder_n_points=config.enc_n_points,
+            decoder_n_points=config.dec_n_points,
+            with_box_refine=config.with_box_refine,
+            two_stage=config.two_stage,
+            two_stage_num_proposals=config.num_queries,
+            auxiliary_loss=config.aux_loss,
+            tie_word_embeddings=False,
+        )
+        # transformers' own choice of backbone stages is C3-C5 or C5 alone; detrkit's model
+        # takes the last min(levels, 3) stages, as the original does.
+        stages = min(config.num_feature_levels, 3)
+        for name in ("use_timm_backbone", "backbone", "use_pretrained_backbone"):
+            del fields[name]
+        fields["backbone_config"] = {
+            "model_type": "timm_backbone",
+            "backbone": config.backbone,
+            "num_channels": 3,
+            "features_only": True,
+            "use_pretrained_backbone": False,
+            "out_indices": list(range(5 - stages, 5)),
+            **({"output_stride": 16} if config.dilation else {}),
+        }
+        return transformers.DeformableDetrConfig(**fields)
+    return transformers.DetrConfig(auxiliary_loss=False, **fields)
+
+
+def to_transformers(model: torch.nn.Module) -> Any:
+    """A transformers model (in eval mode) holding ``model``'s weights: the inverse of reading a
+    transformers directory. Every transformers parameter name is renamed by the reading tables
+    (``RENAMES``) to the detrkit name it takes its tensor from, so both directions share one
+    table. ValueError for a model transformers cannot hold."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, ModelConfig):
+        raise TypeError("to_transformers() takes a detrkit model (one with a .config)")
+    transformers = _import_transformers()
+    hf_config = transformers_config(config)
+    model_type = config.model_type
+    hf = getattr(transformers, TRANSFORMERS_CLASSES[model_type])(hf_config)
+    ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    weights: dict[str, Tensor] = {}
+    used: set[str] = set()
+    problems = []
+    for key, target in hf.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        renamed = _rename(key, model_type)
+        match = _QKV.match(renamed) if renamed else None
+        source = f"{match[1]}.in_proj_{match[3]}" if match else renamed
+        if source not in ours:
+            problems.append(f"{key} (detrkit has no {source})")
+            continue
+        tensor = ours[source]
+        if match:  # q, k, v are the thirds of nn.MultiheadAttention's stacked projection
+            tensor = tensor.chunk(3)["qkv".index(match[2])]
+        if tensor.shape != target.shape:
+            problems.append(f"{key} ({tuple(tensor.shape)} here, {tuple(target.shape)} there)")
+            continue
+        weights[key] = tensor.clone().contiguous()
+        used.add(source)
+    # A name that shares its tensor with a written one (tied heads) is written with it.
+    shared = {name for names in shared_names(model) if used.intersection(names) for name in names}
+    unused = [
+        k
+        for k in ours
+        if k not in used and k not in shared and not k.endswith("num_batches_tracked")
+    ]
+    if unused:
+        problems.append(f"detrkit parameters transformers has no place for: {format_names(unused)}")
+    if problems:
+        raise ValueError(
+            f"cannot convert this {model_type} model to transformers {transformers.__version__}: "
+            + "; ".join(problems[:6])
+            + (f" and {len(problems) - 6} more" if len(problems) > 6 else "")
+        )
+    hf.load_state_dict(weights, strict=False)
+    return hf.eval()
+
+
+def save_transformers(
+    model: torch.nn.Module, directory: str | os.PathLike, overwrite: bool = False
+) -> Path:
+    """Writes ``model`` as a transformers directory that ``from_pretrained`` of its class
+    (``TRANSFORMERS_CLASSES``) loads: ``config.json``, ``model.safetensors`` and the image
+    processor's ``preprocessor_config.json`` (transformers' DETR preprocessing: shorter side 800,
+    longer at most 1333, ImageNet's mean and std). Each file is written atomically; files of an
+    earlier result are replaced only with ``overwrite`` (FileExistsError otherwise). ValueError
+    for a model transformers cannot hold, before anything is written. Returns ``directory``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory}: exists and is not a directory")
+    existing_results([directory / name for name in TRANSFORMERS_FILES], str(directory), overwrite)
+    hf = to_transformers(model)
+    transformers = _import_transformers()
+    processor = (
+        transformers.DeformableDetrImageProcessor
+        if model.config.model_type == "deformable_detr"
+        else transformers.DetrImageProcessor
+    )()
+    weights = {k: v.detach().clone().contiguous() for k, v in hf.state_dict().items()}
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomically(
+        directory / HF_WEIGHT_FILES[0], lambda tmp: save_file(weights, tmp, {"format": "pt"})
+    )
+    write_text(directory / TRANSFORMERS_FILES[2], processor.to_json_string())
+    # The config last: a directory with a config.json is one whole model.
+    write_text(directory / TRANSFORMERS_FILES[0], hf.config.to_json_string())
+    return directory
