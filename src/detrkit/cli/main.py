@@ -6,18 +6,16 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import NoReturn
 
-from detrkit.checkpoints import CheckpointError, load, save
-from detrkit.checkpoints.native import CONFIG_FILE, WEIGHTS_FILE
+from detrkit.checkpoints import CheckpointError, load
 from detrkit.cli.allocator import keep_freed_memory
+from detrkit.cli.convert import add_convert_commands
 from detrkit.cli.data import add_data_commands
 from detrkit.cli.explore import add_explore_commands
 from detrkit.cli.export import add_export_commands
 from detrkit.cli.inference import add_inference_commands
 from detrkit.cli.train import add_train_commands
-from detrkit.files import existing_results
 from detrkit.models import PRESETS
 from detrkit.version import __version__
 
@@ -53,18 +51,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    """Converts any checkpoint detrkit reads to detrkit's own format."""
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a directory")
-    existing_results([out / CONFIG_FILE, out / WEIGHTS_FILE], f"--out {out}", args.overwrite)
-    model = load(args.weights)
-    directory = save(model, out)
-    print(f"wrote {directory} ({model.config.model_type}, {model.config.num_classes} classes)")
-    return 0
-
-
 class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line naming the option and the problem, like
     every other error of the program, and point at the command's --help instead of printing
@@ -96,14 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("weights", help=weights_help)
     inspect.set_defaults(run=cmd_inspect)
 
-    convert = commands.add_parser("convert", help="convert a checkpoint to detrkit's format")
-    convert.add_argument("weights", help=weights_help)
-    convert.add_argument("--out", required=True, help="output directory")
-    convert.add_argument(
-        "--overwrite", action="store_true", help="replace a model saved in --out before"
-    )
-    convert.set_defaults(run=cmd_convert)
-
+    add_convert_commands(commands)
     add_train_commands(commands)
     add_data_commands(commands)
     add_inference_commands(commands)

@@ -1,0 +1,75 @@
+"""``detrkit convert``: any checkpoint detrkit reads, written in detrkit's own format or as a
+transformers directory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from detrkit.checkpoints import load, save
+from detrkit.checkpoints.huggingface import (
+    TRANSFORMERS_CLASSES,
+    TRANSFORMERS_FILES,
+    save_transformers,
+)
+from detrkit.checkpoints.native import CONFIG_FILE, WEIGHTS_FILE
+from detrkit.files import existing_results
+
+TARGETS = ("detrkit", "transformers")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Converts a checkpoint to detrkit's format or to a transformers directory."""
+    if args.out is not None and args.out_flag is not None and args.out != args.out_flag:
+        raise ValueError(f"two output directories: {args.out} and --out {args.out_flag}")
+    target = args.out or args.out_flag
+    if target is None:
+        raise ValueError("convert: name the output directory (OUT or --out)")
+    out = Path(target)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    if args.to == "transformers":
+        # Checked before loading: an earlier result is never replaced unasked.
+        existing_results(
+            [out / name for name in TRANSFORMERS_FILES], f"--out {out}", args.overwrite
+        )
+        model = load(args.weights)
+        save_transformers(model, out, overwrite=args.overwrite)
+        print(
+            f"wrote {out} ({TRANSFORMERS_CLASSES[model.config.model_type]}, "
+            f"{model.config.num_classes} classes)"
+        )
+        return 0
+    existing_results([out / CONFIG_FILE, out / WEIGHTS_FILE], f"--out {out}", args.overwrite)
+    model = load(args.weights)
+    directory = save(model, out)
+    print(f"wrote {directory} ({model.config.model_type}, {model.config.num_classes} classes)")
+    return 0
+
+
+def add_convert_commands(commands: argparse._SubParsersAction[Any]) -> None:
+    """Adds ``convert`` to the ``detrkit`` subcommands."""
+    parser = commands.add_parser(
+        "convert",
+        help="convert a checkpoint to detrkit's format or to a transformers directory",
+        description="Convert any checkpoint detrkit reads. --to detrkit (the default) writes "
+        "detrkit's own directory; --to transformers writes config.json, model.safetensors and "
+        "preprocessor_config.json that DetrForObjectDetection, DetrForSegmentation or "
+        "DeformableDetrForObjectDetection.from_pretrained load (docs/deployment.md says "
+        "which outputs are equal).",
+    )
+    parser.add_argument(
+        "weights",
+        help="an official DETR .pth, a Hugging Face save_pretrained directory, a detrkit "
+        "directory or a training checkpoint",
+    )
+    parser.add_argument("out", nargs="?", help="the output directory (or --out)")
+    parser.add_argument("--out", dest="out_flag", help="the output directory")
+    parser.add_argument(
+        "--to", choices=TARGETS, default="detrkit", help="the format to write (default: detrkit)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a model written to the directory before"
+    )
+    parser.set_defaults(run=cmd_convert)
