@@ -21,15 +21,19 @@ TARGETS = ("detrkit", "transformers")
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Converts a checkpoint to detrkit's format or to a transformers directory."""
-    if args.out is not None and args.out_flag is not None and args.out != args.out_flag:
-        raise ValueError(f"two output directories: {args.out} and --out {args.out_flag}")
-    target = args.out or args.out_flag
+    fmt, *rest = args.to
+    if fmt not in TARGETS or len(rest) > 1:
+        raise ValueError(f"--to takes {' or '.join(TARGETS)} and optionally OUT, got {args.to}")
+    given = {path for path in (args.out, args.out_flag, *rest) if path is not None}
+    if len(given) > 1:
+        raise ValueError(f"several output directories: {', '.join(sorted(given))}")
+    target = given.pop() if given else None
     if target is None:
         raise ValueError("convert: name the output directory (OUT or --out)")
     out = Path(target)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
-    if args.to == "transformers":
+    if fmt == "transformers":
         # Checked before loading: an earlier result is never replaced unasked.
         existing_results(
             [out / name for name in TRANSFORMERS_FILES], f"--out {out}", args.overwrite
@@ -66,8 +70,15 @@ def add_convert_commands(commands: argparse._SubParsersAction[Any]) -> None:
     )
     parser.add_argument("out", nargs="?", help="the output directory (or --out)")
     parser.add_argument("--out", dest="out_flag", help="the output directory")
+    # "--to transformers OUT" as the issue spells it: OUT may follow the format (argparse
+    # would not take a positional after an option's value).
     parser.add_argument(
-        "--to", choices=TARGETS, default="detrkit", help="the format to write (default: detrkit)"
+        "--to",
+        nargs="+",
+        default=["detrkit"],
+        metavar="FORMAT [OUT]",
+        help=f"the format to write, {' or '.join(TARGETS)} (default: detrkit), optionally "
+        "followed by the output directory",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a model written to the directory before"
