@@ -43,7 +43,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The tests CI runs (5-7.5 min on a fresh clone on 2 cores, venv included); the explore page's
+# The tests CI runs (about 8.5 min on a fresh clone on 2 cores, venv included); the explore page's
 # tests need Debian's Chromium (apt-get install chromium), which .ci/run installs when missing. test-full adds
 # the compiled models and the rest of the export matrix (every model x format x option, minutes
 # per export on a CPU).
