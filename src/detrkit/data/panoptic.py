@@ -248,8 +248,8 @@ def png_findings(ids: Tensor, entry: PanopticEntry, where: str) -> list[Finding]
 
 def pq_categories(dataset: Any) -> tuple[set[int], set[int]]:
     """The category ids of a dataset's things and of its stuff (from ``category_ids`` and
-    ``is_thing``), as torchmetrics' ``PanopticQuality(things, stuffs)`` takes them, for
-    scoring against its ``panoptic_target``."""
+    ``is_thing``), as :class:`~detrkit.engine.evaluate.PanopticScore` (and torchmetrics'
+    ``PanopticQuality``) take them, for scoring against its ``panoptic_target``."""
     pairs = list(zip(dataset.category_ids, dataset.is_thing))
     return {c for c, thing in pairs if thing}, {c for c, thing in pairs if not thing}
 

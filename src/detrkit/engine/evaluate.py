@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from detrkit.checkpoints.finite import require_finite_outputs
 from detrkit.data.coco import to_coco_results
+from detrkit.data.panoptic import pq_categories
 from detrkit.models.postprocess import panoptic_segmentation
 
 # --amp choices -> the dtype torch.autocast runs the model in (None: full precision)
@@ -269,11 +270,7 @@ def score_dataset(
     with_masks = getattr(model.config, "model_type", None) == "detr_segmentation"
     panoptic = None
     if with_masks and hasattr(dataset, "panoptic_target"):
-        ids = list(dataset.category_ids) if category_ids is None else list(category_ids)
-        score = PanopticScore(
-            [ids[i] for i, thing in enumerate(dataset.is_thing) if thing],
-            [ids[i] for i, thing in enumerate(dataset.is_thing) if not thing],
-        )
+        score = PanopticScore(*pq_categories(dataset))
         positions = {int(image_id): i for i, image_id in enumerate(dataset_image_ids(dataset))}
 
         def target_of(image_id: int) -> Tensor:
