@@ -1,0 +1,208 @@
+"""detrkit against the CPU runtimes a deployer would use instead: ONNX Runtime and OpenVINO, each
+running detrkit's own ONNX export of the same model.
+
+    pip install -e '.[bench]'   # onnxruntime, openvino (and the export extra)
+    python benchmarks/runtimes.py [--models detr_r50 deformable_detr] [--batches 1 8]
+                                  [--repeats 3] [--size 800 1066] [--only NAME ...]
+
+Each model is built from its preset with random weights (seed 0), exported once with
+``detrkit.export`` at the benchmark size (the file takes any batch and size) and run, in one
+process, by:
+
+- ``onnxruntime fp32``: ONNX Runtime's CPU provider, all graph optimisations;
+- ``openvino f32``: OpenVINO's CPU plugin with ``INFERENCE_PRECISION_HINT=f32``;
+- ``openvino default``: OpenVINO's CPU plugin as it comes (bf16 on CPUs with AMX or AVX-512 BF16);
+- ``detrkit fp32`` and ``detrkit bf16``: ``detrkit.optimize_for_inference(model, precision)``.
+
+Every runtime uses as many threads as torch does. Rounds are interleaved (each round runs every
+runtime once, after one warm-up call each) and the median of ``--repeats`` rounds is reported.
+Each output column is the largest absolute difference of ``pred_logits`` and ``pred_boxes`` from
+the reference model (``models/``, fp32). Ratios compare detrkit with the fastest peer of the
+same precision: below 1 means detrkit is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import detrkit
+from detrkit.cli.allocator import keep_freed_memory
+from detrkit.fast import optimize_for_inference
+
+OUTPUTS = ("pred_logits", "pred_boxes")
+Run = Callable[[], dict[str, np.ndarray]]
+
+
+def onnxruntime_run(path: Path, feeds: dict[str, np.ndarray], threads: int) -> Run:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda: dict(zip(OUTPUTS, session.run(list(OUTPUTS), feeds)))
+
+
+def openvino_run(
+    path: Path, feeds: dict[str, np.ndarray], threads: int, precision: str | None
+) -> tuple[Run, str]:
+    """An OpenVINO CPU request on ``path``; ``precision`` None keeps the plugin's default. Also
+    returns the precision the plugin chose."""
+    import openvino
+
+    core = openvino.Core()
+    properties = {"INFERENCE_NUM_THREADS": threads}
+    if precision is not None:
+        properties["INFERENCE_PRECISION_HINT"] = precision
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", properties)
+    request = compiled.create_infer_request()
+    chosen = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+
+    def run() -> dict[str, np.ndarray]:
+        results = request.infer(feeds)
+        by_name = {output.get_any_name(): value for output, value in results.items()}
+        return {name: by_name[name] for name in OUTPUTS}
+
+    return run, chosen
+
+
+def detrkit_run(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor) -> Run:
+    def run() -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            outputs = model(images, mask)
+        return {name: outputs[name].float().numpy() for name in OUTPUTS}
+
+    return run
+
+
+def interleaved_medians(runs: dict[str, Run], repeats: int) -> dict[str, float]:
+    """The median seconds of each run over ``repeats`` rounds, each round running all once."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def compare(name: str, args: argparse.Namespace, threads: int) -> None:
+    torch.manual_seed(0)
+    model = detrkit.build_model(name).eval()
+    height, width = args.size
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / f"{name}.onnx"
+        start = time.perf_counter()
+        # verify=False: the differences below are measured on the benchmark's own inputs.
+        detrkit.export(model, path, size=(height, width), verify=False)
+        print(f"{name}: exported in {time.perf_counter() - start:.0f} s")
+        optimized = {p: optimize_for_inference(model, p) for p in ("fp32", "bf16")}
+        for batch in args.batches:
+            generator = torch.Generator().manual_seed(batch)
+            images = torch.randn(batch, 3, height, width, generator=generator)
+            mask = torch.zeros(batch, height, width, dtype=torch.bool)
+            feeds = {"images": images.numpy(), "mask": mask.numpy()}
+            runs: dict[str, Run] = {}
+            chosen = {}
+            if wanted("onnxruntime fp32", args):
+                runs["onnxruntime fp32"] = onnxruntime_run(path, feeds, threads)
+            if wanted("openvino f32", args):
+                runs["openvino f32"], chosen["openvino f32"] = openvino_run(
+                    path, feeds, threads, "f32"
+                )
+            if wanted("openvino default", args):
+                runs["openvino default"], chosen["openvino default"] = openvino_run(
+                    path, feeds, threads, None
+                )
+            for precision, fast in optimized.items():
+                if wanted(f"detrkit {precision}", args):
+                    runs[f"detrkit {precision}"] = detrkit_run(fast, images, mask)
+            with torch.inference_mode():
+                reference = model(images, mask)
+            differences = {}
+            for key, run in runs.items():  # also each one's warm-up call
+                outputs = run()
+                differences[key] = max(
+                    float(np.abs(outputs[o] - reference[o].numpy()).max()) for o in OUTPUTS
+                )
+            times = interleaved_medians(runs, args.repeats)
+            report(name, batch, times, differences, chosen)
+
+
+def wanted(runtime: str, args: argparse.Namespace) -> bool:
+    return not args.only or runtime in args.only
+
+
+def report(
+    name: str,
+    batch: int,
+    times: dict[str, float],
+    differences: dict[str, float],
+    chosen: dict[str, str],
+) -> None:
+    print(f"\n{name}, batch {batch}")
+    print(f"  {'runtime':20s}{'median s':>10s}{'images/s':>10s}{'max |diff|':>12s}")
+    for key, seconds in times.items():
+        note = f"  (runs {chosen[key]})" if key in chosen else ""
+        print(f"  {key:20s}{seconds:10.3f}{batch / seconds:10.2f}{differences[key]:12.1e}{note}")
+    peers = {
+        "fp32": [k for k in ("onnxruntime fp32", "openvino f32") if k in times],
+        "bf16": [k for k in ("openvino default",) if k in times],
+    }
+    for precision, keys in peers.items():
+        ours = f"detrkit {precision}"
+        if ours in times and keys:
+            fastest = min(keys, key=times.__getitem__)
+            ratio = times[ours] / times[fastest]
+            print(f"  {ours} / {fastest}: {ratio:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["detr_r50", "deformable_detr"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, nargs=2, default=[800, 1066], metavar=("H", "W"))
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="RUNTIME",
+        choices=[
+            "onnxruntime fp32",
+            "openvino f32",
+            "openvino default",
+            "detrkit fp32",
+            "detrkit bf16",
+        ],
+        help="time only these runtimes (quote the names)",
+    )
+    args = parser.parse_args()
+    for package in ("onnxruntime", "openvino"):
+        try:
+            __import__(package)
+        except ModuleNotFoundError:
+            sys.exit(f"{package} is missing: pip install -e '.[bench]'")
+    # As the detrkit program runs: freed feature maps are reused, not faulted in again.
+    keep_freed_memory()
+    threads = torch.get_num_threads()
+    import onnxruntime
+    import openvino
+
+    print(
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, openvino "
+        f"{openvino.__version__}, {threads} threads, input {args.size[0]}x{args.size[1]}"
+    )
+    for name in args.models:
+        compare(name, args, threads)
+
+
+if __name__ == "__main__":
+    main()
