@@ -201,6 +201,31 @@ def tiny_model(name: str, **options) -> torch.nn.Module:
     return model
 
 
+def tiny_panoptic_model() -> torch.nn.Module:
+    """A small random DETRSegmentation (the mask head needs hidden_dim a multiple of 128), every
+    weight perturbed as tiny_model perturbs them."""
+    import detrkit
+
+    torch.manual_seed(0)
+    model = detrkit.build_model(
+        "detr_r50_panoptic",
+        backbone="resnet18",
+        hidden_dim=128,
+        nheads=8,
+        enc_layers=1,
+        dec_layers=1,
+        dim_feedforward=64,
+        num_queries=5,
+        num_classes=3,
+        dropout=0.0,
+    ).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
 # --- Multi-scale deformable attention's inputs (test_ms_deform_attn.py and
 # triton_interpreter_check.py) ----------------------------------------------------------------
 

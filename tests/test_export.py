@@ -19,7 +19,7 @@ from detrkit.deploy.sizes import check_export_size
 from detrkit.deploy.verify import compare, pytorch_outputs, verification_checks, verify_file
 from detrkit.models.backbone import resize_mask
 from detrkit.ops import ms_deform_attn_portable, ms_deform_attn_reference
-from helpers import EXPORT_MODELS, EXPORT_TINY, needs_onnx, tiny_model
+from helpers import EXPORT_MODELS, EXPORT_TINY, needs_onnx, tiny_model, tiny_panoptic_model
 
 EXPORT_SIZE = (96, 128)  # traced with a batch of 2
 # Checked at batch sizes and image sizes that are not the export's (nor multiples of 32).
@@ -508,29 +508,6 @@ PANOPTIC_SIZE = (64, 96)  # the smallest DETR takes is 33: masks of 16x24 at the
 PANOPTIC_OUTPUTS = ("pred_logits", "pred_boxes", "pred_masks")
 
 
-def tiny_panoptic_model() -> torch.nn.Module:
-    """A small random DETRSegmentation (the mask head needs hidden_dim a multiple of 128), every
-    weight perturbed as tiny_model perturbs them."""
-    torch.manual_seed(0)
-    model = detrkit.build_model(
-        "detr_r50_panoptic",
-        backbone="resnet18",
-        hidden_dim=128,
-        nheads=8,
-        enc_layers=1,
-        dec_layers=1,
-        dim_feedforward=64,
-        num_queries=5,
-        num_classes=3,
-        dropout=0.0,
-    ).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    return model
-
-
 @pytest.fixture(scope="module")
 def panoptic_checkpoint(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("panoptic")
@@ -604,7 +581,7 @@ def test_every_export_option_takes_a_panoptic_model(tmp_path, format, options):
         assert exported.output_names == list(PANOPTIC_OUTPUTS)
         assert_matches_pytorch(model, exported, with_mask, outputs=PANOPTIC_OUTPUTS)
         return
-    assert exported.output_names == ["scores", "labels", "boxes", "pred_masks"]
+    assert exported.output_names == ["scores", "labels", "boxes", "queries", "pred_masks"]
     images, mask = batch((131, 147), 3, padded=True)
     orig_sizes = torch.tensor([[480, 640], [300, 500], [131, 147]])
     actual = exported(images=images, mask=mask, orig_sizes=orig_sizes)

@@ -11,6 +11,8 @@ from typing import Any
 
 from detrkit.checkpoints import load, require_finite_weights
 from detrkit.cli.arguments import positive_int
+from detrkit.cli.inference import add_image_size_options, image_sizes
+from detrkit.data.images import MAX_SIZE, SHORT_SIDE, scaled_image_size
 from detrkit.deploy import (
     DEFAULT_OPSET,
     FORMATS,
@@ -24,6 +26,7 @@ from detrkit.deploy import (
 from detrkit.deploy.sizes import check_export_size
 from detrkit.deploy.to_onnx import check_opset
 from detrkit.files import WriteError
+from detrkit.inference.detector import training_image_scale
 
 # The file suffix of each format's files; the other suffix with --format is a mistake.
 SUFFIXES = {"onnx": ".onnx", "torch": ".pt2"}
@@ -44,6 +47,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         model = load(args.weights)
         require_finite_weights(model, f"--weights {args.weights}")
         check_export_size(model, size, f"--size {size[0]} {size[1]}")
+        resize = export_resize(args)
         result = export(
             model,
             out,
@@ -52,6 +56,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             with_postprocess=args.with_postprocess,
             with_mask=not args.no_mask,
             size=size,
+            resize=resize,
             tolerance=args.tolerance,
             overwrite=args.overwrite,
         )
@@ -63,6 +68,25 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 2
     print(describe(result))
     return 0
+
+
+def export_resize(args: argparse.Namespace) -> tuple[int | None, int]:
+    """The ``(short side, max size)`` the export records: ``--short-side`` and ``--max-size``
+    when given, else 800 and 1333 scaled by the image_scale of the training run that wrote
+    ``--weights`` (as Detector.from_checkpoint and ``detrkit predict`` resize), said on stderr."""
+    sizes = image_sizes(args)
+    if sizes:
+        return sizes["size"], sizes["max_size"]
+    found = training_image_scale(args.weights)
+    if found is None:
+        return SHORT_SIDE, MAX_SIZE
+    short_side, max_size = scaled_image_size(found[0])
+    print(
+        f"detrkit: the export records a resize to short side {short_side}, long side at most "
+        f"{max_size} (image_scale {found[0]} of the training run, {found[1]})",
+        file=sys.stderr,
+    )
+    return short_side, max_size
 
 
 def check_out(out: Path, format_name: str, format_given: bool, overwrite: bool) -> None:
@@ -162,6 +186,7 @@ def add_export_commands(commands: argparse._SubParsersAction[Any]) -> None:
         "with DC5) and 65 for four-level Deformable DETR (its stride-64 level); two-stage "
         "also needs as many encoder positions as queries (113 113 for 300)",
     )
+    add_image_size_options(parser)
     parser.add_argument(
         "--tolerance",
         type=_tolerance,

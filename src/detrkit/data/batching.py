@@ -35,6 +35,13 @@ def pad_images(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     return batch, mask
 
 
+def unpadded_sizes(mask: Tensor) -> list[tuple[int, int]]:
+    """Each image's ``(h, w)`` in a batch that :func:`pad_images` padded, read off its ``mask``
+    ``[B, H, W]`` (True on padding, which is at the bottom and right)."""
+    valid = ~mask
+    return [(int(v[:, 0].sum()), int(v[0, :].sum())) for v in valid]
+
+
 def collate_fn(
     batch: Sequence[tuple[Tensor, dict[str, Tensor]]],
 ) -> tuple[Tensor, Tensor, list[dict[str, Tensor]]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 import os
 import tempfile
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from detrkit.checkpoints.finite import require_finite_weights
+from detrkit.data.images import MAX_SIZE, SHORT_SIDE
 from detrkit.deploy.errors import ExportError
 from detrkit.deploy.graph import ExportedDetector
 from detrkit.deploy.metadata import export_metadata
@@ -82,6 +84,7 @@ def export(
     with_mask: bool = True,
     size: tuple[int, int] = (800, 1066),
     num_select: int = 100,
+    resize: tuple[int | None, int] = (SHORT_SIDE, MAX_SIZE),
     verify: bool = True,
     tolerance: float = 1e-4,
     overwrite: bool = False,
@@ -99,9 +102,15 @@ def export(
     is the (H, W) traced with: every feature map must be at least 2x2 there, so each side at
     least the coarsest stride plus one (DETR 33, DC5 17, four-level Deformable DETR 65), and
     two-stage needs as many encoder positions as queries (113x113 for 300); a smaller size is
-    an :class:`ExportError` stating the smallest (see :mod:`detrkit.deploy.sizes`). The file
-    records detrkit's version, the preset, the class names and the normalisation (ONNX
-    metadata; a JSON member of the .pt2 archive).
+    an :class:`ExportError` stating the smallest (see :mod:`detrkit.deploy.sizes`).
+
+    The file records what a deployer needs (ONNX metadata; a JSON member of the .pt2 archive;
+    see :func:`detrkit.deploy.metadata.export_metadata`): detrkit's version, the preset, the
+    class names and the dataset's category ids, the normalisation, the padding and ``resize``,
+    the ``(short side, max size)`` images are resized to before the model (default 800 and
+    1333; a ``detrkit train`` run's image scale of them for its checkpoints, as
+    :func:`detrkit.inference.detector.training_image_scale` reads it; short side None keeps
+    images as they are). :class:`ExportedModel` reads them back.
 
     With ``verify`` the file is run (ONNX Runtime or torch.export.load) on one image at the
     export's size and on a batch of 3 images of a larger size, one padded, and compared with
@@ -127,6 +136,7 @@ def export(
     if not (isinstance(tolerance, (int, float)) and 0 < tolerance < math.inf):
         raise ValueError(f"tolerance must be a finite number above 0, got {tolerance!r}")
     size = tuple(size)
+    resize = check_resize(resize)
     check_export_size(model, size)
     path = Path(path)
     check_writable(path, overwrite)
@@ -151,7 +161,7 @@ def export(
     # Folded batch norms stay folded.
     source = to_reference(source)
     graph = ExportedDetector(source, with_mask, with_postprocess, num_select).eval()
-    metadata = export_metadata(config, graph.input_names, graph.output_names)
+    metadata = export_metadata(config, graph.input_names, graph.output_names, resize)
     write = _trace(graph, format, size, opset, metadata)
     result = ExportResult(path, format, metadata)
 
@@ -194,6 +204,21 @@ def _trace(
     with attention_implementation("cpu" if fused else "portable"):
         program = export_program(graph, size)
     return lambda tmp: save_program(program, tmp, metadata)
+
+
+def check_resize(resize) -> tuple[int | None, int]:
+    """``resize`` as ``(short side or None, max size)``; ValueError unless they are positive
+    integers (the short side may be None)."""
+    try:
+        short_side, max_size = resize
+    except (TypeError, ValueError):
+        raise ValueError(f"resize must be (short side, max size), got {resize!r}") from None
+    for name, value in (("short side", short_side), ("max size", max_size)):
+        if value is None and name == "short side":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"resize's {name} must be a positive integer, got {value!r}")
+    return (None if short_side is None else int(short_side)), int(max_size)
 
 
 def check_writable(path: Path, overwrite: bool = False) -> None:

@@ -3,7 +3,8 @@
 Exported graphs take ``images`` ``[B, 3, H, W]`` (normalised as the models take them), optionally
 ``mask`` ``[B, H, W]`` (True on padding) and, with post-processing, ``orig_sizes`` ``[B, 2]`` (each
 image's (height, width) in pixels). They return the final ``pred_logits`` and ``pred_boxes``
-(no auxiliary outputs) or, post-processed, ``scores``, ``labels`` and absolute xyxy ``boxes``.
+(no auxiliary outputs) or, post-processed, ``scores``, ``labels``, absolute xyxy ``boxes`` and
+``queries`` (the object query of each detection).
 Panoptic models (DETR's mask head) add ``pred_masks`` ``[B, K, ceil(H/4), ceil(W/4)]``: the mask
 logits of each query, or of each detection when post-processed (K = Q for DETR, whose detections
 are its queries in order), at stride 4 of the padded input. Upsampling them to the image and
@@ -23,7 +24,7 @@ from detrkit.deploy.errors import ExportError
 from detrkit.models import DETRSegmentationConfig, PostProcess
 
 RAW_OUTPUTS = ("pred_logits", "pred_boxes")
-DETECTION_OUTPUTS = ("scores", "labels", "boxes")
+DETECTION_OUTPUTS = ("scores", "labels", "boxes", "queries")
 # The panoptic models' extra output, raw or post-processed.
 MASK_OUTPUT = "pred_masks"
 # Dynamic axes of each input; every other axis is fixed.

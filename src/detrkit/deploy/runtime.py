@@ -5,15 +5,32 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from detrkit.checkpoints.finite import NonFiniteError, non_finite_names
+from detrkit.data import unpadded_sizes
+from detrkit.data.images import MAX_SIZE, SHORT_SIDE, ImageInput, image_list, prepare_images
+from detrkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from detrkit.deploy.errors import ExportError
 from detrkit.deploy.to_onnx import require_onnx
 from detrkit.deploy.to_program import load_program
+from detrkit.models.kinds import CLASSIFICATIONS
+from detrkit.models.postprocess import (
+    MASK_THRESHOLD,
+    Detections,
+    PostProcess,
+    instance_masks,
+    select_detections,
+)
+
+# What files written before the metadata recorded it are taken to mean.
+DEFAULT_RESIZE = {"short_side": SHORT_SIDE, "max_size": MAX_SIZE}
 
 
 def file_format(path: Path) -> str:
@@ -22,12 +39,21 @@ def file_format(path: Path) -> str:
 
 
 class ExportedModel:
-    """An exported detector, callable with named tensors.
+    """An exported detector: images in, :class:`~detrkit.models.postprocess.Detections` out, as
+    :class:`detrkit.Detector` gives them; or named tensors in and out.
 
     >>> exported = ExportedModel("detr.onnx")
+    >>> found = exported.detect("street.jpg", threshold=0.7)  # or a list of images
+    >>> found.boxes, found.scores, found.names, found.category_ids
     >>> outputs = exported(images=images, mask=mask)  # {"pred_logits": ..., "pred_boxes": ...}
     >>> exported.output_names  # a panoptic model's add "pred_masks"
     >>> exported.metadata["class_names"]  # JSON text
+
+    :meth:`detect` prepares images as the file's metadata says (``size`` and ``max_size``, its
+    ``resize``; ``mean`` and ``std``) and post-processes what the file returns; the file alone
+    is enough, without the checkpoint. Files written before the metadata had ``resize`` are
+    resized to short side 800, long side at most 1333; without ``category_ids`` the labels are
+    the category ids.
 
     ONNX files run on ONNX Runtime's CPU provider, programs with ``torch.export.load``; a
     program's ``ExportedProgram`` is kept as ``program``, for looking at its graph.
@@ -48,6 +74,47 @@ class ExportedModel:
         self.input_names = json.loads(self.metadata.get("inputs", '["images", "mask"]'))
         self.output_names = json.loads(
             self.metadata.get("outputs", '["pred_logits", "pred_boxes"]')
+        )
+        self._read_image_policy()
+
+    def _read_image_policy(self) -> None:
+        """What :meth:`detect` needs from the metadata, checked now: a bad value names its key."""
+        resize = self._json("resize", DEFAULT_RESIZE)
+        if not isinstance(resize, dict) or not {"short_side", "max_size"} <= set(resize):
+            self._bad_metadata("resize", "an object with short_side and max_size")
+        self.size: int | None = resize["short_side"]
+        self.max_size: int = resize["max_size"]
+        if not (
+            (self.size is None or _is_positive_int(self.size)) and _is_positive_int(self.max_size)
+        ):
+            self._bad_metadata("resize", "a positive short_side (or null) and max_size")
+        self.mean = self._json("image_mean", list(IMAGENET_MEAN))
+        self.std = self._json("image_std", list(IMAGENET_STD))
+        for key, values in (("image_mean", self.mean), ("image_std", self.std)):
+            if not (isinstance(values, list) and len(values) == 3):
+                self._bad_metadata(key, "a list of 3 numbers")
+        # None for a file that is not detrkit's: detect() then refuses it.
+        self.class_names: list[str] | None = self._json("class_names", None)
+        self.category_ids: list[int] | None = self._json("category_ids", None)
+        if self.category_ids is not None and (
+            self.class_names is None or len(self.category_ids) != len(self.class_names)
+        ):
+            self._bad_metadata("category_ids", "one id per class name")
+        self.classification: str | None = self.metadata.get("classification")
+        if self.classification is not None and self.classification not in CLASSIFICATIONS:
+            self._bad_metadata("classification", f"one of {', '.join(CLASSIFICATIONS)}")
+
+    def _json(self, key: str, default: Any) -> Any:
+        if key not in self.metadata:
+            return default
+        try:
+            return json.loads(self.metadata[key])
+        except ValueError:
+            self._bad_metadata(key, "JSON")
+
+    def _bad_metadata(self, key: str, expected: str) -> None:
+        raise ExportError(
+            f"{self.path}: the metadata's {key} must be {expected}, got {self.metadata[key]!r}"
         )
 
     def _open_onnx(self, threads: int | None) -> None:
@@ -84,3 +151,98 @@ class ExportedModel:
             with torch.no_grad():
                 outputs = list(self._module(*ordered))
         return dict(zip(self.output_names, outputs))
+
+    def detect(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        threshold: float = 0.5,
+        masks: bool = True,
+    ) -> Detections | list[Detections]:
+        """Detects objects in one image (returns its
+        :class:`~detrkit.models.postprocess.Detections`) or in a list of images (returns a
+        list), as :class:`detrkit.Detector` does: images as Detector takes them (paths, PIL
+        images, numpy arrays ``[H, W, C]``, tensors ``[C, H, W]``, a 4-D tensor being a list),
+        resized, normalised and padded into one batch as the metadata says, then the file's
+        outputs post-processed (:class:`~detrkit.models.PostProcess` for raw outputs); the
+        detections scoring at least ``threshold``, best first, boxes in each image's own pixels.
+        A panoptic model's come with masks unless ``masks`` is False.
+
+        A file without a ``mask`` input runs the images one at a time (unpadded). A file
+        exported with post-processing before it returned ``queries`` gives DETR's detections
+        their queries (its detections are its queries, in order) and Deformable DETR's -1.
+        """
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        if self.class_names is None or self.classification is None:
+            raise ExportError(
+                f"{self.path}: no class_names and classification in the file's metadata (not "
+                "a file detrkit exported?): detect() needs them; call the model with named "
+                "tensors instead"
+            )
+        pixels, single = image_list(images, "ExportedModel.detect")
+        batches = [pixels] if "mask" in self.input_names else [[image] for image in pixels]
+        found = [item for batch in batches for item in self._detect_batch(batch, threshold, masks)]
+        return found[0] if single else found
+
+    @torch.no_grad()
+    def _detect_batch(
+        self, pixels: list[Tensor], threshold: float, masks: bool
+    ) -> list[Detections]:
+        """One run of the file on RGB ``uint8`` images; their detections."""
+        batch, mask = prepare_images(pixels, self.size, self.max_size, self.mean, self.std)
+        image_sizes = [tuple(image.shape[-2:]) for image in pixels]
+        orig_sizes = torch.tensor(image_sizes, dtype=torch.int64)
+        values = {"images": batch, "mask": mask, "orig_sizes": orig_sizes}
+        outputs = self(**{name: values[name] for name in self.input_names})
+        bad = non_finite_names(outputs)
+        if bad:
+            raise NonFiniteError(
+                f"{self.path}: the model's outputs hold NaN or infinity ({', '.join(bad)}); its "
+                "detections would be meaningless"
+            )
+        post_processed = "scores" in outputs
+        if post_processed:
+            results = [
+                {name: outputs[name][index] for name in ("scores", "labels", "boxes")}
+                for index in range(len(pixels))
+            ]
+            for index, result in enumerate(results):
+                result["queries"] = self._queries(outputs, index)
+        else:
+            results = PostProcess(self.classification)(outputs, orig_sizes)
+        input_size = tuple(batch.shape[-2:])
+        resized = unpadded_sizes(mask)
+        found = []
+        for index, result in enumerate(results):
+
+            def detection_masks(keep: Tensor, index: int = index, result: dict = result) -> Tensor:
+                # Post-processed, pred_masks has a row per detection; raw, one per query.
+                rows = keep if post_processed else result["queries"][keep]
+                args = (input_size, resized[index], image_sizes[index], MASK_THRESHOLD)
+                return instance_masks(outputs["pred_masks"][index], rows, *args)
+
+            with_masks = masks and "pred_masks" in outputs
+            found.append(
+                select_detections(
+                    result,
+                    threshold,
+                    self.class_names,
+                    image_sizes[index],
+                    self.category_ids,
+                    detection_masks if with_masks else None,
+                )
+            )
+        return found
+
+    def _queries(self, outputs: dict[str, Tensor], index: int) -> Tensor:
+        """The object query of each post-processed detection of image ``index``."""
+        if "queries" in outputs:
+            return outputs["queries"][index]
+        count = len(outputs["scores"][index])
+        if self.classification == "softmax":  # DETR: a detection per query, in order
+            return torch.arange(count)
+        return torch.full((count,), -1, dtype=torch.int64)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

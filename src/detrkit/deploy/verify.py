@@ -167,7 +167,8 @@ def _compare_detections(
     order is arbitrary, at a position whose score is within ``tolerance``; and, for a panoptic
     model, that detection's ``pred_masks`` within ``tolerance``. "boxes" is the largest box
     difference (pixels) from the matching detection, "pred_masks" the largest mask logit
-    difference; "labels" counts unmatched ones."""
+    difference; "labels" counts unmatched ones. ``queries`` are not compared: two-stage queries
+    may change places where their proposal scores tie, their detections unchanged."""
     box_tolerance = tolerance * float(orig_sizes.max())
     score_difference = _max_difference(expected["scores"], actual["scores"])
     if not score_difference <= tolerance:  # NaN included

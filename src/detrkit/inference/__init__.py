@@ -1,13 +1,13 @@
 """Inference and explanation: running models on images and looking inside them."""
 
 from detrkit.data.coco_names import COCO_NAMES, class_names_for
+from detrkit.data.images import to_uint8_image
 from detrkit.inference.capture import AttentionRecord, Internals, SamplingRecord, capture_internals
 from detrkit.inference.detector import (
     Detections,
     Detector,
     PanopticResult,
     Segment,
-    to_uint8_image,
 )
 
 __all__ = [

@@ -7,62 +7,34 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
-from torchvision import tv_tensors
 
 from detrkit.checkpoints import load, require_finite_outputs, require_finite_weights
 from detrkit.checkpoints.load import check_device, training_run_config
-from detrkit.data import AugmentationConfig, make_val_transforms, pad_images, read_image
+from detrkit.data import unpadded_sizes
 from detrkit.data.coco_names import class_names_for
+from detrkit.data.images import (
+    MAX_SIZE,
+    SHORT_SIDE,
+    ImageInput,
+    image_list,
+    prepare_images,
+    scaled_image_size,
+)
 from detrkit.fast import optimize_for_inference
 from detrkit.models import PostProcess
 from detrkit.models.postprocess import (
+    MASK_THRESHOLD,
+    Detections,
     instance_masks,
     mask_probabilities,
     panoptic_segmentation,
+    select_detections,
 )
-
-# The original's validation resize: short side 800, long side at most 1333.
-SHORT_SIDE, MAX_SIZE = 800, 1333
 
 # The original's panoptic post-processing: queries scoring above 0.85, segments over 4 pixels.
 PANOPTIC_THRESHOLD, PANOPTIC_MIN_AREA = 0.85, 4
-MASK_THRESHOLD = 0.5  # a pixel is in a detection's mask where the sigmoid exceeds this
-
-# What a Detector takes as one image.
-ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
-
-
-@dataclass
-class Detections:
-    """One image's detections, best first."""
-
-    boxes: Tensor  # [K, 4] absolute x1, y1, x2, y2 in the input image's pixels
-    scores: Tensor  # [K]
-    labels: Tensor  # [K] class indices
-    names: list[str]  # K class names
-    queries: Tensor  # [K] the object query each detection came from
-    image_size: tuple[int, int]  # the input image's (height, width)
-    # [K, H, W] bool at the input image's size: each detection's mask (panoptic models), or None
-    masks: Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-    def captions(self) -> list[str]:
-        """ "name score" per detection, as drawn on pictures."""
-        return [f"{name} {score:.2f}" for name, score in zip(self.names, self.scores.tolist())]
-
-    def as_dict(self) -> dict[str, Tensor]:
-        """The ``boxes`` / ``scores`` / ``labels`` dict that PostProcess returns, with ``masks``
-        when there are masks (as :meth:`PostProcess.add_masks` adds them)."""
-        found = {"boxes": self.boxes, "scores": self.scores, "labels": self.labels}
-        if self.masks is not None:
-            found["masks"] = self.masks
-        return found
 
 
 @dataclass
@@ -110,55 +82,6 @@ def training_image_scale(weights: str | os.PathLike) -> tuple[float, Path] | Non
     if found is None or found[0].get("image_scale", 1) == 1:
         return None
     return float(found[0]["image_scale"]), found[1]
-
-
-def to_uint8_image(image: ImageInput) -> Tensor:
-    """Any supported image as RGB ``uint8`` ``[3, H, W]``.
-
-    Paths are read with :func:`detrkit.data.read_image` (raising ImageReadError naming the file).
-    PIL images are converted to RGB. numpy arrays are ``[H, W]`` or ``[H, W, C]`` (channels last,
-    as PIL and OpenCV give them, RGB order); tensors are ``[H, W]`` or ``[C, H, W]`` (channels first,
-    as torchvision's). Both may be ``uint8`` or floating point in [0, 1]; 1 channel is grey, 4 is
-    RGBA (alpha dropped).
-    """
-    if isinstance(image, (str, os.PathLike)):
-        return read_image(Path(image))
-    if isinstance(image, Image.Image):
-        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
-    if isinstance(image, np.ndarray):
-        if image.ndim == 3:
-            image = np.moveaxis(image, -1, 0)  # [H, W, C] -> [C, H, W]
-        return _channels_first_to_uint8(torch.from_numpy(np.ascontiguousarray(image)), "array")
-    if isinstance(image, Tensor):
-        return _channels_first_to_uint8(image.detach().cpu(), "tensor")
-    raise TypeError(
-        f"an image must be a path, a PIL image, a numpy array or a tensor, got {type(image).__name__}"
-    )
-
-
-def _channels_first_to_uint8(image: Tensor, kind: str) -> Tensor:
-    if image.dim() == 2:
-        image = image[None]
-    if image.dim() != 3 or image.shape[0] not in (1, 3, 4):
-        layout = "[H, W, C]" if kind == "array" else "[C, H, W]"
-        raise ValueError(
-            f"an image {kind} must be {layout} with 1, 3 or 4 channels (or [H, W] grey), "
-            f"got shape {tuple(image.shape)}"
-        )
-    if min(image.shape[1:]) < 1:
-        raise ValueError(f"an image {kind} must not be empty, got shape {tuple(image.shape)}")
-    if image.dtype == torch.bool or image.is_floating_point():
-        image = image.float()
-        low, high = image.min().item(), image.max().item()
-        if low < 0 or high > 1:
-            raise ValueError(
-                f"a floating-point image {kind} must hold values in [0, 1], got [{low}, {high}]"
-            )
-        image = (image * 255).round().to(torch.uint8)
-    elif image.dtype != torch.uint8:
-        raise ValueError(f"an image {kind} must be uint8 or floating point, got {image.dtype}")
-    image = image[:3] if image.shape[0] == 4 else image.expand(3, -1, -1)
-    return image.contiguous()
 
 
 class Detector:
@@ -220,7 +143,8 @@ class Detector:
         device = check_device(device) if device is not None else _default_device()
         found = training_image_scale(path)
         if found is not None and not {"size", "max_size"} & set(options):
-            options.update(size=round(SHORT_SIDE * found[0]), max_size=round(MAX_SIZE * found[0]))
+            size, max_size = scaled_image_size(found[0])
+            options.update(size=size, max_size=max_size)
         model = load(path, map_location=device)
         require_finite_weights(model, str(path))
         return cls(model, threshold, device=device, **options)
@@ -228,16 +152,7 @@ class Detector:
     def preprocess(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """RGB ``uint8`` ``[3, H_i, W_i]`` images -> the model's input: ``images`` ``[B, 3, H, W]``
         (resized, normalised, padded) and ``mask`` ``[B, H, W]``, on the detector's device."""
-        resized = []
-        for image in images:
-            height, width = image.shape[-2:]
-            short_side = self.size or min(height, width)
-            max_size = self.max_size if self.size else max(height, width)
-            transforms = make_val_transforms(
-                AugmentationConfig(val_size=short_side, max_size=max_size)
-            )
-            resized.append(transforms(tv_tensors.Image(image)).as_subclass(Tensor))
-        batch, mask = pad_images(resized)
+        batch, mask = prepare_images(images, self.size, self.max_size)
         return batch.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
@@ -246,13 +161,10 @@ class Detector:
         batch, mask = self.preprocess(images)
         outputs = self.model(batch, mask)
         require_finite_outputs(outputs, "Detector")
-        # Padding is at the bottom and right: an image's rows and columns are its unpadded ones.
-        valid = ~mask
-        resized = [(int(v[:, 0].sum()), int(v[0, :].sum())) for v in valid]
         return ModelRun(
             outputs,
             tuple(batch.shape[-2:]),
-            resized,
+            unpadded_sizes(mask),
             [tuple(image.shape[-2:]) for image in images],
         )
 
@@ -267,23 +179,18 @@ class Detector:
         sizes = torch.tensor(run.image_sizes, device=self.device)
         found = []
         for index, result in enumerate(self.postprocess(run.outputs, sizes)):
-            scores = result["scores"]
-            # Best first: DETR's post-processing lists detections in query order.
-            keep = torch.nonzero(scores >= threshold).squeeze(1)
-            keep = keep[scores[keep].argsort(descending=True, stable=True)]
-            labels = result["labels"][keep].cpu()
-            queries = result["queries"][keep]
+
+            def query_masks(keep: Tensor, index: int = index, result: dict = result) -> Tensor:
+                return self.query_masks(run, index, result["queries"][keep])
+
             found.append(
-                Detections(
-                    boxes=result["boxes"][keep].cpu(),
-                    scores=result["scores"][keep].cpu(),
-                    labels=labels,
-                    names=[self.class_names[int(label)] for label in labels],
-                    queries=queries.cpu(),
-                    image_size=run.image_sizes[index],
-                    masks=self.query_masks(run, index, queries)
-                    if masks and run.has_masks
-                    else None,
+                select_detections(
+                    result,
+                    threshold,
+                    self.class_names,
+                    run.image_sizes[index],
+                    self.config.category_ids,
+                    query_masks if masks and run.has_masks else None,
                 )
             )
         return found
@@ -371,7 +278,7 @@ class Detector:
         without masks (a detection model)."""
         if not self.has_masks:
             raise ValueError(no_masks_message(self.config))
-        pixels, single = _as_image_list(images)
+        pixels, single = image_list(images)
         found = self.panoptic_segments(self.run(pixels), threshold, min_area)
         return found[0] if single else found
 
@@ -383,21 +290,9 @@ class Detector:
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> Detections | list[Detections]:
         """Detects objects in one image (returns its :class:`Detections`) or in a list of images
         (returns a list). A 4-D tensor ``[B, C, H, W]`` counts as a list of B images."""
-        pixels, single = _as_image_list(images)
+        pixels, single = image_list(images)
         found, _ = self.detect(pixels)
         return found[0] if single else found
-
-
-def _as_image_list(images: ImageInput | Sequence[ImageInput]) -> tuple[list[Tensor], bool]:
-    """One image or a list of them (a 4-D tensor being a list) -> RGB ``uint8`` images, and
-    whether one image was given."""
-    if isinstance(images, Tensor) and images.dim() == 4:
-        images = list(images)
-    single = not isinstance(images, (list, tuple))
-    pixels = [to_uint8_image(image) for image in ([images] if single else images)]
-    if not pixels:
-        raise ValueError("Detector was given an empty list of images")
-    return pixels, single
 
 
 def no_masks_message(config) -> str:

@@ -31,15 +31,10 @@ from matplotlib.patches import Patch, Rectangle
 from torch import Tensor
 
 from detrkit.data.drawing import draw_detections
+from detrkit.data.images import ImageInput, to_uint8_image
 from detrkit.files import existing_results, write_atomically
 from detrkit.inference.capture import Internals, SamplingRecord, capture_internals
-from detrkit.inference.detector import (
-    MASK_THRESHOLD,
-    Detections,
-    Detector,
-    ImageInput,
-    to_uint8_image,
-)
+from detrkit.inference.detector import MASK_THRESHOLD, Detections, Detector
 
 PANEL_INCHES = 3.2
 POINTS_CMAP = "plasma"  # sampling points, dark (light weight) to yellow (heavy weight)

@@ -32,9 +32,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from detrkit.data.images import ImageInput, to_uint8_image
 from detrkit.files import existing_results, write_atomically
 from detrkit.inference.capture import Internals, capture_internals
-from detrkit.inference.detector import Detections, Detector, ImageInput, to_uint8_image
+from detrkit.inference.detector import Detections, Detector
 from detrkit.inference.trace import REPEATED_STAGES, FlowNode, decoder_references, record_flow
 from detrkit.models import DeformableDETRConfig, DETRSegmentationConfig, kind_of
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,8 @@ from torchvision.ops import box_convert
 
 from detrkit.models.config import ModelConfig
 from detrkit.models.kinds import CLASSIFICATIONS, kind_of
+
+MASK_THRESHOLD = 0.5  # a pixel is in a detection's mask where the sigmoid exceeds this
 
 
 class PostProcess(nn.Module):
@@ -241,3 +244,69 @@ def _assign_pixels(
     ids = F.interpolate(ids[None, None].float(), size=orig_size, mode="nearest")[0, 0].long()
     # A segment may have lost every pixel to the resize; it is numbered still, and has area 0.
     return ids, owners
+
+
+@dataclass
+class Detections:
+    """One image's detections, best first."""
+
+    boxes: Tensor  # [K, 4] absolute x1, y1, x2, y2 in the input image's pixels
+    scores: Tensor  # [K]
+    labels: Tensor  # [K] class indices
+    names: list[str]  # K class names
+    queries: Tensor  # [K] the object query each detection came from
+    image_size: tuple[int, int]  # the input image's (height, width)
+    # [K, H, W] bool at the input image's size: each detection's mask (panoptic models), or None
+    masks: Tensor | None = None
+    # [K] the dataset's category id of each detection (its label when the model has no mapping,
+    # as for COCO's 91 classes, whose indices are the category ids)
+    category_ids: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def captions(self) -> list[str]:
+        """ "name score" per detection, as drawn on pictures."""
+        return [f"{name} {score:.2f}" for name, score in zip(self.names, self.scores.tolist())]
+
+    def as_dict(self) -> dict[str, Tensor]:
+        """The ``boxes`` / ``scores`` / ``labels`` dict that PostProcess returns, with ``masks``
+        when there are masks (as :meth:`PostProcess.add_masks` adds them)."""
+        found = {"boxes": self.boxes, "scores": self.scores, "labels": self.labels}
+        if self.masks is not None:
+            found["masks"] = self.masks
+        return found
+
+
+def select_detections(
+    found: dict[str, Tensor],
+    threshold: float,
+    class_names: Sequence[str],
+    image_size: tuple[int, int],
+    category_ids: Sequence[int] | None = None,
+    masks: Callable[[Tensor], Tensor] | None = None,
+) -> Detections:
+    """One image's post-processed ``scores``, ``labels``, ``boxes`` and ``queries`` ``[K]``
+    (:meth:`PostProcess.forward`'s, or an exported graph's) -> its :class:`Detections` scoring at
+    least ``threshold``, best first (ties in their given order), on the CPU. ``masks`` takes the
+    indices of the kept rows and returns their masks at ``image_size`` (:func:`instance_masks`);
+    without it there are none. ``category_ids`` maps labels to the dataset's ids."""
+    scores = found["scores"]
+    # Best first: DETR's post-processing lists detections in query order.
+    keep = torch.nonzero(scores >= threshold).squeeze(1)
+    keep = keep[scores[keep].argsort(descending=True, stable=True)]
+    labels = found["labels"][keep].cpu()
+    if category_ids is None:
+        ids = labels.clone()
+    else:
+        ids = torch.tensor([int(category_ids[int(label)]) for label in labels], dtype=torch.int64)
+    return Detections(
+        boxes=found["boxes"][keep].cpu(),
+        scores=scores[keep].cpu(),
+        labels=labels,
+        names=[class_names[int(label)] for label in labels],
+        queries=found["queries"][keep].cpu(),
+        image_size=tuple(image_size),
+        masks=masks(keep) if masks is not None else None,
+        category_ids=ids,
+    )
