@@ -27,6 +27,7 @@ from helpers import (
     assert_close_fp32,
     make_inputs,
     needs_fused,
+    needs_onnx,
 )
 
 # The fused CPU kernel is tested wherever it runs: a machine where it cannot be built fails its
@@ -493,6 +494,82 @@ def test_torch_export_of_bf16_values_with_fp32_locations():
     eager = module(*inputs)
     assert eager.dtype == torch.bfloat16
     torch.testing.assert_close(exported.module()(*inputs), eager, rtol=0, atol=0)
+
+
+def test_onnx_op_runs_the_reference_and_its_gradient():
+    """In PyTorch the "onnx" implementation is the reference behind one custom op, gradient
+    included, so that ms_deform_attn's contract holds for it too."""
+    inputs = make_inputs(FOUR_LEVELS, channels=32)
+    for actual, expected in zip(
+        output_and_grads(inputs, "onnx"), output_and_grads(inputs, "reference")
+    ):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+class OnnxAttention(nn.Module):
+    def forward(self, value, spatial_shapes, level_start_index, locations, weights):
+        return ms_deform_attn(
+            value, spatial_shapes, level_start_index, locations, weights, implementation="onnx"
+        )
+
+
+# (batch, level sizes, queries): the export's, then other batches, sizes, queries and level sizes
+# (one level 1 pixel high), one of them a batch of 3.
+ONNX_CASES = [
+    (2, [(12, 14), (6, 7), (3, 4), (2, 2)], 9),
+    (1, [(20, 27), (10, 14), (5, 7), (3, 4)], 40),
+    (3, [(9, 5), (5, 3), (3, 2), (1, 1)], 7),
+    (1, [(31, 8), (16, 4), (8, 2), (4, 1)], 1),
+]
+
+
+@needs_onnx
+@pytest.mark.parametrize("opset", ["oldest", "newest"])
+def test_onnx_graph_is_grid_sample_and_matches_reference_at_other_sizes(opset: str):
+    """The "onnx" op exported with its translation: standard operators with GridSample per
+    level, traced once, and on ONNX Runtime within 1e-5 of the reference at other batches, level
+    sizes and query counts, with points off the maps (make_inputs: locations in [-0.2, 1.2])."""
+    import onnxruntime
+
+    from detrkit.deploy import MIN_OPSET, newest_opset
+    from detrkit.ops import onnx_translation_table
+
+    def inputs(batch, shapes, queries, seed):
+        return make_inputs(
+            shapes, batch=batch, heads=3, channels=4, queries=queries, points=2, seed=seed
+        )
+
+    names = ["value", "spatial_shapes", "level_start_index", "locations", "weights"]
+    batch, length, queries = (torch.export.Dim(name) for name in ("batch", "length", "queries"))
+    program = torch.onnx.export(
+        OnnxAttention(),
+        inputs(*ONNX_CASES[0], seed=0),
+        dynamo=True,
+        input_names=names,
+        dynamic_shapes=(
+            {0: batch, 1: length},
+            None,
+            None,
+            {0: batch, 1: queries},
+            {0: batch, 1: queries},
+        ),
+        opset_version=MIN_OPSET if opset == "oldest" else newest_opset(),
+        custom_translation_table=onnx_translation_table(),
+        optimize=True,
+        verbose=False,
+    )
+    model = program.model_proto
+    operators = [node.op_type for node in model.graph.node]
+    assert operators.count("GridSample") == 4
+    assert {node.domain for node in model.graph.node} == {""} and not model.functions
+    session = onnxruntime.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    for seed, case in enumerate(ONNX_CASES):
+        tensors = inputs(*case, seed=seed)
+        (actual,) = session.run(None, dict(zip(names, (t.numpy() for t in tensors))))
+        expected = ms_deform_attn_reference(*tensors)
+        torch.testing.assert_close(torch.from_numpy(actual), expected, rtol=0, atol=1e-5)
 
 
 def test_build_failure_warns_once_and_falls_back(monkeypatch):

@@ -195,8 +195,9 @@ def _trace(
 ) -> Callable[[Path], None]:
     """Exports ``graph`` in ``format``; returns the function that writes it to a path."""
     if format == "onnx":
-        # ONNX has no fused attention op: decompose it into gathers that keep sizes dynamic.
-        with attention_implementation("portable"):
+        # ONNX has no fused attention op: the "onnx" op is written as GridSample per level, with
+        # the level sizes read in the graph (see detrkit.ops.ms_deform_attn_onnx).
+        with attention_implementation("onnx"):
             model = export_onnx(graph, size, opset, metadata)
         return lambda tmp: save_onnx(model, tmp)
     # torch.export keeps the fused kernel, through its fake implementation, where it is built.

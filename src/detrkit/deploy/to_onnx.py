@@ -13,10 +13,11 @@ import torch
 
 from detrkit.deploy.errors import ExportError, missing_onnx_packages
 from detrkit.deploy.graph import AXIS_NAMES, ExportedDetector, check_dynamic
+from detrkit.ops import onnx_translation_table
 
 # torch.onnx's exporter writes opset 18 and later natively; asked for older ones it runs ONNX's
 # version converter, which turns these graphs into invalid ones (at 17, a Split that ONNX Runtime
-# rejects).
+# rejects). Deformable DETR's attention is ONNX GridSample, which needs opset 16 or later.
 MIN_OPSET = 18
 DEFAULT_OPSET = 18
 # From opset 23 on, torch.onnx writes attention as ONNX's Attention operator, which ONNX Runtime
@@ -103,6 +104,8 @@ def export_onnx(graph: ExportedDetector, size: tuple[int, int], opset: int, meta
                 output_names=graph.output_names,
                 opset_version=opset,
                 optimize=True,
+                # Deformable attention as GridSample per level (detrkit.ops.ms_deform_attn_onnx).
+                custom_translation_table=onnx_translation_table(),
             )
     except Exception as error:
         raise ExportError(f"torch.onnx could not export the model: {error}") from error

@@ -13,6 +13,7 @@ from detrkit.ops.dispatch import (
 )
 from detrkit.ops.fast_dropout import Dropout, dropout, relu_dropout
 from detrkit.ops.feed_forward import relu_dropout_mlp
+from detrkit.ops.ms_deform_attn_onnx import ms_deform_attn_onnx, onnx_translation_table
 from detrkit.ops.ms_deform_attn_portable import ms_deform_attn_portable
 from detrkit.ops.ms_deform_attn_reference import ms_deform_attn_reference
 from detrkit.ops.winograd import WinogradConv2d, winograd_conv2d, winograd_weight
@@ -26,9 +27,11 @@ __all__ = [
     "dropout",
     "fused_kernel_available",
     "ms_deform_attn",
+    "ms_deform_attn_onnx",
     "ms_deform_attn_portable",
     "ms_deform_attn_reference",
     "onednn",
+    "onnx_translation_table",
     "relu_dropout",
     "relu_dropout_mlp",
     "winograd_conv2d",

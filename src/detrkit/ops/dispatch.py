@@ -14,10 +14,11 @@ from torch import Tensor
 from detrkit.ops._extension import load_extension
 from detrkit.ops._validation import check_ms_deform_attn_inputs
 from detrkit.ops.ms_deform_attn_fused import ms_deform_attn_forward, ms_deform_attn_triton_forward
+from detrkit.ops.ms_deform_attn_onnx import ms_deform_attn_onnx
 from detrkit.ops.ms_deform_attn_portable import ms_deform_attn_portable
 from detrkit.ops.ms_deform_attn_reference import ms_deform_attn_reference
 
-Implementation = Literal["auto", "reference", "cpu", "triton", "portable"]
+Implementation = Literal["auto", "reference", "cpu", "triton", "portable", "onnx"]
 
 FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -111,9 +112,9 @@ def attention_implementation(implementation: Implementation) -> Iterator[None]:
 
 
 def _check_name(implementation: str) -> None:
-    if implementation not in ("auto", "reference", "portable", *FUSED_KERNELS):
+    if implementation not in ("auto", "reference", "portable", "onnx", *FUSED_KERNELS):
         raise ValueError(
-            "implementation must be 'auto', 'reference', 'cpu', 'triton' or 'portable', "
+            "implementation must be 'auto', 'reference', 'cpu', 'triton', 'portable' or 'onnx', "
             f"got {implementation!r}"
         )
 
@@ -139,12 +140,14 @@ def ms_deform_attn(
             points off the map read zeros (bilinear, like grid_sample with align_corners=False).
         attention_weights: ``[N, Lq, M, L, P]``, in sampling_locations' dtype: value's, or
             float32 with bfloat16 / float16 values (which the fused kernels read as they are
-            and the reference and portable implementations convert to float32).
+            and the other implementations convert to float32).
         implementation: None (the one :func:`attention_implementation` chose, "auto" by
             default), ``"auto"`` (the fused kernel for the inputs' device when it is
             available, else reference), ``"reference"`` (grid_sample), ``"cpu"`` (fused CPU
-            kernel), ``"triton"`` (fused Triton kernels for CUDA tensors) or ``"portable"``
-            (gathers with the level sizes kept as tensors, for ONNX export).
+            kernel), ``"triton"`` (fused Triton kernels for CUDA tensors), ``"portable"``
+            (gathers with the level sizes kept as tensors, for torch.export without the fused
+            kernel) or ``"onnx"`` (the reference as one custom op, which ONNX export writes as
+            GridSample per level; see :mod:`detrkit.ops.ms_deform_attn_onnx`).
 
     Returns:
         ``[N, Lq, M * D]`` in value's dtype, differentiable with respect to value,
@@ -171,6 +174,8 @@ def ms_deform_attn(
         run = ms_deform_attn_reference
     elif implementation == "portable":
         run = ms_deform_attn_portable
+    elif implementation == "onnx":
+        run = ms_deform_attn_onnx
     else:
         run = functools.partial(_run_fused_kernel, kernel)
     if value.dtype != sampling_locations.dtype and implementation not in FUSED_KERNELS:
