@@ -153,6 +153,14 @@ def ms_deform_attn(
         ``[N, Lq, M * D]`` in value's dtype, differentiable with respect to value,
         sampling_locations and attention_weights.
     """
+    if (
+        torch.is_autocast_enabled(value.device.type)
+        and attention_weights.dtype != sampling_locations.dtype
+    ):
+        # Under autocast the softmaxed weights come out in the autocast dtype while the locations
+        # (float32 reference points plus offsets) stay float32; the original's kernel took both
+        # in float32 too.
+        attention_weights = attention_weights.to(sampling_locations.dtype)
     inputs = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     check_ms_deform_attn_inputs(*inputs)
     if implementation is None:
