@@ -153,9 +153,9 @@ def ms_deform_attn(
         ``[N, Lq, M * D]`` in value's dtype, differentiable with respect to value,
         sampling_locations and attention_weights.
     """
-    if (
-        torch.is_autocast_enabled(value.device.type)
-        and attention_weights.dtype != sampling_locations.dtype
+    # (dtypes first: autocast knows no state for some devices, such as meta)
+    if attention_weights.dtype != sampling_locations.dtype and torch.is_autocast_enabled(
+        value.device.type
     ):
         # Under autocast the softmaxed weights come out in the autocast dtype while the locations
         # (float32 reference points plus offsets) stay float32; the original's kernel took both
