@@ -459,6 +459,7 @@ def test_two_stage_queries_may_change_places_only_where_their_proposals_tie():
         compare(expected, off, TOLERANCE, query_scores=scores)
 
 
+@pytest.mark.full  # a whole two-stage export and verification: 20 s
 @needs_onnx
 def test_two_stage_onnx_export_is_kept_where_proposal_scores_tie(tmp_path):
     """The two-stage export refused at the default size, in small: 300 queries from 650
