@@ -589,3 +589,37 @@ def test_every_trainable_parameter_takes_part_in_the_loss(preset):
     build_criterion(model.config)(model(images, mask), targets)["loss"].backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused, unused
+
+
+def test_the_predictions_picture_shows_each_images_own_detections(tmp_path, monkeypatch):
+    # Deformable DETR's detections depend on an image's padding: the picture must show what
+    # the model finds in each image alone (as `detrkit predict` runs it), whatever the other
+    # images of the picture are.
+    from detrkit.engine import visualize
+    from detrkit.models import PostProcess
+
+    torch.manual_seed(0)
+    model = detrkit.build_model("deformable_detr_digits", **TINY_MODEL).eval()
+    transforms = detrkit.data.make_val_transforms(detrkit.data.AugmentationConfig().scaled(0.12))
+    dataset = detrkit.data.DigitsDetection("train", 3, transforms=transforms)
+    sizes = {tuple(dataset[i][0].shape[-2:]) for i in range(3)}
+    assert len(sizes) > 1, "the scenes should differ in size, so that a batch would pad them"
+    drawn = []
+
+    def record(pixels, boxes, captions, labels, min_side):
+        drawn.append((pixels.shape[-2:], boxes.clone(), list(captions)))
+        return pixels
+
+    monkeypatch.setattr(visualize, "draw_detections", record)
+    visualize.draw_predictions(model, dataset, tmp_path / "p.png", threshold=0.0)
+    assert (tmp_path / "p.png").is_file()
+    assert len(drawn) == 3
+    postprocess = PostProcess.for_config(model.config)
+    for index, (shape, boxes, captions) in enumerate(drawn):
+        image, target = dataset[index]
+        assert tuple(shape) == tuple(image.shape[-2:])
+        with torch.no_grad():
+            outputs = model(image[None], torch.zeros(1, *image.shape[-2:], dtype=torch.bool))
+        alone = postprocess(outputs, target["size"][None])[0]
+        torch.testing.assert_close(boxes, alone["boxes"])
+        assert len(captions) == len(alone["scores"])

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from detrkit.engine.optim import build_adamw
 from detrkit.models.backbone import ResNetBackbone
 
 _MIN_ONE_CYCLE_STEPS = 20
@@ -28,7 +29,7 @@ def pretrain_backbone(
     labels: Tensor,
     steps: int,
     batch_size: int = 32,
-    lr: float = 2e-3,
+    lr: float = 1e-3,
     sizes: Sequence[int] = (24, 32, 48, 64),
     seed: int = 0,
     log: Callable[[dict[str, float]], None] | None = None,
@@ -50,7 +51,7 @@ def pretrain_backbone(
     num_classes = int(labels.max()) + 1
     head = nn.Linear(backbone.num_channels[-1], num_classes).to(device)
     parameters = [p for p in backbone.parameters() if p.requires_grad] + list(head.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4)
+    optimizer = build_adamw(parameters, lr=lr, weight_decay=1e-4)
     if steps >= _MIN_ONE_CYCLE_STEPS:
         schedule = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, lr, total_steps=steps, pct_start=0.1

@@ -26,29 +26,28 @@ def draw_predictions(
 ) -> Path:
     """Draws the detections scoring at least ``threshold`` (with class name and score, and the
     mask of a panoptic model's) on the first ``num_images`` images of ``dataset``, enlarged to at
-    least ``min_side`` pixels so that labels stay legible, as one PNG grid."""
+    least ``min_side`` pixels so that labels stay legible, as one PNG grid.
+
+    Each image runs on its own, as ``detrkit predict`` runs it: in one batch the images would be
+    padded to the largest of them, and Deformable DETR's detections depend on that padding."""
     from PIL import Image
 
     model.eval()
     device = next(model.parameters()).device
-    samples = [dataset[i] for i in range(min(num_images, len(dataset)))]
-    images, mask, targets = collate_fn(samples)
-    with torch.no_grad():
-        outputs = model(images.to(device), mask.to(device))
-    sizes = torch.stack([t["size"] for t in targets]).to(device)
     postprocess = PostProcess.for_config(model.config)
-    detections = postprocess(outputs, sizes)
-    if "pred_masks" in outputs:
-        detections = postprocess.add_masks(
-            outputs, detections, images.shape[-2:], sizes.tolist(), sizes
-        )
     names = model.config.class_names or [str(i) for i in range(model.config.num_classes)]
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     tiles = []
-    for image, target, found in zip(images, targets, detections):
-        height, width = target["size"].tolist()
-        pixels = ((image[:, :height, :width] * std + mean).clamp(0, 1) * 255).to(torch.uint8)
+    for index in range(min(num_images, len(dataset))):
+        images, mask, targets = collate_fn([dataset[index]])  # [1, 3, H, W], no padding
+        outputs = model(images.to(device), mask.to(device))
+        sizes = targets[0]["size"][None].to(device)  # [1, 2] height, width
+        found = postprocess(outputs, sizes)
+        if "pred_masks" in outputs:
+            found = postprocess.add_masks(outputs, found, images.shape[-2:], sizes.tolist(), sizes)
+        found = found[0]
+        pixels = ((images[0] * std + mean).clamp(0, 1) * 255).to(torch.uint8)
         keep = found["scores"] >= threshold
         captions = [
             f"{names[int(label)]} {score:.2f}"
