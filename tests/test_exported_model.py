@@ -335,3 +335,96 @@ def test_an_old_post_processed_file_without_queries(tmp_path):
     onnx.save(graph, tmp_path / "old.onnx")
     detector = detrkit.Detector(model, 0.0, RESIZE[0], RESIZE[1], device="cpu")
     assert_detects_as_detector(ExportedModel(tmp_path / "old.onnx"), detector, tmp_path)
+
+
+# --- Panoptic segmentation from an exported panoptic model ---------------------------------------
+
+
+def set_metadata(source: Path, target: Path, values: dict[str, str]) -> None:
+    import onnx
+
+    graph = onnx.load(source)
+    for entry in graph.metadata_props:
+        if entry.key in values:
+            entry.value = values[entry.key]
+    onnx.save(graph, target)
+
+
+@pytest.fixture(scope="module")
+def panoptic_export(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """A tiny panoptic model with a thing and two stuff classes, exported raw to ONNX. Every
+    query's best class is the stuff class "dog": the tiny model's masks are nearly equal for
+    all queries, and a segment map of several things would hang on ties; the queries of one
+    stuff class make one segment whichever of them a pixel goes to."""
+    model = case_model("panoptic")
+    model.config.is_thing = [True, False, False]
+    with torch.no_grad():
+        model.detr.class_embed.bias.copy_(torch.tensor([0.0, 3.0, 0.0, 0.0]))
+    path = tmp_path_factory.mktemp("panoptic") / "model.onnx"
+    detrkit.export(model, path, size=EXPORT_SIZE, resize=RESIZE, verify=False)
+    return path, model
+
+
+def assert_same_panoptic(actual, expected) -> None:
+    """The same segments (labels, names, ids, kinds, scores to 1e-4) and segment maps equal but
+    for pixels where two masks' logits nearly tie."""
+    assert len(actual) == len(expected)
+    for found, wanted in zip(actual, expected):
+        assert found.segment_ids.shape == wanted.segment_ids.shape
+        assert (found.segment_ids != wanted.segment_ids).float().mean() <= 1e-3
+        assert [(s.id, s.label, s.name, s.category_id, s.isthing) for s in found.segments] == [
+            (s.id, s.label, s.name, s.category_id, s.isthing) for s in wanted.segments
+        ]
+        for a, b in zip(found.segments, wanted.segments):
+            assert abs(a.score - b.score) <= 1e-4
+            assert abs(a.area - b.area) <= 1e-3 * found.segment_ids.numel()
+
+
+@needs_onnx
+def test_panoptic_segmentation_equals_the_detectors(panoptic_export, tmp_path):
+    path, model = panoptic_export
+    exported = ExportedModel(path)
+    assert json.loads(exported.metadata["is_thing"]) == [True, False, False]
+    detector = detrkit.Detector(model, 0.0, RESIZE[0], RESIZE[1], device="cpu")
+    arrays = images()
+    found = exported.panoptic(arrays, threshold=0.5, min_area=0)
+    wanted = detector.panoptic(arrays, threshold=0.5, min_area=0)
+    assert_same_panoptic(found, wanted)
+    for result, array in zip(found, arrays):
+        # Five queries kept, merged into one stuff segment over the whole image.
+        assert result.segment_ids.shape == array.shape[:2]
+        assert [(s.label, s.name, s.category_id, s.isthing) for s in result.segments] == [
+            (1, "dog", 5, False)
+        ]
+        assert result.segments[0].area == array.shape[0] * array.shape[1]
+    # One image (not a list) gives one result; files as arrays; the default threshold.
+    paths = write_images(tmp_path, images(seed=1))
+    assert_same_panoptic([exported.panoptic(paths[0])], [detector.panoptic(paths[0])])
+    # A file written before is_thing was recorded takes it from the model's config.
+    strip_metadata(path, tmp_path / "old.onnx", {"is_thing"})
+    assert_same_panoptic(
+        ExportedModel(tmp_path / "old.onnx").panoptic(arrays, threshold=0.5, min_area=0), found
+    )
+
+
+@needs_onnx
+def test_panoptic_refuses_what_it_cannot_segment(panoptic_export, tmp_path):
+    path, _ = panoptic_export
+    bad = {"[true, false]": "is_thing", "[1, 0, 1]": "is_thing", "nope": "is_thing"}
+    for value, key in bad.items():
+        set_metadata(path, tmp_path / "bad.onnx", {"is_thing": value})
+        with pytest.raises(ExportError, match=f"{key} must be"):
+            ExportedModel(tmp_path / "bad.onnx").panoptic(images()[0])
+    with pytest.raises(ValueError, match="threshold"):
+        ExportedModel(path).panoptic(images()[0], threshold=1.5)
+    # What the file returns (its metadata's outputs, which ExportedModel reads) decides: a
+    # post-processed graph keeps each detection's mask but no query's classes; a detection
+    # model has no masks.
+    outputs = {
+        '["scores", "labels", "boxes", "queries", "pred_masks"]': "without --with-postprocess",
+        '["pred_logits", "pred_boxes"]': "a detection model, without masks",
+    }
+    for value, message in outputs.items():
+        set_metadata(path, tmp_path / "other.onnx", {"outputs": value})
+        with pytest.raises(ExportError, match=message):
+            ExportedModel(tmp_path / "other.onnx").panoptic(images()[0])

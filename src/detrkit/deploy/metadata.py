@@ -67,4 +67,6 @@ def export_metadata(
             "the padded input; upsample bilinearly to H x W, keep each image's unpadded part, "
             "then sigmoid > 0.5, resized to the image's own size, is its mask"
         )
+        # Panoptic post-processing merges the segments of a stuff class into one.
+        metadata["is_thing"] = json.dumps(config.thing_classes())
     return metadata

@@ -20,12 +20,16 @@ from detrkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from detrkit.deploy.errors import ExportError
 from detrkit.deploy.to_onnx import require_onnx
 from detrkit.deploy.to_program import load_program
-from detrkit.models.kinds import CLASSIFICATIONS
+from detrkit.models.kinds import CLASSIFICATIONS, KINDS
 from detrkit.models.postprocess import (
     MASK_THRESHOLD,
+    PANOPTIC_MIN_AREA,
+    PANOPTIC_THRESHOLD,
     Detections,
+    PanopticResult,
     PostProcess,
     instance_masks,
+    panoptic_result,
     select_detections,
 )
 
@@ -114,7 +118,8 @@ class ExportedModel:
 
     def _bad_metadata(self, key: str, expected: str) -> None:
         raise ExportError(
-            f"{self.path}: the metadata's {key} must be {expected}, got {self.metadata[key]!r}"
+            f"{self.path}: the metadata's {key} must be {expected}, got "
+            + (repr(self.metadata[key]) if key in self.metadata else "none")
         )
 
     def _open_onnx(self, threads: int | None) -> None:
@@ -173,22 +178,98 @@ class ExportedModel:
         """
         if not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        self._require_detect_metadata()
+        pixels, single = image_list(images, "ExportedModel.detect")
+        found = [
+            item
+            for batch in self._batches(pixels)
+            for item in self._detect_batch(batch, threshold, masks)
+        ]
+        return found[0] if single else found
+
+    def panoptic(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        threshold: float = PANOPTIC_THRESHOLD,
+        min_area: int = PANOPTIC_MIN_AREA,
+    ) -> PanopticResult | list[PanopticResult]:
+        """The panoptic segmentation of one image (a
+        :class:`~detrkit.models.postprocess.PanopticResult`) or of a list of images (a list), as
+        :meth:`detrkit.Detector.panoptic` makes it, from a panoptic model exported without
+        post-processing: the original's merge of every query's class and mask (queries scoring
+        above ``threshold``, segments over ``min_area`` pixels)."""
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        self._require_detect_metadata()
+        if "pred_masks" not in self.output_names:
+            raise ExportError(
+                f"{self.path}: a detection model, without masks; panoptic() needs a panoptic "
+                "model's export"
+            )
+        if "pred_logits" not in self.output_names:
+            raise ExportError(
+                f"{self.path}: exported with post-processing, which keeps each detection's mask "
+                "but not every query's classes; panoptic() needs the panoptic model exported "
+                "without --with-postprocess"
+            )
+        is_thing = self._is_thing()
+        pixels, single = image_list(images, "ExportedModel.panoptic")
+        results = []
+        for batch in self._batches(pixels):
+            outputs, input_size, resized, image_sizes = self._run_images(batch)
+            results += [
+                panoptic_result(
+                    outputs["pred_logits"][index],
+                    outputs["pred_masks"][index],
+                    is_thing,
+                    (input_size, resized[index], image_sizes[index]),
+                    self.class_names,
+                    self.category_ids,
+                    threshold,
+                    min_area,
+                )
+                for index in range(len(batch))
+            ]
+        return results[0] if single else results
+
+    def _is_thing(self) -> list[bool]:
+        """Whether each class is a thing: the metadata's ``is_thing``, or for files written
+        before it was recorded, the model config's rule."""
+        if "is_thing" in self.metadata:
+            is_thing = self._json("is_thing", None)
+        else:
+            try:
+                kind = KINDS[self.metadata["model_type"]]
+                config = kind.config_class.from_dict(json.loads(self.metadata["config"]))
+                is_thing = config.thing_classes()
+            except (KeyError, ValueError, TypeError):
+                is_thing = None
+        if not (
+            isinstance(is_thing, list)
+            and len(is_thing) == len(self.class_names)
+            and all(isinstance(value, bool) for value in is_thing)
+        ):
+            self._bad_metadata("is_thing", "one true or false per class name")
+        return is_thing
+
+    def _require_detect_metadata(self) -> None:
         if self.class_names is None or self.classification is None:
             raise ExportError(
                 f"{self.path}: no class_names and classification in the file's metadata (not "
-                "a file detrkit exported?): detect() needs them; call the model with named "
-                "tensors instead"
+                "a file detrkit exported?): detect() and panoptic() need them; call the model "
+                "with named tensors instead"
             )
-        pixels, single = image_list(images, "ExportedModel.detect")
-        batches = [pixels] if "mask" in self.input_names else [[image] for image in pixels]
-        found = [item for batch in batches for item in self._detect_batch(batch, threshold, masks)]
-        return found[0] if single else found
+
+    def _batches(self, pixels: list[Tensor]) -> list[list[Tensor]]:
+        """One padded batch, or one image at a time for a file without a ``mask`` input."""
+        return [pixels] if "mask" in self.input_names else [[image] for image in pixels]
 
     @torch.no_grad()
-    def _detect_batch(
-        self, pixels: list[Tensor], threshold: float, masks: bool
-    ) -> list[Detections]:
-        """One run of the file on RGB ``uint8`` images; their detections."""
+    def _run_images(
+        self, pixels: list[Tensor]
+    ) -> tuple[dict[str, Tensor], tuple[int, int], list, list[tuple[int, int]]]:
+        """One run of the file on RGB ``uint8`` images, prepared as the metadata says. Returns
+        its outputs, the padded input's size, each image's resized size and its own size."""
         batch, mask = prepare_images(pixels, self.size, self.max_size, self.mean, self.std)
         image_sizes = [tuple(image.shape[-2:]) for image in pixels]
         orig_sizes = torch.tensor(image_sizes, dtype=torch.int64)
@@ -198,8 +279,15 @@ class ExportedModel:
         if bad:
             raise NonFiniteError(
                 f"{self.path}: the model's outputs hold NaN or infinity ({', '.join(bad)}); its "
-                "detections would be meaningless"
+                "results would be meaningless"
             )
+        return outputs, tuple(batch.shape[-2:]), unpadded_sizes(mask), image_sizes
+
+    def _detect_batch(
+        self, pixels: list[Tensor], threshold: float, masks: bool
+    ) -> list[Detections]:
+        """One run of the file on RGB ``uint8`` images; their detections."""
+        outputs, input_size, resized, image_sizes = self._run_images(pixels)
         post_processed = "scores" in outputs
         if post_processed:
             results = [
@@ -209,9 +297,8 @@ class ExportedModel:
             for index, result in enumerate(results):
                 result["queries"] = self._queries(outputs, index)
         else:
+            orig_sizes = torch.tensor(image_sizes, dtype=torch.int64)
             results = PostProcess(self.classification)(outputs, orig_sizes)
-        input_size = tuple(batch.shape[-2:])
-        resized = unpadded_sizes(mask)
         found = []
         for index, result in enumerate(results):
 

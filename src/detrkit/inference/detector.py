@@ -26,39 +26,15 @@ from detrkit.fast import optimize_for_inference
 from detrkit.models import PostProcess
 from detrkit.models.postprocess import (
     MASK_THRESHOLD,
+    PANOPTIC_MIN_AREA,
+    PANOPTIC_THRESHOLD,
     Detections,
+    PanopticResult,
     instance_masks,
     mask_probabilities,
-    panoptic_segmentation,
+    panoptic_result,
     select_detections,
 )
-
-# The original's panoptic post-processing: queries scoring above 0.85, segments over 4 pixels.
-PANOPTIC_THRESHOLD, PANOPTIC_MIN_AREA = 0.85, 4
-
-
-@dataclass
-class Segment:
-    """One segment of a panoptic segmentation."""
-
-    id: int  # its value in ``segment_ids`` (from 1)
-    label: int  # class index
-    name: str
-    category_id: int  # the dataset's category id (the label when the model has no mapping)
-    isthing: bool  # a thing (one segment per object) or stuff (one segment per class)
-    score: float  # the best score of its queries
-    area: int  # pixels, in the input image
-
-
-@dataclass
-class PanopticResult:
-    """One image's panoptic segmentation: every pixel belongs to one segment or to none."""
-
-    segment_ids: Tensor  # [H, W] int64 at the input image's size: a segment's id, 0 for none
-    segments: list[Segment]  # those whose id occurs in segment_ids, by id
-
-    def __len__(self) -> int:
-        return len(self.segments)
 
 
 @dataclass
@@ -220,38 +196,21 @@ class Detector:
         ``threshold``, segments over ``min_area`` pixels), at the input image's size."""
         self._require_masks(run)
         is_thing = self.config.thing_classes()
-        category_ids = self.config.category_ids
-        results = []
-        for index, (logits, pred_masks) in enumerate(
-            zip(run.outputs["pred_logits"], run.outputs["pred_masks"])
-        ):
-            segment_ids, segments = panoptic_segmentation(
+        return [
+            panoptic_result(
                 logits.cpu(),
                 pred_masks.cpu(),
                 is_thing,
-                run.input_size,
-                run.resized_sizes[index],
-                run.image_sizes[index],
+                (run.input_size, run.resized_sizes[index], run.image_sizes[index]),
+                self.class_names,
+                self.config.category_ids,
                 threshold,
                 min_area,
             )
-            kept = [
-                Segment(
-                    id=segment["id"],
-                    label=segment["label"],
-                    name=self.class_names[segment["label"]],
-                    category_id=int(
-                        category_ids[segment["label"]] if category_ids else segment["label"]
-                    ),
-                    isthing=segment["isthing"],
-                    score=segment["score"],
-                    area=segment["area"],
-                )
-                for segment in segments
-                if segment["area"] > 0  # numbered, but every pixel lost to the resize
-            ]
-            results.append(PanopticResult(segment_ids, kept))
-        return results
+            for index, (logits, pred_masks) in enumerate(
+                zip(run.outputs["pred_logits"], run.outputs["pred_masks"])
+            )
+        ]
 
     def _require_masks(self, run: ModelRun) -> None:
         if not run.has_masks:

@@ -219,6 +219,66 @@ def panoptic_segmentation(
     return ids, segments
 
 
+# The original's panoptic post-processing: queries scoring above 0.85, segments over 4 pixels.
+PANOPTIC_THRESHOLD, PANOPTIC_MIN_AREA = 0.85, 4
+
+
+@dataclass
+class Segment:
+    """One segment of a panoptic segmentation."""
+
+    id: int  # its value in ``segment_ids`` (from 1)
+    label: int  # class index
+    name: str
+    category_id: int  # the dataset's category id (the label when the model has no mapping)
+    isthing: bool  # a thing (one segment per object) or stuff (one segment per class)
+    score: float  # the best score of its queries
+    area: int  # pixels, in the input image
+
+
+@dataclass
+class PanopticResult:
+    """One image's panoptic segmentation: every pixel belongs to one segment or to none."""
+
+    segment_ids: Tensor  # [H, W] int64 at the input image's size: a segment's id, 0 for none
+    segments: list[Segment]  # those whose id occurs in segment_ids, by id
+
+    def __len__(self) -> int:
+        return len(self.segments)
+
+
+def panoptic_result(
+    logits: Tensor,
+    pred_masks: Tensor,
+    is_thing: Sequence[bool],
+    sizes: tuple[Sequence[int], Sequence[int], Sequence[int]],
+    class_names: Sequence[str],
+    category_ids: Sequence[int] | None,
+    threshold: float = PANOPTIC_THRESHOLD,
+    min_area: int = PANOPTIC_MIN_AREA,
+) -> PanopticResult:
+    """One image's :func:`panoptic_segmentation` as a :class:`PanopticResult`, its segments
+    named. ``sizes``: the padded input's, the image's resized and its own ``(H, W)``;
+    ``category_ids``: the dataset's id of each class (None: the label is the id)."""
+    segment_ids, segments = panoptic_segmentation(
+        logits, pred_masks, is_thing, *sizes, threshold, min_area
+    )
+    kept = [
+        Segment(
+            id=segment["id"],
+            label=segment["label"],
+            name=class_names[segment["label"]],
+            category_id=int(category_ids[segment["label"]] if category_ids else segment["label"]),
+            isthing=segment["isthing"],
+            score=segment["score"],
+            area=segment["area"],
+        )
+        for segment in segments
+        if segment["area"] > 0  # numbered, but every pixel lost to the resize
+    ]
+    return PanopticResult(segment_ids, kept)
+
+
 def _assign_pixels(
     masks: Tensor, labels: Tensor, is_thing: Sequence[bool], orig_size: tuple[int, int]
 ) -> tuple[Tensor, list[Tensor]]:
