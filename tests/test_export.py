@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -396,6 +398,7 @@ def test_the_smallest_export_size_is_stated_and_enforced(name, overrides, side, 
 
 
 @needs_onnx
+@pytest.mark.full  # 12 s; the size check itself is test_the_smallest_export_size_is_stated_and_enforced
 def test_an_export_below_the_smallest_size_is_caught(tmp_path, monkeypatch):
     """What the size check prevents: DETR traced at 32x32 (a 1x1 map) runs at that size only.
     Tracing bounds the input's size, which the export reports; and verification at another size
@@ -511,26 +514,42 @@ PANOPTIC_OUTPUTS = ("pred_logits", "pred_boxes", "pred_masks")
 
 @pytest.fixture(scope="module")
 def panoptic_checkpoint(tmp_path_factory) -> Path:
+    """A tiny panoptic model with a thing class and two stuff classes, whose every query's best
+    class is the stuff class "dog": the tiny model's masks are all but equal for all queries
+    (differences near 1e-7), so a map of several things would hang on ties between runtimes,
+    while the queries of one stuff class make one segment whichever of them a pixel goes to."""
     folder = tmp_path_factory.mktemp("panoptic")
     model = tiny_panoptic_model()
     model.config.class_names = ["cat", "dog", "sky"]
+    model.config.category_ids = [1, 5, 17]
+    model.config.is_thing = [True, False, False]
+    with torch.no_grad():
+        model.detr.class_embed.bias.copy_(torch.tensor([0.0, 3.0, 0.0, 0.0]))
     return detrkit.save(model, folder / "checkpoint")
 
 
+@pytest.fixture(scope="module")
+def panoptic_export(panoptic_checkpoint, tmp_path_factory) -> tuple[Path, str]:
+    """`detrkit export` of the panoptic checkpoint (one ONNX trace, 25 s), for images resized
+    to short side 64, long side at most 107; the file and what the command printed."""
+    out = tmp_path_factory.mktemp("panoptic-export") / "panoptic.onnx"
+    size = [str(side) for side in PANOPTIC_SIZE]
+    resize = ["--short-side", "64", "--max-size", "107"]
+    arguments = ["export", "--weights", str(panoptic_checkpoint), "--out", str(out)]
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        assert main([*arguments, "--size", *size, *resize]) == 0
+    return out, output.getvalue()
+
+
 @needs_onnx
-def test_cli_exports_a_panoptic_model_with_its_masks(panoptic_checkpoint, tmp_path, capsys):
+def test_cli_exports_a_panoptic_model_with_its_masks(panoptic_checkpoint, panoptic_export):
     """`detrkit export` of DETR's panoptic model: pred_masks [B, Q, H/4, W/4] (rounded up) beside
     pred_logits and pred_boxes, verified, named in the metadata, and what PyTorch computes at
-    other batch and image sizes, padded or not. (25 s: one ONNX trace.)"""
+    other batch and image sizes, padded or not."""
     import onnx
 
-    out = tmp_path / "panoptic.onnx"
-    size = [str(side) for side in PANOPTIC_SIZE]
-    assert (
-        main(["export", "--weights", str(panoptic_checkpoint), "--out", str(out), "--size", *size])
-        == 0
-    )
-    printed = capsys.readouterr().out
+    out, printed = panoptic_export
     assert "verified with ONNX Runtime on a batch of 1 at 64x96 and a batch of 3 at" in printed
     assert "pred_masks" in printed
 
@@ -546,6 +565,7 @@ def test_cli_exports_a_panoptic_model_with_its_masks(panoptic_checkpoint, tmp_pa
     assert metadata["model_type"] == "detr_segmentation"
     assert json.loads(metadata["outputs"]) == list(PANOPTIC_OUTPUTS)
     assert metadata["masks"].startswith("pred_masks [B, K, ceil(H/4), ceil(W/4)]: mask logits")
+    assert json.loads(metadata["is_thing"]) == [True, False, False]
 
     exported = ExportedModel(out)
     assert exported.input_names == ["images", "mask"]
@@ -629,3 +649,90 @@ def test_the_smallest_panoptic_export_size_is_its_detectors():
     check_export_size(model, (33, 33))
     with pytest.raises(ExportError, match=r"size 32x64 is too small.*at least 33 pixels"):
         check_export_size(model, (32, 64))
+
+
+def set_metadata(source: Path, target: Path, values: dict[str, str | None]) -> None:
+    """A copy of an ONNX file with metadata values replaced (None: the key removed)."""
+    import onnx
+
+    graph = onnx.load(source)
+    kept = [entry for entry in graph.metadata_props if values.get(entry.key, "") is not None]
+    for entry in kept:
+        entry.value = values.get(entry.key, entry.value)
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(kept)
+    onnx.save(graph, target)
+
+
+def panoptic_images() -> list[torch.Tensor]:
+    """RGB uint8 images of three sizes (one capped by the long side), padded into one batch."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(70, 90), (160, 80), (50, 50)]
+    return [
+        torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in sizes
+    ]
+
+
+def assert_same_panoptic(actual, expected) -> None:
+    """The same segments (ids, labels, names, category ids, kinds; scores to 1e-4, areas to
+    0.1%) and segment maps equal but for pixels where two masks' logits nearly tie."""
+    assert len(actual) == len(expected)
+    for found, wanted in zip(actual, expected):
+        assert found.segment_ids.shape == wanted.segment_ids.shape
+        assert (found.segment_ids != wanted.segment_ids).float().mean() <= 1e-3
+        described = [
+            [(s.id, s.label, s.name, s.category_id, s.isthing) for s in result.segments]
+            for result in (found, wanted)
+        ]
+        assert described[0] == described[1]
+        for a, b in zip(found.segments, wanted.segments):
+            assert abs(a.score - b.score) <= 1e-4
+            assert abs(a.area - b.area) <= 1e-3 * found.segment_ids.numel()
+
+
+@needs_onnx
+def test_exported_panoptic_segmentation_equals_the_detectors(
+    panoptic_checkpoint, panoptic_export, tmp_path
+):
+    """ExportedModel.panoptic against Detector.panoptic on the same model and resize: images of
+    three sizes in one padded batch, then one image alone at the default threshold; a file
+    written before is_thing was recorded takes it from the model's config."""
+    out, _ = panoptic_export
+    exported = ExportedModel(out)
+    model = detrkit.load(panoptic_checkpoint).eval()
+    detector = detrkit.Detector(model, 0.0, 64, 107, device="cpu")
+    pictures = panoptic_images()
+    found = exported.panoptic(pictures, threshold=0.5, min_area=0)
+    assert_same_panoptic(found, detector.panoptic(pictures, threshold=0.5, min_area=0))
+    for result, picture in zip(found, pictures):
+        # Five queries kept, merged into one stuff segment over the whole image.
+        assert result.segment_ids.shape == picture.shape[-2:]
+        segments = [(s.label, s.name, s.category_id, s.isthing, s.area) for s in result.segments]
+        assert segments == [(1, "dog", 5, False, picture.shape[-2] * picture.shape[-1])]
+    assert_same_panoptic([exported.panoptic(pictures[1])], [detector.panoptic(pictures[1])])
+    set_metadata(out, tmp_path / "old.onnx", {"is_thing": None})
+    old = ExportedModel(tmp_path / "old.onnx").panoptic(pictures, threshold=0.5, min_area=0)
+    assert_same_panoptic(old, found)
+
+
+@needs_onnx
+def test_exported_panoptic_refuses_what_it_cannot_segment(panoptic_export, tmp_path):
+    """A bad is_thing names the key; a post-processed graph (each detection's mask, no query's
+    classes) and a detection model (no masks) say why they cannot segment."""
+    out, _ = panoptic_export
+    picture = panoptic_images()[0]
+    for value in ("[true, false]", "[1, 0, 1]", "nope"):
+        set_metadata(out, tmp_path / "bad.onnx", {"is_thing": value})
+        with pytest.raises(ExportError, match="is_thing must be"):
+            ExportedModel(tmp_path / "bad.onnx").panoptic(picture)
+    with pytest.raises(ValueError, match="threshold"):
+        ExportedModel(out).panoptic(picture, threshold=1.5)
+    # ExportedModel reads what the file returns from the metadata's outputs.
+    outputs = {
+        '["scores", "labels", "boxes", "queries", "pred_masks"]': "without --with-postprocess",
+        '["pred_logits", "pred_boxes"]': "a detection model, without masks",
+    }
+    for value, message in outputs.items():
+        set_metadata(out, tmp_path / "other.onnx", {"outputs": value})
+        with pytest.raises(ExportError, match=message):
+            ExportedModel(tmp_path / "other.onnx").panoptic(picture)
