@@ -716,17 +716,24 @@ def test_exported_panoptic_segmentation_equals_the_detectors(
 
 
 @needs_onnx
-def test_exported_panoptic_refuses_what_it_cannot_segment(panoptic_export, tmp_path):
-    """A bad is_thing names the key; a post-processed graph (each detection's mask, no query's
-    classes) and a detection model (no masks) say why they cannot segment."""
+def test_exported_panoptic_refuses_what_it_cannot_segment(
+    panoptic_checkpoint, panoptic_export, tmp_path
+):
+    """Bad options are refused by ExportedModel and Detector alike; a bad is_thing names the
+    key; a post-processed graph (each detection's mask, no query's classes) and a detection
+    model (no masks) say why they cannot segment."""
     out, _ = panoptic_export
     picture = panoptic_images()[0]
     for value in ("[true, false]", "[1, 0, 1]", "nope"):
         set_metadata(out, tmp_path / "bad.onnx", {"is_thing": value})
         with pytest.raises(ExportError, match="is_thing must be"):
             ExportedModel(tmp_path / "bad.onnx").panoptic(picture)
-    with pytest.raises(ValueError, match="threshold"):
-        ExportedModel(out).panoptic(picture, threshold=1.5)
+    detector = detrkit.Detector(detrkit.load(panoptic_checkpoint), 0.0, 64, 107, device="cpu")
+    for options in ({"threshold": 1.5}, {"threshold": "0.5"}, {"min_area": -1}, {"min_area": 0.5}):
+        name = next(iter(options))
+        for segment in (ExportedModel(out).panoptic, detector.panoptic):
+            with pytest.raises(ValueError, match=f"{name} must be"):
+                segment(picture, **options)
     # ExportedModel reads what the file returns from the metadata's outputs.
     outputs = {
         '["scores", "labels", "boxes", "queries", "pred_masks"]': "without --with-postprocess",

@@ -28,6 +28,7 @@ from detrkit.models.postprocess import (
     Detections,
     PanopticResult,
     PostProcess,
+    check_panoptic_options,
     instance_masks,
     panoptic_result,
     select_detections,
@@ -198,8 +199,7 @@ class ExportedModel:
         :meth:`detrkit.Detector.panoptic` makes it, from a panoptic model exported without
         post-processing: the original's merge of every query's class and mask (queries scoring
         above ``threshold``, segments over ``min_area`` pixels)."""
-        if not 0 <= threshold <= 1:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        check_panoptic_options(threshold, min_area)
         self._require_detect_metadata()
         if "pred_masks" not in self.output_names:
             raise ExportError(

@@ -30,6 +30,7 @@ from detrkit.models.postprocess import (
     PANOPTIC_THRESHOLD,
     Detections,
     PanopticResult,
+    check_panoptic_options,
     instance_masks,
     mask_probabilities,
     panoptic_result,
@@ -235,6 +236,7 @@ class Detector:
         """The panoptic segmentation of one image (a :class:`PanopticResult`) or of a list of
         images (a list), as :meth:`panoptic_segments` makes it. Raises ValueError for a model
         without masks (a detection model)."""
+        check_panoptic_options(threshold, min_area)
         if not self.has_masks:
             raise ValueError(no_masks_message(self.config))
         pixels, single = image_list(images)

@@ -247,6 +247,17 @@ class PanopticResult:
         return len(self.segments)
 
 
+def check_panoptic_options(threshold: float, min_area: int) -> None:
+    """ValueError unless ``threshold`` is a number in [0, 1] and ``min_area`` a whole number of
+    pixels, 0 or more."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if isinstance(min_area, bool) or not isinstance(min_area, int) or min_area < 0:
+        raise ValueError(f"min_area must be a whole number of pixels, 0 or more, got {min_area!r}")
+
+
 def panoptic_result(
     logits: Tensor,
     pred_masks: Tensor,
