@@ -108,6 +108,8 @@ def test_gpu_fp32_matches_reference(implementation: str, case: str):
         assert_close_fp32(a, e, name)
 
 
+# 16 s, for kernels that only a GPU runs: in `make test-full`, which a GPU session runs.
+@pytest.mark.full
 @pytest.mark.skipif(not dispatch.triton_available(), reason="Triton is not installed")
 def test_triton_kernels_match_reference_in_the_interpreter():
     """The GPU kernels' arithmetic, run on the CPU by Triton's interpreter: forward and backward
