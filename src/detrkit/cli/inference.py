@@ -8,12 +8,8 @@ from pathlib import Path
 
 from detrkit.cli.arguments import non_negative_int, pixel, positive_int, threshold
 from detrkit.cli.train import add_precision_option
-from detrkit.inference.detector import (
-    MAX_SIZE,
-    PANOPTIC_THRESHOLD,
-    SHORT_SIDE,
-    training_image_scale,
-)
+from detrkit.inference.detector import MAX_SIZE, SHORT_SIDE, training_image_scale
+from detrkit.models.postprocess import PANOPTIC_THRESHOLD
 
 
 def make_detector(args: argparse.Namespace):

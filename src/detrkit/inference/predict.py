@@ -21,14 +21,9 @@ from detrkit.data.coco import to_coco_results
 from detrkit.data.digits import panoptic_png
 from detrkit.data.drawing import draw_detections, draw_masks
 from detrkit.files import existing_results, write_atomically
-from detrkit.inference.detector import (
-    PANOPTIC_THRESHOLD,
-    Detections,
-    Detector,
-    PanopticResult,
-    no_masks_message,
-)
+from detrkit.inference.detector import Detector, no_masks_message
 from detrkit.models.deformable_transformer import ImageTooSmallError
+from detrkit.models.postprocess import PANOPTIC_THRESHOLD, Detections, PanopticResult
 
 # Files a folder contributes (an explicitly named file is tried whatever its suffix).
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
