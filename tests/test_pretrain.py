@@ -124,3 +124,82 @@ def test_training_after_pretraining_saves_a_frozen_norm_model(tmp_path):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     # Resuming rebuilds the preset (trainable batch norm) and must freeze it the same way.
     train(config, resume=str(run_dir))
+
+
+def test_pretraining_runs_its_forward_in_the_autocast_dtype():
+    crops, labels = digit_crops("train", 4, seed=0, side=24)
+    backbone = ResNetBackbone("resnet18", norm="batch")
+    dtypes = []
+    backbone.body["layer4"].register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    before = backbone.body["layer4"][1].conv2.weight.clone()
+    pretrain_backbone(
+        backbone, crops, labels, 2, batch_size=4, sizes=(24,), autocast_dtype=torch.bfloat16
+    )
+    assert dtypes == [torch.bfloat16, torch.bfloat16]
+    weight = backbone.body["layer4"][1].conv2.weight
+    assert weight.dtype == torch.float32 and not torch.equal(weight, before)
+
+
+@pytest.mark.parametrize("hardware_bf16", [True, False])
+def test_amp_auto_trains_in_bf16_only_where_the_hardware_computes_it(
+    tmp_path, monkeypatch, capsys, hardware_bf16
+):
+    import detrkit.engine.evaluate as evaluate
+    import detrkit.engine.train as engine
+
+    monkeypatch.setattr(evaluate, "native_bf16", lambda device: hardware_bf16)
+    seen = {"pretrain": [], "outputs": []}
+    real_pretrain, real_criterion = engine.pretrain_backbone, engine.build_criterion
+
+    def pretrain(*args, **kwargs):
+        seen["pretrain"].append(kwargs["autocast_dtype"])
+        return real_pretrain(*args, **kwargs)
+
+    def criterion(config):
+        built = real_criterion(config)
+        built.register_forward_pre_hook(
+            lambda m, args: seen["outputs"].append(args[0]["pred_logits"].dtype)
+        )
+        return built
+
+    monkeypatch.setattr(engine, "pretrain_backbone", pretrain)
+    monkeypatch.setattr(engine, "build_criterion", criterion)
+    config = TrainConfig(
+        model_options=TINY_MODEL,
+        output=str(tmp_path / "run"),
+        digits_train=4,
+        digits_val=2,
+        backbone_pretrain_steps=1,
+        batch_size=2,
+        epochs=1,
+        image_scale=0.12,
+        amp="auto",
+    )
+    train(config)
+    expected = torch.bfloat16 if hardware_bf16 else None
+    assert seen["pretrain"] == [expected]
+    assert set(seen["outputs"]) == {expected or torch.float32}
+    chosen = "bf16" if hardware_bf16 else "off (no bf16 in hardware)"
+    assert f"mixed precision (amp auto): {chosen} on cpu" in capsys.readouterr().out
+    # The run's config keeps "auto": a resume on other hardware chooses again.
+    assert load_training_state(tmp_path / "run" / "checkpoint.pth")["train_config"]["amp"] == "auto"
+
+
+def test_amp_choices_resolve_to_autocast_dtypes(monkeypatch):
+    import detrkit.engine.evaluate as evaluate
+    from detrkit.ops import native_bf16
+
+    cpu = torch.device("cpu")
+    expected = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert native_bf16(cpu) == expected
+    assert not native_bf16(torch.device("meta"))
+    for hardware_bf16 in (True, False):
+        monkeypatch.setattr(evaluate, "native_bf16", lambda device, answer=hardware_bf16: answer)
+        assert evaluate.amp_dtype("auto", cpu) == (torch.bfloat16 if hardware_bf16 else None)
+        assert evaluate.amp_dtype("bf16", cpu) == torch.bfloat16
+        assert evaluate.amp_dtype("none", cpu) is None
+    with pytest.raises(ValueError, match="amp must be one of none, bf16, fp16, auto, got 'x'"):
+        evaluate.amp_dtype("x", cpu)
+    TrainConfig(amp="auto").validate()
+    with pytest.raises(ValueError, match="'auto'"):
+        TrainConfig(amp="x").validate()

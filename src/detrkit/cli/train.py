@@ -10,6 +10,7 @@ from pathlib import Path
 
 from detrkit.cli.arguments import model_option, non_negative_int
 from detrkit.engine.config import DIGITS_DATA, TrainConfig
+from detrkit.engine.evaluate import AMP_CHOICES
 from detrkit.fast import PRECISIONS
 
 _TYPES = {"int": int, "float": float, "str": str}
@@ -105,7 +106,12 @@ def add_train_commands(commands) -> None:
         "--image-scale", type=float, help="image size factor" + from_run.format(1.0)
     )
     evaluate.add_argument("--device", default="cpu")
-    evaluate.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    evaluate.add_argument(
+        "--amp",
+        default="none",
+        choices=AMP_CHOICES,
+        help="autocast: bf16, fp16 (GPU), or auto (bf16 where the device computes it in hardware)",
+    )
     add_precision_option(evaluate, default=None)
     evaluate.add_argument(
         "--workers", type=non_negative_int, default=0, help="data-loading processes"

@@ -114,7 +114,10 @@ class TrainConfig:
     clip_max_norm: float = _option(0.1, "gradient norm clip (0: none)")
     grad_accum: int = _option(1, "batches per optimiser step")
     amp: str = _option(
-        "none", "'none', 'bf16' (CPU and GPU) or 'fp16' (GPU, with a gradient scaler)"
+        "none",
+        "'none', 'bf16' (CPU and GPU), 'fp16' (GPU, with a gradient scaler) or 'auto' (bf16 "
+        "where the device computes it in hardware: AVX-512 BF16 or AMX CPUs, bf16 GPUs; else "
+        "none)",
     )
     ema_decay: float = _option(
         0.0, "decay of an exponential moving average of the weights (0: none)"
@@ -225,8 +228,8 @@ class TrainConfig:
             format_path(self.data)
         elif self.data not in DIGITS_DATA:
             self.coco_paths()
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
+        if self.amp not in ("none", "bf16", "fp16", "auto"):
+            raise ValueError(f"amp must be 'none', 'bf16', 'fp16' or 'auto', got {self.amp!r}")
         if self.amp == "fp16" and not self.device.startswith("cuda"):
             raise ValueError("amp 'fp16' needs a CUDA device; use 'bf16' on the CPU")
         if self.denoising < 0:

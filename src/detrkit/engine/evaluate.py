@@ -15,9 +15,24 @@ from detrkit.checkpoints.finite import require_finite_outputs
 from detrkit.data.coco import to_coco_results
 from detrkit.data.panoptic import pq_categories
 from detrkit.models.postprocess import panoptic_segmentation
+from detrkit.ops import native_bf16
 
 # --amp choices -> the dtype torch.autocast runs the model in (None: full precision)
 AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# "auto" resolves to one of them on the device the run uses (:func:`amp_dtype`).
+AMP_CHOICES = (*AUTOCAST_DTYPES, "auto")
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The dtype an ``--amp`` choice runs the model in on ``device`` (None: full precision).
+    "auto" is bf16 where the device computes it in hardware, full precision elsewhere: emulated
+    bf16 is slower than float32."""
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
+    if amp == "auto":
+        amp = "bf16" if native_bf16(device) else "none"
+    return AUTOCAST_DTYPES[amp]
+
 
 COCO_METRICS = (
     "AP",

@@ -18,7 +18,7 @@ from detrkit.data import (
 from detrkit.data.formats import format_dataset, is_format_data
 from detrkit.engine.config import COCO_DATA, DIGITS_DATA, check_counts, is_panoptic_data
 from detrkit.engine.datasets import coco_ground_truth, make_loader
-from detrkit.engine.evaluate import AUTOCAST_DTYPES, score_dataset
+from detrkit.engine.evaluate import amp_dtype, score_dataset
 from detrkit.fast import optimize_for_inference
 from detrkit.files import existing_results, write_json
 from detrkit.models import DETRSegmentationConfig, PostProcess
@@ -146,7 +146,7 @@ def evaluate_checkpoint(
         PostProcess.for_config(model.config),
         category_ids,
         torch.device(device),
-        AUTOCAST_DTYPES[amp],
+        amp_dtype(amp, torch.device(device)),
     )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

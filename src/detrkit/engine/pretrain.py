@@ -34,6 +34,7 @@ def pretrain_backbone(
     seed: int = 0,
     log: Callable[[dict[str, float]], None] | None = None,
     log_every: int = 50,
+    autocast_dtype: torch.dtype | None = None,
 ) -> float:
     """Trains ``backbone`` in place to classify ``crops`` ``[N, 3, S, S]`` uint8 into ``labels``
     ``[N]`` through a linear layer on its last feature map (average-pooled), which is discarded
@@ -42,6 +43,7 @@ def pretrain_backbone(
 
     Returns the accuracy over the last ``log_every`` batches (training batches: a progress figure,
     not a validation result). ``log`` receives ``{"step", "loss", "accuracy"}`` records.
+    ``autocast_dtype``: the forward runs under ``torch.autocast`` in it (None: full precision).
     """
     if len(crops) == 0:
         raise ValueError("backbone pre-training needs at least one crop")
@@ -70,8 +72,9 @@ def pretrain_backbone(
         batch = F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True)
         images = (batch - mean) / std  # [B, 3, size, size]
         no_padding = torch.zeros(batch_size, size, size, dtype=torch.bool, device=device)
-        features, _ = backbone(images, no_padding)
-        logits = head(features[-1].mean((2, 3)))  # [B, classes]
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            features, _ = backbone(images, no_padding)
+            logits = head(features[-1].mean((2, 3)))  # [B, classes]
         target = labels[index].to(device)
         loss = F.cross_entropy(logits, target)
         optimizer.zero_grad(set_to_none=True)

@@ -32,7 +32,7 @@ from detrkit.data.digits import digit_crops
 from detrkit.engine.config import DEFAULT_MODEL, DIGITS_DATA, TrainConfig
 from detrkit.engine.datasets import SeededSamples, build_datasets, coco_ground_truth, make_loader
 from detrkit.engine.distributed import ProcessInfo, any_process, barrier, init_distributed
-from detrkit.engine.evaluate import AUTOCAST_DTYPES, headline, score_dataset
+from detrkit.engine.evaluate import amp_dtype, headline, score_dataset
 from detrkit.engine.logger import MetricsLog, plot_metrics
 from detrkit.engine.optim import build_optimizer
 from detrkit.engine.pretrain import pretrain_backbone
@@ -375,9 +375,13 @@ def train(
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
+    autocast_dtype = amp_dtype(config.amp, device)
+    if config.amp == "auto":
+        chosen = "bf16" if autocast_dtype is not None else "off (no bf16 in hardware)"
+        log(f"mixed precision (amp auto): {chosen} on {device}")
     if config.backbone_pretrain_steps:
         if state is None:
-            _pretrain_backbone(model, config, metrics, log)
+            _pretrain_backbone(model, config, metrics, log, autocast_dtype)
         # From here on the backbone is a pre-trained one, treated as the original recipe treats
         # ImageNet weights (also on resume, so that the checkpoint's layout matches).
         model.backbone[0].freeze_as_pretrained()
@@ -454,7 +458,6 @@ def train(
     )
     coco_gt = coco_ground_truth(val_set) if process.is_main else None
     postprocess = PostProcess.for_config(model.config)
-    autocast_dtype = AUTOCAST_DTYPES[config.amp]
 
     def save(epoch: int, batch_in_epoch: int) -> None:
         if not process.is_main:
@@ -569,7 +572,9 @@ def train(
     return run_dir
 
 
-def _pretrain_backbone(model: nn.Module, config: TrainConfig, metrics: MetricsLog, log) -> None:
+def _pretrain_backbone(
+    model: nn.Module, config: TrainConfig, metrics: MetricsLog, log, autocast_dtype
+) -> None:
     """Classification pre-training of the backbone on the training split's digit crops."""
     scenes = config.backbone_pretrain_images or config.digits_train
     crops, labels = digit_crops("train", scenes, config.seed)
@@ -588,6 +593,7 @@ def _pretrain_backbone(model: nn.Module, config: TrainConfig, metrics: MetricsLo
         config.backbone_pretrain_steps,
         seed=config.seed,
         log=record,
+        autocast_dtype=autocast_dtype,
     )
     log(f"backbone pre-trained: {accuracy:.0%} of the last training crops classified right")
 

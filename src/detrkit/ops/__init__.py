@@ -10,6 +10,7 @@ from detrkit.ops.dispatch import (
     auto_implementation,
     fused_kernel_available,
     ms_deform_attn,
+    native_bf16,
 )
 from detrkit.ops.fast_dropout import Dropout, dropout, relu_dropout
 from detrkit.ops.feed_forward import relu_dropout_mlp
@@ -30,6 +31,7 @@ __all__ = [
     "ms_deform_attn_onnx",
     "ms_deform_attn_portable",
     "ms_deform_attn_reference",
+    "native_bf16",
     "onednn",
     "onnx_translation_table",
     "relu_dropout",

@@ -45,6 +45,16 @@ def _gpu_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware: a GPU that supports it, or a CPU with
+    AVX-512 BF16 or AMX. Elsewhere torch emulates bf16, slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
 def _triton_runs_on(device: torch.device) -> bool:
     """Whether Triton is installed and compiles for this GPU (compute capability 7.0 or newer)."""
     if not triton_available():
