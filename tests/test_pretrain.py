@@ -105,8 +105,9 @@ def test_freeze_as_pretrained_keeps_eval_outputs_and_fixes_the_first_layers():
     assert features.dtype == torch.float64
 
 
-def test_training_after_pretraining_saves_a_frozen_norm_model(tmp_path):
-    config = TrainConfig(
+def _pretraining_run(tmp_path, **changes) -> TrainConfig:
+    """A one-epoch run of the tiny model that pre-trains its backbone first."""
+    settings = dict(
         model_options=TINY_MODEL,
         output=str(tmp_path / "run"),
         digits_train=6,
@@ -117,6 +118,11 @@ def test_training_after_pretraining_saves_a_frozen_norm_model(tmp_path):
         image_scale=0.12,
         workers=0,
     )
+    return TrainConfig(**{**settings, **changes})
+
+
+def test_training_after_pretraining_saves_a_frozen_norm_model(tmp_path):
+    config = _pretraining_run(tmp_path)
     run_dir = train(config)
     state = load_training_state(run_dir / "checkpoint.pth")
     assert state["model_config"]["backbone_norm"] == "frozen"
@@ -164,18 +170,7 @@ def test_amp_auto_trains_in_bf16_only_where_the_hardware_computes_it(
 
     monkeypatch.setattr(engine, "pretrain_backbone", pretrain)
     monkeypatch.setattr(engine, "build_criterion", criterion)
-    config = TrainConfig(
-        model_options=TINY_MODEL,
-        output=str(tmp_path / "run"),
-        digits_train=4,
-        digits_val=2,
-        backbone_pretrain_steps=1,
-        batch_size=2,
-        epochs=1,
-        image_scale=0.12,
-        amp="auto",
-    )
-    train(config)
+    train(_pretraining_run(tmp_path, digits_train=4, backbone_pretrain_steps=1, amp="auto"))
     expected = torch.bfloat16 if hardware_bf16 else None
     assert seen["pretrain"] == [expected]
     assert set(seen["outputs"]) == {expected or torch.float32}
