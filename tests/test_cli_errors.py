@@ -217,6 +217,7 @@ def test_every_bad_evaluation_option_is_named(files, capsys):
         (["digits", "--out", str(files["image"])], ("--out", "a file is there")),
         (["digits", "--amp", "bf16", "--precision", "fp32"], ("choose one of amp",)),
         (["digits", "--amp", "x"], ("--amp", "invalid choice")),
+        (["digits", "--amp", "fp16"], ("amp 'fp16' needs a CUDA device",)),
         (["digits", "--precision", "fp16"], ("fp16", "needs a GPU")),
         (["digits", "--label-mapping", "x"], ("--label-mapping", "invalid choice")),
         (["digits", "--seed", "x"], ("--seed", "invalid int")),

@@ -30,6 +30,7 @@ from detrkit.engine.evaluate import (
 from detrkit.engine.state import load_training_state
 from detrkit.engine.train import resumed_config
 from detrkit.loss import build_criterion
+from detrkit.ops import native_bf16
 from helpers import TINY_MODEL, tiny_args, write_square_coco
 
 
@@ -165,6 +166,10 @@ def test_train_checkpoint_eval_finetune_from_the_cli(tmp_path, capsys):
     assert main([*args, "--digits-val", "3", "--out", str(out), "--overwrite"]) == 0
     assert "digits_val" not in capsys.readouterr().err
     assert images_evaluated() == 3
+    # --amp auto says what it chose on this machine.
+    assert main([*args, "--digits-val", "1", "--amp", "auto"]) == 0
+    chosen = "bf16" if native_bf16(torch.device("cpu")) else "off (no bf16 in hardware)"
+    assert f"mixed precision (amp auto): {chosen} on cpu" in capsys.readouterr().err
     model = detrkit.load(run_dir / "checkpoint.pth")
     assert model.config.class_names == [str(d) for d in range(10)]
 

@@ -180,6 +180,46 @@ def test_amp_auto_trains_in_bf16_only_where_the_hardware_computes_it(
     assert load_training_state(tmp_path / "run" / "checkpoint.pth")["train_config"]["amp"] == "auto"
 
 
+def test_fp16_pretraining_scales_its_gradients(monkeypatch):
+    # fp16 gradients of a small loss underflow unless scaled, as the detector's are.
+    scalers = []
+    real = torch.amp.GradScaler
+
+    def recording(*args, **kwargs):
+        scalers.append(real(*args, **kwargs))
+        return scalers[-1]
+
+    monkeypatch.setattr(torch.amp, "GradScaler", recording)
+    crops, labels = digit_crops("train", 4, seed=0, side=24)
+    for dtype, scaled in ((torch.float16, True), (torch.bfloat16, False), (None, False)):
+        backbone = ResNetBackbone("resnet18", norm="batch")
+        before = backbone.body["layer4"][1].conv2.weight.clone()
+        pretrain_backbone(
+            backbone, crops, labels, 8, batch_size=4, sizes=(24,), autocast_dtype=dtype
+        )
+        # A scaler starts high and skips the steps whose scaled gradients overflow, halving its
+        # scale each time, until they fit.
+        scaler = scalers.pop()
+        assert scaler.is_enabled() == scaled
+        assert not scaled or scaler.get_scale() < 2.0**16
+        weight = backbone.body["layer4"][1].conv2.weight
+        assert torch.isfinite(weight).all() and not torch.equal(weight, before)
+
+
+def test_native_bf16_on_gpus_means_ampere_or_newer(monkeypatch):
+    import detrkit.ops.dispatch as dispatch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    capabilities = {0: (7, 5), 1: (8, 0)}  # a T4 emulates bf16; an A100 computes it
+    monkeypatch.setattr(dispatch, "_gpu_capability", lambda index: capabilities[index])
+    assert not dispatch.native_bf16(torch.device("cuda:0"))
+    assert dispatch.native_bf16(torch.device("cuda:1"))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert dispatch.native_bf16(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not dispatch.native_bf16(torch.device("cuda:1"))
+
+
 def test_amp_choices_resolve_to_autocast_dtypes(monkeypatch):
     import detrkit.engine.evaluate as evaluate
     from detrkit.ops import native_bf16

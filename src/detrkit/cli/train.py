@@ -179,6 +179,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from detrkit.checkpoints.load import check_device
+    from detrkit.engine.evaluate import amp_auto_note
     from detrkit.engine.evaluate_run import (
         EVAL_DEFAULTS,
         evaluate_checkpoint,
@@ -195,6 +197,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if taken:
         listed = ", ".join(f"{name}={value}" for name, value in taken.items())
         print(f"detrkit eval: the training run's {listed}", file=sys.stderr)
+    if args.amp == "auto" and args.precision is None:
+        print(f"detrkit eval: {amp_auto_note(check_device(args.device))}", file=sys.stderr)
     numbers = evaluate_checkpoint(
         args.weights,
         args.data,

@@ -34,6 +34,12 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return AUTOCAST_DTYPES[amp]
 
 
+def amp_auto_note(device: torch.device) -> str:
+    """What ``--amp auto`` chooses on ``device``, as a run's log says it."""
+    chosen = "bf16" if native_bf16(device) else "off (no bf16 in hardware)"
+    return f"mixed precision (amp auto): {chosen} on {device}"
+
+
 COCO_METRICS = (
     "AP",
     "AP50",

@@ -119,6 +119,8 @@ def evaluate_checkpoint(
     ``precision``, runs the model prepared by :func:`~detrkit.fast.optimize_for_inference`."""
     if precision is not None and amp != "none":
         raise ValueError(f"choose one of amp ({amp!r}) and precision ({precision!r}), not both")
+    if amp == "fp16" and not device.startswith("cuda"):
+        raise ValueError("amp 'fp16' needs a CUDA device; use 'bf16' on the CPU")
     check_counts(batch_size=batch_size, digits_val=digits_val)
     if not image_scale > 0:
         raise ValueError(f"image_scale must be positive, got {image_scale}")

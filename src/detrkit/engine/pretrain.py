@@ -54,6 +54,8 @@ def pretrain_backbone(
     head = nn.Linear(backbone.num_channels[-1], num_classes).to(device)
     parameters = [p for p in backbone.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = build_adamw(parameters, lr=lr, weight_decay=1e-4)
+    # fp16 gradients of a small loss underflow without scaling; bf16 has float32's range.
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     if steps >= _MIN_ONE_CYCLE_STEPS:
         schedule = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, lr, total_steps=steps, pct_start=0.1
@@ -76,10 +78,11 @@ def pretrain_backbone(
             features, _ = backbone(images, no_padding)
             logits = head(features[-1].mean((2, 3)))  # [B, classes]
         target = labels[index].to(device)
-        loss = F.cross_entropy(logits, target)
+        loss = F.cross_entropy(logits.float(), target)  # in float32, as the detector's loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         schedule.step()
         if (step - 1) % log_every == 0:
             correct, seen = 0, 0

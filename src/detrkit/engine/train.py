@@ -32,7 +32,7 @@ from detrkit.data.digits import digit_crops
 from detrkit.engine.config import DEFAULT_MODEL, DIGITS_DATA, TrainConfig
 from detrkit.engine.datasets import SeededSamples, build_datasets, coco_ground_truth, make_loader
 from detrkit.engine.distributed import ProcessInfo, any_process, barrier, init_distributed
-from detrkit.engine.evaluate import amp_dtype, headline, score_dataset
+from detrkit.engine.evaluate import amp_auto_note, amp_dtype, headline, score_dataset
 from detrkit.engine.logger import MetricsLog, plot_metrics
 from detrkit.engine.optim import build_optimizer
 from detrkit.engine.pretrain import pretrain_backbone
@@ -377,8 +377,7 @@ def train(
         model.to(memory_format=torch.channels_last)
     autocast_dtype = amp_dtype(config.amp, device)
     if config.amp == "auto":
-        chosen = "bf16" if autocast_dtype is not None else "off (no bf16 in hardware)"
-        log(f"mixed precision (amp auto): {chosen} on {device}")
+        log(amp_auto_note(device))
     if config.backbone_pretrain_steps:
         if state is None:
             _pretrain_backbone(model, config, metrics, log, autocast_dtype)

@@ -46,10 +46,15 @@ def _gpu_capability(index: int) -> tuple[int, int]:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 in hardware: a GPU that supports it, or a CPU with
-    AVX-512 BF16 or AMX. Elsewhere torch emulates bf16, slower than float32."""
+    """Whether ``device`` computes bfloat16 in hardware: a GPU of compute capability 8.0 or newer
+    (Ampere on), or a CPU with AVX-512 BF16 or AMX. Elsewhere torch emulates bf16, slower than
+    float32."""
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            return False
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        # torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated.
+        return _gpu_capability(index) >= (8, 0)
     if device.type == "cpu":
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return False
