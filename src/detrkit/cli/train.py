@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 from detrkit.cli.arguments import model_option, non_negative_int
-from detrkit.engine.config import DIGITS_DATA, TrainConfig
-from detrkit.engine.evaluate import AMP_CHOICES
+from detrkit.engine.config import AMP_CHOICES, DIGITS_DATA, TrainConfig
 from detrkit.fast import PRECISIONS
 
 _TYPES = {"int": int, "float": float, "str": str}

@@ -34,6 +34,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 DEFAULT_MODEL = "deformable_detr_digits"
 
+# Mixed precision: "auto" is bf16 where the device computes it in hardware (engine.evaluate.amp_dtype).
+AMP_CHOICES = ("none", "bf16", "fp16", "auto")
+
 # The built-in digits: boxes (with masks for a panoptic model), or always the panoptic version
 # (the canvas as an 11th, stuff class), e.g. to train the detector a panoptic model will use.
 DIGITS_DATA = ("digits", "digits-panoptic")
@@ -228,8 +231,8 @@ class TrainConfig:
             format_path(self.data)
         elif self.data not in DIGITS_DATA:
             self.coco_paths()
-        if self.amp not in ("none", "bf16", "fp16", "auto"):
-            raise ValueError(f"amp must be 'none', 'bf16', 'fp16' or 'auto', got {self.amp!r}")
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         if self.amp == "fp16" and not self.device.startswith("cuda"):
             raise ValueError("amp 'fp16' needs a CUDA device; use 'bf16' on the CPU")
         if self.denoising < 0:

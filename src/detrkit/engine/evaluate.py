@@ -14,13 +14,13 @@ from torch import Tensor, nn
 from detrkit.checkpoints.finite import require_finite_outputs
 from detrkit.data.coco import to_coco_results
 from detrkit.data.panoptic import pq_categories
+from detrkit.engine.config import AMP_CHOICES
 from detrkit.models.postprocess import panoptic_segmentation
 from detrkit.ops import native_bf16
 
-# --amp choices -> the dtype torch.autocast runs the model in (None: full precision)
+# --amp choices -> the dtype torch.autocast runs the model in (None: full precision); "auto"
+# resolves to one of them on the device the run uses (:func:`amp_dtype`).
 AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# "auto" resolves to one of them on the device the run uses (:func:`amp_dtype`).
-AMP_CHOICES = (*AUTOCAST_DTYPES, "auto")
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
