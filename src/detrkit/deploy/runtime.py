@@ -29,6 +29,7 @@ from detrkit.models.postprocess import (
     PanopticResult,
     PostProcess,
     check_panoptic_options,
+    check_threshold,
     instance_masks,
     panoptic_result,
     select_detections,
@@ -177,8 +178,7 @@ class ExportedModel:
         exported with post-processing before it returned ``queries`` gives DETR's detections
         their queries (its detections are its queries, in order) and Deformable DETR's -1.
         """
-        if not 0 <= threshold <= 1:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        check_threshold(threshold)
         self._require_detect_metadata()
         pixels, single = image_list(images, "ExportedModel.detect")
         found = [

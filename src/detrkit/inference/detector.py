@@ -31,6 +31,7 @@ from detrkit.models.postprocess import (
     Detections,
     PanopticResult,
     check_panoptic_options,
+    check_threshold,
     instance_masks,
     mask_probabilities,
     panoptic_result,
@@ -88,8 +89,7 @@ class Detector:
         precision: str | None = None,
         channels_last: bool = True,
     ) -> None:
-        if not 0 <= threshold <= 1:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        check_threshold(threshold)
         if (size is not None and size < 1) or max_size < 1:
             raise ValueError(f"size and max_size must be positive, got {size} and {max_size}")
         self.device = check_device(device) if device is not None else _default_device()

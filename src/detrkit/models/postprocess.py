@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -247,13 +248,18 @@ class PanopticResult:
         return len(self.segments)
 
 
-def check_panoptic_options(threshold: float, min_area: int) -> None:
-    """ValueError unless ``threshold`` is a number in [0, 1] and ``min_area`` a whole number of
-    pixels, 0 or more."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+def check_threshold(threshold: float) -> None:
+    """ValueError unless ``threshold`` is a score threshold: a number in [0, 1]."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
         raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+
+
+def check_panoptic_options(threshold: float, min_area: int) -> None:
+    """ValueError unless ``threshold`` is a number in [0, 1] and ``min_area`` a whole number of
+    pixels, 0 or more."""
+    check_threshold(threshold)
     if isinstance(min_area, bool) or not isinstance(min_area, int) or min_area < 0:
         raise ValueError(f"min_area must be a whole number of pixels, 0 or more, got {min_area!r}")
 
