@@ -25,12 +25,12 @@ from detrkit.models import PostProcess
 
 
 @torch.no_grad()
-def best_scores(model, dataset, count: int) -> tuple[list[float], list[bool]]:
-    """For each digit of the first ``count`` images: the best score of a same-class detection
-    at IoU >= 0.5 (0 if none), and whether a detection of another class overlaps it so."""
+def best_scores(model, dataset) -> list[tuple[int, float, float]]:
+    """For each digit of ``dataset``: its image's index, the best score of a detection of its
+    class at IoU >= 0.5 and that of a detection of another class (0 where there is none)."""
     postprocess = PostProcess.for_config(model.config)
-    best, confused = [], []
-    for index in range(count):
+    digits = []
+    for index in range(len(dataset)):
         images, mask, targets = collate_fn([dataset[index]])
         target = targets[0]
         found = postprocess(model(images, mask), target["size"][None])[0]
@@ -40,10 +40,15 @@ def best_scores(model, dataset, count: int) -> tuple[list[float], list[bool]]:
         for digit, label in enumerate(target["labels"]):
             overlaps = iou[digit] >= 0.5
             same = overlaps & (found["labels"] == label)
-            best.append(float(found["scores"][same].max()) if same.any() else 0.0)
             other = overlaps & (found["labels"] != label)
-            confused.append(float(found["scores"][other].max()) if other.any() else 0.0)
-    return best, confused
+            digits.append(
+                (
+                    index,
+                    float(found["scores"][same].max()) if same.any() else 0.0,
+                    float(found["scores"][other].max()) if other.any() else 0.0,
+                )
+            )
+    return digits
 
 
 def main() -> None:
@@ -60,14 +65,15 @@ def main() -> None:
         seed=settings["seed"],
     )
     model = load(args.weights, map_location="cpu").eval()
+    digits = best_scores(model, dataset)
     for name, count in (("picture", min(args.picture, len(dataset))), ("all", len(dataset))):
-        best, confused = best_scores(model, dataset, count)
-        found = ", ".join(f"{sum(s >= t for s in best)} at {t}" for t in args.thresholds)
-        only_other = sum(c >= args.thresholds[0] > b for b, c in zip(best, confused))
+        best = [b for image, b, _ in digits if image < count]
+        found = ", ".join(f"{sum(b >= t for b in best)} at {t}" for t in args.thresholds)
+        low = args.thresholds[0]
+        only_other = sum(o >= low > b for image, b, o in digits if image < count)
         print(
             f"{name} ({count} images, {len(best)} digits): right class {found}; only another "
-            f"class at {args.thresholds[0]}: {only_other}; median best score "
-            f"{statistics.median(best):.2f}"
+            f"class at {low}: {only_other}; median best score {statistics.median(best):.2f}"
         )
 
 
