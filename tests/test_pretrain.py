@@ -238,3 +238,25 @@ def test_amp_choices_resolve_to_autocast_dtypes(monkeypatch):
     TrainConfig(amp="auto").validate()
     with pytest.raises(ValueError, match="amp must be one of none, bf16, fp16, auto, got 'x'"):
         TrainConfig(amp="x").validate()
+
+
+def test_a_frozen_backbone_is_pre_trained_first_then_kept(tmp_path, monkeypatch):
+    import detrkit.engine.train as engine
+
+    snapshots = {}
+    real_pretrain = engine.pretrain_backbone
+
+    def pretrain(backbone, *args, **kwargs):
+        snapshots["before"] = {k: v.clone() for k, v in backbone.state_dict().items()}
+        accuracy = real_pretrain(backbone, *args, **kwargs)
+        snapshots["after"] = {k: v.clone() for k, v in backbone.state_dict().items()}
+        return accuracy
+
+    monkeypatch.setattr(engine, "pretrain_backbone", pretrain)
+    run_dir = train(_pretraining_run(tmp_path, freeze_backbone=True))
+    trained = load_training_state(run_dir / "checkpoint.pth")["model"]
+    name = "body.layer4.1.conv2.weight"  # trained by the pre-training, not by the detector's
+    assert not torch.equal(snapshots["after"][name], snapshots["before"][name])
+    for key, value in snapshots["after"].items():
+        if "running" not in key and "num_batches" not in key:  # frozen norms keep their stats
+            assert torch.equal(trained[f"backbone.0.{key}"], value), key

@@ -96,7 +96,9 @@ class TrainConfig:
         "class head; a detrkit run's checkpoint also gives its image_scale, augment and "
         "batch_size unless given",
     )
-    freeze_backbone: bool = _option(False, "do not train the backbone")
+    freeze_backbone: bool = _option(
+        False, "do not train the backbone (after its pre-training, if any)"
+    )
     # The paper's panoptic recipe: a trained detector (--finetune), frozen, and the mask head
     # trained alone.
     freeze_detector: bool = _option(

@@ -278,10 +278,6 @@ def build_training_model(config: TrainConfig, train_set, log) -> nn.Module:
     if isinstance(model, DETRSegmentation) and things and "is_thing" not in config.model_options:
         # The dataset's stuff classes, which panoptic segmentation merges into one segment each.
         model.config.is_thing = [bool(thing) for thing in things]
-    if config.freeze_backbone:
-        for param in model.backbone.parameters():
-            param.requires_grad_(False)
-        log("backbone frozen")
     if config.freeze_detector:
         if not isinstance(model, DETRSegmentation):
             raise ValueError(
@@ -385,6 +381,10 @@ def train(
         # ImageNet weights (also on resume, so that the checkpoint's layout matches).
         model.backbone[0].freeze_as_pretrained()
         model.config = dataclasses.replace(model.config, backbone_norm="frozen")
+    if config.freeze_backbone:  # after its pre-training, which trains it
+        for param in model.backbone.parameters():
+            param.requires_grad_(False)
+        log("backbone frozen")
     criterion = build_criterion(model.config).to(device)
     optimizer = build_optimizer(
         model, config.lr, config.lr_backbone, config.weight_decay, config.lr_linear_proj_mult
