@@ -41,6 +41,10 @@ DIGIT_HEIGHTS = (16, 64)
 DIGITS_PER_IMAGE = (1, 5)
 TRAIN_FRACTION = 0.8
 
+# Items drawn once and kept by a dataset: a training run reads each scene every epoch, and drawing
+# one (its background noise, mostly) costs more than the rest of preparing the sample. At most
+# about 250 KB each (image and masks of a 256x256 scene).
+_KEPT_SCENES = 2048
 _SPLIT_SEED = 1797  # fixes the train/val split of the digits, whatever the scenes' seed
 _SPLIT_CODES = {"train": 0, "val": 1}
 _INK_THRESHOLD = 0.25  # fraction of full ink below which a pixel is not part of the digit
@@ -243,6 +247,7 @@ class DigitsDetection(Dataset):
         self.is_thing = [name != CANVAS_NAME for name in self.class_names]
         self.seed = seed
         self.transforms = transforms
+        self._kept: dict[int, tuple[Tensor, Tensor, Tensor | None, dict[str, Tensor]]] = {}
 
     def scene(self, index: int) -> DigitsScene:
         """The generated scene behind item ``index``."""
@@ -266,26 +271,46 @@ class DigitsDetection(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         if index < 0:
             index += self.num_images
+        image, boxes, masks, target = self._untransformed(index)
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(
+                boxes.clone(), format="XYXY", canvas_size=tuple(image.shape[1:])
+            ),
+            **{key: value.clone() for key, value in target.items()},
+        }
+        if masks is not None:
+            target["masks"] = tv_tensors.Mask(masks.clone())
+        return to_training_sample(tv_tensors.Image(image.clone()), target, self.transforms)
+
+    def _untransformed(self, index: int) -> tuple[Tensor, Tensor, Tensor | None, dict[str, Tensor]]:
+        """Item ``index`` before its transforms: image ``[3, H, W]`` uint8, boxes ``[N, 4]``
+        x1, y1, x2, y2 in pixels, masks ``[N, H, W]`` (None unless the dataset has masks) and the
+        rest of the target. Drawn once, then kept for the first ``_KEPT_SCENES`` items (callers
+        copy before changing them)."""
+        kept = self._kept.get(index)
+        if kept is not None:
+            return kept
         scene = self.scene(index)
         height, width = scene.image.shape[:2]
-        image = tv_tensors.Image(torch.from_numpy(scene.image).permute(2, 0, 1).contiguous())
         if self.panoptic:
             masks, labels, boxes = panoptic_segments(scene)
         else:
             masks, labels, boxes = scene.masks, scene.labels, scene.boxes
-        target = {
-            "boxes": tv_tensors.BoundingBoxes(
-                torch.from_numpy(boxes), format="XYXY", canvas_size=(height, width)
-            ),
-            "labels": torch.from_numpy(labels),
-            "image_id": torch.tensor(index + 1),
-            "orig_size": torch.tensor([height, width]),
-            "area": torch.from_numpy(masks.sum(axis=(1, 2)).astype(np.float32)),
-            "iscrowd": torch.zeros(len(labels), dtype=torch.int64),
-        }
-        if self.masks:
-            target["masks"] = tv_tensors.Mask(torch.from_numpy(masks))
-        return to_training_sample(image, target, self.transforms)
+        item = (
+            torch.from_numpy(scene.image).permute(2, 0, 1).contiguous(),
+            torch.from_numpy(boxes),
+            torch.from_numpy(masks) if self.masks else None,
+            {
+                "labels": torch.from_numpy(labels),
+                "image_id": torch.tensor(index + 1),
+                "orig_size": torch.tensor([height, width]),
+                "area": torch.from_numpy(masks.sum(axis=(1, 2)).astype(np.float32)),
+                "iscrowd": torch.zeros(len(labels), dtype=torch.int64),
+            },
+        )
+        if len(self._kept) < _KEPT_SCENES:
+            self._kept[index] = item
+        return item
 
     def panoptic_target(self, index: int) -> Tensor:
         """Scene ``index``'s ground truth for panoptic quality, ``[H, W, 2]`` ``int64``: each
