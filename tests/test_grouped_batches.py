@@ -7,6 +7,7 @@ import torch
 from detrkit.data import AugmentationConfig, DigitsDetection, make_val_transforms
 from detrkit.engine.datasets import (
     ASPECT_EDGES,
+    EVAL_RATIO_SPREAD,
     EpochBatches,
     aspect_groups,
     aspect_ratios,
@@ -36,6 +37,17 @@ def test_grouped_batches_hold_one_group_and_every_item_once():
     # In order (evaluation): sorted by ratio, consecutive ones together.
     unshuffled = EpochBatches(range(23), 4, seed=5, shuffle=False, ratios=ratios)
     assert batches_of(unshuffled, 0)[:2] == [[0, 3, 6, 9], [12, 15, 18, 21]]
+
+
+def test_evaluation_batches_hold_only_nearly_equal_aspect_ratios():
+    ratios = [1.0, 1.5, 1.01, 1.0, 1.04, 1.49, 1.0, 1.02]
+    sampler = EpochBatches(range(8), 3, seed=0, shuffle=False, ratios=ratios)
+    batches = batches_of(sampler, 0)
+    assert sorted(i for batch in batches for i in batch) == list(range(8))
+    # Sorted by ratio; a batch closes when full or when the next ratio is too far from its first.
+    assert batches == [[0, 3, 6], [2, 7], [4], [5, 1]]
+    for batch in batches:
+        assert max(ratios[i] for i in batch) <= min(ratios[i] for i in batch) * EVAL_RATIO_SPREAD
 
 
 def test_grouped_batches_give_every_process_the_same_number_of_steps():

@@ -166,6 +166,11 @@ def _panoptic_instances(dataset: CocoPanoptic):
 # batched, as the validation resize gives them about the same shape.
 ASPECT_EDGES = (0.5, 0.625, 0.75, 0.875, 1.0, 1.0 / 0.875, 1.0 / 0.75, 1.0 / 0.625, 2.0)
 
+# In evaluation a batch also holds only images whose aspect ratios are within this factor of
+# each other: Deformable DETR's outputs move with even a few percent of padding, and evaluation
+# should score what one image at a time scores (docs/training.md, "Grouped batches").
+EVAL_RATIO_SPREAD = 1.02
+
 
 def aspect_ratios(dataset: Dataset) -> list[float]:
     """Each item's width / height, from the dataset's ``image_size(index)`` (1 where unknown)."""
@@ -186,7 +191,8 @@ class EpochBatches(torch.utils.data.Sampler):
     (training), as detectron2 groups them: items are taken in the epoch's order and a batch is
     formed as soon as its group (:func:`aspect_groups`) has ``batch_size`` of them; what is left
     of each group ends the epoch in smaller batches. In order (evaluation): the items sorted by
-    ratio, in batches of consecutive ones. The batches are made for all processes at once and
+    ratio, in batches of consecutive ones whose ratios are within :data:`EVAL_RATIO_SPREAD` of
+    each other. The batches are made for all processes at once and
     dealt out in turn, repeated from the start to an equal count each, so that every process
     takes the same number of steps."""
 
@@ -242,7 +248,17 @@ class EpochBatches(torch.utils.data.Sampler):
             batches += [group for group in pending.values() if group]
         else:
             order = sorted(range(len(self.ratios)), key=self.ratios.__getitem__)
-            batches = [order[i : i + size] for i in range(0, len(order), size)]
+            batches = []
+            for index in order:
+                batch = batches[-1] if batches else None
+                if (
+                    batch is not None
+                    and len(batch) < size
+                    and self.ratios[index] <= self.ratios[batch[0]] * EVAL_RATIO_SPREAD
+                ):
+                    batch.append(index)
+                else:
+                    batches.append([index])
         count = -(-len(batches) // self.num_replicas) * self.num_replicas  # a multiple
         batches = [batches[i % len(batches)] for i in range(count)] if batches else []
         return batches[self.rank :: self.num_replicas]
