@@ -4,6 +4,7 @@ running detrkit's own ONNX export of the same model.
     pip install -e '.[bench]'   # onnxruntime, openvino (and the export extra)
     python benchmarks/runtimes.py [--models detr_r50 deformable_detr] [--batches 1 8]
                                   [--repeats 3] [--size 800 1066] [--only NAME ...]
+                                  [--openvino-static]
 
 Each model is built from its preset with random weights (seed 0), exported once with
 ``detrkit.export`` at the benchmark size (the file takes any batch and size) and run, in one
@@ -12,6 +13,8 @@ process, by:
 - ``onnxruntime fp32``: ONNX Runtime's CPU provider, all graph optimisations;
 - ``openvino f32``: OpenVINO's CPU plugin with ``INFERENCE_PRECISION_HINT=f32``;
 - ``openvino default``: OpenVINO's CPU plugin as it comes (bf16 on CPUs with AMX or AVX-512 BF16);
+  with ``--openvino-static``, both OpenVINO models are compiled for the benchmark's input shapes
+  (a file for one input size), otherwise for any;
 - ``detrkit fp32`` and ``detrkit bf16``: ``detrkit.optimize_for_inference(model, precision)``.
 
 Every runtime uses as many threads as torch does. Rounds are interleaved (each round runs every
@@ -52,17 +55,25 @@ def onnxruntime_run(path: Path, feeds: dict[str, np.ndarray], threads: int) -> R
 
 
 def openvino_run(
-    path: Path, feeds: dict[str, np.ndarray], threads: int, precision: str | None
+    path: Path,
+    feeds: dict[str, np.ndarray],
+    threads: int,
+    precision: str | None,
+    static: bool = False,
 ) -> tuple[Run, str]:
-    """An OpenVINO CPU request on ``path``; ``precision`` None keeps the plugin's default. Also
-    returns the precision the plugin chose."""
+    """An OpenVINO CPU request on ``path``; ``precision`` None keeps the plugin's default;
+    ``static`` fixes the inputs' shapes to the feeds' before compiling (``Model.reshape``), as a
+    deployment with one input size can. Also returns the precision the plugin chose."""
     import openvino
 
     core = openvino.Core()
     properties = {"INFERENCE_NUM_THREADS": threads}
     if precision is not None:
         properties["INFERENCE_PRECISION_HINT"] = precision
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", properties)
+    model = core.read_model(str(path))
+    if static:
+        model.reshape({name: list(array.shape) for name, array in feeds.items()})
+    compiled = core.compile_model(model, "CPU", properties)
     request = compiled.create_infer_request()
     chosen = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
 
@@ -116,11 +127,11 @@ def compare(name: str, args: argparse.Namespace, threads: int) -> None:
                 runs["onnxruntime fp32"] = onnxruntime_run(path, feeds, threads)
             if wanted("openvino f32", args):
                 runs["openvino f32"], chosen["openvino f32"] = openvino_run(
-                    path, feeds, threads, "f32"
+                    path, feeds, threads, "f32", args.openvino_static
                 )
             if wanted("openvino default", args):
                 runs["openvino default"], chosen["openvino default"] = openvino_run(
-                    path, feeds, threads, None
+                    path, feeds, threads, None, args.openvino_static
                 )
             for precision, fast in optimized.items():
                 if wanted(f"detrkit {precision}", args):
@@ -184,6 +195,11 @@ def main() -> None:
         ],
         help="time only these runtimes (quote the names)",
     )
+    parser.add_argument(
+        "--openvino-static",
+        action="store_true",
+        help="compile OpenVINO's models for the benchmark's input shapes (Model.reshape)",
+    )
     args = parser.parse_args()
     for package in ("onnxruntime", "openvino"):
         try:
@@ -199,6 +215,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, openvino "
         f"{openvino.__version__}, {threads} threads, input {args.size[0]}x{args.size[1]}"
+        + (", OpenVINO compiled for that shape" if args.openvino_static else "")
     )
     for name in args.models:
         compare(name, args, threads)
