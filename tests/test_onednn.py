@@ -108,3 +108,34 @@ def test_plain_operators_run_outside_bf16_inference():
     with torch.inference_mode():
         assert operators_run(lambda: onednn.conv2d_relu(conv, images.bfloat16())) == set()
     assert calls == ["conv"]
+
+
+def test_the_in_place_residual_end_writes_into_the_shortcut():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(16, 24, 1).bfloat16().to(memory_format=torch.channels_last)
+    cl = torch.channels_last
+    images = torch.randn(2, 16, 9, 11).bfloat16().contiguous(memory_format=cl)
+    shortcut = torch.randn(2, 24, 9, 11).bfloat16().contiguous(memory_format=cl)
+    with torch.inference_mode():
+        expected = onednn.conv2d_add_relu(conv, images, shortcut)
+        accumulator = shortcut.clone()
+        names = operators_run(lambda: onednn.conv2d_add_relu_(conv, images, accumulator.clone()))
+        assert names == {"mkldnn::_convolution_pointwise_"}
+        result = onednn.conv2d_add_relu_(conv, images, accumulator)
+        # The same fused kernel with the sum read from the output's memory: bit for bit.
+        assert result.data_ptr() == accumulator.data_ptr()
+        torch.testing.assert_close(result, expected, rtol=0, atol=0)
+        # A shortcut it cannot take as the output (another layout, dtype or shape): fresh memory,
+        # the shortcut untouched.
+        for other in (
+            shortcut.contiguous(),
+            shortcut.float().contiguous(memory_format=cl),
+            shortcut[:, :, :1].contiguous(memory_format=cl),
+        ):
+            before = other.clone()
+            result = onednn.conv2d_add_relu_(conv, images, other)
+            assert result.data_ptr() != other.data_ptr()
+            torch.testing.assert_close(other, before, rtol=0, atol=0)
+        torch.testing.assert_close(
+            onednn.conv2d_add_relu_(conv, images, shortcut.contiguous()), expected, rtol=0, atol=0
+        )

@@ -103,14 +103,11 @@ class AccumulatingBottleneck(FastBottleneck):
         out = conv_norm_relu(self.conv2, self.bn2, out)
         shortcut = _shortcut(self, x)
         hooked = self.conv3._forward_hooks or self.conv3._forward_pre_hooks  # would not run
-        if (
-            not torch.is_grad_enabled()
-            and not hooked
-            and isinstance(self.bn3, nn.Identity)
-            and not onednn.fuses(self.conv3, out)  # bf16: faster still, in conv_norm_add_relu
-            and can_accumulate_pointwise(self.conv3, out, shortcut)
-        ):
-            return accumulate_pointwise(self.conv3, out, shortcut).relu_()
+        if not torch.is_grad_enabled() and not hooked and isinstance(self.bn3, nn.Identity):
+            if onednn.fuses(self.conv3, out):  # bf16: the sum and ReLU inside oneDNN's kernel
+                return onednn.conv2d_add_relu_(self.conv3, out, shortcut)
+            if can_accumulate_pointwise(self.conv3, out, shortcut):
+                return accumulate_pointwise(self.conv3, out, shortcut).relu_()
         return conv_norm_add_relu(self.conv3, self.bn3, out, shortcut)
 
 

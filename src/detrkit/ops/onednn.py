@@ -92,6 +92,25 @@ def conv2d_add_relu(conv: nn.Conv2d, x: Tensor, other: Tensor) -> Tensor:
     return conv(x).add_(other).relu_()
 
 
+def conv2d_add_relu_(conv: nn.Conv2d, x: Tensor, accumulator: Tensor) -> Tensor:
+    """``relu(conv(x) + accumulator)`` written into ``accumulator`` and returned, the addition and
+    ReLU inside the convolution (oneDNN's sum post-op) where :func:`fuses` allows and
+    ``accumulator`` has the output's shape and ``x``'s dtype and memory format; else
+    :func:`conv2d_add_relu` into fresh memory. No fresh output map: the shortcut's memory, just
+    written, takes the result."""
+    if (
+        fuses(conv, x)
+        and accumulator.dtype == x.dtype
+        and accumulator.shape == _output_shape(conv, x)
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and accumulator.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return torch.ops.mkldnn._convolution_pointwise_.binary(
+            accumulator, x, *_convolution_arguments(conv), "add", 1.0, "relu", [], ""
+        )
+    return conv2d_add_relu(conv, x, accumulator)
+
+
 def linear(layer: nn.Linear, x: Tensor, relu: bool = False) -> Tensor:
     """``layer(x)``, or ``relu(layer(x))`` with ``relu``; bias and ReLU inside the product where
     :func:`fuses` allows."""
