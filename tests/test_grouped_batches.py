@@ -83,3 +83,18 @@ def test_aspect_groups_follow_each_images_shape_and_cut_the_padding():
         return padded / total
 
     assert padding(True) < 0.5 * padding(False)
+
+
+def test_evaluation_batches_shared_by_processes_cover_every_item_in_equal_counts():
+    ratios = [1.0, 1.5, 1.01, 1.0, 1.04, 1.49, 1.0, 1.02, 0.7, 0.71]
+    shares = [
+        batches_of(EpochBatches(range(10), 3, 0, False, 3, rank, ratios), epoch=0)
+        for rank in range(3)
+    ]
+    assert len({len(share) for share in shares}) == 1
+    together = [i for share in shares for batch in share for i in batch]
+    assert set(together) == set(range(10))
+    for share in shares:
+        for batch in share:
+            spread = max(ratios[i] for i in batch) / min(ratios[i] for i in batch)
+            assert spread <= EVAL_RATIO_SPREAD

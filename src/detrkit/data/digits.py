@@ -43,8 +43,9 @@ TRAIN_FRACTION = 0.8
 
 # Items drawn once and kept by a dataset: a training run reads each scene every epoch, and drawing
 # one (its background noise, mostly) costs more than the rest of preparing the sample. At most
-# about 250 KB each (image and masks of a 256x256 scene).
-_KEPT_SCENES = 2048
+# 192 KB each (a 256x256 image), about 520 KB with the masks of five digits. They are kept by the
+# process that reads them: with DataLoader workers, which start afresh each epoch, for an epoch.
+_KEPT_SCENES = 1024
 _SPLIT_SEED = 1797  # fixes the train/val split of the digits, whatever the scenes' seed
 _SPLIT_CODES = {"train": 0, "val": 1}
 _INK_THRESHOLD = 0.25  # fraction of full ink below which a pixel is not part of the digit
