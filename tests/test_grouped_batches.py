@@ -50,17 +50,23 @@ def test_evaluation_batches_hold_only_nearly_equal_aspect_ratios():
         assert max(ratios[i] for i in batch) <= min(ratios[i] for i in batch) * EVAL_RATIO_SPREAD
 
 
-def test_grouped_batches_give_every_process_the_same_number_of_steps():
-    ratios = [0.7] * 9 + [1.0] * 5 + [1.5]
-    groups = aspect_groups(ratios)
+def batches_of_processes(ratios: list[float], batch_size: int, shuffle: bool) -> list[list[int]]:
+    """The batches of epoch 1 of three processes together, after checking that each process has
+    as many and that together they hold every item."""
     shares = [
-        batches_of(EpochBatches(range(15), 2, 0, True, 3, rank, ratios), epoch=1)
+        batches_of(EpochBatches(range(len(ratios)), batch_size, 0, shuffle, 3, rank, ratios), 1)
         for rank in range(3)
     ]
     assert len({len(share) for share in shares}) == 1
-    together = [i for share in shares for batch in share for i in batch]
-    assert set(together) == set(range(15))
-    assert all(len({groups[i] for i in batch}) == 1 for share in shares for batch in share)
+    assert {i for share in shares for batch in share for i in batch} == set(range(len(ratios)))
+    return [batch for share in shares for batch in share]
+
+
+def test_grouped_batches_give_every_process_the_same_number_of_steps():
+    ratios = [0.7] * 9 + [1.0] * 5 + [1.5]
+    groups = aspect_groups(ratios)
+    batches = batches_of_processes(ratios, 2, shuffle=True)
+    assert all(len({groups[i] for i in batch}) == 1 for batch in batches)
 
 
 def test_aspect_groups_follow_each_images_shape_and_cut_the_padding():
@@ -87,14 +93,6 @@ def test_aspect_groups_follow_each_images_shape_and_cut_the_padding():
 
 def test_evaluation_batches_shared_by_processes_cover_every_item_in_equal_counts():
     ratios = [1.0, 1.5, 1.01, 1.0, 1.04, 1.49, 1.0, 1.02, 0.7, 0.71]
-    shares = [
-        batches_of(EpochBatches(range(10), 3, 0, False, 3, rank, ratios), epoch=0)
-        for rank in range(3)
-    ]
-    assert len({len(share) for share in shares}) == 1
-    together = [i for share in shares for batch in share for i in batch]
-    assert set(together) == set(range(10))
-    for share in shares:
-        for batch in share:
-            spread = max(ratios[i] for i in batch) / min(ratios[i] for i in batch)
-            assert spread <= EVAL_RATIO_SPREAD
+    for batch in batches_of_processes(ratios, 3, shuffle=False):
+        spread = max(ratios[i] for i in batch) / min(ratios[i] for i in batch)
+        assert spread <= EVAL_RATIO_SPREAD
