@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import detrkit
 from detrkit.cli.main import main
-from detrkit.engine.evaluate import PanopticScore, panoptic_pairs
+from detrkit.engine.evaluate import PanopticScore, merge_image_counts, panoptic_pairs
 from detrkit.models.postprocess import instance_masks, panoptic_segmentation
 
 # --- panoptic quality ------------------------------------------------------------------------
@@ -245,3 +245,63 @@ def test_freeze_detector_trains_the_mask_head_alone(tmp_path, capsys):
     not_panoptic[not_panoptic.index("detr_digits_panoptic")] = "detr_digits"
     assert main(not_panoptic) == 2
     assert "has none" in capsys.readouterr().err
+
+
+def test_an_image_scored_twice_counts_once_also_across_processes():
+    target = torch.zeros(8, 8, 2, dtype=torch.int64)
+    target[..., 0] = 10
+    target[:3, :3] = torch.tensor([3, 1])
+    missed = torch.full((8, 8, 2), -1)  # two false negatives
+    once = PanopticScore(things=[3], stuff=[10])
+    once.update(target, target, image_id=1)
+    once.update(missed, target, image_id=2)
+    expected = once.compute()
+    assert 0 < expected["PQ"] < 1
+    # The same image again in this process (a sampler's padding) changes nothing.
+    again = PanopticScore(things=[3], stuff=[10])
+    for image_id, prediction in ((1, target), (2, missed), (1, target), (2, missed)):
+        again.update(prediction, target, image_id=image_id)
+    assert again.compute() == expected
+    # Two processes' counts, image 2 scored by both: merged, it counts once, the first one's.
+    first, second = PanopticScore([3], [10]), PanopticScore([3], [10])
+    first.update(target, target, image_id=1)
+    first.update(missed, target, image_id=2)
+    second.update(target, target, image_id=2)  # another process's copy, not taken
+    merged = merge_image_counts([first.per_image, second.per_image])
+    assert merged.keys() == {1, 2} and merged[2] is first.per_image[2]
+    # Without ids every call counts, as before.
+    plain = PanopticScore([3], [10])
+    for prediction in (target, missed, missed):
+        plain.update(prediction, target)
+    assert plain.stats[3].sum() == 4
+
+
+def _score_in_process(rank: int, init: str, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    target = torch.zeros(8, 8, 2, dtype=torch.int64)
+    target[..., 0] = 10
+    target[:3, :3] = torch.tensor([3, 1])
+    missed = torch.full((8, 8, 2), -1)
+    score = PanopticScore(things=[3], stuff=[10])
+    # Rank 0 scores images 1 and 2; rank 1 image 3 and, as a sampler's padding, image 2 again
+    # (rank 0's copy is the one taken).
+    for image_id, prediction in ([(1, target), (2, missed)], [(3, target), (2, target)])[rank]:
+        score.update(prediction, target, image_id=image_id)
+    results[rank] = score.compute()
+    dist.destroy_process_group()
+
+
+def test_distributed_panoptic_quality_counts_each_image_once(tmp_path):
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_score_in_process, args=(f"file://{tmp_path}/init", results), nprocs=2)
+    target = torch.zeros(8, 8, 2, dtype=torch.int64)
+    target[..., 0] = 10
+    target[:3, :3] = torch.tensor([3, 1])
+    alone = PanopticScore(things=[3], stuff=[10])
+    for image_id, prediction in ((1, target), (2, torch.full((8, 8, 2), -1)), (3, target)):
+        alone.update(prediction, target, image_id=image_id)
+    assert results[0] == results[1] == alone.compute()

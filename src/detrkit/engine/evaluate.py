@@ -103,6 +103,16 @@ def merge_rank_results(parts: Sequence[list[dict]]) -> list[dict]:
     return merged
 
 
+def merge_image_counts(parts: Sequence[dict[int, Tensor]]) -> dict[int, Tensor]:
+    """The processes' per-image panoptic counts as one dict, an image's taken from the first
+    process that has it (as :func:`merge_rank_results` takes COCO results)."""
+    merged: dict[int, Tensor] = {}
+    for part in parts:
+        for image_id, counts in part.items():
+            merged.setdefault(image_id, counts)
+    return merged
+
+
 class PanopticScore:
     """Panoptic quality over a dataset (Kirillov et al., 2019): PQ, SQ and RQ of all classes,
     of the things and of the stuff, as fractions, counted as COCO's panopticapi counts them.
@@ -123,8 +133,10 @@ class PanopticScore:
         self.things, self.stuff = sorted(things), sorted(stuff)
         self.categories = self.things + self.stuff
         count = len(self.categories)
-        # Per category (things, then stuff): IoU sum of matches, true/false positives, misses.
+        # Per category (things, then stuff): IoU sum of matches, true/false positives, misses;
+        # of images given without an id, and of each image given with one.
         self.stats = torch.zeros(4, count, dtype=torch.float64)
+        self.per_image: dict[int, Tensor] = {}
 
     def _keys(self, pairs: Tensor) -> tuple[Tensor, Tensor]:
         """One int per pixel for its segment (-1 for void) and the category index of each."""
@@ -136,9 +148,22 @@ class PanopticScore:
         keys = category_index * (int(segment.max()) + 1) + segment
         return torch.where(category_index >= 0, keys, -1), category_index
 
-    def update(self, prediction: Tensor, target: Tensor) -> None:
+    def update(self, prediction: Tensor, target: Tensor, image_id: int | None = None) -> None:
         """One image: ``prediction`` and ``target`` ``[H, W, 2]`` int64 pairs of (category id,
-        segment id), segment ids telling apart the things of one category."""
+        segment id), segment ids telling apart the things of one category. With an
+        ``image_id``, an image scored before (here or, when distributed, by another process: a
+        ``DistributedSampler`` repeats images to even out the shares) counts once."""
+        if image_id is not None and image_id in self.per_image:
+            return
+        counts = torch.zeros_like(self.stats)
+        self._count(prediction, target, counts)
+        if image_id is None:
+            self.stats += counts
+        else:
+            self.per_image[image_id] = counts
+
+    def _count(self, prediction: Tensor, target: Tensor, counts: Tensor) -> None:
+        """Adds one image's IoU sums, true and false positives and misses into ``counts``."""
         if prediction.shape != target.shape:
             raise ValueError(
                 f"a panoptic prediction of {tuple(prediction.shape)} for a target of "
@@ -166,24 +191,29 @@ class PanopticScore:
             if iou > 0.5:  # at most one match per segment, as IoU > 0.5 is exclusive
                 matched_pred.add(pred)
                 matched_true.add(true)
-                self.stats[0, category_of[true]] += iou
-                self.stats[1, category_of[true]] += 1
+                counts[0, category_of[true]] += iou
+                counts[1, category_of[true]] += 1
         for true in true_areas:
             if true >= 0 and true not in matched_true:
-                self.stats[3, category_of[true]] += 1
+                counts[3, category_of[true]] += 1
         for pred, area in pred_areas.items():
             mostly_void = overlaps.get((-1, pred), 0) / area > 0.5
             if pred >= 0 and pred not in matched_pred and not mostly_void:
-                self.stats[2, category_of[pred]] += 1
+                counts[2, category_of[pred]] += 1
 
     def compute(self) -> dict[str, float | None]:
         """``PQ``, ``SQ``, ``RQ`` and the same of things (``_th``) and stuff (``_st``); None for
         a group without any segment. Summed over the processes when distributed."""
         stats = self.stats.clone()
+        per_image = [self.per_image]
         if dist.is_available() and dist.is_initialized():
             stats = stats.to(_collective_device())
             dist.all_reduce(stats)
             stats = stats.cpu()
+            per_image = [{} for _ in range(dist.get_world_size())]
+            dist.all_gather_object(per_image, self.per_image)
+        for counts in merge_image_counts(per_image).values():
+            stats += counts
         iou, tp, fp, fn = stats
         groups = {
             "": slice(None),
@@ -269,7 +299,9 @@ def predict_dataset(
                     target["orig_size"].tolist(),
                 )
                 score.update(
-                    panoptic_pairs(segment_ids, segments, category_ids), target_of(image_id)
+                    panoptic_pairs(segment_ids, segments, category_ids),
+                    target_of(image_id),
+                    image_id,
                 )
     return results
 
