@@ -7,6 +7,12 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: test test-full lint format clean demo demo-panoptic
 
+# ONNX Runtime's C API headers, which detrkit's ONNX Runtime operators are built against (the tests
+# build them): Debian's libonnxruntime-dev, unpacked under build/ (a system copy, from apt-get
+# install libonnxruntime-dev on Debian 13 or later, is used where there is one).
+ORT_HEADERS := build/onnxruntime/include/onnxruntime
+export ONNXRUNTIME_INCLUDE_DIR ?= $(if $(wildcard /usr/include/onnxruntime/onnxruntime_c_api.h),/usr/include/onnxruntime,$(CURDIR)/$(ORT_HEADERS))
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH_PINS)
@@ -47,11 +53,14 @@ lint: $(VENV)/.installed-test
 # tests need Debian's Chromium (apt-get install chromium), which .ci/run installs when missing. test-full adds
 # the compiled models and the rest of the export matrix (every model x format x option, minutes
 # per export on a CPU).
-test: lint
+test: lint $(ONNXRUNTIME_INCLUDE_DIR)/onnxruntime_c_api.h
 	$(BIN)/python -m pytest -q -m "not full"
 
-test-full: lint
+test-full: lint $(ONNXRUNTIME_INCLUDE_DIR)/onnxruntime_c_api.h
 	$(BIN)/python -m pytest -q
+
+$(CURDIR)/$(ORT_HEADERS)/onnxruntime_c_api.h:
+	tools/onnxruntime_headers.sh build/onnxruntime
 
 format: $(VENV)/.installed-test
 	$(BIN)/ruff format .

@@ -11,6 +11,9 @@ Each model is built from its preset with random weights (seed 0), exported once 
 process, by:
 
 - ``onnxruntime fp32``: ONNX Runtime's CPU provider, all graph optimisations;
+- ``onnxruntime fp32 op`` (Deformable DETR): the same on a second export, made with
+  ``attention_op="detrkit"``, whose attention is detrkit's ONNX Runtime operator
+  (``detrkit.ops.onnxruntime_library``, which needs ONNX Runtime's C API headers);
 - ``openvino f32``: OpenVINO's CPU plugin with ``INFERENCE_PRECISION_HINT=f32``;
 - ``openvino default``: OpenVINO's CPU plugin as it comes (bf16 on CPUs with AMX or AVX-512 BF16);
   with ``--openvino-static``, both OpenVINO models are compiled for the benchmark's input shapes
@@ -39,6 +42,7 @@ import torch
 
 import detrkit
 from detrkit.cli.allocator import keep_freed_memory
+from detrkit.deploy.runtime import onnxruntime_options
 from detrkit.fast import optimize_for_inference
 
 OUTPUTS = ("pred_logits", "pred_boxes")
@@ -48,8 +52,7 @@ Run = Callable[[], dict[str, np.ndarray]]
 def onnxruntime_run(path: Path, feeds: dict[str, np.ndarray], threads: int) -> Run:
     import onnxruntime
 
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
+    options = onnxruntime_options(path, threads)  # with detrkit's operators where the file has them
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda: dict(zip(OUTPUTS, session.run(list(OUTPUTS), feeds)))
 
@@ -115,6 +118,14 @@ def compare(name: str, args: argparse.Namespace, threads: int) -> None:
         # verify=False: the differences below are measured on the benchmark's own inputs.
         detrkit.export(model, path, size=(height, width), verify=False)
         print(f"{name}: exported in {time.perf_counter() - start:.0f} s")
+        op_path = Path(directory) / f"{name}_op.onnx"
+        with_op = model.config.model_type == "deformable_detr" and wanted(
+            "onnxruntime fp32 op", args
+        )
+        if with_op:
+            detrkit.export(
+                model, op_path, size=(height, width), verify=False, attention_op="detrkit"
+            )
         optimized = {p: optimize_for_inference(model, p) for p in ("fp32", "bf16")}
         for batch in args.batches:
             generator = torch.Generator().manual_seed(batch)
@@ -125,6 +136,8 @@ def compare(name: str, args: argparse.Namespace, threads: int) -> None:
             chosen = {}
             if wanted("onnxruntime fp32", args):
                 runs["onnxruntime fp32"] = onnxruntime_run(path, feeds, threads)
+            if with_op:
+                runs["onnxruntime fp32 op"] = onnxruntime_run(op_path, feeds, threads)
             if wanted("openvino f32", args):
                 runs["openvino f32"], chosen["openvino f32"] = openvino_run(
                     path, feeds, threads, "f32", args.openvino_static
@@ -160,12 +173,14 @@ def report(
     chosen: dict[str, str],
 ) -> None:
     print(f"\n{name}, batch {batch}")
-    print(f"  {'runtime':20s}{'median s':>10s}{'images/s':>10s}{'max |diff|':>12s}")
+    print(f"  {'runtime':22s}{'median s':>10s}{'images/s':>10s}{'max |diff|':>12s}")
     for key, seconds in times.items():
         note = f"  (runs {chosen[key]})" if key in chosen else ""
-        print(f"  {key:20s}{seconds:10.3f}{batch / seconds:10.2f}{differences[key]:12.1e}{note}")
+        print(f"  {key:22s}{seconds:10.3f}{batch / seconds:10.2f}{differences[key]:12.1e}{note}")
     peers = {
-        "fp32": [k for k in ("onnxruntime fp32", "openvino f32") if k in times],
+        "fp32": [
+            k for k in ("onnxruntime fp32", "onnxruntime fp32 op", "openvino f32") if k in times
+        ],
         "bf16": [k for k in ("openvino default",) if k in times],
     }
     for precision, keys in peers.items():
@@ -174,6 +189,10 @@ def report(
             fastest = min(keys, key=times.__getitem__)
             ratio = times[ours] / times[fastest]
             print(f"  {ours} / {fastest}: {ratio:.2f}x")
+    if "detrkit fp32" in times:
+        # How far each runtime is from detrkit's own fp32 time (the exports' target is 1.5x).
+        for key in peers["fp32"]:
+            print(f"  {key} / detrkit fp32: {times[key] / times['detrkit fp32']:.2f}x")
 
 
 def main() -> None:
@@ -188,6 +207,7 @@ def main() -> None:
         metavar="RUNTIME",
         choices=[
             "onnxruntime fp32",
+            "onnxruntime fp32 op",
             "openvino f32",
             "openvino default",
             "detrkit fp32",

@@ -288,6 +288,41 @@ ATTENTION_CASES = {
 }
 
 
+def set_input(index: int, replacement):
+    """Replaces the index-th input of ms_deform_attn; replacement maps the original tensor to a
+    new one."""
+
+    def apply(inputs):
+        inputs = list(inputs)
+        inputs[index] = replacement(inputs[index])
+        return inputs
+
+    return apply
+
+
+VALUE, SHAPES, STARTS, LOCATIONS, WEIGHTS = range(5)
+# Each way of getting one input of ms_deform_attn wrong: (corruption, the input's name).
+BAD_INPUTS = {
+    "value_rank": (set_input(VALUE, lambda t: t.flatten(2)), "value"),
+    "value_integer": (set_input(VALUE, lambda t: t.long()), "value"),
+    "shapes_dtype": (set_input(SHAPES, lambda t: t.int()), "spatial_shapes"),
+    "shapes_columns": (set_input(SHAPES, lambda t: t[:, :1]), "spatial_shapes"),
+    "shapes_sum": (set_input(SHAPES, lambda t: t + 1), "spatial_shapes"),
+    "starts_dtype": (set_input(STARTS, lambda t: t.int()), "level_start_index"),
+    "starts_length": (set_input(STARTS, lambda t: t[:-1]), "level_start_index"),
+    "starts_values": (set_input(STARTS, lambda t: t + 1), "level_start_index"),
+    "locations_rank": (set_input(LOCATIONS, lambda t: t[..., 0]), "sampling_locations"),
+    "locations_batch": (set_input(LOCATIONS, lambda t: t[:1]), "sampling_locations"),
+    "locations_heads": (set_input(LOCATIONS, lambda t: t[:, :, :2]), "sampling_locations"),
+    "locations_levels": (set_input(LOCATIONS, lambda t: t[:, :, :, :2]), "sampling_locations"),
+    "locations_xy": (set_input(LOCATIONS, lambda t: t[..., :1]), "sampling_locations"),
+    "locations_dtype": (set_input(LOCATIONS, lambda t: t.double()), "sampling_locations"),
+    "weights_points": (set_input(WEIGHTS, lambda t: t[..., :1]), "attention_weights"),
+    "weights_queries": (set_input(WEIGHTS, lambda t: t[:, :2]), "attention_weights"),
+    "weights_dtype": (set_input(WEIGHTS, lambda t: t.half()), "attention_weights"),
+}
+
+
 # --- Files: training data, command lines, official checkpoints ---------------------------------
 
 

@@ -358,7 +358,7 @@ def test_failed_verification_leaves_nothing_behind(tmp_path, monkeypatch):
     keeps whatever was at the path before."""
     import detrkit.deploy as deploy
 
-    def fake_trace(graph, format, size, opset, metadata):
+    def fake_trace(graph, format, size, opset, metadata, attention_op):
         return lambda target: target.write_bytes(b"half an export")
 
     def failing_check(path, graph, checks, tolerance):

@@ -37,7 +37,7 @@ def stub_export(monkeypatch):
     """Tracing writes a few bytes instead of a model, and verification passes: the tests see
     how the file is written, not what it holds."""
 
-    def trace(graph, format, size, opset, metadata):
+    def trace(graph, format, size, opset, metadata, attention_op):
         return lambda target: target.write_bytes(b"the new export")
 
     monkeypatch.setattr(deploy, "_trace", trace)

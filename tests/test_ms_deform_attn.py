@@ -23,11 +23,14 @@ from detrkit.ops import (
 from helpers import (
     ATTENTION_CASES,
     ATTENTION_RESULTS,
+    BAD_INPUTS,
     FOUR_LEVELS,
+    STARTS,
     assert_close_fp32,
     make_inputs,
     needs_fused,
     needs_onnx,
+    set_input,
 )
 
 # The fused CPU kernel is tested wherever it runs: a machine where it cannot be built fails its
@@ -361,39 +364,6 @@ def test_auto_picks_the_fused_kernel_of_the_device():
     assert auto_implementation("meta", torch.float32) == "reference"
 
 
-def _set(index: int, replacement):
-    """Replaces the index-th argument; replacement maps the original tensor to a new one."""
-
-    def apply(inputs):
-        inputs = list(inputs)
-        inputs[index] = replacement(inputs[index])
-        return inputs
-
-    return apply
-
-
-VALUE, SHAPES, STARTS, LOCATIONS, WEIGHTS = range(5)
-BAD_INPUTS = {
-    "value_rank": (_set(VALUE, lambda t: t.flatten(2)), "value"),
-    "value_integer": (_set(VALUE, lambda t: t.long()), "value"),
-    "shapes_dtype": (_set(SHAPES, lambda t: t.int()), "spatial_shapes"),
-    "shapes_columns": (_set(SHAPES, lambda t: t[:, :1]), "spatial_shapes"),
-    "shapes_sum": (_set(SHAPES, lambda t: t + 1), "spatial_shapes"),
-    "starts_dtype": (_set(STARTS, lambda t: t.int()), "level_start_index"),
-    "starts_length": (_set(STARTS, lambda t: t[:-1]), "level_start_index"),
-    "starts_values": (_set(STARTS, lambda t: t + 1), "level_start_index"),
-    "locations_rank": (_set(LOCATIONS, lambda t: t[..., 0]), "sampling_locations"),
-    "locations_batch": (_set(LOCATIONS, lambda t: t[:1]), "sampling_locations"),
-    "locations_heads": (_set(LOCATIONS, lambda t: t[:, :, :2]), "sampling_locations"),
-    "locations_levels": (_set(LOCATIONS, lambda t: t[:, :, :, :2]), "sampling_locations"),
-    "locations_xy": (_set(LOCATIONS, lambda t: t[..., :1]), "sampling_locations"),
-    "locations_dtype": (_set(LOCATIONS, lambda t: t.double()), "sampling_locations"),
-    "weights_points": (_set(WEIGHTS, lambda t: t[..., :1]), "attention_weights"),
-    "weights_queries": (_set(WEIGHTS, lambda t: t[:, :2]), "attention_weights"),
-    "weights_dtype": (_set(WEIGHTS, lambda t: t.half()), "attention_weights"),
-}
-
-
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_invalid_inputs_name_the_argument(case: str):
     corrupt, name = BAD_INPUTS[case]
@@ -411,7 +381,7 @@ def test_checks_never_read_level_sizes_off_the_cpu():
     check_ms_deform_attn_inputs(*inputs)
     # Checks of shapes and dtypes still apply.
     with pytest.raises(ValueError, match="level_start_index"):
-        check_ms_deform_attn_inputs(*_set(STARTS, lambda t: t[:-1])(inputs))
+        check_ms_deform_attn_inputs(*set_input(STARTS, lambda t: t[:-1])(inputs))
 
 
 def test_invalid_implementation():

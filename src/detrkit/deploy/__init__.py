@@ -41,7 +41,13 @@ from detrkit.deploy.verify import verification_checks, verify_file
 from detrkit.fast import to_reference
 from detrkit.files import remove_temporaries, write_atomically
 from detrkit.models import ModelConfig
-from detrkit.ops import attention_implementation, auto_implementation
+from detrkit.ops import (
+    ATTENTION_OPS,
+    OnnxRuntimeLibraryError,
+    attention_implementation,
+    auto_implementation,
+    onnxruntime_library,
+)
 
 FORMATS = ("onnx", "torch")
 
@@ -80,6 +86,7 @@ def export(
     format: str = "onnx",
     *,
     opset: int = DEFAULT_OPSET,
+    attention_op: str = "gridsample",
     with_postprocess: bool = False,
     with_mask: bool = True,
     size: tuple[int, int] = (800, 1066),
@@ -98,8 +105,13 @@ def export(
     ``labels`` and absolute xyxy ``boxes`` (the ``num_select`` best for Deformable DETR). DETR's
     panoptic models add ``pred_masks`` ``[B, Q, ceil(H/4), ceil(W/4)]``, the mask logits of each
     query (or detection) at stride 4, verified like the rest (see :mod:`detrkit.deploy.graph`).
-    ``size``
-    is the (H, W) traced with: every feature map must be at least 2x2 there, so each side at
+
+    ``attention_op`` is how an ONNX export writes Deformable DETR's attention: ``"gridsample"``
+    (ONNX GridSample per level, which every runtime runs) or ``"detrkit"`` (one
+    ``ai.detrkit::MultiScaleDeformableAttention`` node, which ONNX Runtime runs several times
+    faster with :func:`detrkit.ops.onnxruntime_library` loaded; :class:`ExportedModel` loads it).
+
+    ``size`` is the (H, W) traced with: every feature map must be at least 2x2 there, so each side at
     least the coarsest stride plus one (DETR 33, DC5 17, four-level Deformable DETR 65), and
     two-stage needs as many encoder positions as queries (113x113 for 300); a smaller size is
     an :class:`ExportError` stating the smallest (see :mod:`detrkit.deploy.sizes`).
@@ -133,6 +145,12 @@ def export(
     config = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or not isinstance(config, ModelConfig):
         raise TypeError("export() takes a detrkit model (one built by build_model or load)")
+    check_attention_op(attention_op, format, config)
+    if attention_op == "detrkit" and verify:
+        try:
+            onnxruntime_library()  # built now, before the tracing, to verify with
+        except OnnxRuntimeLibraryError as error:
+            raise ExportError(f"attention_op 'detrkit' cannot be verified: {error}") from None
     if not (isinstance(tolerance, (int, float)) and 0 < tolerance < math.inf):
         raise ValueError(f"tolerance must be a finite number above 0, got {tolerance!r}")
     size = tuple(size)
@@ -162,7 +180,7 @@ def export(
     source = to_reference(source)
     graph = ExportedDetector(source, with_mask, with_postprocess, num_select).eval()
     metadata = export_metadata(config, graph.input_names, graph.output_names, resize)
-    write = _trace(graph, format, size, opset, metadata)
+    write = _trace(graph, format, size, opset, metadata, attention_op)
     result = ExportResult(path, format, metadata)
 
     def write_and_verify(target: Path) -> None:
@@ -190,15 +208,38 @@ def export(
     return result
 
 
+def check_attention_op(attention_op: str, format: str, config: ModelConfig) -> None:
+    """Raises ValueError for an ``attention_op`` that is unknown, or that would change nothing:
+    detrkit's node for a torch.export program or for a model without deformable attention."""
+    if attention_op not in ATTENTION_OPS:
+        raise ValueError(
+            f"attention_op must be one of {', '.join(ATTENTION_OPS)}, got {attention_op!r}"
+        )
+    if attention_op == "gridsample":
+        return
+    if format != "onnx":
+        raise ValueError(f"attention_op {attention_op!r} is for ONNX exports, not {format!r}")
+    if config.model_type != "deformable_detr":
+        raise ValueError(
+            f"attention_op {attention_op!r} writes Deformable DETR's attention; a "
+            f"{config.model_type} model has none"
+        )
+
+
 def _trace(
-    graph: ExportedDetector, format: str, size: tuple[int, int], opset: int, metadata: dict
+    graph: ExportedDetector,
+    format: str,
+    size: tuple[int, int],
+    opset: int,
+    metadata: dict,
+    attention_op: str,
 ) -> Callable[[Path], None]:
     """Exports ``graph`` in ``format``; returns the function that writes it to a path."""
     if format == "onnx":
-        # ONNX has no fused attention op: the "onnx" op is written as GridSample per level, with
-        # the level sizes read in the graph (see detrkit.ops.ms_deform_attn_onnx).
+        # ONNX has no deformable attention operator: the "onnx" op is written as GridSample per
+        # level, or as detrkit's own node (see detrkit.ops.ms_deform_attn_onnx).
         with attention_implementation("onnx"):
-            model = export_onnx(graph, size, opset, metadata)
+            model = export_onnx(graph, size, opset, metadata, attention_op)
         return lambda tmp: save_onnx(model, tmp)
     # torch.export keeps the fused kernel, through its fake implementation, where it is built.
     fused = auto_implementation("cpu", torch.float32) == "cpu"

@@ -34,6 +34,7 @@ from detrkit.models.postprocess import (
     panoptic_result,
     select_detections,
 )
+from detrkit.ops import ONNX_DOMAIN, OnnxRuntimeLibraryError, onnxruntime_library
 
 # What files written before the metadata recorded it are taken to mean.
 DEFAULT_RESIZE = {"short_side": SHORT_SIDE, "max_size": MAX_SIZE}
@@ -127,11 +128,10 @@ class ExportedModel:
     def _open_onnx(self, threads: int | None) -> None:
         import onnxruntime
 
-        options = onnxruntime.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
         self._session = onnxruntime.InferenceSession(
-            str(self.path), options, providers=["CPUExecutionProvider"]
+            str(self.path),
+            onnxruntime_options(self.path, threads),
+            providers=["CPUExecutionProvider"],
         )
         self.metadata = dict(self._session.get_modelmeta().custom_metadata_map)
 
@@ -329,6 +329,33 @@ class ExportedModel:
         if self.classification == "softmax":  # DETR: a detection per query, in order
             return torch.arange(count)
         return torch.full((count,), -1, dtype=torch.int64)
+
+
+def onnxruntime_options(path: str | os.PathLike, threads: int | None = None):
+    """ONNX Runtime session options for the ONNX file ``path``: ``threads`` intra-op threads
+    (None: ONNX Runtime's default) and, when the file has nodes of detrkit's domain (an export
+    with ``attention_op="detrkit"``), detrkit's operator library registered. Raises ExportError
+    when that library is needed and cannot be built."""
+    import onnx
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    # The opset imports name the domains the graph uses; the weights are parsed too, as the
+    # format keeps them in the same message.
+    domains = {
+        entry.domain for entry in onnx.load(str(path), load_external_data=False).opset_import
+    }
+    if ONNX_DOMAIN in domains:
+        try:
+            options.register_custom_ops_library(str(onnxruntime_library()))
+        except OnnxRuntimeLibraryError as error:
+            raise ExportError(
+                f"{path} has detrkit's own {ONNX_DOMAIN} nodes, which ONNX Runtime runs with "
+                f"detrkit's operator library: {error}"
+            ) from None
+    return options
 
 
 def _is_positive_int(value: Any) -> bool:

@@ -90,8 +90,16 @@ def _quiet_exporter():
             logger.setLevel(level)
 
 
-def export_onnx(graph: ExportedDetector, size: tuple[int, int], opset: int, metadata: dict):
-    """Traces ``graph`` into an ``onnx_ir`` model with named dynamic axes and ``metadata``."""
+def export_onnx(
+    graph: ExportedDetector,
+    size: tuple[int, int],
+    opset: int,
+    metadata: dict,
+    attention_op: str = "gridsample",
+):
+    """Traces ``graph`` into an ``onnx_ir`` model with named dynamic axes and ``metadata``;
+    ``attention_op`` is the form of deformable attention (see detrkit.ops.onnx_translation_table).
+    """
     require_onnx()
     try:
         with _quiet_exporter():
@@ -104,8 +112,9 @@ def export_onnx(graph: ExportedDetector, size: tuple[int, int], opset: int, meta
                 output_names=graph.output_names,
                 opset_version=opset,
                 optimize=True,
-                # Deformable attention as GridSample per level (detrkit.ops.ms_deform_attn_onnx).
-                custom_translation_table=onnx_translation_table(),
+                # Deformable attention as GridSample per level or detrkit's node
+                # (detrkit.ops.ms_deform_attn_onnx).
+                custom_translation_table=onnx_translation_table(attention_op),
             )
     except Exception as error:
         raise ExportError(f"torch.onnx could not export the model: {error}") from error

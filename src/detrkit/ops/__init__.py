@@ -14,13 +14,22 @@ from detrkit.ops.dispatch import (
 )
 from detrkit.ops.fast_dropout import Dropout, dropout, relu_dropout
 from detrkit.ops.feed_forward import relu_dropout_mlp
-from detrkit.ops.ms_deform_attn_onnx import ms_deform_attn_onnx, onnx_translation_table
+from detrkit.ops.ms_deform_attn_onnx import (
+    ATTENTION_OPS,
+    ONNX_DOMAIN,
+    ms_deform_attn_onnx,
+    onnx_translation_table,
+)
 from detrkit.ops.ms_deform_attn_portable import ms_deform_attn_portable
 from detrkit.ops.ms_deform_attn_reference import ms_deform_attn_reference
+from detrkit.ops.onnxruntime_ops import OnnxRuntimeLibraryError, onnxruntime_library
 from detrkit.ops.winograd import WinogradConv2d, winograd_conv2d, winograd_weight
 
 __all__ = [
+    "ATTENTION_OPS",
+    "ONNX_DOMAIN",
     "Dropout",
+    "OnnxRuntimeLibraryError",
     "WinogradConv2d",
     "attention_implementation",
     "auto_implementation",
@@ -34,6 +43,7 @@ __all__ = [
     "native_bf16",
     "onednn",
     "onnx_translation_table",
+    "onnxruntime_library",
     "relu_dropout",
     "relu_dropout_mlp",
     "winograd_conv2d",

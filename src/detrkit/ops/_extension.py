@@ -12,10 +12,12 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
+_CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [
-    Path(__file__).parent / "csrc" / name
+    _CSRC / name
     for name in ("ms_deform_attn_cpu.cpp", "dropout_cpu.cpp", "winograd_cpu.cpp", "bindings.cpp")
 ]
+_HEADERS = [_CSRC / name for name in ("kernels.h", "ms_deform_attn_sampling.h")]
 
 
 def _build_key() -> str:
@@ -39,7 +41,7 @@ def _build_key() -> str:
         pass
     description += f"{torch.__version__} {torch.__file__} {sys.version}"
     digest = hashlib.sha256(description.encode())
-    for source in _SOURCES:
+    for source in _SOURCES + _HEADERS:
         digest.update(source.read_bytes())
     return digest.hexdigest()[:12]
 

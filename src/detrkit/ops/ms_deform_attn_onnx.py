@@ -1,16 +1,21 @@
-"""Multi-scale deformable attention as one custom op that ONNX export writes as ``GridSample``.
+"""Multi-scale deformable attention as one custom op that ONNX export writes as ``GridSample``, or
+as one node of detrkit's own.
 
 In PyTorch, ``detrkit::ms_deform_attn_onnx`` computes what the reference does (and its gradient).
 Its ONNX translation, :func:`onnx_translation_table`, which torch.onnx's exporter takes as
-``custom_translation_table``, samples each level with ONNX ``GridSample`` (opset 16 and later):
-``value`` is cut into levels with ``Slice`` and ``Reshape`` whose bounds are read from the
-``spatial_shapes`` and ``level_start_index`` inputs inside the graph, so the graph takes any image
-size and batch. Runtimes execute ``GridSample`` with their own kernels (OpenVINO's is JIT
-compiled), measured faster than the gather decomposition of :mod:`ms_deform_attn_portable`
-(docs/performance.md gives the numbers).
+``custom_translation_table``, has two forms:
 
-The grid is laid out ``[N * M, P, Lq, 2]``, so that the samples, ``[N * M, D, P, Lq]``, are
-weighted and summed over the points along whole rows of queries rather than rows of P.
+- ``"gridsample"``, which every runtime runs, samples each level with ONNX ``GridSample`` (opset
+  16 and later): ``value`` is cut into levels with ``Slice`` and ``Reshape`` whose bounds are
+  read from the ``spatial_shapes`` and ``level_start_index`` inputs inside the graph, so the
+  graph takes any image size and batch. Runtimes execute ``GridSample`` with their own kernels
+  (OpenVINO's is JIT compiled), measured faster than the gather decomposition of
+  :mod:`ms_deform_attn_portable` (docs/performance.md gives the numbers). The grid is laid out
+  ``[N * M, P, Lq, 2]``, so that the samples, ``[N * M, D, P, Lq]``, are weighted and summed
+  over the points along whole rows of queries rather than rows of P.
+- ``"detrkit"`` writes the op as one ``ai.detrkit::MultiScaleDeformableAttention`` node with the
+  op's five inputs and its output, which ONNX Runtime runs with detrkit's operator library
+  loaded (:func:`detrkit.ops.onnxruntime_library`): the samples are never written out.
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ import torch
 from torch import Tensor
 
 from detrkit.ops.ms_deform_attn_reference import ms_deform_attn_reference
+
+# The node of the "detrkit" form, run by csrc/onnxruntime_ops.cpp.
+ONNX_DOMAIN = "ai.detrkit"
+ONNX_OP = "MultiScaleDeformableAttention"
+ATTENTION_OPS = ("gridsample", "detrkit")
 
 
 @torch.library.custom_op("detrkit::ms_deform_attn_onnx", mutates_args=())
@@ -60,11 +70,55 @@ def _backward(ctx, grad_output):
 ms_deform_attn_onnx.register_autograd(_backward, setup_context=_setup_context)
 
 
-def onnx_translation_table() -> dict:
+def onnx_translation_table(attention_op: str = "gridsample") -> dict:
     """``{op: translation}`` for ``torch.onnx.export(..., custom_translation_table=...)``: writes
     ``detrkit::ms_deform_attn_onnx`` as opset-18 operators (GridSample, Slice, Reshape, Mul,
-    ReduceSum), which the exporter converts to the opset asked for. Needs onnxscript."""
-    return {torch.ops.detrkit.ms_deform_attn_onnx.default: _translate}
+    ReduceSum), which the exporter converts to the opset asked for, or with ``attention_op=
+    "detrkit"`` as one node of detrkit's domain. Needs onnxscript."""
+    if attention_op not in ATTENTION_OPS:
+        raise ValueError(
+            f"attention_op must be one of {', '.join(ATTENTION_OPS)}, got {attention_op!r}"
+        )
+    translate = _translate if attention_op == "gridsample" else _translate_to_detrkit_op
+    return {torch.ops.detrkit.ms_deform_attn_onnx.default: translate}
+
+
+def _detrkit_op_schema():
+    """The ONNX schema of detrkit's node, registered with onnx once (onnxscript writes only
+    operators whose schema it finds)."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    if not onnx.defs.has(ONNX_OP, ONNX_DOMAIN):
+        parameter = OpSchema.FormalParameter
+        onnx.defs.register_schema(
+            OpSchema(
+                ONNX_OP,
+                ONNX_DOMAIN,
+                1,
+                doc="Multi-scale deformable attention (Deformable DETR); see detrkit.ops.",
+                inputs=[
+                    parameter("value", "T"),  # [N, S, M, D]
+                    parameter("spatial_shapes", "tensor(int64)"),  # [L, 2] (H, W)
+                    parameter("level_start_index", "tensor(int64)"),  # [L]
+                    parameter("sampling_locations", "T"),  # [N, Lq, M, L, P, 2] in [0, 1]
+                    parameter("attention_weights", "T"),  # [N, Lq, M, L, P]
+                ],
+                outputs=[parameter("output", "T")],  # [N, Lq, M * D]
+                type_constraints=[("T", ["tensor(float)"], "float32 values and locations")],
+            )
+        )
+    return onnx.defs.get_schema(ONNX_OP, 1, ONNX_DOMAIN)
+
+
+def _translate_to_detrkit_op(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+):
+    from onnxscript import values
+
+    opset = values.Opset(ONNX_DOMAIN, 1)
+    node = values.Op(opset, ONNX_OP, _detrkit_op_schema())
+    return node(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
 def _static_dims(tensor, axes: tuple[int, ...], name: str) -> list[int]:

@@ -1,0 +1,225 @@
+"""detrkit's ONNX Runtime operator: the library's build, the node against the reference, and
+exports that use it."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import detrkit
+from detrkit.cli.main import main
+from detrkit.deploy import ExportedModel, ExportError
+from detrkit.ops import ONNX_DOMAIN, OnnxRuntimeLibraryError, ms_deform_attn_reference
+from detrkit.ops import onnxruntime_ops as library_module
+from detrkit.ops.onnxruntime_ops import onnxruntime_library
+from helpers import (
+    ATTENTION_CASES,
+    BAD_INPUTS,
+    FOUR_LEVELS,
+    assert_close_fp32,
+    make_inputs,
+    needs_onnx,
+    tiny_model,
+)
+
+pytestmark = needs_onnx
+
+NAMES = ["value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights"]
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """onnxruntime_library() without its process-wide cache, building into an empty cache."""
+    monkeypatch.setenv("DETRKIT_CACHE_DIR", str(tmp_path / "cache"))
+    onnxruntime_library.cache_clear()
+    yield tmp_path / "cache"
+    onnxruntime_library.cache_clear()
+
+
+def attention_file(path: Path) -> Path:
+    """An ONNX file of one ai.detrkit::MultiScaleDeformableAttention node, every axis dynamic."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    ranks = {"value": 4, "sampling_locations": 6, "attention_weights": 5}
+    inputs = [
+        helper.make_tensor_value_info(
+            name,
+            TensorProto.INT64 if name not in ranks else TensorProto.FLOAT,
+            [f"{name}_{axis}" for axis in range(ranks.get(name, 2 if name[0] == "s" else 1))],
+        )
+        for name in NAMES
+    ]
+    output = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", "Lq", "C"])
+    node = helper.make_node("MultiScaleDeformableAttention", NAMES, ["output"], domain=ONNX_DOMAIN)
+    graph = helper.make_graph([node], "attention", inputs, [output])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(ONNX_DOMAIN, 1)]
+    )
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def attention_session(tmp_path_factory):
+    """An ONNX Runtime session of attention_file, with detrkit's library loaded the way
+    ExportedModel loads it."""
+    import onnxruntime
+
+    from detrkit.deploy.runtime import onnxruntime_options
+
+    path = attention_file(tmp_path_factory.mktemp("attention") / "attention.onnx")
+    options = onnxruntime_options(path, threads=2)
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda inputs: torch.from_numpy(
+        session.run(None, {name: t.numpy() for name, t in zip(NAMES, inputs)})[0]
+    )
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        *ATTENTION_CASES,
+        # More queries than one task of 16 holds, a batch of 3, and locations on every level.
+        "many_queries",
+        "one_query",
+    ],
+)
+def test_the_node_equals_the_reference(attention_session, case):
+    options = {
+        "many_queries": dict(spatial_shapes=FOUR_LEVELS, channels=32, batch=3, queries=53),
+        "one_query": dict(spatial_shapes=FOUR_LEVELS, channels=8, batch=1, queries=1, points=1),
+    }.get(case) or ATTENTION_CASES[case]
+    inputs = make_inputs(**options)
+    assert_close_fp32(attention_session(inputs), ms_deform_attn_reference(*inputs), "output")
+
+
+def test_a_nan_location_gives_nan_as_the_reference_does(attention_session):
+    inputs = list(make_inputs(FOUR_LEVELS, channels=32))
+    inputs[3] = inputs[3].clone()
+    inputs[3][0, 2, 1, 0, 0, 0] = float("nan")
+    actual = attention_session(inputs)
+    expected = ms_deform_attn_reference(*inputs)
+    assert actual.isnan().equal(expected.isnan()) and actual.isnan().any()
+    assert_close_fp32(actual.nan_to_num(), expected.nan_to_num(), "output")
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_inputs_it_cannot_take_are_errors_naming_the_input(attention_session, case):
+    """Every input the PyTorch op refuses, the node refuses: inconsistent shapes with detrkit's
+    message naming the input, types that are not float32 and int64 with ONNX Runtime's own
+    message naming the expected type. Nothing is read out of bounds."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
+
+    corrupt, name = BAD_INPUTS[case]
+    inputs = corrupt(make_inputs(FOUR_LEVELS))
+    pattern = (
+        "expected: \\(tensor\\((float|int64)\\)\\)"
+        if "dtype" in case or "integer" in case
+        else name
+    )
+    with pytest.raises((Fail, InvalidArgument), match=pattern):
+        attention_session(inputs)
+
+
+def test_the_library_is_built_once_and_keyed_on_its_sources(fresh_library, tmp_path, monkeypatch):
+    first = onnxruntime_library()
+    assert first.is_file() and first.is_relative_to(fresh_library)
+    onnxruntime_library.cache_clear()
+    assert onnxruntime_library() == first  # found in the cache, not rebuilt
+    # A changed source builds a library of its own beside the first.
+    source = tmp_path / "onnxruntime_ops.cpp"
+    shutil.copy(library_module._SOURCE, source)
+    source.write_text(source.read_text() + "\n// changed\n")
+    monkeypatch.setattr(library_module, "_SOURCE", source)
+    onnxruntime_library.cache_clear()
+    second = onnxruntime_library()
+    assert second != first and second.is_file() and first.is_file()
+    # Only the libraries, no temporaries.
+    assert sorted(p.name for p in fresh_library.rglob("*") if p.is_file()) == [first.name] * 2
+
+
+def test_a_failed_build_leaves_nothing_and_says_why(fresh_library, tmp_path, monkeypatch):
+    source = tmp_path / "onnxruntime_ops.cpp"
+    source.write_text("this is not C++\n")
+    monkeypatch.setattr(library_module, "_SOURCE", source)
+    with pytest.raises(OnnxRuntimeLibraryError, match=r"failed:\n.*error"):
+        onnxruntime_library()
+    assert not [p for p in fresh_library.rglob("*") if p.is_file()]
+
+
+def test_missing_headers_or_compiler_are_named(fresh_library, tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNXRUNTIME_INCLUDE_DIR", str(tmp_path))
+    with pytest.raises(OnnxRuntimeLibraryError, match=f"ONNXRUNTIME_INCLUDE_DIR={tmp_path} has no"):
+        onnxruntime_library()
+    monkeypatch.delenv("ONNXRUNTIME_INCLUDE_DIR")
+    monkeypatch.setattr(library_module, "_SYSTEM_INCLUDES", [tmp_path / "none"])
+    with pytest.raises(OnnxRuntimeLibraryError, match="apt-get install libonnxruntime-dev"):
+        onnxruntime_library()
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setattr(library_module, "onnxruntime_include_dir", lambda: tmp_path)
+    with pytest.raises(OnnxRuntimeLibraryError, match="'no-such-compiler' is not on PATH"):
+        onnxruntime_library()
+
+
+def test_an_export_with_detrkits_node_runs_and_equals_pytorch(tmp_path):
+    import onnx
+
+    model = tiny_model("deformable")
+    path = tmp_path / "deformable.onnx"
+    result = detrkit.export(model, path, size=(96, 128), attention_op="detrkit")
+    assert max(result.differences.values()) <= 1e-4
+    graph = onnx.load(path)
+    nodes = [(node.domain, node.op_type) for node in graph.graph.node]
+    # One node per attention: the encoder's and decoder's layers, no GridSample left.
+    layers = model.config.enc_layers + model.config.dec_layers
+    assert nodes.count((ONNX_DOMAIN, "MultiScaleDeformableAttention")) == layers
+    assert ("", "GridSample") not in nodes
+    exported = ExportedModel(path)
+    for batch, size in [(1, (80, 100)), (3, (131, 147))]:
+        images = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(batch))
+        mask = torch.zeros(batch, *size, dtype=torch.bool)
+        mask[0, size[0] // 2 :] = True
+        with torch.no_grad():
+            expected = model(images, mask)
+        actual = exported(images=images, mask=mask)
+        for name in ("pred_logits", "pred_boxes"):
+            assert (actual[name] - expected[name]).abs().max() <= 1e-4, (name, batch)
+
+
+def test_a_file_with_detrkits_node_where_the_library_cannot_be_built(
+    fresh_library, tmp_path, monkeypatch
+):
+    path = attention_file(tmp_path / "attention.onnx")
+    monkeypatch.setenv("ONNXRUNTIME_INCLUDE_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(
+        ExportError, match=rf"{re.escape(str(path))} has detrkit's own {ONNX_DOMAIN} nodes.*nowhere"
+    ):
+        ExportedModel(path)
+    # The export asks for the library before tracing, to verify with.
+    with pytest.raises(ExportError, match="attention_op 'detrkit' cannot be verified"):
+        detrkit.export(tiny_model("deformable"), tmp_path / "m.onnx", attention_op="detrkit")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_attention_op_values_that_would_change_nothing_are_refused(tmp_path, capsys):
+    deformable = tiny_model("deformable")
+    with pytest.raises(ValueError, match="attention_op must be one of gridsample, detrkit"):
+        detrkit.export(deformable, tmp_path / "m.onnx", attention_op="grid")
+    with pytest.raises(ValueError, match="is for ONNX exports, not 'torch'"):
+        detrkit.export(deformable, tmp_path / "m.pt2", "torch", attention_op="detrkit")
+    with pytest.raises(ValueError, match="a detr model has none"):
+        detrkit.export(tiny_model("detr"), tmp_path / "m.onnx", attention_op="detrkit")
+    assert list(tmp_path.iterdir()) == []
+    detrkit.save(deformable, tmp_path / "checkpoint")
+    argv = ["export", "--weights", str(tmp_path / "checkpoint"), "--out", str(tmp_path / "m.pt2")]
+    assert main([*argv, "--attention-op", "detrkit"]) == 2
+    assert "attention_op 'detrkit' is for ONNX exports" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--attention-op", "grid"])
+    assert "--attention-op: invalid choice: 'grid'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
