@@ -11,9 +11,10 @@ Each model is built from its preset with random weights (seed 0), exported once 
 process, by:
 
 - ``onnxruntime fp32``: ONNX Runtime's CPU provider, all graph optimisations;
-- ``onnxruntime fp32 op`` (Deformable DETR): the same on a second export, made with
-  ``attention_op="detrkit"``, whose attention is detrkit's ONNX Runtime operator
-  (``detrkit.ops.onnxruntime_library``, which needs ONNX Runtime's C API headers);
+- ``onnxruntime fp32 op``, ``openvino f32 op``, ``openvino default op`` (Deformable DETR): the
+  same on a second export, made with ``attention_op="detrkit"``, whose attention is one node run
+  by detrkit's library for each runtime (``detrkit.ops.onnxruntime_library``, which needs ONNX
+  Runtime's C API headers, and ``detrkit.ops.openvino_extension``);
 - ``openvino f32``: OpenVINO's CPU plugin with ``INFERENCE_PRECISION_HINT=f32``;
 - ``openvino default``: OpenVINO's CPU plugin as it comes (bf16 on CPUs with AMX or AVX-512 BF16);
   with ``--openvino-static``, both OpenVINO models are compiled for the benchmark's input shapes
@@ -44,8 +45,11 @@ import detrkit
 from detrkit.cli.allocator import keep_freed_memory
 from detrkit.deploy.runtime import onnxruntime_options
 from detrkit.fast import optimize_for_inference
+from detrkit.ops import openvino_extension
 
 OUTPUTS = ("pred_logits", "pred_boxes")
+# The runtimes of the export with detrkit's attention node.
+OP_RUNTIMES = ("onnxruntime fp32 op", "openvino f32 op", "openvino default op")
 Run = Callable[[], dict[str, np.ndarray]]
 
 
@@ -70,6 +74,7 @@ def openvino_run(
     import openvino
 
     core = openvino.Core()
+    core.add_extension(str(openvino_extension()))  # read by the files with detrkit's node
     properties = {"INFERENCE_NUM_THREADS": threads}
     if precision is not None:
         properties["INFERENCE_PRECISION_HINT"] = precision
@@ -119,8 +124,8 @@ def compare(name: str, args: argparse.Namespace, threads: int) -> None:
         detrkit.export(model, path, size=(height, width), verify=False)
         print(f"{name}: exported in {time.perf_counter() - start:.0f} s")
         op_path = Path(directory) / f"{name}_op.onnx"
-        with_op = model.config.model_type == "deformable_detr" and wanted(
-            "onnxruntime fp32 op", args
+        with_op = model.config.model_type == "deformable_detr" and any(
+            wanted(key, args) for key in OP_RUNTIMES
         )
         if with_op:
             detrkit.export(
@@ -136,16 +141,15 @@ def compare(name: str, args: argparse.Namespace, threads: int) -> None:
             chosen = {}
             if wanted("onnxruntime fp32", args):
                 runs["onnxruntime fp32"] = onnxruntime_run(path, feeds, threads)
-            if with_op:
+            if with_op and wanted("onnxruntime fp32 op", args):
                 runs["onnxruntime fp32 op"] = onnxruntime_run(op_path, feeds, threads)
-            if wanted("openvino f32", args):
-                runs["openvino f32"], chosen["openvino f32"] = openvino_run(
-                    path, feeds, threads, "f32", args.openvino_static
-                )
-            if wanted("openvino default", args):
-                runs["openvino default"], chosen["openvino default"] = openvino_run(
-                    path, feeds, threads, None, args.openvino_static
-                )
+            for suffix, file in [("", path), (" op", op_path)]:
+                for precision, hint in (("f32", "f32"), ("default", None)):
+                    key = f"openvino {precision}{suffix}"
+                    if (file == path or with_op) and wanted(key, args):
+                        runs[key], chosen[key] = openvino_run(
+                            file, feeds, threads, hint, args.openvino_static
+                        )
             for precision, fast in optimized.items():
                 if wanted(f"detrkit {precision}", args):
                     runs[f"detrkit {precision}"] = detrkit_run(fast, images, mask)
@@ -179,9 +183,11 @@ def report(
         print(f"  {key:22s}{seconds:10.3f}{batch / seconds:10.2f}{differences[key]:12.1e}{note}")
     peers = {
         "fp32": [
-            k for k in ("onnxruntime fp32", "onnxruntime fp32 op", "openvino f32") if k in times
+            k
+            for k in ("onnxruntime fp32", "onnxruntime fp32 op", "openvino f32", "openvino f32 op")
+            if k in times
         ],
-        "bf16": [k for k in ("openvino default",) if k in times],
+        "bf16": [k for k in ("openvino default", "openvino default op") if k in times],
     }
     for precision, keys in peers.items():
         ours = f"detrkit {precision}"
@@ -210,6 +216,8 @@ def main() -> None:
             "onnxruntime fp32 op",
             "openvino f32",
             "openvino default",
+            "openvino f32 op",
+            "openvino default op",
             "detrkit fp32",
             "detrkit bf16",
         ],

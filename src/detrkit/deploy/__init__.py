@@ -43,7 +43,7 @@ from detrkit.files import remove_temporaries, write_atomically
 from detrkit.models import ModelConfig
 from detrkit.ops import (
     ATTENTION_OPS,
-    OnnxRuntimeLibraryError,
+    RuntimeLibraryError,
     attention_implementation,
     auto_implementation,
     onnxruntime_library,
@@ -108,8 +108,9 @@ def export(
 
     ``attention_op`` is how an ONNX export writes Deformable DETR's attention: ``"gridsample"``
     (ONNX GridSample per level, which every runtime runs) or ``"detrkit"`` (one
-    ``ai.detrkit::MultiScaleDeformableAttention`` node, which ONNX Runtime runs several times
-    faster with :func:`detrkit.ops.onnxruntime_library` loaded; :class:`ExportedModel` loads it).
+    ``ai.detrkit::MultiScaleDeformableAttention`` node, which ONNX Runtime and OpenVINO run
+    several times faster with detrkit's library loaded, see :mod:`detrkit.ops.runtime_ops`;
+    :class:`ExportedModel` loads it).
 
     ``size`` is the (H, W) traced with: every feature map must be at least 2x2 there, so each side at
     least the coarsest stride plus one (DETR 33, DC5 17, four-level Deformable DETR 65), and
@@ -149,7 +150,7 @@ def export(
     if attention_op == "detrkit" and verify:
         try:
             onnxruntime_library()  # built now, before the tracing, to verify with
-        except OnnxRuntimeLibraryError as error:
+        except RuntimeLibraryError as error:
             raise ExportError(f"attention_op 'detrkit' cannot be verified: {error}") from None
     if not (isinstance(tolerance, (int, float)) and 0 < tolerance < math.inf):
         raise ValueError(f"tolerance must be a finite number above 0, got {tolerance!r}")

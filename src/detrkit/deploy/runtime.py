@@ -34,7 +34,7 @@ from detrkit.models.postprocess import (
     panoptic_result,
     select_detections,
 )
-from detrkit.ops import ONNX_DOMAIN, OnnxRuntimeLibraryError, onnxruntime_library
+from detrkit.ops import ONNX_DOMAIN, RuntimeLibraryError, onnxruntime_library
 
 # What files written before the metadata recorded it are taken to mean.
 DEFAULT_RESIZE = {"short_side": SHORT_SIDE, "max_size": MAX_SIZE}
@@ -350,7 +350,7 @@ def onnxruntime_options(path: str | os.PathLike, threads: int | None = None):
     if ONNX_DOMAIN in domains:
         try:
             options.register_custom_ops_library(str(onnxruntime_library()))
-        except OnnxRuntimeLibraryError as error:
+        except RuntimeLibraryError as error:
             raise ExportError(
                 f"{path} has detrkit's own {ONNX_DOMAIN} nodes, which ONNX Runtime runs with "
                 f"detrkit's operator library: {error}"

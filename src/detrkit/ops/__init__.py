@@ -22,14 +22,14 @@ from detrkit.ops.ms_deform_attn_onnx import (
 )
 from detrkit.ops.ms_deform_attn_portable import ms_deform_attn_portable
 from detrkit.ops.ms_deform_attn_reference import ms_deform_attn_reference
-from detrkit.ops.onnxruntime_ops import OnnxRuntimeLibraryError, onnxruntime_library
+from detrkit.ops.runtime_ops import RuntimeLibraryError, onnxruntime_library, openvino_extension
 from detrkit.ops.winograd import WinogradConv2d, winograd_conv2d, winograd_weight
 
 __all__ = [
     "ATTENTION_OPS",
     "ONNX_DOMAIN",
     "Dropout",
-    "OnnxRuntimeLibraryError",
+    "RuntimeLibraryError",
     "WinogradConv2d",
     "attention_implementation",
     "auto_implementation",
@@ -44,6 +44,7 @@ __all__ = [
     "onednn",
     "onnx_translation_table",
     "onnxruntime_library",
+    "openvino_extension",
     "relu_dropout",
     "relu_dropout_mlp",
     "winograd_conv2d",

@@ -14,8 +14,8 @@ Its ONNX translation, :func:`onnx_translation_table`, which torch.onnx's exporte
   ``[N * M, P, Lq, 2]``, so that the samples, ``[N * M, D, P, Lq]``, are weighted and summed
   over the points along whole rows of queries rather than rows of P.
 - ``"detrkit"`` writes the op as one ``ai.detrkit::MultiScaleDeformableAttention`` node with the
-  op's five inputs and its output, which ONNX Runtime runs with detrkit's operator library
-  loaded (:func:`detrkit.ops.onnxruntime_library`): the samples are never written out.
+  op's five inputs and its output, which ONNX Runtime and OpenVINO run with detrkit's libraries
+  loaded (:mod:`detrkit.ops.runtime_ops`): the samples are never written out.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import Tensor
 
 from detrkit.ops.ms_deform_attn_reference import ms_deform_attn_reference
 
-# The node of the "detrkit" form, run by csrc/onnxruntime_ops.cpp.
+# The node of the "detrkit" form, run by csrc/onnxruntime_ops.cpp and csrc/openvino_ops.cpp.
 ONNX_DOMAIN = "ai.detrkit"
 ONNX_OP = "MultiScaleDeformableAttention"
 ATTENTION_OPS = ("gridsample", "detrkit")

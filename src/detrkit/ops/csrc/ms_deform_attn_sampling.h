@@ -1,7 +1,7 @@
 // The forward computation of multi-scale deformable attention on the CPU, for one run of
-// queries, with no dependency on a framework: the PyTorch extension (ms_deform_attn_cpu.cpp) and
-// the ONNX Runtime operator (onnxruntime_ops.cpp) both call forward_queries, each from its own
-// thread pool.
+// queries, with no dependency on a framework: the PyTorch extension (ms_deform_attn_cpu.cpp), the
+// ONNX Runtime operator (onnxruntime_ops.cpp) and the OpenVINO extension (openvino_ops.cpp) all
+// call forward_queries, each from its own thread pool.
 //
 // Layouts (all contiguous):
 //   value               [N, S, M, D]        S = sum_l H_l * W_l, levels flattened row-major

@@ -1,5 +1,5 @@
-"""detrkit's ONNX Runtime operator: the library's build, the node against the reference, and
-exports that use it."""
+"""detrkit's operators for ONNX Runtime and OpenVINO: the libraries' build, the node against the
+reference in each runtime, and exports that use it."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch
 import detrkit
 from detrkit.cli.main import main
 from detrkit.deploy import ExportedModel, ExportError
-from detrkit.ops import ONNX_DOMAIN, OnnxRuntimeLibraryError, ms_deform_attn_reference
-from detrkit.ops import onnxruntime_ops as library_module
-from detrkit.ops.onnxruntime_ops import onnxruntime_library
+from detrkit.ops import ONNX_DOMAIN, RuntimeLibraryError, ms_deform_attn_reference
+from detrkit.ops import runtime_ops as library_module
+from detrkit.ops.runtime_ops import onnxruntime_library, openvino_extension
 from helpers import (
     ATTENTION_CASES,
     BAD_INPUTS,
@@ -29,15 +29,18 @@ from helpers import (
 pytestmark = needs_onnx
 
 NAMES = ["value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights"]
+TYPES = [torch.float32, torch.int64, torch.int64, torch.float32, torch.float32]
 
 
 @pytest.fixture
 def fresh_library(monkeypatch, tmp_path):
-    """onnxruntime_library() without its process-wide cache, building into an empty cache."""
+    """The libraries without their process-wide cache, building into an empty cache."""
     monkeypatch.setenv("DETRKIT_CACHE_DIR", str(tmp_path / "cache"))
-    onnxruntime_library.cache_clear()
+    for build in (onnxruntime_library, openvino_extension):
+        build.cache_clear()
     yield tmp_path / "cache"
-    onnxruntime_library.cache_clear()
+    for build in (onnxruntime_library, openvino_extension):
+        build.cache_clear()
 
 
 def attention_file(path: Path) -> Path:
@@ -64,20 +67,43 @@ def attention_file(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def attention_session(tmp_path_factory):
-    """An ONNX Runtime session of attention_file, with detrkit's library loaded the way
-    ExportedModel loads it."""
+def onnxruntime_runner(path: Path):
+    """Runs ``path`` in ONNX Runtime with detrkit's library loaded, as ExportedModel loads it."""
     import onnxruntime
 
     from detrkit.deploy.runtime import onnxruntime_options
 
-    path = attention_file(tmp_path_factory.mktemp("attention") / "attention.onnx")
     options = onnxruntime_options(path, threads=2)
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda inputs: torch.from_numpy(
-        session.run(None, {name: t.numpy() for name, t in zip(NAMES, inputs)})[0]
-    )
+    return lambda feeds: session.run(None, feeds)
+
+
+def openvino_runner(path: Path):
+    """Runs ``path`` in OpenVINO's CPU plugin, in fp32, with detrkit's extension loaded."""
+    import openvino
+
+    core = openvino.Core()
+    core.add_extension(str(openvino_extension()))
+    properties = {"INFERENCE_NUM_THREADS": 2, "INFERENCE_PRECISION_HINT": "f32"}
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", properties)
+    request = compiled.create_infer_request()
+    return lambda feeds: list(request.infer(feeds).values())
+
+
+RUNNERS = {"onnxruntime": onnxruntime_runner, "openvino": openvino_runner}
+
+
+@pytest.fixture(scope="module", params=list(RUNNERS))
+def attention_session(request, tmp_path_factory):
+    """The attention node in each runtime, as a function of ms_deform_attn's inputs."""
+    path = attention_file(tmp_path_factory.mktemp("attention") / "attention.onnx")
+    run = RUNNERS[request.param](path)
+
+    def attention(inputs):
+        return torch.from_numpy(run({name: t.numpy() for name, t in zip(NAMES, inputs)})[0])
+
+    attention.runtime = request.param
+    return attention
 
 
 @pytest.mark.parametrize(
@@ -110,19 +136,23 @@ def test_a_nan_location_gives_nan_as_the_reference_does(attention_session):
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_inputs_it_cannot_take_are_errors_naming_the_input(attention_session, case):
-    """Every input the PyTorch op refuses, the node refuses: inconsistent shapes with detrkit's
-    message naming the input, types that are not float32 and int64 with ONNX Runtime's own
-    message naming the expected type. Nothing is read out of bounds."""
-    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
-
+    """Every input of a shape the PyTorch op refuses, the node refuses with detrkit's message
+    naming the input (nothing is read out of bounds). Feeds of another rank or type than the
+    graph's inputs are the runtime's to refuse: ONNX Runtime does, OpenVINO refuses another rank
+    and converts another type, after which the node computes what the reference does."""
     corrupt, name = BAD_INPUTS[case]
     inputs = corrupt(make_inputs(FOUR_LEVELS))
-    pattern = (
-        "expected: \\(tensor\\((float|int64)\\)\\)"
-        if "dtype" in case or "integer" in case
-        else name
-    )
-    with pytest.raises((Fail, InvalidArgument), match=pattern):
+    if "dtype" in case or "integer" in case:
+        if attention_session.runtime == "openvino":
+            expected = [t.to(dtype) for t, dtype in zip(inputs, TYPES)]
+            actual = attention_session(inputs)
+            assert_close_fp32(actual, ms_deform_attn_reference(*expected), "output")
+            return
+        name = "type"
+    elif "rank" in case:
+        name = f"{name}|dimensions"
+    # ONNX Runtime raises its own exception classes, OpenVINO RuntimeError.
+    with pytest.raises(Exception, match=name):
         attention_session(inputs)
 
 
@@ -133,9 +163,9 @@ def test_the_library_is_built_once_and_keyed_on_its_sources(fresh_library, tmp_p
     assert onnxruntime_library() == first  # found in the cache, not rebuilt
     # A changed source builds a library of its own beside the first.
     source = tmp_path / "onnxruntime_ops.cpp"
-    shutil.copy(library_module._SOURCE, source)
+    shutil.copy(library_module._ONNXRUNTIME_SOURCE, source)
     source.write_text(source.read_text() + "\n// changed\n")
-    monkeypatch.setattr(library_module, "_SOURCE", source)
+    monkeypatch.setattr(library_module, "_ONNXRUNTIME_SOURCE", source)
     onnxruntime_library.cache_clear()
     second = onnxruntime_library()
     assert second != first and second.is_file() and first.is_file()
@@ -146,23 +176,23 @@ def test_the_library_is_built_once_and_keyed_on_its_sources(fresh_library, tmp_p
 def test_a_failed_build_leaves_nothing_and_says_why(fresh_library, tmp_path, monkeypatch):
     source = tmp_path / "onnxruntime_ops.cpp"
     source.write_text("this is not C++\n")
-    monkeypatch.setattr(library_module, "_SOURCE", source)
-    with pytest.raises(OnnxRuntimeLibraryError, match=r"failed:\n.*error"):
+    monkeypatch.setattr(library_module, "_ONNXRUNTIME_SOURCE", source)
+    with pytest.raises(RuntimeLibraryError, match=r"failed:\n.*error"):
         onnxruntime_library()
     assert not [p for p in fresh_library.rglob("*") if p.is_file()]
 
 
 def test_missing_headers_or_compiler_are_named(fresh_library, tmp_path, monkeypatch):
     monkeypatch.setenv("ONNXRUNTIME_INCLUDE_DIR", str(tmp_path))
-    with pytest.raises(OnnxRuntimeLibraryError, match=f"ONNXRUNTIME_INCLUDE_DIR={tmp_path} has no"):
+    with pytest.raises(RuntimeLibraryError, match=f"ONNXRUNTIME_INCLUDE_DIR={tmp_path} has no"):
         onnxruntime_library()
     monkeypatch.delenv("ONNXRUNTIME_INCLUDE_DIR")
     monkeypatch.setattr(library_module, "_SYSTEM_INCLUDES", [tmp_path / "none"])
-    with pytest.raises(OnnxRuntimeLibraryError, match="apt-get install libonnxruntime-dev"):
+    with pytest.raises(RuntimeLibraryError, match="apt-get install libonnxruntime-dev"):
         onnxruntime_library()
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setattr(library_module, "onnxruntime_include_dir", lambda: tmp_path)
-    with pytest.raises(OnnxRuntimeLibraryError, match="'no-such-compiler' is not on PATH"):
+    with pytest.raises(RuntimeLibraryError, match="'no-such-compiler' is not on PATH"):
         onnxruntime_library()
 
 
@@ -179,16 +209,22 @@ def test_an_export_with_detrkits_node_runs_and_equals_pytorch(tmp_path):
     layers = model.config.enc_layers + model.config.dec_layers
     assert nodes.count((ONNX_DOMAIN, "MultiScaleDeformableAttention")) == layers
     assert ("", "GridSample") not in nodes
-    exported = ExportedModel(path)
+    exported = ExportedModel(path)  # ONNX Runtime, detrkit's library loaded
+    openvino = openvino_runner(path)
     for batch, size in [(1, (80, 100)), (3, (131, 147))]:
         images = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(batch))
         mask = torch.zeros(batch, *size, dtype=torch.bool)
         mask[0, size[0] // 2 :] = True
         with torch.no_grad():
             expected = model(images, mask)
-        actual = exported(images=images, mask=mask)
-        for name in ("pred_logits", "pred_boxes"):
-            assert (actual[name] - expected[name]).abs().max() <= 1e-4, (name, batch)
+        in_openvino = openvino({"images": images.numpy(), "mask": mask.numpy()})
+        for runtime, actual in [
+            ("onnxruntime", exported(images=images, mask=mask)),
+            ("openvino", dict(zip(exported.output_names, map(torch.from_numpy, in_openvino)))),
+        ]:
+            for name in ("pred_logits", "pred_boxes"):
+                difference = (actual[name] - expected[name]).abs().max()
+                assert difference <= 1e-4, (runtime, name, batch, difference)
 
 
 def test_a_file_with_detrkits_node_where_the_library_cannot_be_built(
@@ -204,6 +240,23 @@ def test_a_file_with_detrkits_node_where_the_library_cannot_be_built(
     with pytest.raises(ExportError, match="attention_op 'detrkit' cannot be verified"):
         detrkit.export(tiny_model("deformable"), tmp_path / "m.onnx", attention_op="detrkit")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_openvinos_extension_needs_the_package_and_its_headers(
+    fresh_library, tmp_path, monkeypatch
+):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(RuntimeLibraryError, match=r"not installed \(pip install openvino\)"):
+        openvino_extension()
+    bare = types.ModuleType("openvino")
+    bare.__file__ = str(tmp_path / "openvino" / "__init__.py")
+    monkeypatch.setitem(sys.modules, "openvino", bare)
+    with pytest.raises(RuntimeLibraryError, match="has no headers"):
+        openvino_extension()
+    assert not fresh_library.exists()
 
 
 def test_attention_op_values_that_would_change_nothing_are_refused(tmp_path, capsys):
