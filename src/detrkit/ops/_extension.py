@@ -20,6 +20,19 @@ _SOURCES = [
 _HEADERS = [_CSRC / name for name in ("kernels.h", "ms_deform_attn_sampling.h")]
 
 
+def cpu_description() -> str:
+    """This CPU's architecture, model and feature flags, for the keys of builds made with
+    ``-march=native`` (a shared home directory can expose a cache to other machines)."""
+    description = platform.machine() + platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                description += line
+    except OSError:
+        pass
+    return description
+
+
 def _build_key() -> str:
     """A short hash of what the compiled kernels depend on: this CPU's model and feature flags,
     the kernels' sources, and the torch and Python they are built against (and where that torch
@@ -32,13 +45,7 @@ def _build_key() -> str:
     """
     import torch
 
-    description = platform.machine() + platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                description += line
-    except OSError:
-        pass
+    description = cpu_description()
     description += f"{torch.__version__} {torch.__file__} {sys.version}"
     digest = hashlib.sha256(description.encode())
     for source in _SOURCES + _HEADERS:

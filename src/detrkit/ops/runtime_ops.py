@@ -25,11 +25,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+from detrkit.ops._extension import cpu_description
 
 INCLUDE_VARIABLE = "ONNXRUNTIME_INCLUDE_DIR"
 
@@ -148,13 +149,7 @@ def _build_key(source: Path, compiler: str, flags: list[str], depends_on: list[P
     """A short hash of what a library depends on: its sources, the runtime's header or library
     it is built against, the compiler and flags, and this CPU's model and flags (it is built
     with -march=native, and a shared home directory can expose the cache to other machines)."""
-    description = f"{platform.machine()} {compiler} {flags}"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                description += line
-    except OSError:
-        pass
+    description = f"{cpu_description()} {compiler} {flags}"
     digest = hashlib.sha256(description.encode())
     for path in [source, *_HEADERS]:
         digest.update(path.read_bytes())
