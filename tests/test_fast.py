@@ -36,6 +36,7 @@ from detrkit.fast.backbone import (
     AccumulatingBottleneck,
     FastBasicBlock,
     FastBottleneck,
+    FastMaxPool2d,
     FastResNetBackbone,
 )
 from detrkit.fast.chunking import ChunkedBatches
@@ -253,6 +254,16 @@ CASES = {
         AccumulatingBottleneck, bottleneck, feature_map, training=False
     ),
     "basic block": Case(FastBasicBlock, basic_block, feature_map),
+    # The stem's pool, on channels-last memory as the optimized backbone gives it.
+    "max pool": Case(
+        FastMaxPool2d,
+        lambda: nn.MaxPool2d(3, 2, 1),
+        lambda g: dict(
+            input=torch.randn(2, 16, 9, 11, generator=g).contiguous(
+                memory_format=torch.channels_last
+            )
+        ),
+    ),
     "resnet backbone": Case(
         FastResNetBackbone,
         lambda: ResNetBackbone("resnet18", return_layers=("layer2", "layer4")),

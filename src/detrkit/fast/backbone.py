@@ -18,7 +18,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
 from detrkit.models.backbone import ResNetBackbone, resize_mask
-from detrkit.ops import WinogradConv2d, onednn
+from detrkit.ops import WinogradConv2d, max_pool2d, onednn
 from detrkit.ops.winograd import is_winograd_compatible
 
 # The (convolution, its batch norm) children of torchvision's residual blocks, whose forward runs
@@ -146,6 +146,18 @@ class FastBasicBlock(BasicBlock):
         return conv_norm_add_relu(self.conv2, self.bn2, out, _shortcut(self, x))
 
 
+class FastMaxPool2d(nn.MaxPool2d):
+    """The stem's max pooling without the indices PyTorch's CPU kernel also writes
+    (:func:`detrkit.ops.max_pool2d`); any other configuration runs the reference's."""
+
+    reference_class = nn.MaxPool2d
+
+    def forward(self, input: Tensor) -> Tensor:  # the reference's argument name
+        if self.dilation not in (1, (1, 1)) or self.ceil_mode or self.return_indices:
+            return super().forward(input)
+        return max_pool2d(input, self.kernel_size, self.stride, self.padding)
+
+
 class FastResNetBackbone(ResNetBackbone):
     """The backbone with its stem's norm and ReLU joined to the convolution, run in the weights'
     dtype (bf16 or fp16 after ``optimize_for_inference``)."""
@@ -154,7 +166,14 @@ class FastResNetBackbone(ResNetBackbone):
 
     def forward(self, images: Tensor, mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         body = self.body
-        x = images.to(body["conv1"].weight.dtype)
+        weight = body["conv1"].weight
+        # One copy into the convolution's dtype and layout, where two would be made apart.
+        layout = (
+            torch.channels_last
+            if weight.is_contiguous(memory_format=torch.channels_last)
+            else torch.preserve_format
+        )
+        x = images.to(weight.dtype, memory_format=layout)
         relu = body["relu"]
         # The ReLU joins the convolution unless it is being watched (its hooks would not run).
         fused_relu = type(relu) is nn.ReLU and not (relu._forward_hooks or relu._forward_pre_hooks)

@@ -16,6 +16,7 @@ from detrkit.fast.backbone import (
     AccumulatingBottleneck,
     FastBasicBlock,
     FastBottleneck,
+    FastMaxPool2d,
     FastResNetBackbone,
     fold_batchnorms,
     use_winograd_convolutions,
@@ -66,8 +67,12 @@ def decoder_layer(layer: nn.Module) -> nn.Module:
 
 
 def fast_modules(on_cpu: bool, accumulate: bool) -> dict[type[nn.Module], Replacement]:
-    """The reference module types and their fast replacements for inference."""
-    return {
+    """The reference module types and their fast replacements for inference; ``accumulate``
+    (eager on a CPU) adds those that call detrkit's kernels outside torch's operators."""
+    eager_cpu: dict[type[nn.Module], Replacement] = (
+        {nn.MaxPool2d: as_class(FastMaxPool2d)} if accumulate else {}
+    )
+    return eager_cpu | {
         ResNetBackbone: as_class(FastResNetBackbone),
         Bottleneck: as_class(AccumulatingBottleneck if accumulate else FastBottleneck),
         BasicBlock: as_class(FastBasicBlock),

@@ -1,7 +1,8 @@
 """Custom operators: multi-scale deformable attention (fused CPU kernel and PyTorch reference),
 dropout with a fast CPU mask (alone, and inside the transformer's MLP for training), Winograd
-3x3 convolutions for CPU inference, and convolutions and linear layers with bias and ReLU fused by
-oneDNN for bf16 inference (:mod:`detrkit.ops.onednn`)."""
+3x3 convolutions and max pooling without indices for CPU inference, convolutions and linear
+layers with bias and ReLU fused by oneDNN for bf16 inference (:mod:`detrkit.ops.onednn`), and
+deformable attention as a node of ONNX Runtime and OpenVINO (:mod:`detrkit.ops.runtime_ops`)."""
 
 from detrkit.ops import onednn
 from detrkit.ops._validation import coordinate_dtype_for
@@ -14,6 +15,7 @@ from detrkit.ops.dispatch import (
 )
 from detrkit.ops.fast_dropout import Dropout, dropout, relu_dropout
 from detrkit.ops.feed_forward import relu_dropout_mlp
+from detrkit.ops.max_pool import max_pool2d
 from detrkit.ops.ms_deform_attn_onnx import (
     ATTENTION_OPS,
     ONNX_DOMAIN,
@@ -36,6 +38,7 @@ __all__ = [
     "coordinate_dtype_for",
     "dropout",
     "fused_kernel_available",
+    "max_pool2d",
     "ms_deform_attn",
     "ms_deform_attn_onnx",
     "ms_deform_attn_portable",

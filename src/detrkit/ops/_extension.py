@@ -1,5 +1,6 @@
 """Builds and loads detrkit's C++ CPU kernels (multi-scale deformable attention, dropout,
-Winograd convolution transforms) on first use, compiled once per machine and cached."""
+Winograd convolution transforms, max pooling) on first use, compiled once per machine and
+cached."""
 
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ from types import ModuleType
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [
     _CSRC / name
-    for name in ("ms_deform_attn_cpu.cpp", "dropout_cpu.cpp", "winograd_cpu.cpp", "bindings.cpp")
+    for name in (
+        "ms_deform_attn_cpu.cpp",
+        "dropout_cpu.cpp",
+        "winograd_cpu.cpp",
+        "max_pool_cpu.cpp",
+        "bindings.cpp",
+    )
 ]
 _HEADERS = [_CSRC / name for name in ("kernels.h", "ms_deform_attn_sampling.h")]
 
@@ -104,8 +111,8 @@ def load_extension() -> ModuleType | None:
         first_line = message.splitlines()[0] if message else ""
         reason = type(error).__name__ + (f": {first_line[:300]}" if first_line else "")
         warnings.warn(
-            "detrkit: the fused CPU kernels (ms_deform_attn, dropout, Winograd) could not be built "
-            f"({reason}); falling back to PyTorch's own operators (much slower for ms_deform_attn "
+            "detrkit: the fused CPU kernels (ms_deform_attn, dropout, Winograd, max pooling) could "
+            f"not be built ({reason}); falling back to PyTorch's own operators (much slower for ms_deform_attn "
             "and dropout).",
             RuntimeWarning,
             stacklevel=2,

@@ -4,7 +4,9 @@
 #include <torch/csrc/utils/pybind.h>
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "detrkit CPU kernels: multi-scale deformable attention, dropout, Winograd transforms";
+  m.doc() =
+      "detrkit CPU kernels: multi-scale deformable attention, dropout, Winograd transforms, max "
+      "pooling";
   m.def("forward", &detrkit::ms_deform_attn_forward,
         "ms_deform_attn forward: output [N, Lq, M * D]");
   m.def("backward", &detrkit::ms_deform_attn_backward,
@@ -21,4 +23,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "[N, H, W, C] -> the 36 transformed [P, C] planes of F(4x4, 3x3)");
   m.def("winograd_output_transform", &detrkit::winograd_output_transform,
         "the 36 [P, C_out] product planes, bias -> [N, H, W, C_out]");
+  m.def("max_pool2d_channels_last", &detrkit::max_pool2d_channels_last,
+        "max pooling of a channels-last [N, C, H, W] tensor (floor mode), without indices");
 }

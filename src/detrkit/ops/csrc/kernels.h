@@ -31,4 +31,9 @@ at::Tensor winograd_input_transform(const at::Tensor& input);
 at::Tensor winograd_output_transform(const at::Tensor& products, const at::Tensor& bias,
                                      int64_t batch, int64_t height, int64_t width);
 
+// max_pool_cpu.cpp
+at::Tensor max_pool2d_channels_last(const at::Tensor& input, int64_t kernel_h, int64_t kernel_w,
+                                    int64_t stride_h, int64_t stride_w, int64_t pad_h,
+                                    int64_t pad_w);
+
 }  // namespace detrkit
