@@ -112,8 +112,8 @@ def load_extension() -> ModuleType | None:
         reason = type(error).__name__ + (f": {first_line[:300]}" if first_line else "")
         warnings.warn(
             "detrkit: the fused CPU kernels (ms_deform_attn, dropout, Winograd, max pooling) could "
-            f"not be built ({reason}); falling back to PyTorch's own operators (much slower for ms_deform_attn "
-            "and dropout).",
+            f"not be built ({reason}); falling back to PyTorch's own operators (much slower for "
+            "ms_deform_attn and dropout).",
             RuntimeWarning,
             stacklevel=2,
         )
