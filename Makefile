@@ -62,6 +62,11 @@ test-full: lint $(ONNXRUNTIME_INCLUDE_DIR)/onnxruntime_c_api.h
 $(CURDIR)/$(ORT_HEADERS)/onnxruntime_c_api.h:
 	tools/onnxruntime_headers.sh build/onnxruntime
 
+# ONNXRUNTIME_INCLUDE_DIR set to a directory without the headers.
+%/onnxruntime_c_api.h:
+	@echo "ONNXRUNTIME_INCLUDE_DIR=$(ONNXRUNTIME_INCLUDE_DIR) has no onnxruntime_c_api.h; unset it to use build/onnxruntime" >&2
+	@exit 1
+
 format: $(VENV)/.installed-test
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .

@@ -3,6 +3,8 @@ reference in each runtime, and exports that use it."""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import re
 import shutil
 from pathlib import Path
@@ -34,13 +36,9 @@ TYPES = [torch.float32, torch.int64, torch.int64, torch.float32, torch.float32]
 
 @pytest.fixture
 def fresh_library(monkeypatch, tmp_path):
-    """The libraries without their process-wide cache, building into an empty cache."""
+    """The libraries built into an empty cache."""
     monkeypatch.setenv("DETRKIT_CACHE_DIR", str(tmp_path / "cache"))
-    for build in (onnxruntime_library, openvino_extension):
-        build.cache_clear()
-    yield tmp_path / "cache"
-    for build in (onnxruntime_library, openvino_extension):
-        build.cache_clear()
+    return tmp_path / "cache"
 
 
 def attention_file(path: Path) -> Path:
@@ -156,30 +154,76 @@ def test_inputs_it_cannot_take_are_errors_naming_the_input(attention_session, ca
         attention_session(inputs)
 
 
+@pytest.mark.parametrize("height, width", [(2**33, 2**31), (2**62, 4), (3, 2**62)])
+def test_level_sizes_whose_area_overflows_are_refused(attention_session, height, width):
+    """Areas past int64's range (which wrap to 0, the positions of an empty value) are errors,
+    not reads out of bounds."""
+    value = torch.zeros(1, 0, 1, 8)
+    locations = torch.full((1, 2, 1, 1, 1, 2), 0.3)
+    weights = torch.ones(1, 2, 1, 1, 1)
+    shapes, starts = torch.tensor([[height, width]]), torch.tensor([0])
+    with pytest.raises(Exception, match="spatial_shapes"):
+        attention_session([value, shapes, starts, locations, weights])
+
+
 def test_the_library_is_built_once_and_keyed_on_its_sources(fresh_library, tmp_path, monkeypatch):
     first = onnxruntime_library()
     assert first.is_file() and first.is_relative_to(fresh_library)
-    onnxruntime_library.cache_clear()
+    built = first.stat().st_mtime_ns
     assert onnxruntime_library() == first  # found in the cache, not rebuilt
+    assert first.stat().st_mtime_ns == built
+    assert first.stat().st_mode & 0o777 == 0o755  # loadable by whoever shares the cache
     # A changed source builds a library of its own beside the first.
     source = tmp_path / "onnxruntime_ops.cpp"
     shutil.copy(library_module._ONNXRUNTIME_SOURCE, source)
     source.write_text(source.read_text() + "\n// changed\n")
     monkeypatch.setattr(library_module, "_ONNXRUNTIME_SOURCE", source)
-    onnxruntime_library.cache_clear()
     second = onnxruntime_library()
     assert second != first and second.is_file() and first.is_file()
     # Only the libraries, no temporaries.
     assert sorted(p.name for p in fresh_library.rglob("*") if p.is_file()) == [first.name] * 2
 
 
+@pytest.mark.parametrize("build", [onnxruntime_library, openvino_extension])
+def test_a_damaged_cached_library_is_built_again(fresh_library, build):
+    library = build()
+    library.write_bytes(b"cut short")
+    assert build() == library
+    ctypes.CDLL(str(library))  # a shared library again
+
+
+def test_a_killed_builds_temporary_is_removed_by_the_next_build(fresh_library, monkeypatch):
+    library = onnxruntime_library()
+    stale = library.parent / f".{library.name}.abc123"
+    stale.write_bytes(b"")
+    os.utime(stale, (0, 0))  # long ago
+    fresh = library.parent / f".{library.name}.def456"  # a build under way elsewhere
+    fresh.write_bytes(b"")
+    library.unlink()
+    onnxruntime_library()
+    assert not stale.exists() and fresh.exists()
+
+
 def test_a_failed_build_leaves_nothing_and_says_why(fresh_library, tmp_path, monkeypatch):
     source = tmp_path / "onnxruntime_ops.cpp"
     source.write_text("this is not C++\n")
     monkeypatch.setattr(library_module, "_ONNXRUNTIME_SOURCE", source)
-    with pytest.raises(RuntimeLibraryError, match=r"failed:\n.*error"):
+    with pytest.raises(RuntimeLibraryError, match=r"failed \(exit status 1 of .*\):\n.*error"):
         onnxruntime_library()
     assert not [p for p in fresh_library.rglob("*") if p.is_file()]
+    monkeypatch.setenv("CXX", "false")  # fails without a word
+    with pytest.raises(RuntimeLibraryError, match=r"exit status 1 of false .*\):\n\(no output\)"):
+        onnxruntime_library()
+
+
+def test_a_compiler_behind_a_launcher_and_an_unwritable_cache(fresh_library, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", f"env {os.environ.get('CXX') or 'c++'}")  # as "ccache g++"
+    assert onnxruntime_library().is_file()
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    monkeypatch.setenv("DETRKIT_CACHE_DIR", str(blocker / "cache"))
+    with pytest.raises(RuntimeLibraryError, match=r"into its cache .*set DETRKIT_CACHE_DIR"):
+        onnxruntime_library()
 
 
 def test_missing_headers_or_compiler_are_named(fresh_library, tmp_path, monkeypatch):
@@ -192,7 +236,7 @@ def test_missing_headers_or_compiler_are_named(fresh_library, tmp_path, monkeypa
         onnxruntime_library()
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setattr(library_module, "onnxruntime_include_dir", lambda: tmp_path)
-    with pytest.raises(RuntimeLibraryError, match="'no-such-compiler' is not on PATH"):
+    with pytest.raises(RuntimeLibraryError, match="CXX='no-such-compiler' is not on PATH"):
         onnxruntime_library()
 
 
@@ -209,37 +253,63 @@ def test_an_export_with_detrkits_node_runs_and_equals_pytorch(tmp_path):
     layers = model.config.enc_layers + model.config.dec_layers
     assert nodes.count((ONNX_DOMAIN, "MultiScaleDeformableAttention")) == layers
     assert ("", "GridSample") not in nodes
-    exported = ExportedModel(path)  # ONNX Runtime, detrkit's library loaded
-    openvino = openvino_runner(path)
+    assert_runs_as_pytorch(model, ExportedModel(path), openvino_runner(path))
+
+
+def assert_runs_as_pytorch(model, exported: ExportedModel, openvino=None) -> None:
+    """The file in ONNX Runtime (ExportedModel, detrkit's library loaded) and, given its runner,
+    OpenVINO, within 1e-4 of PyTorch at batch 1 and at a padded batch of 3 at other sizes."""
     for batch, size in [(1, (80, 100)), (3, (131, 147))]:
         images = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(batch))
         mask = torch.zeros(batch, *size, dtype=torch.bool)
         mask[0, size[0] // 2 :] = True
         with torch.no_grad():
             expected = model(images, mask)
-        in_openvino = openvino({"images": images.numpy(), "mask": mask.numpy()})
-        for runtime, actual in [
-            ("onnxruntime", exported(images=images, mask=mask)),
-            ("openvino", dict(zip(exported.output_names, map(torch.from_numpy, in_openvino)))),
-        ]:
+        results = [("onnxruntime", exported(images=images, mask=mask))]
+        if openvino is not None:
+            in_openvino = openvino({"images": images.numpy(), "mask": mask.numpy()})
+            outputs = dict(zip(exported.output_names, map(torch.from_numpy, in_openvino)))
+            results.append(("openvino", outputs))
+        for runtime, actual in results:
             for name in ("pred_logits", "pred_boxes"):
                 difference = (actual[name] - expected[name]).abs().max()
                 assert difference <= 1e-4, (runtime, name, batch, difference)
 
 
 def test_a_file_with_detrkits_node_where_the_library_cannot_be_built(
-    fresh_library, tmp_path, monkeypatch
+    fresh_library, tmp_path, monkeypatch, capsys
 ):
     path = attention_file(tmp_path / "attention.onnx")
+    headers = os.environ.get("ONNXRUNTIME_INCLUDE_DIR")
     monkeypatch.setenv("ONNXRUNTIME_INCLUDE_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(
-        ExportError, match=rf"{re.escape(str(path))} has detrkit's own {ONNX_DOMAIN} nodes.*nowhere"
+        ExportError,
+        match=rf"^{re.escape(str(path))} has detrkit's own {ONNX_DOMAIN} nodes.*nowhere",
     ):
         ExportedModel(path)
-    # The export asks for the library before tracing, to verify with.
-    with pytest.raises(ExportError, match="attention_op 'detrkit' cannot be verified"):
-        detrkit.export(tiny_model("deformable"), tmp_path / "m.onnx", attention_op="detrkit")
+    # The export asks for the library before tracing, to verify with, and says how to go on.
+    model = tiny_model("deformable")
+    with pytest.raises(
+        ExportError, match=r"attention_op detrkit: the export cannot be verified.*verify=False"
+    ):
+        detrkit.export(model, tmp_path / "m.onnx", attention_op="detrkit")
     assert not (tmp_path / "m.onnx").exists()
+    # So does the command line, before reading more than the checkpoint; --no-verify writes it.
+    detrkit.save(model, tmp_path / "checkpoint")
+    argv = ["export", "--weights", str(tmp_path / "checkpoint"), "--out", str(tmp_path / "m.onnx")]
+    argv += ["--attention-op", "detrkit", "--size", "96", "128"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "--attention-op detrkit: the export cannot be verified" in error
+    assert "pass --no-verify" in error and "Traceback" not in error
+    assert not (tmp_path / "m.onnx").exists()
+    assert main([*argv, "--no-verify"]) == 0
+    assert "verified" not in capsys.readouterr().out
+    if headers is None:
+        monkeypatch.delenv("ONNXRUNTIME_INCLUDE_DIR")
+    else:
+        monkeypatch.setenv("ONNXRUNTIME_INCLUDE_DIR", headers)
+    assert_runs_as_pytorch(model, ExportedModel(tmp_path / "m.onnx"))
 
 
 def test_openvinos_extension_needs_the_package_and_its_headers(
@@ -261,7 +331,7 @@ def test_openvinos_extension_needs_the_package_and_its_headers(
 
 def test_attention_op_values_that_would_change_nothing_are_refused(tmp_path, capsys):
     deformable = tiny_model("deformable")
-    with pytest.raises(ValueError, match="attention_op must be one of gridsample, detrkit"):
+    with pytest.raises(ValueError, match="attention_op must be one of gridsample, detrkit, got"):
         detrkit.export(deformable, tmp_path / "m.onnx", attention_op="grid")
     with pytest.raises(ValueError, match="is for ONNX exports, not 'torch'"):
         detrkit.export(deformable, tmp_path / "m.pt2", "torch", attention_op="detrkit")
@@ -271,7 +341,7 @@ def test_attention_op_values_that_would_change_nothing_are_refused(tmp_path, cap
     detrkit.save(deformable, tmp_path / "checkpoint")
     argv = ["export", "--weights", str(tmp_path / "checkpoint"), "--out", str(tmp_path / "m.pt2")]
     assert main([*argv, "--attention-op", "detrkit"]) == 2
-    assert "attention_op 'detrkit' is for ONNX exports" in capsys.readouterr().err
+    assert "--attention-op detrkit is for ONNX exports" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*argv, "--attention-op", "grid"])
     assert "--attention-op: invalid choice: 'grid'" in capsys.readouterr().err

@@ -109,7 +109,7 @@ def export(
     ``attention_op`` is how an ONNX export writes Deformable DETR's attention: ``"gridsample"``
     (ONNX GridSample per level, which every runtime runs) or ``"detrkit"`` (one
     ``ai.detrkit::MultiScaleDeformableAttention`` node, which ONNX Runtime and OpenVINO run
-    several times faster with detrkit's library loaded, see :mod:`detrkit.ops.runtime_ops`;
+    1.6x to 2.4x faster with detrkit's library loaded, see :mod:`detrkit.ops.runtime_ops`;
     :class:`ExportedModel` loads it).
 
     ``size`` is the (H, W) traced with: every feature map must be at least 2x2 there, so each side at
@@ -146,12 +146,7 @@ def export(
     config = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or not isinstance(config, ModelConfig):
         raise TypeError("export() takes a detrkit model (one built by build_model or load)")
-    check_attention_op(attention_op, format, config)
-    if attention_op == "detrkit" and verify:
-        try:
-            onnxruntime_library()  # built now, before the tracing, to verify with
-        except RuntimeLibraryError as error:
-            raise ExportError(f"attention_op 'detrkit' cannot be verified: {error}") from None
+    check_attention_op(attention_op, format, config, verify)
     if not (isinstance(tolerance, (int, float)) and 0 < tolerance < math.inf):
         raise ValueError(f"tolerance must be a finite number above 0, got {tolerance!r}")
     size = tuple(size)
@@ -209,22 +204,38 @@ def export(
     return result
 
 
-def check_attention_op(attention_op: str, format: str, config: ModelConfig) -> None:
-    """Raises ValueError for an ``attention_op`` that is unknown, or that would change nothing:
-    detrkit's node for a torch.export program or for a model without deformable attention."""
+def check_attention_op(
+    attention_op: str,
+    format: str,
+    config: ModelConfig,
+    verify: bool,
+    name: str = "attention_op",
+    unverified: str = "verify=False",
+) -> None:
+    """Raises ValueError for an ``attention_op`` that is unknown, or that would change nothing
+    (detrkit's node for a torch.export program or for a model without deformable attention),
+    and, when the export is to be verified, ExportError when detrkit's ONNX Runtime library
+    cannot be built to verify with. ``name`` and ``unverified`` are the option and the way to
+    skip verification, as the caller spells them."""
     if attention_op not in ATTENTION_OPS:
-        raise ValueError(
-            f"attention_op must be one of {', '.join(ATTENTION_OPS)}, got {attention_op!r}"
-        )
+        raise ValueError(f"{name} must be one of {', '.join(ATTENTION_OPS)}, got {attention_op!r}")
     if attention_op == "gridsample":
         return
     if format != "onnx":
-        raise ValueError(f"attention_op {attention_op!r} is for ONNX exports, not {format!r}")
+        raise ValueError(f"{name} {attention_op} is for ONNX exports, not {format!r}")
     if config.model_type != "deformable_detr":
         raise ValueError(
-            f"attention_op {attention_op!r} writes Deformable DETR's attention; a "
-            f"{config.model_type} model has none"
+            f"{name} {attention_op} writes Deformable DETR's attention; a {config.model_type} "
+            "model has none"
         )
+    if verify:
+        try:
+            onnxruntime_library()  # built now, before the tracing, to verify with
+        except RuntimeLibraryError as error:
+            raise ExportError(
+                f"{name} {attention_op}: the export cannot be verified, as {error} (or pass "
+                f"{unverified} to write the file unverified)"
+            ) from None
 
 
 def _trace(

@@ -76,6 +76,8 @@ class ExportedModel:
                 self._open_onnx(threads)
             else:
                 self._open_program()
+        except ExportError:  # already says what is wrong with the file
+            raise
         except Exception as error:  # whatever the runtime raises for a file it cannot read
             raise ExportError(f"{self.path}: cannot open the exported model: {error}") from error
         self.input_names = json.loads(self.metadata.get("inputs", '["images", "mask"]'))

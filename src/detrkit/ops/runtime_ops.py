@@ -22,12 +22,14 @@ headers and library of the installed ``openvino`` package, and serves that versi
 
 from __future__ import annotations
 
-import functools
+import ctypes
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from detrkit.ops._extension import cpu_description
@@ -68,7 +70,6 @@ def onnxruntime_include_dir() -> Path:
     )
 
 
-@functools.cache
 def onnxruntime_library() -> Path:
     """The path of detrkit's ONNX Runtime custom-op library, built on first use (a second or
     two) and cached per machine. Raises RuntimeLibraryError when it cannot be built."""
@@ -82,7 +83,6 @@ def onnxruntime_library() -> Path:
     )
 
 
-@functools.cache
 def openvino_extension() -> Path:
     """The path of detrkit's OpenVINO extension library, built on first use (a few seconds) for
     the installed openvino package and cached per machine. Raises RuntimeLibraryError when it
@@ -113,39 +113,77 @@ def openvino_extension() -> Path:
 
 
 def _build(runtime: str, source: Path, flags: list[str], depends_on: list[Path]) -> Path:
-    """Compiles ``source`` into a shared library in the cache, unless it is there already; the
-    cache key covers what the library depends on."""
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
+    """Compiles ``source`` into a shared library in the cache, unless a loadable one is there
+    already; the cache key covers what the library depends on."""
+    compiler = shlex.split(os.environ.get("CXX") or "c++")  # CXX may hold a launcher: ccache g++
+    if not compiler or shutil.which(compiler[0]) is None:
         raise RuntimeLibraryError(
-            f"building detrkit's {runtime} operators needs a C++ compiler; {compiler!r} is not "
-            "on PATH (set CXX to one)"
+            f"building detrkit's {runtime} operators needs a C++ compiler; CXX="
+            f"{os.environ.get('CXX') or 'c++'!r} is not on PATH (set CXX to one)"
         )
     name = f"libdetrkit_{runtime}.so"
     directory = _cache_dir() / f"{runtime}_ops" / _build_key(source, compiler, flags, depends_on)
     library = directory / name
-    if library.is_file():
+    if library.is_file() and _loads(library):
         return library
-    directory.mkdir(parents=True, exist_ok=True)
     # Built under a temporary name and renamed: a process killed mid-build, or two building at
     # once, never leaves a partial library under the final name.
-    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-    os.close(handle)
-    command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(directory, name)
+        handle, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+        os.close(handle)
+    except OSError as error:
+        raise RuntimeLibraryError(
+            f"cannot write detrkit's {runtime} library into its cache {directory} "
+            f"({error.strerror or error}); set DETRKIT_CACHE_DIR to a writable directory"
+        ) from None
+    command = [*compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
     command += [f"-I{_CSRC}", str(source), "-o", temporary, *flags]
     try:
         built = subprocess.run(command, capture_output=True, text=True)
         if built.returncode != 0:
-            log = built.stderr.strip() or built.stdout.strip()
-            raise RuntimeLibraryError(f"compiling detrkit's {runtime} operators failed:\n{log}")
+            log = built.stderr.strip() or built.stdout.strip() or "(no output)"
+            raise RuntimeLibraryError(
+                f"compiling detrkit's {runtime} operators failed (exit status "
+                f"{built.returncode} of {shlex.join(command)}):\n{log}"
+            )
+        os.chmod(temporary, 0o755)  # a library, loadable by whoever shares the cache
         os.replace(temporary, library)
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+    if not _loads(library):
+        raise RuntimeLibraryError(
+            f"detrkit's {runtime} library {library} was built but does not load"
+        )
     return library
 
 
-def _build_key(source: Path, compiler: str, flags: list[str], depends_on: list[Path]) -> str:
+def _loads(library: Path) -> bool:
+    """Whether ``library`` loads as a shared library (a cached file can be cut short or
+    damaged): loading it once here is what every runtime does with it anyway."""
+    try:
+        ctypes.CDLL(str(library))
+    except OSError:
+        return False
+    return True
+
+
+# A temporary this old is a build that was killed: a build takes seconds.
+_STALE_SECONDS = 600
+
+
+def _remove_stale_temporaries(directory: Path, name: str) -> None:
+    for temporary in directory.glob(f".{name}.*"):
+        try:
+            if time.time() - temporary.stat().st_mtime > _STALE_SECONDS:
+                temporary.unlink()
+        except OSError:
+            pass  # another process removed or renamed it first
+
+
+def _build_key(source: Path, compiler: list[str], flags: list[str], depends_on: list[Path]) -> str:
     """A short hash of what a library depends on: its sources, the runtime's header or library
     it is built against, the compiler and flags, and this CPU's model and flags (it is built
     with -march=native, and a shared home directory can expose the cache to other machines)."""

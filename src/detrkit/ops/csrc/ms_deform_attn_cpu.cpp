@@ -71,13 +71,8 @@ Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
   const at::Tensor starts = level_start_index.contiguous();
   const int64_t* hw = shapes.data_ptr<int64_t>();
   const int64_t* start = starts.data_ptr<int64_t>();
-  int64_t total = 0;
-  for (int64_t l = 0; l < s.L; ++l) {
-    TORCH_CHECK(hw[2 * l] > 0 && hw[2 * l + 1] > 0, "spatial_shapes must be positive");
-    TORCH_CHECK(start[l] == total, "level_start_index must be the exclusive cumsum of H * W");
-    total += hw[2 * l] * hw[2 * l + 1];
-  }
-  TORCH_CHECK(total == s.S, "value's S must equal the sum of H * W over spatial_shapes");
+  const char* problem = check_levels(hw, start, s.L, s.S);
+  TORCH_CHECK(problem == nullptr, problem);
   return s;
 }
 

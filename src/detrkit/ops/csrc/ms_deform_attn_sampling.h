@@ -35,6 +35,27 @@ struct Sizes {
 };
 
 
+// What is wrong with the levels' (H, W) and first rows for value's S positions, or nullptr: each
+// size positive, their areas summing to S, each start the sum of the areas before it. The
+// running sum is bounded by S before any multiplication, so sizes near int64's limits cannot
+// wrap around to pass (every front end runs this before the kernel reads value).
+inline const char* check_levels(const int64_t* spatial_shapes, const int64_t* level_start_index,
+                                int64_t L, int64_t S) {
+  int64_t total = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t height = spatial_shapes[2 * l], width = spatial_shapes[2 * l + 1];
+    if (height <= 0 || width <= 0) return "spatial_shapes must be positive";
+    if (height > (S - total) / width) {
+      return "value's S must equal the sum of H * W over spatial_shapes";
+    }
+    if (level_start_index[l] != total) {
+      return "level_start_index must be the exclusive cumsum of H * W";
+    }
+    total += height * width;
+  }
+  return total == S ? nullptr : "value's S must equal the sum of H * W over spatial_shapes";
+}
+
 // A sampling point resolved against one level: its in-map bilinear corners, each with its
 // weight and the weight's derivatives with respect to the pixel coordinates x and y.
 template <typename acc_t>
@@ -69,6 +90,8 @@ inline void resolve_corners(acc_t loc_x, acc_t loc_y, int64_t height, int64_t wi
   // values or NaN away from the int64 conversion.
   if (!(x >= acc_t(-1) && y >= acc_t(-1) && x < static_cast<acc_t>(width) &&
         y < static_cast<acc_t>(height))) {
+    // An infinite location lands here too and reads nothing (grid_sample's arithmetic turns
+    // it into NaN); only a finite model's locations are meant to be sampled.
     if (std::isnan(x) || std::isnan(y)) {
       // Like grid_sample, a NaN location poisons the result instead of vanishing silently.
       const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();

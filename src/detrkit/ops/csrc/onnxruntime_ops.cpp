@@ -53,17 +53,8 @@ Ort::Status check_sizes(const std::vector<int64_t>& value, const std::vector<int
     return invalid("spatial_shapes must be [L, 2]");
   }
   if (starts.size() != 1 || starts[0] != s.L) return invalid("level_start_index must be [L]");
-  int64_t total = 0;
-  for (int64_t l = 0; l < s.L; ++l) {
-    if (hw[2 * l] <= 0 || hw[2 * l + 1] <= 0) return invalid("spatial_shapes must be positive");
-    total += hw[2 * l] * hw[2 * l + 1];
-  }
-  if (total != s.S) return invalid("value's S must equal the sum of H * W over spatial_shapes");
-  for (int64_t l = 0, first = 0; l < s.L; first += hw[2 * l] * hw[2 * l + 1], ++l) {
-    if (start[l] != first) {
-      return invalid("level_start_index must be the exclusive cumsum of H * W");
-    }
-  }
+  const char* problem = detrkit::deform::check_levels(hw, start, s.L, s.S);
+  if (problem != nullptr) return invalid(problem);
   return Ort::Status{nullptr};
 }
 

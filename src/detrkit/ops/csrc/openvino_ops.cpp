@@ -130,18 +130,8 @@ class MultiScaleDeformableAttention : public ov::op::Op {
                           "attention_weights must be [N, Lq, M, L, P], as sampling_locations");
     NODE_VALIDATION_CHECK(this, shapes == levels_by_2, "spatial_shapes must be [L, 2]");
     NODE_VALIDATION_CHECK(this, starts == levels, "level_start_index must be [L]");
-    int64_t total = 0;
-    for (int64_t l = 0; l < s.L; ++l) {
-      NODE_VALIDATION_CHECK(this, hw[2 * l] > 0 && hw[2 * l + 1] > 0,
-                            "spatial_shapes must be positive");
-      total += hw[2 * l] * hw[2 * l + 1];
-    }
-    NODE_VALIDATION_CHECK(this, total == s.S,
-                          "value's S must equal the sum of H * W over spatial_shapes");
-    for (int64_t l = 0, first = 0; l < s.L; first += hw[2 * l] * hw[2 * l + 1], ++l) {
-      NODE_VALIDATION_CHECK(this, start[l] == first,
-                            "level_start_index must be the exclusive cumsum of H * W");
-    }
+    const char* problem = detrkit::deform::check_levels(hw, start, s.L, s.S);
+    NODE_VALIDATION_CHECK(this, problem == nullptr, problem == nullptr ? "" : problem);
     return s;
   }
 };
