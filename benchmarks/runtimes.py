@@ -33,6 +33,7 @@ same precision: below 1 means detrkit is faster.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -243,6 +244,10 @@ def main() -> None:
             __import__(package)
         except ModuleNotFoundError:
             sys.exit(f"{package} is missing: pip install -e '.[bench]'")
+    # The headers `make test` unpacks, where no others are set (detrkit's ONNX Runtime library).
+    unpacked = Path(__file__).resolve().parents[1] / "build/onnxruntime/include/onnxruntime"
+    if "ONNXRUNTIME_INCLUDE_DIR" not in os.environ and unpacked.is_dir():
+        os.environ["ONNXRUNTIME_INCLUDE_DIR"] = str(unpacked)
     # As the detrkit program runs: freed feature maps are reused, not faulted in again.
     keep_freed_memory()
     threads = torch.get_num_threads()

@@ -743,3 +743,41 @@ def test_exported_panoptic_refuses_what_it_cannot_segment(
         set_metadata(out, tmp_path / "other.onnx", {"outputs": value})
         with pytest.raises(ExportError, match=message):
             ExportedModel(tmp_path / "other.onnx").panoptic(picture)
+
+
+@needs_onnx
+def test_linear_layers_on_tokens_are_written_as_gemm(tmp_path):
+    """MatMul then Add of a linear layer on [B, S, K] tokens becomes Reshape, Gemm, Reshape: the
+    same values at other batch and token counts; a layer whose Add is a graph output keeps it."""
+    import onnx_ir as ir
+    import onnxruntime
+
+    from detrkit.deploy.to_onnx import linear_layers_as_gemm
+
+    class TwoLayers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+        def forward(self, tokens):
+            return self.second(torch.relu(self.first(tokens)))
+
+    module = TwoLayers().eval()
+    tokens = torch.randn(2, 5, 8)
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
+    with contextlib.redirect_stdout(io.StringIO()):
+        program = torch.onnx.export(
+            module, (tokens,), dynamo=True, dynamic_shapes=({0: batch, 1: length},)
+        )
+    model = program.model
+    assert linear_layers_as_gemm(model) == 1  # the second layer's Add is the output
+    ops = [node.op_type for node in model.graph]
+    assert ops.count("Gemm") == 1 and ops.count("MatMul") == 1
+    path = tmp_path / "layers.onnx"
+    ir.save(model, path)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in [(1, 3, 8), (4, 7, 8)]:
+        x = torch.randn(shape)
+        (actual,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            assert torch.allclose(torch.from_numpy(actual), module(x), atol=1e-6), shape

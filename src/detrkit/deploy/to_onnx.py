@@ -122,8 +122,65 @@ def export_onnx(
         check_dynamic(program.exported_program, graph.input_names, "torch.onnx")
     model = program.model
     _name_axes(model)
+    linear_layers_as_gemm(model)
     model.metadata_props.update(metadata)
     return model
+
+
+def linear_layers_as_gemm(model) -> int:
+    """Rewrites, in ``model``'s graph (onnx_ir), each linear layer on tokens, ``MatMul(x, W)``
+    then ``Add(_, b)`` with x ``[B, S, K]`` and W, b weights, as ``Gemm`` on ``[B * S, K]``
+    between two Reshapes: the same values, with the bias added inside the matrix product
+    instead of in a pass of its own over the output (ONNX Runtime fuses the two only for 2-D
+    inputs). Additions that are the graph's outputs keep their names and are left as they are.
+    Returns the number of layers rewritten."""
+    import numpy as np
+    import onnx_ir as ir
+
+    def constant(values: list[int]):
+        return ir.node("Constant", [], attributes={"value": ir.tensor(np.array(values, np.int64))})
+
+    graph = model.graph
+    rewritten = 0
+    for matmul in list(graph):
+        if matmul.op_type != "MatMul" or matmul.domain != "":
+            continue
+        x, weight = matmul.inputs
+        uses = list(matmul.outputs[0].uses())
+        if not (
+            weight is not None
+            and weight.const_value is not None
+            and weight.shape is not None
+            and len(weight.shape) == 2
+            and x.shape is not None
+            and len(x.shape) == 3
+            and len(uses) == 1
+            and uses[0].node.op_type == "Add"
+            and uses[0].node.domain == ""
+        ):
+            continue
+        add = uses[0].node
+        bias = add.inputs[1 - uses[0].idx]
+        if add.outputs[0].is_graph_output() or bias is None or bias.const_value is None:
+            continue
+        if bias.shape is None or list(bias.shape) != [weight.shape[1]]:
+            continue
+        k, n = weight.shape
+        flat_shape = constant([-1, k])
+        flat = ir.node("Reshape", [x, flat_shape.outputs[0]])  # [B * S, K]
+        gemm = ir.node("Gemm", [flat.outputs[0], weight, bias])  # [B * S, N]
+        leading = ir.node("Shape", [x], attributes={"start": 0, "end": -1})  # [B, S]
+        columns = constant([n])
+        shape = ir.node("Concat", [leading.outputs[0], columns.outputs[0]], attributes={"axis": 0})
+        output = ir.node("Reshape", [gemm.outputs[0], shape.outputs[0]])  # [B, S, N]
+        nodes = [flat_shape, flat, gemm, leading, columns, shape, output]
+        for index, node in enumerate(nodes):
+            node.name = f"{matmul.name}_gemm_{index}"
+        graph.insert_before(matmul, nodes)
+        add.outputs[0].replace_all_uses_with(output.outputs[0])
+        graph.remove([add, matmul], safe=True)
+        rewritten += 1
+    return rewritten
 
 
 def _name_axes(model) -> None:
