@@ -186,7 +186,11 @@ def test_the_library_is_built_once_and_keyed_on_its_sources(fresh_library, tmp_p
     assert sorted(p.name for p in fresh_library.rglob("*") if p.is_file()) == [first.name] * 2
 
 
-@pytest.mark.parametrize("build", ["onnxruntime_library", "openvino_extension"])
+@pytest.mark.parametrize(
+    "build",
+    # (OpenVINO's in the full run: each case starts two Python processes, about 15 s.)
+    ["onnxruntime_library", pytest.param("openvino_extension", marks=pytest.mark.full)],
+)
 def test_a_damaged_cached_library_is_built_again(fresh_library, build):
     """A process that finds the cached library damaged (cut short, say) builds it again. Run in
     new processes: dlopen hands a process a library it has loaded by its name, without reading
@@ -296,7 +300,6 @@ def test_a_file_with_detrkits_node_where_the_library_cannot_be_built(
     fresh_library, tmp_path, monkeypatch, capsys
 ):
     path = attention_file(tmp_path / "attention.onnx")
-    headers = os.environ.get("ONNXRUNTIME_INCLUDE_DIR")
     monkeypatch.setenv("ONNXRUNTIME_INCLUDE_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(
         ExportError,
@@ -319,7 +322,21 @@ def test_a_file_with_detrkits_node_where_the_library_cannot_be_built(
     assert "--attention-op detrkit: the export cannot be verified" in error
     assert "pass --no-verify" in error and "Traceback" not in error
     assert not (tmp_path / "m.onnx").exists()
-    assert main([*argv, "--no-verify"]) == 0
+
+
+@pytest.mark.full
+def test_no_verify_writes_the_node_export_without_onnxruntimes_headers(
+    fresh_library, tmp_path, monkeypatch, capsys
+):
+    """(Full: one more export, about 20 s.) The file --no-verify writes runs as PyTorch does
+    where the library can be built."""
+    headers = os.environ.get("ONNXRUNTIME_INCLUDE_DIR")
+    model = tiny_model("deformable")
+    detrkit.save(model, tmp_path / "checkpoint")
+    monkeypatch.setenv("ONNXRUNTIME_INCLUDE_DIR", str(tmp_path / "nowhere"))
+    argv = ["export", "--weights", str(tmp_path / "checkpoint"), "--out", str(tmp_path / "m.onnx")]
+    argv += ["--attention-op", "detrkit", "--size", "96", "128", "--no-verify"]
+    assert main(argv) == 0
     assert "verified" not in capsys.readouterr().out
     if headers is None:
         monkeypatch.delenv("ONNXRUNTIME_INCLUDE_DIR")
