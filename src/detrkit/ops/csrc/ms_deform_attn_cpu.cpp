@@ -39,10 +39,6 @@ Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
        {&value, &spatial_shapes, &level_start_index, &sampling_locations, &attention_weights}) {
     TORCH_CHECK(t->device().is_cpu(), "ms_deform_attn CPU kernel: all inputs must be on the CPU");
   }
-  TORCH_CHECK(value.dim() == 4, "value must be [N, S, M, D]");
-  TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
-              "sampling_locations must be [N, Lq, M, L, P, 2]");
-  TORCH_CHECK(attention_weights.dim() == 5, "attention_weights must be [N, Lq, M, L, P]");
   const auto coords = sampling_locations.scalar_type();
   TORCH_CHECK(attention_weights.scalar_type() == coords &&
                   (coords == value.scalar_type() || coords == at::toOpMathType(value.scalar_type())),
@@ -51,27 +47,14 @@ Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
   TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong &&
                   level_start_index.scalar_type() == at::kLong,
               "spatial_shapes and level_start_index must be int64");
-  const Sizes s{value.size(0),
-                value.size(1),
-                value.size(2),
-                value.size(3),
-                sampling_locations.size(1),
-                sampling_locations.size(3),
-                sampling_locations.size(4)};
-  TORCH_CHECK(sampling_locations.size(0) == s.N && sampling_locations.size(2) == s.M,
-              "sampling_locations does not match value's N and M");
-  TORCH_CHECK(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
-              "attention_weights must match sampling_locations[..., 0]");
-  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == s.L &&
-                  spatial_shapes.size(1) == 2,
-              "spatial_shapes must be [L, 2]");
-  TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == s.L,
-              "level_start_index must be [L]");
   const at::Tensor shapes = spatial_shapes.contiguous();
   const at::Tensor starts = level_start_index.contiguous();
-  const int64_t* hw = shapes.data_ptr<int64_t>();
-  const int64_t* start = starts.data_ptr<int64_t>();
-  const char* problem = check_levels(hw, start, s.L, s.S);
+  const auto dims = [](const at::Tensor& t) { return t.sizes().vec(); };
+  Sizes s{};
+  const char* problem = detrkit::deform::check_inputs(
+      dims(value), dims(spatial_shapes), dims(level_start_index), dims(sampling_locations),
+      dims(attention_weights), shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
+      s);
   TORCH_CHECK(problem == nullptr, problem);
   return s;
 }

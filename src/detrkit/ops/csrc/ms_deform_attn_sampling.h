@@ -56,6 +56,34 @@ inline const char* check_levels(const int64_t* spatial_shapes, const int64_t* le
   return total == S ? nullptr : "value's S must equal the sum of H * W over spatial_shapes";
 }
 
+// What is wrong with the inputs' shapes (each as its list of sizes) and level values, or
+// nullptr; fills s from them. Every front end (PyTorch, ONNX Runtime, OpenVINO) runs it before
+// the kernel, so that its pointer arithmetic stays in bounds whatever it is fed; hw and start are read only once spatial_shapes and level_start_index are
+// known to hold L rows.
+inline const char* check_inputs(const std::vector<int64_t>& value,
+                                const std::vector<int64_t>& shapes,
+                                const std::vector<int64_t>& starts,
+                                const std::vector<int64_t>& locations,
+                                const std::vector<int64_t>& weights, const int64_t* hw,
+                                const int64_t* start, Sizes& s) {
+  if (value.size() != 4) return "value must be [N, S, M, D]";
+  if (locations.size() != 6 || locations[5] != 2) {
+    return "sampling_locations must be [N, Lq, M, L, P, 2]";
+  }
+  s = Sizes{value[0], value[1], value[2], value[3], locations[1], locations[3], locations[4]};
+  if (locations[0] != s.N || locations[2] != s.M) {
+    return "sampling_locations does not match value's N and M";
+  }
+  if (weights != std::vector<int64_t>(locations.begin(), locations.end() - 1)) {
+    return "attention_weights must be [N, Lq, M, L, P], as sampling_locations[..., 0]";
+  }
+  if (shapes.size() != 2 || shapes[0] != s.L || shapes[1] != 2) {
+    return "spatial_shapes must be [L, 2]";
+  }
+  if (starts.size() != 1 || starts[0] != s.L) return "level_start_index must be [L]";
+  return check_levels(hw, start, s.L, s.S);
+}
+
 // A sampling point resolved against one level: its in-map bilinear corners, each with its
 // weight and the weight's derivatives with respect to the pixel coordinates x and y.
 template <typename acc_t>

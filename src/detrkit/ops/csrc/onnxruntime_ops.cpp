@@ -33,31 +33,6 @@ Ort::Status invalid(const std::string& message) {
   return Ort::Status(("MultiScaleDeformableAttention: " + message).c_str(), ORT_INVALID_ARGUMENT);
 }
 
-// The checks keep the kernel's pointer arithmetic in bounds for whatever a graph feeds it.
-Ort::Status check_sizes(const std::vector<int64_t>& value, const std::vector<int64_t>& shapes,
-                        const std::vector<int64_t>& starts, const std::vector<int64_t>& locations,
-                        const std::vector<int64_t>& weights, const int64_t* hw,
-                        const int64_t* start, Sizes& s) {
-  if (value.size() != 4) return invalid("value must be [N, S, M, D]");
-  if (locations.size() != 6 || locations[5] != 2) {
-    return invalid("sampling_locations must be [N, Lq, M, L, P, 2]");
-  }
-  s = Sizes{value[0], value[1], value[2], value[3], locations[1], locations[3], locations[4]};
-  if (locations[0] != s.N || locations[2] != s.M) {
-    return invalid("sampling_locations does not match value's N and M");
-  }
-  if (weights != std::vector<int64_t>(locations.begin(), locations.end() - 1)) {
-    return invalid("attention_weights must be [N, Lq, M, L, P], as sampling_locations[..., 0]");
-  }
-  if (shapes.size() != 2 || shapes[0] != s.L || shapes[1] != 2) {
-    return invalid("spatial_shapes must be [L, 2]");
-  }
-  if (starts.size() != 1 || starts[0] != s.L) return invalid("level_start_index must be [L]");
-  const char* problem = detrkit::deform::check_levels(hw, start, s.L, s.S);
-  if (problem != nullptr) return invalid(problem);
-  return Ort::Status{nullptr};
-}
-
 struct Task {
   Sizes sizes;
   const float* value;
@@ -85,11 +60,10 @@ Ort::Status multi_scale_deformable_attention(
     const Ort::Custom::Tensor<float>& sampling_locations,
     const Ort::Custom::Tensor<float>& attention_weights, Ort::Custom::Tensor<float>& output) {
   Sizes s{};
-  Ort::Status status = check_sizes(value.Shape(), spatial_shapes.Shape(),
-                                   level_start_index.Shape(), sampling_locations.Shape(),
-                                   attention_weights.Shape(), spatial_shapes.Data(),
-                                   level_start_index.Data(), s);
-  if (!status.IsOK()) return status;
+  const char* problem = detrkit::deform::check_inputs(
+      value.Shape(), spatial_shapes.Shape(), level_start_index.Shape(), sampling_locations.Shape(),
+      attention_weights.Shape(), spatial_shapes.Data(), level_start_index.Data(), s);
+  if (problem != nullptr) return invalid(problem);
   float* out = output.Allocate({s.N, s.Lq, s.M * s.D});  // [N, Lq, M * D]
   const int64_t rows = s.N * s.Lq;
   if (rows == 0 || s.M * s.D == 0) return Ort::Status{nullptr};

@@ -106,31 +106,17 @@ class MultiScaleDeformableAttention : public ov::op::Op {
     return std::vector<int64_t>(data, data + tensor.get_size());
   }
 
-  // The sizes, checked as the other front ends check them, so that the kernel's pointer
-  // arithmetic stays in bounds whatever a graph feeds it.
+  // The sizes, checked as the other front ends check them (check_inputs).
   Sizes check_sizes(const ov::TensorVector& inputs, const int64_t* hw,
                     const int64_t* start) const {
-    const ov::Shape& value = inputs[0].get_shape();
-    const ov::Shape& shapes = inputs[1].get_shape();
-    const ov::Shape& starts = inputs[2].get_shape();
-    const ov::Shape& locations = inputs[3].get_shape();
-    const ov::Shape& weights = inputs[4].get_shape();
-    NODE_VALIDATION_CHECK(this, value.size() == 4, "value must be [N, S, M, D]");
-    NODE_VALIDATION_CHECK(this, locations.size() == 6 && locations[5] == 2,
-                          "sampling_locations must be [N, Lq, M, L, P, 2]");
-    const auto size = [](size_t dim) { return static_cast<int64_t>(dim); };
-    const Sizes s{size(value[0]),     size(value[1]),     size(value[2]),    size(value[3]),
-                  size(locations[1]), size(locations[3]), size(locations[4])};
-    NODE_VALIDATION_CHECK(this, size(locations[0]) == s.N && size(locations[2]) == s.M,
-                          "sampling_locations does not match value's N and M");
-    const ov::Shape points(locations.begin(), locations.end() - 1);
-    const ov::Shape levels_by_2{locations[3], 2};
-    const ov::Shape levels{locations[3]};
-    NODE_VALIDATION_CHECK(this, weights == points,
-                          "attention_weights must be [N, Lq, M, L, P], as sampling_locations");
-    NODE_VALIDATION_CHECK(this, shapes == levels_by_2, "spatial_shapes must be [L, 2]");
-    NODE_VALIDATION_CHECK(this, starts == levels, "level_start_index must be [L]");
-    const char* problem = detrkit::deform::check_levels(hw, start, s.L, s.S);
+    std::vector<int64_t> dims[5];
+    for (int i = 0; i < 5; ++i) {
+      const ov::Shape& shape = inputs[i].get_shape();
+      dims[i].assign(shape.begin(), shape.end());
+    }
+    Sizes s{};
+    const char* problem =
+        detrkit::deform::check_inputs(dims[0], dims[1], dims[2], dims[3], dims[4], hw, start, s);
     NODE_VALIDATION_CHECK(this, problem == nullptr, problem == nullptr ? "" : problem);
     return s;
   }
