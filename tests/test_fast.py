@@ -203,6 +203,18 @@ CASES = {
             need_weights=False,
         ),
     ),
+    # Q = K (DETR's self-attentions): one product projects both in inference.
+    "multi-head self-attention": Case(
+        FastMultiheadAttention,
+        lambda: nn.MultiheadAttention(C, HEADS, dropout=P, batch_first=True),
+        lambda g: dict(
+            query=(query := tokens(PIXELS, g)),
+            key=query,
+            value=tokens(PIXELS, g),
+            key_padding_mask=padding_mask(PIXELS),
+            need_weights=False,
+        ),
+    ),
     "dropout": Case(Dropout, lambda: nn.Dropout(P), lambda g: dict(input=tokens(PIXELS, g))),
     "deformable attention, points": Case(
         FastMSDeformAttn,
@@ -350,8 +362,11 @@ def test_fast_module_trains_as_the_reference(name):
 def test_fast_module_in_bf16_stays_within_its_tolerance(name):
     reference, fast, inputs = build(CASES[name], training=False)
     fast.to(torch.bfloat16)
+    converted: dict[int, Tensor] = {}  # one tensor passed twice (Q = K) stays one
     low = {
-        k: v.to(torch.bfloat16) if isinstance(v, Tensor) and v.is_floating_point() else v
+        k: converted.setdefault(id(v), v.to(torch.bfloat16))
+        if isinstance(v, Tensor) and v.is_floating_point()
+        else v
         for k, v in inputs.items()
     }
     if "reference_points" in low:  # the models compute them in fp32
@@ -382,6 +397,47 @@ def test_padded_values_are_left_out_by_the_sampling_first_attention():
         garbage = inputs["input_flatten"].clone()
         garbage[inputs["input_padding_mask"]] = 1e6
         torch.testing.assert_close(fast(**{**inputs, "input_flatten": garbage}), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_attention_leaves_out_a_mask_without_padding(dtype):
+    """A key padding mask with nothing padded changes nothing, so inference leaves it out (a
+    faster attention kernel); with a padded key it is applied, as the reference does."""
+    reference, fast, inputs = build(CASES["multi-head self-attention"], training=False)
+    fast.to(dtype)
+    query, value = inputs["query"].to(dtype), inputs["value"].to(dtype)
+    nothing_padded = torch.zeros_like(inputs["key_padding_mask"])
+    with torch.no_grad():
+        unmasked = fast(query, query, value, need_weights=False)[0]
+        left_out = fast(query, query, value, nothing_padded, need_weights=False)[0]
+        padded = fast(query, query, value, inputs["key_padding_mask"], need_weights=False)[0]
+        expected = reference(**inputs)[0]
+    torch.testing.assert_close(left_out, unmasked, rtol=0, atol=0)
+    tolerance = FP32_TOLERANCE if dtype == torch.float32 else BF16_TOLERANCE
+    assert_close_relative(padded, expected, tolerance, "padded")
+    # The second sequence's padded keys matter: without the mask its output differs.
+    assert (padded[1].float() - unmasked[1].float()).abs().max() > 1e-2
+
+
+def test_attention_outside_its_inference_form_is_the_reference():
+    """Attention weights asked for, an attention mask or an additive padding mask: torch's own
+    forward, to the bit."""
+    reference, fast, inputs = build(CASES["multi-head attention"], training=False)
+    blocked = torch.zeros(QUERIES, PIXELS, dtype=torch.bool)
+    blocked[:, :3] = True
+    additive = torch.zeros(inputs["key_padding_mask"].shape).masked_fill(
+        inputs["key_padding_mask"], -1e4
+    )
+    with torch.no_grad():
+        for extra in (
+            dict(need_weights=True),
+            dict(attn_mask=blocked),
+            dict(key_padding_mask=additive),
+        ):
+            got = fast(**{**inputs, **extra})
+            expected = reference(**{**inputs, **extra})
+            for a, b in zip(output_tensors(got), output_tensors(expected), strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def fast_classes() -> set[type]:
@@ -458,6 +514,38 @@ def test_weights_changed_after_substitution_take_effect():
         after = fast(**inputs)
     assert (after - before).abs().max() > 1e-3
     assert_close_relative(after, expected, FP32_TOLERANCE, "after the change")
+
+
+def test_a_bf16_model_follows_weights_loaded_after_its_first_call():
+    """Its convolution and linear weights are packed for oneDNN on the first call; weights
+    loaded later must be the ones used."""
+
+    def optimized(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        model = build_model("detr_digits", hidden_dim=32, nheads=4, dim_feedforward=64).eval()
+        return optimize_for_inference(model, "bf16")
+
+    first, second = optimized(0), optimized(1)
+    images = torch.randn(1, 3, 64, 80, generator=generator())
+    mask = torch.zeros(1, 64, 80, dtype=torch.bool)
+    with torch.inference_mode():
+        before = first(images, mask)["pred_logits"]
+        expected = second(images, mask)["pred_logits"]
+    first.load_state_dict(second.state_dict())
+    with torch.inference_mode():
+        after = first(images, mask)["pred_logits"]
+    assert (before.float() - expected.float()).abs().max() > 1e-2
+    torch.testing.assert_close(after, expected, rtol=0, atol=0)
+
+
+def test_a_model_optimized_under_inference_mode_has_ordinary_weights():
+    """Its bf16 weights can then be packed once for oneDNN and the packed copies kept
+    (detrkit.ops.onednn): inference tensors keep no version counter to tell a change."""
+    torch.manual_seed(0)
+    model = build_model("detr_digits", hidden_dim=32, nheads=4, dim_feedforward=64).eval()
+    with torch.inference_mode():
+        optimized = optimize_for_inference(model, "bf16")
+    assert not any(p.is_inference() for p in optimized.parameters())
 
 
 def test_the_panoptic_model_optimized_computes_its_masks_as_the_reference():

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import gc
+import weakref
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -139,3 +144,135 @@ def test_the_in_place_residual_end_writes_into_the_shortcut():
         torch.testing.assert_close(
             onednn.conv2d_add_relu_(conv, images, shortcut.contiguous()), expected, rtol=0, atol=0
         )
+
+
+def reorders_run(fn) -> int:
+    """How many weights ``fn()`` reorders into oneDNN's blocked layout."""
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        fn()
+    return sum("reorder" in event.name for event in profiler.events())
+
+
+def plain_fused(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The fused convolution given the plain weight (oneDNN reorders it on this call)."""
+    arguments = (conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
+    return torch.ops.mkldnn._convolution_pointwise(x, *arguments, "relu", [], "")
+
+
+def test_packed_weights_give_the_plain_weights_results_at_every_size():
+    """A weight is packed for the first input's size and serves others; the products are the same
+    kernels, bit for bit, as with the plain weight."""
+    cl = torch.channels_last
+    torch.manual_seed(2)
+    convs = [
+        nn.Conv2d(16, 24, 3, padding=1).bfloat16().to(memory_format=cl),
+        nn.Conv2d(16, 24, 1, stride=2).bfloat16().to(memory_format=cl),
+    ]
+    linear = nn.Linear(24, 40).bfloat16()
+    with torch.inference_mode():
+        for conv in convs:
+            for size in ((19, 23), (5, 4), (31, 30)):
+                images = torch.randn(2, 16, *size).bfloat16().contiguous(memory_format=cl)
+                expected = plain_fused(conv, images)
+                torch.testing.assert_close(
+                    onednn.conv2d_relu(conv, images), expected, rtol=0, atol=0
+                )
+                torch.testing.assert_close(
+                    onednn.conv2d(conv, images).relu(), expected, rtol=0, atol=0
+                )
+        for tokens in (50, 3, 400):
+            x = torch.randn(2, tokens, 24).bfloat16()
+            expected = torch.ops.mkldnn._linear_pointwise(
+                x, linear.weight, linear.bias, "none", [], ""
+            )
+            torch.testing.assert_close(onednn.linear(linear, x), expected, rtol=0, atol=0)
+            # Rows 8:32 of the map, packed apart from the whole weight.
+            part = onednn.projection(x, linear.weight, linear.bias, 8, 32)
+            torch.testing.assert_close(part, expected[..., 8:32], rtol=0, atol=0)
+
+
+# Ways a weight changes: written in place (an optimizer step, load_state_dict), through a view,
+# its data replaced, cast there and back (the bf16 storage freed and a new one made, perhaps at
+# the old address).
+CHANGES = {
+    "in place": lambda layer: layer.weight.mul_(-1),
+    "through a view": lambda layer: layer.weight.detach()[:2].add_(1),
+    "data replaced": lambda layer: setattr(layer.weight, "data", layer.weight.data * 2),
+    "cast": lambda layer: (layer.float().weight.mul_(3), layer.bfloat16()),
+    "load_state_dict": lambda layer: layer.load_state_dict(
+        {k: v + 1 for k, v in layer.state_dict().items()}
+    ),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+@pytest.mark.parametrize("kind", ["convolution", "linear"])
+def test_a_weight_is_packed_once_and_again_whenever_it_changes(kind, change):
+    conv, linear = bf16_layers(3)
+    layer = conv if kind == "convolution" else linear
+    images = torch.randn(1, 16, 9, 11).bfloat16()
+    tokens = torch.randn(5, 24).bfloat16()
+
+    def run(layer: nn.Module) -> torch.Tensor:
+        with torch.inference_mode():
+            if isinstance(layer, nn.Conv2d):
+                return onednn.conv2d_relu(layer, images)
+            return onednn.linear(layer, tokens)
+
+    assert reorders_run(lambda: run(layer)) == 1
+    assert reorders_run(lambda: run(layer)) == 0  # the packed copy is kept
+    before = run(layer)
+    with torch.no_grad():
+        CHANGES[change](layer)
+    assert reorders_run(lambda: run(layer)) == 1  # packed again
+    after = run(layer)
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, run(copy.deepcopy(layer)), rtol=0, atol=0)
+
+
+def test_weights_made_in_inference_mode_are_never_packed():
+    """Tensors made under inference_mode keep no version counter, so a change made in place
+    there could not be seen: such weights are reordered on every call instead."""
+    with torch.inference_mode():
+        conv, linear = bf16_layers(6)
+        images = torch.randn(1, 16, 9, 11).bfloat16()
+        tokens = torch.randn(5, 24).bfloat16()
+        before = onednn.linear(linear, tokens)
+        assert reorders_run(lambda: onednn.linear(linear, tokens)) == 1
+        assert reorders_run(lambda: onednn.conv2d_relu(conv, images)) == 1
+        linear.weight.mul_(-1)
+        after = onednn.linear(linear, tokens)
+        expected = torch.ops.mkldnn._linear_pointwise(
+            tokens, linear.weight, linear.bias, "none", [], ""
+        )
+    torch.testing.assert_close(after, expected, rtol=0, atol=0)
+    assert not torch.equal(after, before)
+
+
+def test_a_packed_copy_lives_as_long_as_its_weight():
+    _, linear = bf16_layers(4)
+    with torch.inference_mode():
+        onednn.linear(linear, torch.randn(3, 24).bfloat16())
+    weight = weakref.ref(linear.weight)
+    assert weight() in onednn._PACKED
+    del linear
+    gc.collect()
+    assert weight() is None
+    assert all(key is not None for key in list(onednn._PACKED.keys()))
+
+
+def test_projection_is_the_linear_map_of_its_rows_outside_bf16_inference():
+    torch.manual_seed(5)
+    weight, bias, x = torch.randn(48, 16), torch.randn(48), torch.randn(2, 7, 16)
+    with torch.inference_mode():
+        assert reorders_run(lambda: onednn.projection(x, weight, bias, 16, 32)) == 0
+        torch.testing.assert_close(
+            onednn.projection(x, weight, bias, 16, 32),
+            F.linear(x, weight[16:32], bias[16:32]),
+            rtol=0,
+            atol=0,
+        )
+    # With autograd on, in bf16: the usual operator, and gradients reach the weight.
+    weight = weight.bfloat16().requires_grad_()
+    onednn.projection(x.bfloat16(), weight, None, 0, 16).float().sum().backward()
+    assert weight.grad is not None and weight.grad[16:].abs().max() == 0

@@ -1,5 +1,14 @@
-"""Multi-head attention as ``nn.MultiheadAttention`` (same parameters and results), whose
-training-mode attention dropout uses detrkit's fast CPU dropout (:func:`detrkit.ops.dropout`).
+"""Multi-head attention as ``nn.MultiheadAttention`` (same parameters and results): in inference,
+its projections through oneDNN with packed weights and no padding mask where nothing is padded;
+in training, its attention dropout by detrkit's fast CPU dropout (:func:`detrkit.ops.dropout`).
+
+In inference (eval mode, no attention weights asked for) the attention is computed here:
+torch's ``multi_head_attention_forward`` checks and reshapes in Python on every call, and runs
+the three input projections as separate products whose bf16 weights oneDNN reorders each time.
+Here a query that is also the key (self-attention, Q = K = x + pos) is projected to both by one
+product, the bf16 weights are packed once (:mod:`detrkit.ops.onednn`), and a key padding mask
+without a padded key is left out on a CPU (it would only add zeros; a batch of one image, or of
+images of one size, has none).
 
 In training, torch's CPU attention falls back to its math path and draws a ``[B, heads, Lq, Lk]``
 dropout mask with its slow Mersenne Twister at every layer: in DETR's training step that was
@@ -15,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detrkit.ops import dropout
+from detrkit.ops import dropout, onednn
 from detrkit.ops.fast_dropout import uses_fused_kernel
 
 
@@ -34,6 +43,9 @@ class FastMultiheadAttention(nn.MultiheadAttention):
         attn_mask: Tensor | None = None,
         **kwargs,
     ) -> tuple[Tensor, Tensor | None]:
+        inference = not (self.training or need_weights or kwargs) and attn_mask is None
+        if inference and self._attends_here(key_padding_mask):
+            return self._attend_for_inference(query, key, value, key_padding_mask), None
         boolean_mask = attn_mask is None or attn_mask.dtype == torch.bool
         fused = uses_fused_kernel(query, self.dropout, self.training)
         if need_weights or kwargs or not boolean_mask or not fused:
@@ -80,3 +92,39 @@ class FastMultiheadAttention(nn.MultiheadAttention):
         weights = dropout(scores.softmax(-1), self.dropout, training=True)
         attended = (weights @ v).transpose(1, 2).reshape(batch, num_queries, channels)
         return self.out_proj(attended)
+
+    def _attends_here(self, key_padding_mask: Tensor | None) -> bool:
+        """Whether :meth:`_attend_for_inference` computes this module: DETR's configuration
+        (batch-first, one packed input projection with bias, no extra keys) and a boolean mask."""
+        return (
+            self.batch_first
+            and self._qkv_same_embed_dim
+            and self.in_proj_bias is not None
+            and self.bias_k is None
+            and not self.add_zero_attn
+            and (key_padding_mask is None or key_padding_mask.dtype == torch.bool)
+        )
+
+    def _attend_for_inference(
+        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None
+    ) -> Tensor:
+        batch, num_queries, channels = query.shape
+        head_dim = channels // self.num_heads
+        weight, bias = self.in_proj_weight, self.in_proj_bias  # rows: query, key, value
+        if query is key:  # Q = K: one product for both
+            q, k = onednn.projection(query, weight, bias, 0, 2 * channels).chunk(2, dim=-1)
+        else:
+            q = onednn.projection(query, weight, bias, 0, channels)
+            k = onednn.projection(key, weight, bias, channels, 2 * channels)
+        v = onednn.projection(value, weight, bias, 2 * channels, 3 * channels)
+        # [B, L, C] -> [B, heads, L, head_dim], strided views
+        q, k, v = (t.unflatten(-1, (self.num_heads, head_dim)).transpose(1, 2) for t in (q, k, v))
+        attend = None  # [B, 1, 1, S], True where a key may be looked at
+        # Looking for a padded key would cost a device synchronisation off the CPU.
+        if key_padding_mask is not None and (
+            key_padding_mask.device.type != "cpu" or key_padding_mask.any()
+        ):
+            attend = ~key_padding_mask[:, None, None, :]
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)  # [B, heads, Q, d]
+        attended = attended.transpose(1, 2).reshape(batch, num_queries, channels)
+        return onednn.projection(attended, self.out_proj.weight, self.out_proj.bias, 0, channels)

@@ -74,6 +74,8 @@ def _shortcut(block: nn.Module, x: Tensor) -> Tensor:
     if block.downsample is None:
         return x
     conv, norm = block.downsample
+    if isinstance(norm, nn.Identity):  # folded: the packed weight in bf16 inference
+        return onednn.conv2d(conv, x)
     return conv_norm(conv, norm, x)
 
 

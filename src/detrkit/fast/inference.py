@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from detrkit.fast.attention import FastMultiheadAttention
 from detrkit.fast.backbone import (
     AccumulatingBottleneck,
     FastBasicBlock,
@@ -73,6 +74,7 @@ def fast_modules(on_cpu: bool, accumulate: bool) -> dict[type[nn.Module], Replac
         {nn.MaxPool2d: as_class(FastMaxPool2d)} if accumulate else {}
     )
     return eager_cpu | {
+        nn.MultiheadAttention: as_class(FastMultiheadAttention),
         ResNetBackbone: as_class(FastResNetBackbone),
         Bottleneck: as_class(AccumulatingBottleneck if accumulate else FastBottleneck),
         BasicBlock: as_class(FastBasicBlock),
@@ -120,6 +122,20 @@ def optimize_for_inference(
     overwritten: keep no reference to the output of a block inside a stage), and a batch of large
     images runs a few images at a time.
     """
+    # Under inference_mode the copy's weights would be inference tensors, which keep no version
+    # counter: oneDNN's packed weights (detrkit.ops.onednn) could not follow changes to them.
+    with torch.inference_mode(False):
+        return _optimized_copy(model, precision, channels_last, fold_batchnorm, winograd, compile)
+
+
+def _optimized_copy(
+    model: nn.Module,
+    precision: str,
+    channels_last: bool,
+    fold_batchnorm: bool,
+    winograd: bool,
+    compile: bool,
+) -> nn.Module:
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     dtype = precision_dtype(precision, device)
