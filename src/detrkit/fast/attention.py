@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detrkit.fast.deformable_attention import may_have_padding
 from detrkit.ops import dropout, onednn
 from detrkit.ops.fast_dropout import uses_fused_kernel
 
@@ -120,10 +121,7 @@ class FastMultiheadAttention(nn.MultiheadAttention):
         # [B, L, C] -> [B, heads, L, head_dim], strided views
         q, k, v = (t.unflatten(-1, (self.num_heads, head_dim)).transpose(1, 2) for t in (q, k, v))
         attend = None  # [B, 1, 1, S], True where a key may be looked at
-        # Looking for a padded key would cost a device synchronisation off the CPU.
-        if key_padding_mask is not None and (
-            key_padding_mask.device.type != "cpu" or key_padding_mask.any()
-        ):
+        if key_padding_mask is not None and may_have_padding(key_padding_mask):
             attend = ~key_padding_mask[:, None, None, :]
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)  # [B, heads, Q, d]
         attended = attended.transpose(1, 2).reshape(batch, num_queries, channels)
