@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detrkit.models.deformable_attention import MSDeformAttn
-from detrkit.ops import coordinate_dtype_for, ms_deform_attn
+from detrkit.ops import coordinate_dtype_for, ms_deform_attn, onednn
 
 
 class FastMSDeformAttn(MSDeformAttn):
@@ -37,7 +37,8 @@ class FastMSDeformAttn(MSDeformAttn):
             [layer.out_features for layer in layers], -1
         )
         # In the locations' dtype (fp32 when the projections run in bf16): in bf16 a location on
-        # a 134-pixel-wide level would be off by up to half a pixel.
+        # a 134-pixel-wide level would be off by up to half a pixel. The offsets are converted
+        # before the arithmetic: mixed dtypes would take torch's slower elementwise path.
         coordinate_dtype = torch.promote_types(both.dtype, reference_points.dtype)
         attention_weights = F.softmax(
             attention_weights.reshape(*shape[:3], -1), -1, dtype=coordinate_dtype
@@ -54,7 +55,7 @@ class FastMSDeformAttn(MSDeformAttn):
         reference = reference_points[:, :, None, :, None].expand(-1, -1, 1, *per_point)
         sampling_locations = torch.addcdiv(
             reference.reshape(batch, num_queries, 1, -1),  # [N, Lq, 1, L*P*2]
-            sampling_offsets.reshape(batch, num_queries, self.n_heads, -1),
+            sampling_offsets.to(coordinate_dtype).reshape(batch, num_queries, self.n_heads, -1),
             offset_normalizer,
         ).view(*shape, 2)
         return sampling_locations, attention_weights
@@ -72,7 +73,10 @@ class FastMSDeformAttn(MSDeformAttn):
             query, reference_points, spatial_shapes
         )
         where = (spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        return self.output_proj(self.attend(input_flatten, input_padding_mask, *where))
+        # The projections through oneDNN with packed weights in bf16 inference on a CPU.
+        return onednn.linear(
+            self.output_proj, self.attend(input_flatten, input_padding_mask, *where)
+        )
 
     def attend(
         self,
@@ -84,7 +88,7 @@ class FastMSDeformAttn(MSDeformAttn):
         attention_weights: Tensor,
     ) -> Tensor:
         """The attended values before ``output_proj``: ``[N, Lq, C]``."""
-        value = self.value_proj(input_flatten)
+        value = onednn.linear(self.value_proj, input_flatten)
         if input_padding_mask is not None and may_have_padding(input_padding_mask):
             # In place: the projection's output is fresh and autograd needs none of it.
             value = value.masked_fill_(input_padding_mask[..., None], 0.0)
