@@ -11,12 +11,13 @@ addition and ReLU, 48.4 to 33.6 ms. In fp32 the fused forms were no faster, so o
 them. Results agree to bf16 rounding: ReLU commutes with rounding, and the bias and shortcut are
 added to the fp32 accumulator before rounding instead of after.
 
-oneDNN's AMX kernels read weights in a blocked layout of their own, and torch reorders a plain
-weight into it on every call: for ResNet-50's convolutions in bf16, 47 MB read and written per
-image, besides the fixed cost it adds to each small product. So each weight is reordered once
-(:func:`packed_weight`) and the blocked copy kept beside the parameter, which stays as it is (the
-state dict does not change). The copy is made again whenever the weight changes: written in
-place (an optimizer step, ``load_state_dict``), replaced, or cast.
+oneDNN's AMX convolutions read weights in a blocked layout of their own, and torch reorders a
+plain weight into it on every call: for ResNet-50's convolutions in bf16, 47 MB read and written
+per image, besides the fixed cost it adds to each small convolution. So each convolution weight
+is reordered once (:func:`packed_weight`) and the blocked copy kept beside the parameter, which
+stays as it is (the state dict does not change). The copy is made again whenever the weight
+changes: written in place (an optimizer step, ``load_state_dict``), replaced, or cast. Linear
+layers' weights gained nothing measurable from the same treatment and are passed as they are.
 
 The operators are torch's own (``torch.ops.mkldnn``, those that inductor's CPU fusions emit and
 prepack for); with a torch build that lacks them, the usual operators run.
@@ -40,7 +41,6 @@ def _operators_available() -> bool:
     try:
         torch.ops.mkldnn._linear_pointwise.default  # noqa: B018 (resolves, or raises)
         torch.ops.mkldnn._convolution_pointwise.default  # noqa: B018
-        torch.ops.mkldnn._reorder_linear_weight.default  # noqa: B018
         torch._C._nn.mkldnn_reorder_conv2d_weight  # noqa: B018
     except (AttributeError, RuntimeError):
         return False
@@ -89,14 +89,15 @@ def _stamp(weight: Tensor) -> tuple:
     return weight._version, storage, storage._cdata, weight.storage_offset(), weight.dtype
 
 
-def packed_weight(weight: Tensor, what: Hashable, pack: Callable[[], Tensor]) -> Tensor:
+def packed_weight(weight: Tensor, what: Hashable, pack: Callable[[], Tensor]) -> Tensor | None:
     """``pack()``, oneDNN's blocked copy of ``weight`` (or of the part of it ``what`` names),
     made on the first call and again after ``weight`` changes (written in place, as optimizers
     and ``load_state_dict`` do, replaced or cast). Writes through ``weight.data``, which torch
-    does not count, are not seen. A weight made under ``torch.inference_mode`` has no version
-    counter, so it is packed on every call (as torch does with any plain weight)."""
+    does not count, are not seen. None for a weight made under ``torch.inference_mode``: it has
+    no version counter, so a copy could not follow it; the caller passes the plain weight, which
+    torch reorders on every call."""
     if weight.is_inference():
-        return pack()
+        return None
     stamp = _stamp(weight)
     copies = _PACKED.setdefault(weight, {})
     if what not in copies or not _same(copies[what][0], stamp):
@@ -125,7 +126,14 @@ def _convolution_arguments(conv: nn.Conv2d, x: Tensor) -> tuple:
         )
 
     weight = packed_weight(conv.weight, "convolution", pack)
-    return weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups
+    return (
+        conv.weight if weight is None else weight,
+        conv.bias,
+        conv.padding,
+        conv.stride,
+        conv.dilation,
+        conv.groups,
+    )
 
 
 def _output_shape(conv: nn.Conv2d, x: Tensor) -> torch.Size:
@@ -191,31 +199,19 @@ def linear(layer: nn.Linear, x: Tensor, relu: bool = False) -> Tensor:
     """``layer(x)``, or ``relu(layer(x))`` with ``relu``; bias and ReLU inside the product where
     :func:`fuses` allows."""
     if fuses(layer, x):
-        weight = _linear_weight(layer.weight, 0, layer.out_features, x)
         attribute = "relu" if relu else "none"
-        return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, attribute, [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, attribute, [], "")
     # In place: the layer's output is fresh and its gradient needs none of it. A new tensor
     # would be mapped and faulted in page by page on large inputs.
     return layer(x).relu_() if relu else layer(x)
 
 
-def _linear_weight(weight: Tensor, start: int, stop: int, x: Tensor) -> Tensor:
-    """Rows ``start:stop`` of a linear weight, packed for as many tokens as ``x`` has."""
-    tokens = x.numel() // x.shape[-1]
-
-    def pack() -> Tensor:
-        return torch.ops.mkldnn._reorder_linear_weight(weight[start:stop].contiguous(), tokens)
-
-    return packed_weight(weight, ("linear", start, stop), pack)
-
-
 def projection(x: Tensor, weight: Tensor, bias: Tensor | None, start: int, stop: int) -> Tensor:
     """``F.linear(x, weight[start:stop], bias[start:stop])``: the output features ``start:stop``
     of a linear map (e.g. the query, key or value rows of attention's packed input projection),
-    through oneDNN with that part of the weight packed where bf16 inference allows."""
+    its bias inside the product where bf16 inference allows."""
     rows = slice(start, stop)
     part_bias = None if bias is None else bias[rows]
     if _fusable(x, weight) and (bias is None or bias.dtype == weight.dtype):
-        packed = _linear_weight(weight, start, stop, x)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, part_bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, weight[rows], part_bias, "none", [], "")
     return F.linear(x, weight[rows], part_bias)
