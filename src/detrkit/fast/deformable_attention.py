@@ -28,11 +28,9 @@ class FastMSDeformAttn(MSDeformAttn):
         # One product for both Linear layers. The weights are put side by side on every call
         # (a [M*L*P*3, C] copy, tiny next to the product), so they can never be out of date.
         layers = (self.sampling_offsets, self.attention_weights)
-        both = F.linear(
-            query,
-            torch.cat([layer.weight for layer in layers]),
-            torch.cat([layer.bias for layer in layers]),
-        )
+        weight = torch.cat([layer.weight for layer in layers])  # [M*L*P*3, C]
+        bias = torch.cat([layer.bias for layer in layers])
+        both = onednn.projection(query, weight, bias, 0, len(weight))  # bias inside, in bf16
         sampling_offsets, attention_weights = both.split(
             [layer.out_features for layer in layers], -1
         )
