@@ -400,13 +400,26 @@ def test_padded_values_are_left_out_by_the_sampling_first_attention():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inference_attention_leaves_out_a_mask_without_padding(dtype):
+def test_inference_attention_leaves_out_a_mask_without_padding(dtype, monkeypatch):
     """A key padding mask with nothing padded changes nothing, so inference leaves it out (a
     faster attention kernel); with a padded key it is applied, as the reference does."""
     reference, fast, inputs = build(CASES["multi-head self-attention"], training=False)
     fast.to(dtype)
     query, value = inputs["query"].to(dtype), inputs["value"].to(dtype)
     nothing_padded = torch.zeros_like(inputs["key_padding_mask"])
+    masks = []
+    attend = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return attend(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    with torch.no_grad():
+        fast(query, query, value, nothing_padded, need_weights=False)
+        fast(query, query, value, inputs["key_padding_mask"], need_weights=False)
+    monkeypatch.undo()
+    assert masks[0] is None and masks[1] is not None
     with torch.no_grad():
         unmasked = fast(query, query, value, need_weights=False)[0]
         left_out = fast(query, query, value, nothing_padded, need_weights=False)[0]
@@ -417,6 +430,32 @@ def test_inference_attention_leaves_out_a_mask_without_padding(dtype):
     assert_close_relative(padded, expected, tolerance, "padded")
     # The second sequence's padded keys matter: without the mask its output differs.
     assert (padded[1].float() - unmasked[1].float()).abs().max() > 1e-2
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
+def test_traced_inference_attention_keeps_the_padding_mask():
+    """Whether anything is padded is data when tracing: a trace made without padding must still
+    apply the mask of a later padded batch."""
+    reference, fast, inputs = build(CASES["multi-head self-attention"], training=False)
+    fast.requires_grad_(False)  # its weights become the trace's constants
+    query, value, padded = inputs["query"], inputs["value"], inputs["key_padding_mask"]
+
+    def attend(module):
+        return lambda q, v, mask: module(q, q, v, mask, need_weights=False)[0]
+
+    with torch.no_grad():
+        traced = torch.jit.trace(attend(fast), (query, value, torch.zeros_like(padded)))
+        expected = attend(reference)(query, value, padded)
+        assert_close_relative(traced(query, value, padded), expected, FP32_TOLERANCE, "traced")
+
+
+def test_unbatched_attention_is_the_reference():
+    reference, fast, inputs = build(CASES["multi-head self-attention"], training=False)
+    query, value = inputs["query"][0], inputs["value"][0]  # [L, C]
+    with torch.no_grad():
+        got = fast(query, query, value, need_weights=False)[0]
+        expected = reference(query, query, value, need_weights=False)[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_attention_outside_its_inference_form_is_the_reference():
@@ -517,8 +556,8 @@ def test_weights_changed_after_substitution_take_effect():
 
 
 def test_a_bf16_model_follows_weights_loaded_after_its_first_call():
-    """Its convolution and linear weights are packed for oneDNN on the first call; weights
-    loaded later must be the ones used."""
+    """Its convolution weights are packed for oneDNN on the first call; weights loaded later
+    must be the ones used."""
 
     def optimized(seed: int) -> nn.Module:
         torch.manual_seed(seed)

@@ -256,6 +256,17 @@ def test_a_packed_copy_lives_as_long_as_its_weight():
     assert all(key is not None for key in list(onednn._PACKED.keys()))
 
 
+def test_a_packed_copy_does_not_keep_a_replaced_weight_alive():
+    """Cast (or moved) after a packed call and not run since, a weight's old memory is freed."""
+    conv, _ = bf16_layers(7)
+    with torch.inference_mode():
+        onednn.conv2d_relu(conv, torch.randn(1, 16, 9, 11).bfloat16())
+    old = weakref.ref(conv.weight.untyped_storage())
+    conv.float()
+    gc.collect()
+    assert old() is None
+
+
 def test_projection_is_the_linear_map_of_its_rows_outside_bf16_inference():
     torch.manual_seed(5)
     weight, bias, x = torch.randn(48, 16), torch.randn(48), torch.randn(2, 7, 16)

@@ -176,12 +176,16 @@ def export(
     # are an extension's kernels, in-place residual additions) go back to the reference ones.
     # Folded batch norms stay folded. Deformable attention's sampling is traced in its fast form
     # (one product for offsets and weights; the locations broadcast over an innermost axis of
-    # L * P * 2, not of 2), which ONNX Runtime computes several times faster.
+    # L * P * 2, not of 2), which ONNX Runtime computes several times faster; the file is still
+    # verified against the reference modules.
     source = to_reference(source)
-    source = substitute(source, {MSDeformAttn: lambda module: adopt(module, FastMSDeformAttn)})
     graph = ExportedDetector(source, with_mask, with_postprocess, num_select).eval()
+    fast_sampling = {MSDeformAttn: lambda module: adopt(module, FastMSDeformAttn)}
+    traced = ExportedDetector(
+        substitute(copy.deepcopy(source), fast_sampling), with_mask, with_postprocess, num_select
+    ).eval()
     metadata = export_metadata(config, graph.input_names, graph.output_names, resize)
-    write = _trace(graph, format, size, opset, metadata, attention_op)
+    write = _trace(traced, format, size, opset, metadata, attention_op)
     result = ExportResult(path, format, metadata)
 
     def write_and_verify(target: Path) -> None:

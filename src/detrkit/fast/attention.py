@@ -8,7 +8,8 @@ the three input projections as separate products whose bf16 weights oneDNN reord
 Here a query that is also the key (self-attention, Q = K = x + pos) is projected to both by one
 product, the bf16 weights are packed once (:mod:`detrkit.ops.onednn`), and a key padding mask
 without a padded key is left out on a CPU (it would only add zeros; a batch of one image, or of
-images of one size, has none).
+images of one size, has none). A sequence whose keys are all padded (never an image's) gets
+zeros where torch's eval-mode forward gives NaN.
 
 In training, torch's CPU attention falls back to its math path and draws a ``[B, heads, Lq, Lk]``
 dropout mask with its slow Mersenne Twister at every layer: in DETR's training step that was
@@ -45,7 +46,7 @@ class FastMultiheadAttention(nn.MultiheadAttention):
         **kwargs,
     ) -> tuple[Tensor, Tensor | None]:
         inference = not (self.training or need_weights or kwargs) and attn_mask is None
-        if inference and self._attends_here(key_padding_mask):
+        if inference and self._attends_here(query, key_padding_mask):
             return self._attend_for_inference(query, key, value, key_padding_mask), None
         boolean_mask = attn_mask is None or attn_mask.dtype == torch.bool
         fused = uses_fused_kernel(query, self.dropout, self.training)
@@ -94,11 +95,13 @@ class FastMultiheadAttention(nn.MultiheadAttention):
         attended = (weights @ v).transpose(1, 2).reshape(batch, num_queries, channels)
         return self.out_proj(attended)
 
-    def _attends_here(self, key_padding_mask: Tensor | None) -> bool:
+    def _attends_here(self, query: Tensor, key_padding_mask: Tensor | None) -> bool:
         """Whether :meth:`_attend_for_inference` computes this module: DETR's configuration
-        (batch-first, one packed input projection with bias, no extra keys) and a boolean mask."""
+        (batch-first, one packed input projection with bias, no extra keys), a batch and a
+        boolean mask."""
         return (
-            self.batch_first
+            query.dim() == 3
+            and self.batch_first
             and self._qkv_same_embed_dim
             and self.in_proj_bias is not None
             and self.bias_k is None

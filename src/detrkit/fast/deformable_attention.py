@@ -171,7 +171,9 @@ def sampling_first_costs_less(
 
 def may_have_padding(mask: Tensor) -> bool:
     """False only when ``mask`` is known to hold no padding: checked on CPUs, where the answer is
-    at hand. Elsewhere reading it would wait for the GPU, and when compiling it is data."""
-    if mask.device.type != "cpu" or torch.compiler.is_compiling():
+    at hand. Elsewhere reading it would wait for the GPU, and when compiling or tracing it is
+    data (a traced answer would hold for every later input)."""
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    if mask.device.type != "cpu" or tracing or torch.onnx.is_in_onnx_export():
         return True
     return bool(mask.any())

@@ -26,6 +26,7 @@ prepack for); with a torch build that lacks them, the usual operators run.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Hashable
 
 import torch
@@ -83,32 +84,36 @@ _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 def _stamp(weight: Tensor) -> tuple:
     """What tells a weight's values apart from those it was packed from: its version counter,
     which every in-place write through the tensor (or a view or ``detach()`` of it) moves, and
-    its storage, held (so that no later storage takes its address) and compared by identity,
-    which a replacement of ``.data`` or a cast changes."""
+    its storage, referred to weakly (a copy must not keep a replaced weight's memory alive) and
+    compared by identity, which a replacement of ``.data`` or a cast changes."""
     storage = weight.untyped_storage()
-    return weight._version, storage, storage._cdata, weight.storage_offset(), weight.dtype
+    return weight._version, weakref.ref(storage), weight.storage_offset(), weight.dtype
 
 
 def packed_weight(weight: Tensor, what: Hashable, pack: Callable[[], Tensor]) -> Tensor | None:
     """``pack()``, oneDNN's blocked copy of ``weight`` (or of the part of it ``what`` names),
     made on the first call and again after ``weight`` changes (written in place, as optimizers
-    and ``load_state_dict`` do, replaced or cast). Writes through ``weight.data``, which torch
-    does not count, are not seen. None for a weight made under ``torch.inference_mode``: it has
-    no version counter, so a copy could not follow it; the caller passes the plain weight, which
-    torch reorders on every call."""
+    and ``load_state_dict`` do, replaced or cast). Writes through a tensor that shares the
+    memory but not the version counter (``weight.data``, a NumPy view) are not seen. None for a
+    weight made under ``torch.inference_mode``: it has no version counter, so a copy could not
+    follow it; the caller passes the plain weight, which torch reorders on every call."""
     if weight.is_inference():
         return None
-    stamp = _stamp(weight)
     copies = _PACKED.setdefault(weight, {})
-    if what not in copies or not _same(copies[what][0], stamp):
-        copies[what] = (stamp, pack())
+    if what not in copies or not _unchanged(weight, copies[what][0]):
+        copies[what] = (_stamp(weight), pack())
     return copies[what][1]
 
 
-def _same(old: tuple, new: tuple) -> bool:
-    version, storage, *rest = old
-    new_version, new_storage, *new_rest = new
-    return version == new_version and storage is new_storage and rest == new_rest
+def _unchanged(weight: Tensor, stamp: tuple) -> bool:
+    version, storage, offset, dtype = stamp
+    # A storage that has died since (its reference gives None) is not the current one.
+    same_storage = storage() is weight.untyped_storage()
+    return same_storage and (version, offset, dtype) == (
+        weight._version,
+        weight.storage_offset(),
+        weight.dtype,
+    )
 
 
 def _convolution_arguments(conv: nn.Conv2d, x: Tensor) -> tuple:
