@@ -1,14 +1,15 @@
 """Multi-head attention as ``nn.MultiheadAttention`` (same parameters and results): in inference,
-its projections through oneDNN with packed weights and no padding mask where nothing is padded;
-in training, its attention dropout by detrkit's fast CPU dropout (:func:`detrkit.ops.dropout`).
+its projections with their bias inside oneDNN's products and no padding mask where nothing is
+padded; in training, its attention dropout by detrkit's fast CPU dropout
+(:func:`detrkit.ops.dropout`).
 
 In inference (eval mode, no attention weights asked for) the attention is computed here:
 torch's ``multi_head_attention_forward`` checks and reshapes in Python on every call, and runs
-the three input projections as separate products whose bf16 weights oneDNN reorders each time.
-Here a query that is also the key (self-attention, Q = K = x + pos) is projected to both by one
-product, the bf16 weights are packed once (:mod:`detrkit.ops.onednn`), and a key padding mask
-without a padded key is left out on a CPU (it would only add zeros; a batch of one image, or of
-images of one size, has none). A sequence whose keys are all padded (never an image's) gets
+the three input projections as separate products, each adding its bias in a pass of its own in
+bf16. Here a query that is also the key (self-attention, Q = K = x + pos) is projected to both by
+one product, bf16 biases are added inside the products (:mod:`detrkit.ops.onednn`), and a key
+padding mask without a padded key is left out on a CPU (it would only add zeros; a batch of one
+image, or of images of one size, has none). A sequence whose keys are all padded (never an image's) gets
 zeros where torch's eval-mode forward gives NaN.
 
 In training, torch's CPU attention falls back to its math path and draws a ``[B, heads, Lq, Lk]``

@@ -71,7 +71,7 @@ class FastMSDeformAttn(MSDeformAttn):
             query, reference_points, spatial_shapes
         )
         where = (spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        # The projections through oneDNN with packed weights in bf16 inference on a CPU.
+        # The projections with their bias inside oneDNN's product in bf16 inference on a CPU.
         return onednn.linear(
             self.output_proj, self.attend(input_flatten, input_padding_mask, *where)
         )

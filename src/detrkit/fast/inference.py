@@ -88,6 +88,9 @@ def fast_modules(on_cpu: bool, accumulate: bool) -> dict[type[nn.Module], Replac
     }
 
 
+# Never under inference_mode: the copy's weights would be inference tensors, which keep no
+# version counter, and oneDNN's packed weights (detrkit.ops.onednn) could not follow them.
+@torch.inference_mode(False)
 def optimize_for_inference(
     model: nn.Module,
     precision: str = "fp32",
@@ -122,20 +125,6 @@ def optimize_for_inference(
     overwritten: keep no reference to the output of a block inside a stage), and a batch of large
     images runs a few images at a time.
     """
-    # Under inference_mode the copy's weights would be inference tensors, which keep no version
-    # counter: oneDNN's packed weights (detrkit.ops.onednn) could not follow changes to them.
-    with torch.inference_mode(False):
-        return _optimized_copy(model, precision, channels_last, fold_batchnorm, winograd, compile)
-
-
-def _optimized_copy(
-    model: nn.Module,
-    precision: str,
-    channels_last: bool,
-    fold_batchnorm: bool,
-    winograd: bool,
-    compile: bool,
-) -> nn.Module:
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     dtype = precision_dtype(precision, device)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +76,8 @@ def fuses(module: nn.Module, x: Tensor) -> bool:
     return not hooked and _fusable(x, module.weight)
 
 
-# weight -> {what was packed: (stamp, blocked copy)}. Keyed by the tensor's identity and held
-# weakly: a copy lives as long as its parameter.
+# weight -> (stamp, blocked copy). Keyed by the tensor's identity and held weakly: a copy lives
+# as long as its parameter.
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -90,19 +90,19 @@ def _stamp(weight: Tensor) -> tuple:
     return weight._version, weakref.ref(storage), weight.storage_offset(), weight.dtype
 
 
-def packed_weight(weight: Tensor, what: Hashable, pack: Callable[[], Tensor]) -> Tensor | None:
-    """``pack()``, oneDNN's blocked copy of ``weight`` (or of the part of it ``what`` names),
-    made on the first call and again after ``weight`` changes (written in place, as optimizers
-    and ``load_state_dict`` do, replaced or cast). Writes through a tensor that shares the
-    memory but not the version counter (``weight.data``, a NumPy view) are not seen. None for a
-    weight made under ``torch.inference_mode``: it has no version counter, so a copy could not
-    follow it; the caller passes the plain weight, which torch reorders on every call."""
+def packed_weight(weight: Tensor, pack: Callable[[], Tensor]) -> Tensor | None:
+    """``pack()``, oneDNN's blocked copy of ``weight``, made on the first call and again after
+    ``weight`` changes (written in place, as optimizers and ``load_state_dict`` do, replaced or
+    cast). Writes through a tensor that shares the memory but not the version counter
+    (``weight.data``, a NumPy view) are not seen. None for a weight made under
+    ``torch.inference_mode``: it has no version counter, so a copy could not follow it; the
+    caller passes the plain weight, which torch reorders on every call."""
     if weight.is_inference():
         return None
-    copies = _PACKED.setdefault(weight, {})
-    if what not in copies or not _unchanged(weight, copies[what][0]):
-        copies[what] = (_stamp(weight), pack())
-    return copies[what][1]
+    cached = _PACKED.get(weight)
+    if cached is None or not _unchanged(weight, cached[0]):
+        cached = _PACKED[weight] = (_stamp(weight), pack())
+    return cached[1]
 
 
 def _unchanged(weight: Tensor, stamp: tuple) -> bool:
@@ -130,7 +130,7 @@ def _convolution_arguments(conv: nn.Conv2d, x: Tensor) -> tuple:
             list(x.shape),
         )
 
-    weight = packed_weight(conv.weight, "convolution", pack)
+    weight = packed_weight(conv.weight, pack)
     return (
         conv.weight if weight is None else weight,
         conv.bias,
