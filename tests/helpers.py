@@ -281,10 +281,13 @@ def assert_close_fp32(actual: Tensor, expected: Tensor, name: str, rtol: float =
 ATTENTION_RESULTS = ["output", "grad_value", "grad_sampling_locations", "grad_attention_weights"]
 
 ATTENTION_CASES = {
-    # D = 5: scalar channels only; 32: one block of four vectors; 45 = 32 + 8 + 5.
+    # The CPU kernel's channel blocks (16 lanes): D = 5, scalar channels only; 32, one block of
+    # two vectors; 45 = 32 + 13; 83 = 64 (four vectors) + 16 + 3. Its points go 16 at a time:
+    # 3, 12 and 20 points per head leave part of a vector.
     "one_level": dict(spatial_shapes=[(6, 11)], channels=5),
     "four_levels": dict(spatial_shapes=FOUR_LEVELS, channels=32),
     "four_levels_odd_channels": dict(spatial_shapes=FOUR_LEVELS, channels=45, heads=3),
+    "many_points_wide_channels": dict(spatial_shapes=FOUR_LEVELS, channels=83, heads=2, points=5),
 }
 
 

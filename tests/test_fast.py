@@ -61,8 +61,9 @@ from detrkit.models.deformable_transformer import (
     DeformableTransformerEncoderLayer,
 )
 from detrkit.models.transformer import TransformerDecoderLayer, TransformerEncoderLayer
-from detrkit.ops import Dropout
-from helpers import frozen_norm
+from detrkit.ops import Dropout, attention_implementation
+from detrkit.ops._extension import load_extension
+from helpers import frozen_norm, needs_fused
 
 P = 1e-12  # dropout that runs the fused kernels and drops nothing
 C, HEADS, FFN = 32, 4, 64
@@ -225,6 +226,12 @@ CASES = {
         FastMSDeformAttn,
         lambda: MSDeformAttn(C, 2, HEADS, 3),
         lambda g: deformable_attention(4, g),
+    ),
+    # 2 levels x 8 points: the kernel's points in one whole vector per head.
+    "deformable attention, 16 points per head": Case(
+        FastMSDeformAttn,
+        lambda: MSDeformAttn(C, 2, HEADS, 8),
+        lambda g: deformable_attention(2, g),
     ),
     "sampling-first deformable attention, points": Case(
         SampleFirstMSDeformAttn,
@@ -612,3 +619,36 @@ def test_the_panoptic_model_optimized_computes_its_masks_as_the_reference():
     state = list(model.state_dict())
     trained = optimize_for_training(model)
     assert list(trained.state_dict()) == state
+
+
+def count_kernel_calls(monkeypatch, name: str) -> list:
+    """Records each call of the compiled kernel ``name`` (and still runs it)."""
+    kernels = load_extension()
+    original, calls = getattr(kernels, name), []
+
+    def counted(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(kernels, name, counted)
+    return calls
+
+
+@needs_fused
+def test_inference_runs_the_fused_attention_and_norm_kernels(monkeypatch):
+    """The encoder layer in inference samples with the kernel that computes its own points and
+    ends each block with the one-pass addition and norm; with a gradient wanted, or the reference
+    attention chosen, it runs the separate operators (the results above compare both)."""
+    projected = count_kernel_calls(monkeypatch, "projected_forward")
+    normed = count_kernel_calls(monkeypatch, "add_layer_norm_out")
+    _, fast, inputs = build(CASES["chunked deformable encoder layer"], training=False)
+    with torch.no_grad():
+        fast(**inputs)
+    # One attention; norm1 and the MLP's norm2 over its chunks of 10 of the 52 tokens.
+    assert (len(projected), len(normed)) == (1, 1 + 6)
+    with torch.no_grad(), attention_implementation("reference"):
+        fast(**inputs)
+    assert (len(projected), len(normed)) == (1, 14)
+    inputs["src"].requires_grad_(True)
+    fast(**inputs)
+    assert (len(projected), len(normed)) == (1, 14)

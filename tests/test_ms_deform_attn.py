@@ -14,11 +14,14 @@ from torch import Tensor, nn
 
 from detrkit.ops import (
     _extension,
+    attention_implementation,
     auto_implementation,
     dispatch,
     fused_kernel_available,
     ms_deform_attn,
+    ms_deform_attn_projected,
     ms_deform_attn_reference,
+    projected_kernel_applies,
 )
 from helpers import (
     ATTENTION_CASES,
@@ -589,3 +592,129 @@ def test_deformable_detr_runs_under_bf16_autocast(name):
     )
     # bf16 keeps 8 bits of mantissa: boxes in [0, 1] agree to a few hundredths.
     assert (outputs["pred_boxes"].float() - expected).abs().max() < 0.05
+
+
+def projected_inputs(levels: list[tuple[int, int]], heads: int, channels: int, points: int, dtype):
+    """value, shapes, starts, reference points and a projection (offsets of a few pixels, some
+    reaching off the maps, then logits) for ms_deform_attn_projected."""
+    g = torch.Generator().manual_seed(3)
+    value, shapes, starts, _, _ = make_inputs(levels, heads=heads, channels=channels, dtype=dtype)
+    batch, queries, count = value.shape[0], 9, heads * len(levels) * points
+    coordinates = torch.float64 if dtype == torch.float64 else torch.float32
+    reference = torch.rand(batch, queries, len(levels), 2, generator=g).to(coordinates)
+    offsets = torch.randn(batch, queries, count * 2, generator=g) * 3
+    logits = torch.randn(batch, queries, count, generator=g) * 4
+    return value, shapes, starts, reference, torch.cat([offsets, logits], -1).to(dtype)
+
+
+def projected_by_the_reference(value, shapes, starts, reference, projection):
+    """The reference's own steps: softmax of the logits, reference + offsets / (W, H), then the
+    grid_sample attention, in the coordinates' dtype."""
+    batch, queries, width = projection.shape
+    heads, levels = value.shape[2], shapes.shape[0]
+    points = width // (3 * heads * levels)
+    offsets, logits = projection.to(reference.dtype).split([width // 3 * 2, width // 3], -1)
+    weights = logits.reshape(batch, queries, heads, -1).softmax(-1)
+    weights = weights.view(batch, queries, heads, levels, points)
+    normalizer = shapes.flip(-1).to(reference.dtype)  # [L, 2] (W, H)
+    locations = (
+        reference[:, :, None, :, None, :]
+        + offsets.view(batch, queries, heads, levels, points, 2)
+        / normalizer[None, None, None, :, None, :]
+    )
+    return ms_deform_attn_reference(value.to(reference.dtype), shapes, starts, locations, weights)
+
+
+# (levels, heads, channels, points): 3 points per head (part of a vector, the kernel's scalar
+# softmax), 16 (one vector: Deformable DETR's 4 levels x 4 points) and 32 (two).
+PROJECTED_CASES = {
+    "3 points": ([(6, 11)], 2, 5, 3),
+    "16 points": (FOUR_LEVELS, 8, 32, 4),
+    "32 points, odd channels": (FOUR_LEVELS, 3, 45, 8),
+}
+
+
+@needs_fused
+@pytest.mark.parametrize("case", PROJECTED_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_projected_kernel_computes_the_reference_steps(case, dtype):
+    inputs = projected_inputs(*PROJECTED_CASES[case], dtype)
+    with torch.no_grad():
+        got = ms_deform_attn_projected(*inputs)
+    expected = projected_by_the_reference(*inputs)
+    assert got.dtype == dtype and got.shape == expected.shape
+    # fp32: its own exp and summation order; bf16: the output rounded once.
+    rtol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2**-8}[dtype]
+    assert_close_fp32(got.to(expected.dtype), expected, "output", rtol=rtol)
+
+
+@needs_fused
+@pytest.mark.parametrize("bad", ["nan logit", "infinite logit", "nan offset"])
+def test_projected_kernel_poisons_only_the_head_of_a_nan(bad):
+    value, shapes, starts, reference, projection = projected_inputs(
+        FOUR_LEVELS, 8, 32, 4, torch.float32
+    )
+    heads, points = 8, len(FOUR_LEVELS) * 4
+    head = 5  # query 2 of image 1
+    column = {
+        "nan logit": heads * points * 2 + head * points + 7,
+        "infinite logit": heads * points * 2 + head * points + 7,
+        "nan offset": head * points * 2 + 3,
+    }[bad]
+    projection[1, 2, column] = float("inf") if bad == "infinite logit" else float("nan")
+    with torch.no_grad():
+        got = ms_deform_attn_projected(value, shapes, starts, reference, projection)
+    expected = projected_by_the_reference(value, shapes, starts, reference, projection)
+    poisoned = got.view(*got.shape[:2], heads, -1).isnan()
+    assert poisoned[1, 2, head].all()  # as the reference: softmax and grid_sample give NaN
+    assert expected.view(*got.shape[:2], heads, -1)[1, 2, head].isnan().all()
+    poisoned[1, 2, head] = False
+    assert not poisoned.any()
+
+
+@needs_fused
+def test_projected_kernel_rejects_inconsistent_inputs():
+    value, shapes, starts, reference, projection = projected_inputs(
+        FOUR_LEVELS, 8, 32, 4, torch.float32
+    )
+    cases = {
+        "value must be": (value[0], shapes, starts, reference, projection),
+        "spatial_shapes must be": (value, shapes.int(), starts, reference, projection),
+        "level_start_index must be": (value, shapes, starts[:-1], reference, projection),
+        "reference_points must be": (value, shapes, starts, reference[:, :, :2], projection),
+        "projection must be": (value, shapes, starts, reference, projection[..., :-1]),
+        "projection must be in value's dtype": (
+            value,
+            shapes,
+            starts,
+            reference,
+            projection.double(),
+        ),
+        "reference_points must be in value's accumulation dtype": (
+            value.bfloat16(),
+            shapes,
+            starts,
+            reference.bfloat16(),
+            projection.bfloat16(),
+        ),
+        "sum of H \\* W": (value, shapes + 1, starts, reference, projection),
+    }
+    for message, inputs in cases.items():
+        with pytest.raises(RuntimeError, match=message):
+            ms_deform_attn_projected(*inputs)
+
+
+def test_projected_kernel_applies_only_to_cpu_inference_of_points():
+    value, _, _, reference, projection = projected_inputs(FOUR_LEVELS, 8, 32, 4, torch.float32)
+    with torch.no_grad():
+        assert projected_kernel_applies(value, reference, projection) == fused_kernel_available()
+        # Boxes as reference points (two-stage, refinement), other dtypes, the reference chosen.
+        assert not projected_kernel_applies(value, reference.repeat(1, 1, 1, 2), projection)
+        assert not projected_kernel_applies(
+            value.bfloat16(), reference.bfloat16(), projection.bfloat16()
+        )
+        assert not projected_kernel_applies(value, reference, projection.double())
+        with attention_implementation("reference"):
+            assert not projected_kernel_applies(value, reference, projection)
+    # A gradient wanted: the separate operators, which autograd follows.
+    assert not projected_kernel_applies(value.requires_grad_(), reference, projection)

@@ -2,7 +2,9 @@
 
 :class:`FastMSDeformAttn` computes the sampling offsets and the attention logits with one matrix
 product, the sampling locations in one fused pass, keeps locations and weights in fp32 for bf16
-values, and skips zeroing padded values when nothing is padded. :class:`SampleFirstMSDeformAttn`
+values, and skips zeroing padded values when nothing is padded; in CPU inference the kernel
+computes the weights' softmax and the locations itself, query by query
+(:func:`~detrkit.ops.ms_deform_attn_projected`). :class:`SampleFirstMSDeformAttn`
 (the decoder's cross-attention) also samples the memory before ``value_proj`` where that is
 cheaper: with a few hundred queries against thousands of pixels, by far.
 """
@@ -14,25 +16,36 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detrkit.models.deformable_attention import MSDeformAttn
-from detrkit.ops import coordinate_dtype_for, ms_deform_attn, onednn
+from detrkit.ops import (
+    coordinate_dtype_for,
+    ms_deform_attn,
+    ms_deform_attn_projected,
+    onednn,
+    projected_kernel_applies,
+)
 
 
 class FastMSDeformAttn(MSDeformAttn):
     reference_class = MSDeformAttn
+
+    def offsets_and_logits(self, query: Tensor) -> Tensor:
+        """``sampling_offsets(query)`` and ``attention_weights(query)`` side by side, from one
+        matrix product: ``[N, Lq, M * L * P * 3]``."""
+        # The weights are put side by side on every call (a [M*L*P*3, C] copy, tiny next to the
+        # product), so they can never be out of date.
+        layers = (self.sampling_offsets, self.attention_weights)
+        weight = torch.cat([layer.weight for layer in layers])  # [M*L*P*3, C]
+        bias = torch.cat([layer.bias for layer in layers])
+        return onednn.projection(query, weight, bias, 0, len(weight))  # bias inside, in bf16
 
     def sampling(
         self, query: Tensor, reference_points: Tensor, spatial_shapes: Tensor
     ) -> tuple[Tensor, Tensor]:
         batch, num_queries, _ = query.shape
         shape = (batch, num_queries, self.n_heads, self.n_levels, self.n_points)
-        # One product for both Linear layers. The weights are put side by side on every call
-        # (a [M*L*P*3, C] copy, tiny next to the product), so they can never be out of date.
-        layers = (self.sampling_offsets, self.attention_weights)
-        weight = torch.cat([layer.weight for layer in layers])  # [M*L*P*3, C]
-        bias = torch.cat([layer.bias for layer in layers])
-        both = onednn.projection(query, weight, bias, 0, len(weight))  # bias inside, in bf16
+        both = self.offsets_and_logits(query)
         sampling_offsets, attention_weights = both.split(
-            [layer.out_features for layer in layers], -1
+            [self.sampling_offsets.out_features, self.attention_weights.out_features], -1
         )
         # In the locations' dtype (fp32 when the projections run in bf16): in bf16 a location on
         # a 134-pixel-wide level would be off by up to half a pixel. The offsets are converted
@@ -67,6 +80,17 @@ class FastMSDeformAttn(MSDeformAttn):
         level_start_index: Tensor,
         input_padding_mask: Tensor | None = None,
     ) -> Tensor:
+        if self.samples_in_kernel(query, reference_points, input_flatten):
+            # The softmax and the locations inside the kernel (CPU inference).
+            value = self.projected_value(input_flatten, input_padding_mask)
+            attended = ms_deform_attn_projected(
+                value,
+                spatial_shapes,
+                level_start_index,
+                reference_points,
+                self.offsets_and_logits(query),
+            )
+            return onednn.linear(self.output_proj, attended)
         sampling_locations, attention_weights = self.sampling(
             query, reference_points, spatial_shapes
         )
@@ -86,13 +110,22 @@ class FastMSDeformAttn(MSDeformAttn):
         attention_weights: Tensor,
     ) -> Tensor:
         """The attended values before ``output_proj``: ``[N, Lq, C]``."""
+        value = self.projected_value(input_flatten, input_padding_mask)
+        where = (spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return sample(value, *where)
+
+    def samples_in_kernel(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor):
+        """Whether the forward runs :func:`~detrkit.ops.ms_deform_attn_projected`, which
+        computes the attention weights and sampling locations inside the kernel."""
+        return projected_kernel_applies(input_flatten, reference_points, query)
+
+    def projected_value(self, input_flatten: Tensor, input_padding_mask: Tensor | None) -> Tensor:
+        """``value_proj`` of the memory, zero where padded: ``[N, S, M, D]``."""
         value = onednn.linear(self.value_proj, input_flatten)
         if input_padding_mask is not None and may_have_padding(input_padding_mask):
             # In place: the projection's output is fresh and autograd needs none of it.
             value = value.masked_fill_(input_padding_mask[..., None], 0.0)
-        value = value.unflatten(-1, (self.n_heads, -1))  # [N, S, M, D]
-        where = (spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        return sample(value, *where)
+        return value.unflatten(-1, (self.n_heads, -1))  # [N, S, M, D]
 
 
 def sample(
@@ -122,6 +155,15 @@ class SampleFirstMSDeformAttn(FastMSDeformAttn):
     Sampling is linear, so sum_t w_t (W x_t + b) = W (sum_t w_t x_t) + b sum_t w_t, where t runs
     over a query's in-map, unpadded bilinear corners: the same result up to rounding.
     """
+
+    def samples_in_kernel(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor):
+        sizes = (query.shape[1], input_flatten.shape[1], self.d_model)
+        cheaper_first = sampling_first_costs_less(
+            *sizes, self.n_heads, self.n_levels, self.n_points
+        )
+        return not cheaper_first and super().samples_in_kernel(
+            query, reference_points, input_flatten
+        )
 
     def attend(
         self,

@@ -1,7 +1,8 @@
 """The transformer layers of DETR and Deformable DETR, fast: their MLP as one fused operator in
 training (ReLU and dropout written over the first layer's output, hashed dropout mask), and with
-bias and ReLU inside the matrix products in bf16 CPU inference (oneDNN). Deformable DETR's
-encoder MLP can also run over chunks of tokens."""
+bias and ReLU inside the matrix products in bf16 CPU inference (oneDNN); each residual addition
+and its LayerNorm in one pass in CPU inference. Deformable DETR's encoder MLP can also run over
+chunks of tokens."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from detrkit.models.deformable_transformer import (
     DeformableTransformerEncoderLayer,
 )
 from detrkit.models.transformer import TransformerDecoderLayer, TransformerEncoderLayer
-from detrkit.ops import onednn, relu_dropout_mlp
+from detrkit.ops import add_layer_norm, onednn, relu_dropout_mlp
 
 # Tokens per chunk of Deformable DETR's encoder MLP on a CPU: the [4096, 1024] fp32 hidden
 # activation is 16 MB, under glibc's largest mmap threshold (32 MB), so its memory is reused
@@ -30,14 +31,22 @@ def relu_mlp(linear1: nn.Linear, dropout: nn.Dropout, linear2: nn.Linear, x: Ten
     return onednn.linear(linear2, onednn.linear(linear1, x, relu=True))
 
 
-class FastTransformerEncoderLayer(TransformerEncoderLayer):
+class FusedAddNorm:
+    """Mixed into the fast layers: the residual addition and LayerNorm in one pass in CPU
+    inference (:func:`~detrkit.ops.add_layer_norm`)."""
+
+    def add_norm(self, norm: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
+        return add_layer_norm(x, residual, norm)
+
+
+class FastTransformerEncoderLayer(FusedAddNorm, TransformerEncoderLayer):
     reference_class = TransformerEncoderLayer
 
     def feed_forward(self, x: Tensor) -> Tensor:
         return relu_mlp(self.linear1, self.dropout, self.linear2, x)
 
 
-class FastTransformerDecoderLayer(TransformerDecoderLayer):
+class FastTransformerDecoderLayer(FusedAddNorm, TransformerDecoderLayer):
     """The attention outputs are also made contiguous: ``nn.MultiheadAttention`` returns
     ``[B, Q, C]`` stored as ``[Q, B, C]``, and inductor's frozen-weight Linear
     (``optimize_for_inference(compile=True)``) views the MLP's input as ``[B * Q, C]``, which
@@ -57,12 +66,13 @@ class FastTransformerDecoderLayer(TransformerDecoderLayer):
         return super().cross_attention(*args).contiguous()
 
 
-class FastDeformableEncoderLayer(DeformableTransformerEncoderLayer):
+class FastDeformableEncoderLayer(FusedAddNorm, DeformableTransformerEncoderLayer):
     reference_class = DeformableTransformerEncoderLayer
 
-    def feed_forward(self, src: Tensor) -> Tensor:
+    def feed_forward(self, src: Tensor, out: Tensor | None = None) -> Tensor:
+        """The MLP block, written into ``out`` when given."""
         src2 = relu_mlp(self.linear1, self.dropout2, self.linear2, src)
-        return self.norm2(src + self.dropout3(src2))
+        return add_layer_norm(src, self.dropout3(src2), self.norm2, out)
 
 
 class ChunkedDeformableEncoderLayer(FastDeformableEncoderLayer):
@@ -70,18 +80,19 @@ class ChunkedDeformableEncoderLayer(FastDeformableEncoderLayer):
     its own, so the result is the same, while the hidden activations stay small enough for the
     allocator to reuse their memory instead of mapping fresh pages on every call."""
 
-    def feed_forward(self, src: Tensor) -> Tensor:
+    def feed_forward(self, src: Tensor, out: Tensor | None = None) -> Tensor:
         tokens = src.reshape(-1, src.shape[-1])  # [B * S, C]
-        chunks = [
-            super(ChunkedDeformableEncoderLayer, self).feed_forward(chunk)
-            for chunk in tokens.split(ENCODER_MLP_CHUNK)
-        ]
-        return torch.cat(chunks).view(src.shape)
+        # Each chunk's result goes straight into its rows of the output.
+        rows = torch.empty_like(tokens) if out is None else out.view(tokens.shape)
+        for start in range(0, len(tokens), ENCODER_MLP_CHUNK):
+            chunk = slice(start, start + ENCODER_MLP_CHUNK)
+            super().feed_forward(tokens[chunk], rows[chunk])
+        return rows.view(src.shape)
 
 
-class FastDeformableDecoderLayer(DeformableTransformerDecoderLayer):
+class FastDeformableDecoderLayer(FusedAddNorm, DeformableTransformerDecoderLayer):
     reference_class = DeformableTransformerDecoderLayer
 
     def feed_forward(self, tgt: Tensor) -> Tensor:
         tgt2 = relu_mlp(self.linear1, self.dropout3, self.linear2, tgt)
-        return self.norm3(tgt + self.dropout4(tgt2))
+        return self.add_norm(self.norm3, tgt, self.dropout4(tgt2))

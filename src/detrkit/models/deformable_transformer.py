@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from detrkit.models.deformable_attention import MSDeformAttn
 from detrkit.models.denoising import DenoisingQueries
-from detrkit.models.transformer import clones, heads_mask, with_pos
+from detrkit.models.transformer import AddNorm, clones, heads_mask, with_pos
 
 
 class ImageTooSmallError(ValueError):
@@ -38,7 +38,7 @@ def refine_boxes(delta: Tensor, reference: Tensor) -> Tensor:
     return torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1)
 
 
-class DeformableTransformerEncoderLayer(nn.Module):
+class DeformableTransformerEncoderLayer(AddNorm, nn.Module):
     """Deformable self-attention over all levels' pixels, then an MLP (post-norm)."""
 
     def __init__(
@@ -63,7 +63,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
     def feed_forward(self, src: Tensor) -> Tensor:
         """The MLP block: ``norm2(src + linear2(relu(linear1(src))))``."""
         src2 = self.linear2(self.dropout2(F.relu(self.linear1(src))))
-        return self.norm2(src + self.dropout3(src2))
+        return self.add_norm(self.norm2, src, self.dropout3(src2))
 
     def forward(
         self,
@@ -83,7 +83,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
             level_start_index,
             padding_mask,
         )
-        src = self.norm1(src + self.dropout1(src2))
+        src = self.add_norm(self.norm1, src, self.dropout1(src2))
         return self.feed_forward(src)
 
 
@@ -128,7 +128,7 @@ class DeformableTransformerEncoder(nn.Module):
         return src
 
 
-class DeformableTransformerDecoderLayer(nn.Module):
+class DeformableTransformerDecoderLayer(AddNorm, nn.Module):
     """Self-attention among queries, deformable cross-attention to the memory, then an MLP."""
 
     def __init__(
@@ -156,7 +156,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
     def feed_forward(self, tgt: Tensor) -> Tensor:
         """The MLP block: ``norm3(tgt + linear2(relu(linear1(tgt))))``."""
         tgt2 = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
-        return self.norm3(tgt + self.dropout4(tgt2))
+        return self.add_norm(self.norm3, tgt, self.dropout4(tgt2))
 
     def self_attention(
         self, tgt: Tensor, query_pos: Tensor, attn_mask: Tensor | None = None
@@ -179,7 +179,8 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self_attn_mask: Tensor | None = None,
     ) -> Tensor:
         # tgt, query_pos: [B, Q, C]; reference_points: [B, Q, L, 2 or 4]; memory: [B, S, C]
-        tgt = self.norm2(tgt + self.dropout2(self.self_attention(tgt, query_pos, self_attn_mask)))
+        attended = self.self_attention(tgt, query_pos, self_attn_mask)
+        tgt = self.add_norm(self.norm2, tgt, self.dropout2(attended))
         tgt2 = self.cross_attn(
             with_pos(tgt, query_pos),
             reference_points,
@@ -188,7 +189,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
             level_start_index,
             memory_padding_mask,
         )
-        tgt = self.norm1(tgt + self.dropout1(tgt2))
+        tgt = self.add_norm(self.norm1, tgt, self.dropout1(tgt2))
         return self.feed_forward(tgt)
 
 

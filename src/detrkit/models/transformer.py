@@ -31,7 +31,16 @@ def clones(module: nn.Module, n: int) -> nn.ModuleList:
     return nn.ModuleList(copy.deepcopy(module) for _ in range(n))
 
 
-class TransformerEncoderLayer(nn.Module):
+class AddNorm:
+    """Mixed into the post-norm layers: the residual connection and the norm after a block, as a
+    method of its own so that a fast layer can run both in one pass."""
+
+    def add_norm(self, norm: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
+        """``norm(x + residual)``."""
+        return norm(x + residual)
+
+
+class TransformerEncoderLayer(AddNorm, nn.Module):
     """Self-attention over image positions (Q = K = features + pos, V = features), then an MLP."""
 
     def __init__(
@@ -71,11 +80,12 @@ class TransformerEncoderLayer(nn.Module):
             attended = self.self_attention(self.norm1(src), key_padding_mask, pos)
             src = src + self.dropout1(attended)
             return src + self.dropout2(self.feed_forward(self.norm2(src)))
-        src = self.norm1(src + self.dropout1(self.self_attention(src, key_padding_mask, pos)))
-        return self.norm2(src + self.dropout2(self.feed_forward(src)))
+        attended = self.self_attention(src, key_padding_mask, pos)
+        src = self.add_norm(self.norm1, src, self.dropout1(attended))
+        return self.add_norm(self.norm2, src, self.dropout2(self.feed_forward(src)))
 
 
-class TransformerDecoderLayer(nn.Module):
+class TransformerDecoderLayer(AddNorm, nn.Module):
     """Self-attention among object queries, cross-attention to the image memory, then an MLP."""
 
     def __init__(
@@ -147,9 +157,10 @@ class TransformerDecoderLayer(nn.Module):
             tgt = tgt + self.dropout1(attended)
             tgt = tgt + self.dropout2(self.cross_attention(self.norm2(tgt), *cross))
             return tgt + self.dropout3(self.feed_forward(self.norm3(tgt)))
-        tgt = self.norm1(tgt + self.dropout1(self.self_attention(tgt, query_pos, self_attn_mask)))
-        tgt = self.norm2(tgt + self.dropout2(self.cross_attention(tgt, *cross)))
-        return self.norm3(tgt + self.dropout3(self.feed_forward(tgt)))
+        attended = self.self_attention(tgt, query_pos, self_attn_mask)
+        tgt = self.add_norm(self.norm1, tgt, self.dropout1(attended))
+        tgt = self.add_norm(self.norm2, tgt, self.dropout2(self.cross_attention(tgt, *cross)))
+        return self.add_norm(self.norm3, tgt, self.dropout3(self.feed_forward(tgt)))
 
 
 class TransformerEncoder(nn.Module):

@@ -1,6 +1,6 @@
 """Builds and loads detrkit's C++ CPU kernels (multi-scale deformable attention, dropout,
-Winograd convolution transforms, max pooling) on first use, compiled once per machine and
-cached."""
+Winograd convolution transforms, max pooling, a residual addition with its LayerNorm) on first
+use, compiled once per machine and cached."""
 
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ _SOURCES = [
         "dropout_cpu.cpp",
         "winograd_cpu.cpp",
         "max_pool_cpu.cpp",
+        "layer_norm_cpu.cpp",
         "bindings.cpp",
     )
 ]
-_HEADERS = [_CSRC / name for name in ("kernels.h", "ms_deform_attn_sampling.h")]
+_HEADERS = [_CSRC / name for name in ("kernels.h", "ms_deform_attn_sampling.h", "vector_lanes.h")]
 
 
 def cpu_description() -> str:
@@ -111,9 +112,9 @@ def load_extension() -> ModuleType | None:
         first_line = message.splitlines()[0] if message else ""
         reason = type(error).__name__ + (f": {first_line[:300]}" if first_line else "")
         warnings.warn(
-            "detrkit: the fused CPU kernels (ms_deform_attn, dropout, Winograd, max pooling) could "
-            f"not be built ({reason}); falling back to PyTorch's own operators (much slower for "
-            "ms_deform_attn and dropout).",
+            "detrkit: the fused CPU kernels (ms_deform_attn, dropout, Winograd, max pooling, "
+            f"LayerNorm) could not be built ({reason}); falling back to PyTorch's own operators "
+            "(much slower for ms_deform_attn and dropout).",
             RuntimeWarning,
             stacklevel=2,
         )

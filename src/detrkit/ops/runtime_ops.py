@@ -39,7 +39,7 @@ INCLUDE_VARIABLE = "ONNXRUNTIME_INCLUDE_DIR"
 _CSRC = Path(__file__).parent / "csrc"
 _ONNXRUNTIME_SOURCE = _CSRC / "onnxruntime_ops.cpp"
 _OPENVINO_SOURCE = _CSRC / "openvino_ops.cpp"
-_HEADERS = [_CSRC / "ms_deform_attn_sampling.h"]
+_HEADERS = [_CSRC / "ms_deform_attn_sampling.h", _CSRC / "vector_lanes.h"]
 _SYSTEM_INCLUDES = [Path("/usr/include/onnxruntime"), Path("/usr/local/include/onnxruntime")]
 _API_HEADER = "onnxruntime_c_api.h"
 

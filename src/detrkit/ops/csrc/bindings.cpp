@@ -6,9 +6,12 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() =
       "detrkit CPU kernels: multi-scale deformable attention, dropout, Winograd transforms, max "
-      "pooling";
+      "pooling, residual addition with LayerNorm";
   m.def("forward", &detrkit::ms_deform_attn_forward,
         "ms_deform_attn forward: output [N, Lq, M * D]");
+  m.def("projected_forward", &detrkit::ms_deform_attn_projected_forward,
+        "ms_deform_attn forward whose locations and weights come from the queries' projection "
+        "(offsets, then logits) and reference points: output [N, Lq, M * D]");
   m.def("backward", &detrkit::ms_deform_attn_backward,
         "ms_deform_attn backward: (grad_value, grad_sampling_locations, grad_attention_weights)");
   m.def("dropout", &detrkit::dropout_apply,
@@ -23,6 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "[N, H, W, C] -> the 36 transformed [P, C] planes of F(4x4, 3x3)");
   m.def("winograd_output_transform", &detrkit::winograd_output_transform,
         "the 36 [P, C_out] product planes, bias -> [N, H, W, C_out]");
+  m.def("add_layer_norm_out", &detrkit::add_layer_norm_out,
+        "out = layer_norm(x + residual) over the last axis of [rows, C] tensors");
   m.def("max_pool2d_channels_last", &detrkit::max_pool2d_channels_last,
         "max pooling of a channels-last [N, C, H, W] tensor (floor mode), without indices");
 }

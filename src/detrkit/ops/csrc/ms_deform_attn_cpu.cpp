@@ -23,9 +23,6 @@
 #include <tuple>
 #include <vector>
 
-template <>
-struct detrkit::deform::is_bfloat16<c10::BFloat16> : std::true_type {};
-
 namespace {
 
 using namespace detrkit::deform;
@@ -246,6 +243,60 @@ at::Tensor ms_deform_attn_forward(const at::Tensor& value, const at::Tensor& spa
                                             locations_c.const_data_ptr<coord_t>(),
                                             weights_c.const_data_ptr<coord_t>(),
                                             output.mutable_data_ptr<scalar_t>());
+        });
+      });
+  return output;
+}
+
+at::Tensor ms_deform_attn_projected_forward(const at::Tensor& value,
+                                            const at::Tensor& spatial_shapes,
+                                            const at::Tensor& level_start_index,
+                                            const at::Tensor& reference_points,
+                                            const at::Tensor& projection) {
+  for (const at::Tensor* t :
+       {&value, &spatial_shapes, &level_start_index, &reference_points, &projection}) {
+    TORCH_CHECK(t->device().is_cpu(), "ms_deform_attn_projected: all inputs must be on the CPU");
+  }
+  TORCH_CHECK(value.dim() == 4, "value must be [N, S, M, D]");
+  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2 &&
+                  spatial_shapes.scalar_type() == at::kLong,
+              "spatial_shapes must be int64 [L, 2]");
+  TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.scalar_type() == at::kLong &&
+                  level_start_index.size(0) == spatial_shapes.size(0),
+              "level_start_index must be int64 [L]");
+  const int64_t N = value.size(0), M = value.size(2), L = spatial_shapes.size(0);
+  TORCH_CHECK(reference_points.dim() == 4 && reference_points.size(0) == N &&
+                  reference_points.size(2) == L && reference_points.size(3) == 2,
+              "reference_points must be [N, Lq, L, 2]");
+  const int64_t Lq = reference_points.size(1);
+  TORCH_CHECK(projection.dim() == 3 && projection.size(0) == N && projection.size(1) == Lq &&
+                  L > 0 && M > 0 && projection.size(2) % (3 * M * L) == 0,
+              "projection must be [N, Lq, M * L * P * 3]");
+  TORCH_CHECK(projection.scalar_type() == value.scalar_type(), "projection must be in value's dtype");
+  TORCH_CHECK(reference_points.scalar_type() == at::toOpMathType(value.scalar_type()),
+              "reference_points must be in value's accumulation dtype (fp32 for bf16 values)");
+  Sizes s{N, value.size(1), M, value.size(3), Lq, L, projection.size(2) / (3 * M * L)};
+  const at::Tensor shapes_c = spatial_shapes.contiguous();
+  const at::Tensor starts_c = level_start_index.contiguous();
+  const char* problem = check_levels(shapes_c.const_data_ptr<int64_t>(),
+                                     starts_c.const_data_ptr<int64_t>(), s.L, s.S);
+  TORCH_CHECK(problem == nullptr, problem);
+  const at::Tensor value_c = value.contiguous();
+  const at::Tensor reference_c = reference_points.contiguous();
+  const at::Tensor projection_c = projection.contiguous();
+  at::Tensor output = at::empty({s.N, s.Lq, s.M * s.D}, value.options());
+  if (output.numel() == 0 || s.P == 0) return output.zero_();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, value.scalar_type(), "ms_deform_attn_projected_forward", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const ProjectedPoints<scalar_t, acc_t> locate(
+            s, projection_c.const_data_ptr<scalar_t>(), reference_c.const_data_ptr<acc_t>(),
+            shapes_c.const_data_ptr<int64_t>());
+        at::parallel_for(0, s.N * s.Lq, /*grain_size=*/16, [&](int64_t begin, int64_t end) {
+          forward_queries_located<scalar_t, acc_t>(
+              s, value_c.const_data_ptr<scalar_t>(), shapes_c.const_data_ptr<int64_t>(),
+              starts_c.const_data_ptr<int64_t>(), locate, output.mutable_data_ptr<scalar_t>(),
+              begin, end);
         });
       });
   return output;
