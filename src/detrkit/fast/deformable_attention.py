@@ -31,12 +31,7 @@ class FastMSDeformAttn(MSDeformAttn):
     def offsets_and_logits(self, query: Tensor) -> Tensor:
         """``sampling_offsets(query)`` and ``attention_weights(query)`` side by side, from one
         matrix product: ``[N, Lq, M * L * P * 3]``."""
-        # The weights are put side by side on every call (a [M*L*P*3, C] copy, tiny next to the
-        # product), so they can never be out of date.
-        layers = (self.sampling_offsets, self.attention_weights)
-        weight = torch.cat([layer.weight for layer in layers])  # [M*L*P*3, C]
-        bias = torch.cat([layer.bias for layer in layers])
-        return onednn.projection(query, weight, bias, 0, len(weight))  # bias inside, in bf16
+        return onednn.stacked_linear(query, (self.sampling_offsets, self.attention_weights))
 
     def sampling(
         self, query: Tensor, reference_points: Tensor, spatial_shapes: Tensor

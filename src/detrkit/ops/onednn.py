@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +76,9 @@ def fuses(module: nn.Module, x: Tensor) -> bool:
     return not hooked and _fusable(x, module.weight)
 
 
-# weight -> (stamp, blocked copy). Keyed by the tensor's identity and held weakly: a copy lives
-# as long as its parameter.
+# weight -> {part: (stamp, blocked copy)}, part None for a whole weight or (start, stop) for a
+# linear map's rows. Keyed by the tensor's identity and held weakly: a copy lives as long as its
+# parameter.
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -90,18 +91,29 @@ def _stamp(weight: Tensor) -> tuple:
     return weight._version, weakref.ref(storage), weight.storage_offset(), weight.dtype
 
 
-def packed_weight(weight: Tensor, pack: Callable[[], Tensor]) -> Tensor | None:
+def packed_weight(
+    weight: Tensor,
+    pack: Callable[[], Tensor],
+    part: tuple | None = None,
+    also: tuple[Tensor, ...] = (),
+) -> Tensor | None:
     """``pack()``, oneDNN's blocked copy of ``weight``, made on the first call and again after
     ``weight`` changes (written in place, as optimizers and ``load_state_dict`` do, replaced or
     cast). Writes through a tensor that shares the memory but not the version counter
     (``weight.data``, a NumPy view) are not seen. None for a weight made under
     ``torch.inference_mode``: it has no version counter, so a copy could not follow it; the
-    caller passes the plain weight, which torch reorders on every call."""
-    if weight.is_inference():
+    caller passes the plain weight, which torch reorders on every call. ``part`` tells apart
+    copies of different rows of one weight; ``also``, the other weights a copy is made from (the
+    weights of layers put side by side), which are followed as ``weight`` is."""
+    tensors = (weight, *also)
+    if any(tensor.is_inference() for tensor in tensors):
         return None
-    cached = _PACKED.get(weight)
-    if cached is None or not _unchanged(weight, cached[0]):
-        cached = _PACKED[weight] = (_stamp(weight), pack())
+    copies = _PACKED.get(weight)
+    if copies is None:
+        copies = _PACKED[weight] = {}
+    cached = copies.get(part)
+    if cached is None or not all(map(_unchanged, tensors, cached[0])):
+        cached = copies[part] = (tuple(map(_stamp, tensors)), pack())
     return cached[1]
 
 
@@ -200,15 +212,49 @@ def conv2d_add_relu_(conv: nn.Conv2d, x: Tensor, accumulator: Tensor) -> Tensor:
     return conv2d_add_relu(conv, x, accumulator)
 
 
+def _linear_weight(weight: Tensor, start: int, stop: int, x: Tensor) -> Tensor:
+    """Rows ``start:stop`` of a linear map's weight, packed for products with inputs shaped as
+    ``x`` (later inputs of other sizes use it too, with the same results)."""
+    rows = weight[start:stop]
+    tokens = x.numel() // max(x.shape[-1], 1)
+
+    def pack() -> Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(rows.contiguous(), tokens)
+
+    packed = packed_weight(weight, pack, (start, stop))
+    return rows if packed is None else packed
+
+
 def linear(layer: nn.Linear, x: Tensor, relu: bool = False) -> Tensor:
-    """``layer(x)``, or ``relu(layer(x))`` with ``relu``; bias and ReLU inside the product where
-    :func:`fuses` allows."""
+    """``layer(x)``, or ``relu(layer(x))`` with ``relu``; bias and ReLU inside the product, and the
+    weight packed, where :func:`fuses` allows."""
     if fuses(layer, x):
         attribute = "relu" if relu else "none"
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, attribute, [], "")
+        weight = _linear_weight(layer.weight, 0, layer.out_features, x)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, attribute, [], "")
     # In place: the layer's output is fresh and its gradient needs none of it. A new tensor
     # would be mapped and faulted in page by page on large inputs.
     return layer(x).relu_() if relu else layer(x)
+
+
+def stacked_linear(x: Tensor, layers: Sequence[nn.Linear]) -> Tensor:
+    """``torch.cat([layer(x) for layer in layers], -1)`` as one matrix product: the layers'
+    weights side by side, packed once in bf16 inference (and again when any of them changes), put
+    side by side on every call otherwise."""
+    weights = tuple(layer.weight for layer in layers)
+    bias = torch.cat([layer.bias for layer in layers])
+    same_dtype = all(t.dtype == weights[0].dtype for t in (*weights, bias))
+    if _fusable(x, weights[0]) and same_dtype:
+        tokens = x.numel() // max(x.shape[-1], 1)
+
+        def pack() -> Tensor:
+            return torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights), tokens)
+
+        part = ("stacked", *map(id, weights[1:]))
+        packed = packed_weight(weights[0], pack, part, also=weights[1:])
+        if packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return projection(x, torch.cat(weights), bias, 0, sum(len(w) for w in weights))
 
 
 def projection(x: Tensor, weight: Tensor, bias: Tensor | None, start: int, stop: int) -> Tensor:
@@ -218,5 +264,6 @@ def projection(x: Tensor, weight: Tensor, bias: Tensor | None, start: int, stop:
     rows = slice(start, stop)
     part_bias = None if bias is None else bias[rows]
     if _fusable(x, weight) and (bias is None or bias.dtype == weight.dtype):
-        return torch.ops.mkldnn._linear_pointwise(x, weight[rows], part_bias, "none", [], "")
+        packed = _linear_weight(weight, start, stop, x)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, part_bias, "none", [], "")
     return F.linear(x, weight[rows], part_bias)
