@@ -205,13 +205,18 @@ CHANGES = {
 }
 
 
+@pytest.mark.parametrize("kind", ["convolution", "linear"])
 @pytest.mark.parametrize("change", list(CHANGES))
-def test_a_weight_is_packed_once_and_again_whenever_it_changes(change):
-    layer, _ = bf16_layers(3)
+def test_a_weight_is_packed_once_and_again_whenever_it_changes(change, kind):
+    conv, linear = bf16_layers(3)
+    layer = conv if kind == "convolution" else linear
     images = torch.randn(1, 16, 9, 11).bfloat16()
+    tokens = torch.randn(2, 7, 24).bfloat16()
 
     def run(layer: nn.Module) -> torch.Tensor:
         with torch.inference_mode():
+            if kind == "linear":
+                return onednn.linear(layer, tokens)
             return onednn.conv2d_relu(layer, images)
 
     assert reorders_run(lambda: run(layer)) == 1
@@ -282,3 +287,37 @@ def test_projection_is_the_linear_map_of_its_rows_outside_bf16_inference():
     weight = weight.bfloat16().requires_grad_()
     onednn.projection(x.bfloat16(), weight, None, 0, 16).float().sum().backward()
     assert weight.grad is not None and weight.grad[16:].abs().max() == 0
+
+
+def test_a_stacked_product_is_its_layers_side_by_side_and_follows_each():
+    """Deformable attention's offsets and logits: one product of the two layers' weights, packed
+    once, packed again when either weight changes."""
+    torch.manual_seed(8)
+    first, second = nn.Linear(24, 40).bfloat16(), nn.Linear(24, 8).bfloat16()
+    tokens = torch.randn(2, 9, 24).bfloat16()
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            return onednn.stacked_linear(tokens, (first, second))
+
+    def expected() -> torch.Tensor:
+        weight = torch.cat([first.weight, second.weight])
+        bias = torch.cat([first.bias, second.bias])
+        with torch.inference_mode():
+            return torch.ops.mkldnn._linear_pointwise(tokens, weight, bias, "none", [], "")
+
+    assert reorders_run(run) == 1
+    assert reorders_run(run) == 0
+    torch.testing.assert_close(run(), expected(), rtol=0, atol=0)
+    for layer in (second, first):
+        with torch.no_grad():
+            layer.weight.mul_(-2)
+        assert reorders_run(run) == 1
+        torch.testing.assert_close(run(), expected(), rtol=0, atol=0)
+    # In fp32, and with autograd: the layers' own products, side by side.
+    first.float(), second.float()
+    x = tokens.float().requires_grad_()
+    stacked = onednn.stacked_linear(x, (first, second))
+    torch.testing.assert_close(stacked, torch.cat([first(x), second(x)], -1), rtol=1e-6, atol=1e-6)
+    stacked.sum().backward()
+    assert first.weight.grad is not None and second.weight.grad is not None
