@@ -1,7 +1,9 @@
 """Times multi-scale deformable attention: PyTorch reference vs the fused kernel.
 
 Run ``python benchmarks/ms_deform_attn.py`` for the fused CPU kernel, ``--device cuda`` for the
-Triton kernels on a GPU (each against the reference on the same device). Sizes are Deformable
+Triton kernels on a GPU (each against the reference on the same device). On the CPU it also
+times the encoder's attention computed from the queries' projection, with the softmax and the
+sampling locations inside the kernel against separate operators. Sizes are Deformable
 DETR's for an 800x1066 image: the encoder (every pixel of the 4 levels is a query) and the decoder
 (300 queries).
 """
@@ -15,10 +17,26 @@ from collections.abc import Callable
 
 import torch
 
-from detrkit.ops import dispatch, fused_kernel_available, ms_deform_attn
+from detrkit.ops import (
+    dispatch,
+    fused_kernel_available,
+    ms_deform_attn,
+    ms_deform_attn_projected,
+)
 
 SPATIAL_SHAPES = [(100, 134), (50, 67), (25, 34), (13, 17)]
 HEADS, CHANNELS, POINTS = 8, 32, 4  # M, D, P; d_model = M * D = 256
+
+
+def pixel_centres() -> torch.Tensor:
+    """Every level's pixel centres, normalised: ``[S, 2]`` (x, y)."""
+    centres = []
+    for h, w in SPATIAL_SHAPES:
+        y, x = torch.meshgrid(
+            (torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij"
+        )
+        centres.append(torch.stack([x, y], -1).flatten(0, 1))
+    return torch.cat(centres)
 
 
 def make_inputs(num_queries: int | None, dtype: torch.dtype, device: str, seed: int = 0):
@@ -31,13 +49,7 @@ def make_inputs(num_queries: int | None, dtype: torch.dtype, device: str, seed: 
     S, L = int(areas.sum()), len(SPATIAL_SHAPES)
 
     if num_queries is None:  # the encoder's reference points are the pixel centres
-        centres = []
-        for h, w in SPATIAL_SHAPES:
-            y, x = torch.meshgrid(
-                (torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij"
-            )
-            centres.append(torch.stack([x, y], -1).flatten(0, 1))
-        reference_points = torch.cat(centres)  # [S, 2]
+        reference_points = pixel_centres()  # [S, 2]
     else:
         reference_points = torch.rand(num_queries, 2, generator=generator)  # [Lq, 2]
     Lq = reference_points.shape[0]
@@ -136,6 +148,53 @@ def main() -> None:
                     fast = time_case(inputs, fused, backward, args.device, args)
                     row += f" {fast * 1e3:>9.2f} {ref / fast:>8.1f}x"
                 print(row, flush=True)
+    if fused == "cpu":
+        print("\nencoder forward from the queries' projection (CPU inference):")
+        for dtype in (torch.float32, torch.bfloat16):
+            separate, inside = time_projected(dtype, args)
+            print(
+                f"  {str(dtype).removeprefix('torch.'):<9} softmax, locations and sampling apart "
+                f"{separate * 1e3:.2f} ms, in the kernel {inside * 1e3:.2f} ms "
+                f"({inside / separate:.2f}x)"
+            )
+
+
+def time_projected(dtype: torch.dtype, args) -> tuple[float, float]:
+    """The encoder's attention from the queries' projection (offsets, then logits) and their
+    reference points, CPU inference: the softmax, the locations and the sampling as separate
+    operators, against ``ms_deform_attn_projected``, which computes the first two inside the
+    kernel. Returns both times in seconds."""
+    generator = torch.Generator().manual_seed(1)
+    spatial_shapes = torch.tensor(SPATIAL_SHAPES, dtype=torch.int64)
+    areas = spatial_shapes.prod(1)
+    level_start_index = areas.cumsum(0) - areas
+    S, L = int(areas.sum()), len(SPATIAL_SHAPES)
+    points = HEADS * L * POINTS
+    value = torch.randn(1, S, HEADS, CHANNELS, generator=generator).to(dtype)
+    reference = pixel_centres()[None, :, None, :].expand(1, S, L, 2).contiguous()  # fp32
+    offsets = 2.0 * torch.randn(1, S, points * 2, generator=generator)  # pixels
+    logits = torch.randn(1, S, points, generator=generator)
+    projection = torch.cat([offsets, logits], -1).to(dtype)
+    normalizer = spatial_shapes.flip(-1).float()  # [L, 2] (W, H)
+
+    def separate():
+        offsets, logits = projection.split([points * 2, points], -1)
+        weights = logits.reshape(1, S, HEADS, -1).softmax(-1, dtype=torch.float32)
+        locations = (
+            reference[:, :, None, :, None, :]
+            + offsets.float().view(1, S, HEADS, L, POINTS, 2) / normalizer[:, None, :]
+        )
+        return ms_deform_attn(
+            value, spatial_shapes, level_start_index, locations, weights.view(1, S, HEADS, L, -1)
+        )
+
+    def fused():
+        return ms_deform_attn_projected(
+            value, spatial_shapes, level_start_index, reference, projection
+        )
+
+    with torch.inference_mode():
+        return tuple(median_seconds(f, "cpu", args.warmup, args.repeats) for f in (separate, fused))
 
 
 if __name__ == "__main__":
