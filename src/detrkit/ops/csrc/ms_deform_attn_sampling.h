@@ -19,14 +19,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-#include "vector_lanes.h"
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#include "vector_lanes.h"
 
 namespace detrkit::deform {
 
@@ -442,9 +439,9 @@ inline void softmax_points(acc_t* x, int64_t count) {
         top = logit > top ? logit : top;
         bad |= (logit - logit) != 0.0f;  // NaN for an infinity or a NaN
       }
-      I any_bad = bad;
-      for (int i = 0; i < kPointLanes; ++i) any_bad[0] |= bad[i];
-      if (!any_bad[0]) {
+      bool finite = true;
+      for (int i = 0; i < kPointLanes; ++i) finite = finite && !bad[i];
+      if (finite) {
         const float max = simd::reduce_lanes<float, true>(top);
         V total = {};
         for (int64_t i0 = 0; i0 < count; i0 += kPointLanes) {
