@@ -652,3 +652,19 @@ def test_inference_runs_the_fused_attention_and_norm_kernels(monkeypatch):
     inputs["src"].requires_grad_(True)
     fast(**inputs)
     assert (len(projected), len(normed)) == (1, 14)
+
+
+def test_weights_still_get_their_gradient_when_the_inputs_need_none():
+    """Grad mode on, inputs without gradients: the in-kernel sampling has no gradient, so the
+    attention runs the separate operators and its own weights are trained as the reference's."""
+    reference, fast, inputs = build(CASES["deformable attention, 16 points per head"], True)
+    reference.eval(), fast.eval()
+    grads = []
+    for module in (reference, fast):
+        output = module(**inputs)
+        weight = torch.randn(output.shape, generator=torch.Generator().manual_seed(5))
+        (output * weight).sum().backward()
+        grads.append([p.grad for p in module.parameters()])
+    for name, (a, b) in zip(dict(fast.named_parameters()), zip(*grads, strict=True)):
+        assert a is not None and b is not None, name
+        assert_close_relative(b, a, FP32_TOLERANCE, name)

@@ -91,3 +91,16 @@ def test_other_cases_run_torchs_operators(case, monkeypatch):
     if x.requires_grad:
         (grad,) = torch.autograd.grad(got.sum() * 2, x)
         assert grad.abs().sum() > 0
+
+
+def test_out_of_another_shape_is_refused_and_the_fallback_writes_out():
+    norm, x, residual = norm_and_inputs(32, torch.float32, rows=(10,))
+    with pytest.raises(ValueError, match="out must have x's shape"):
+        add_layer_norm(x, residual, norm, torch.empty(2, 10, 32))
+    out = torch.zeros(10, 32)
+    x.requires_grad_()
+    returned = add_layer_norm(x, residual, norm, out)  # autograd: torch's operators, into out
+    assert returned is out
+    torch.testing.assert_close(out, norm(x + residual), rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(out.sum() * 2, x)
+    assert grad.abs().sum() > 0

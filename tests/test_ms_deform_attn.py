@@ -631,6 +631,10 @@ PROJECTED_CASES = {
     "3 points": ([(6, 11)], 2, 5, 3),
     "16 points": (FOUR_LEVELS, 8, 32, 4),
     "32 points, odd channels": (FOUR_LEVELS, 3, 45, 8),
+    # More than 16 but not whole vectors, and more than the vector path keeps (64): the scalar
+    # path for the softmax and locations.
+    "20 points": (FOUR_LEVELS, 2, 16, 5),
+    "80 points": (FOUR_LEVELS, 2, 16, 20),
 }
 
 
@@ -649,19 +653,22 @@ def test_projected_kernel_computes_the_reference_steps(case, dtype):
 
 
 @needs_fused
-@pytest.mark.parametrize("bad", ["nan logit", "infinite logit", "nan offset"])
+@pytest.mark.parametrize(
+    "bad", ["nan logit", "infinite logit", "nan offset", "nan logit, points off the map"]
+)
 def test_projected_kernel_poisons_only_the_head_of_a_nan(bad):
+    """A NaN or infinite logit and a NaN offset give NaN for their query head, as the reference's
+    softmax and grid_sample do, also when every point of the head lies off the map."""
     value, shapes, starts, reference, projection = projected_inputs(
         FOUR_LEVELS, 8, 32, 4, torch.float32
     )
     heads, points = 8, len(FOUR_LEVELS) * 4
     head = 5  # query 2 of image 1
-    column = {
-        "nan logit": heads * points * 2 + head * points + 7,
-        "infinite logit": heads * points * 2 + head * points + 7,
-        "nan offset": head * points * 2 + 3,
-    }[bad]
+    logit = heads * points * 2 + head * points + 7
+    column = {"nan offset": head * points * 2 + 3}.get(bad, logit)
     projection[1, 2, column] = float("inf") if bad == "infinite logit" else float("nan")
+    if bad.endswith("off the map"):  # offsets of 1000 pixels
+        projection[1, 2, head * points * 2 : (head + 1) * points * 2] = 1000.0
     with torch.no_grad():
         got = ms_deform_attn_projected(value, shapes, starts, reference, projection)
     expected = projected_by_the_reference(value, shapes, starts, reference, projection)
@@ -679,7 +686,6 @@ def test_projected_kernel_rejects_inconsistent_inputs():
     )
     cases = {
         "value must be": (value[0], shapes, starts, reference, projection),
-        "spatial_shapes must be": (value, shapes.int(), starts, reference, projection),
         "level_start_index must be": (value, shapes, starts[:-1], reference, projection),
         "reference_points must be": (value, shapes, starts, reference[:, :, :2], projection),
         "projection must be": (value, shapes, starts, reference, projection[..., :-1]),
@@ -702,6 +708,11 @@ def test_projected_kernel_rejects_inconsistent_inputs():
     for message, inputs in cases.items():
         with pytest.raises(RuntimeError, match=message):
             ms_deform_attn_projected(*inputs)
+    # Level sizes of another integer type: named, as ms_deform_attn names them.
+    with pytest.raises(ValueError, match="spatial_shapes must be int64"):
+        ms_deform_attn_projected(value, shapes.int(), starts, reference, projection)
+    with pytest.raises(ValueError, match="level_start_index must be int64"):
+        ms_deform_attn_projected(value, shapes, starts.int(), reference, projection)
 
 
 def test_projected_kernel_applies_only_to_cpu_inference_of_points():

@@ -111,7 +111,10 @@ class FastMSDeformAttn(MSDeformAttn):
 
     def samples_in_kernel(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor):
         """Whether the forward runs :func:`~detrkit.ops.ms_deform_attn_projected`, which
-        computes the attention weights and sampling locations inside the kernel."""
+        computes the attention weights and sampling locations inside the kernel (it has no
+        gradient: not while one is wanted for the inputs or this module's weights)."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return False
         return projected_kernel_applies(input_flatten, reference_points, query)
 
     def projected_value(self, input_flatten: Tensor, input_padding_mask: Tensor | None) -> Tensor:

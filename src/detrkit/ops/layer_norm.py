@@ -22,6 +22,7 @@ def _fuses(x: Tensor, residual: Tensor, norm: nn.Module, out: Tensor | None) -> 
         norm.elementwise_affine
         and norm.bias is not None
         and tuple(norm.normalized_shape) == (channels,)
+        and channels > 0
         and channels % _LANES == 0
         and x.shape == residual.shape
         and all(t.device.type == "cpu" and t.dtype == x.dtype for t in tensors)
@@ -41,6 +42,8 @@ def add_layer_norm(
     In CPU inference with a plain ``nn.LayerNorm`` over the last axis, one pass of detrkit's
     kernel: the sum rounded to ``x``'s dtype as torch's addition leaves it, then normalised in
     fp32 (fp64 for fp64). Otherwise torch's operators, with autograd."""
+    if out is not None and out.shape != x.shape:
+        raise ValueError(f"out must have x's shape {tuple(x.shape)}, got {tuple(out.shape)}")
     if not _fuses(x, residual, norm, out):
         result = norm(x + residual)
         return result if out is None else out.copy_(result)

@@ -68,6 +68,12 @@ def ms_deform_attn_projected(
         ``sampling_locations = reference_points + offsets / (W, H)``, computed in the
         accumulation dtype. No gradient.
     """
+    for name, levels in (
+        ("spatial_shapes", spatial_shapes),
+        ("level_start_index", level_start_index),
+    ):
+        if levels.dtype != torch.int64:
+            raise ValueError(f"{name} must be int64, got {levels.dtype}")
     kernels = required_extension("ms_deform_attn")
     return kernels.projected_forward(
         value, spatial_shapes, level_start_index, reference_points, projection

@@ -214,7 +214,12 @@ struct PointLevels {
               int64_t padded)
       : width(padded, 1), height(padded, 1), width_i(padded, 1), height_i(padded, 1),
         start(padded, 0) {
-    fits = s.S <= std::numeric_limits<index_t>::max() / std::max<int64_t>(s.M * s.D, 1) - 1;
+    // Offsets are also computed for corners off the map, from (-2, -2) to (W, H) of a level:
+    // between -(2 W + 2) and S + W rows.
+    int64_t widest = 1;
+    for (int64_t l = 0; l < s.L; ++l) widest = std::max(widest, spatial_shapes[2 * l + 1]);
+    const int64_t rows = s.S + 2 * widest + 4;
+    fits = rows <= std::numeric_limits<index_t>::max() / std::max<int64_t>(s.M * s.D, 1);
     for (int64_t i = 0; i < s.L * s.P && fits; ++i) {
       const int64_t l = i / s.P;
       width_i[i] = static_cast<index_t>(spatial_shapes[2 * l + 1]);
@@ -229,7 +234,8 @@ struct PointLevels {
 // The taps of one query and head: every point's four bilinear corners, as the value row each
 // reads and its weight (attention x bilinear), laid out [chunk of kPointLanes points][corner]
 // [lane]. A corner off the map reads a row of zeros with weight 0, so that no tap needs a branch;
-// a NaN location's first corner has weight NaN, which poisons the output as grid_sample does.
+// a NaN location's or NaN weight's first corner has weight NaN, which poisons the output as
+// grid_sample does.
 template <typename scalar_t, typename acc_t>
 struct Taps {
   std::vector<const scalar_t*> row;
@@ -251,11 +257,12 @@ struct Taps {
       const int64_t l = i / s.P;
       resolve_corners<acc_t>(x[i], y[i], spatial_shapes[2 * l], spatial_shapes[2 * l + 1],
                              level_start_index[l], s.M * s.D, corners);
+      const int64_t t0 = (i - i % kPointLanes) * 4 + i % kPointLanes;  // the first corner's
       for (int c = 0; c < corners.count; ++c) {
-        const int64_t t = (i - i % kPointLanes) * 4 + c * kPointLanes + i % kPointLanes;
-        row[t] = value_head + corners.offset[c];
-        weight[t] = attention[i] * corners.weight[c];
+        row[t0 + c * kPointLanes] = value_head + corners.offset[c];
+        weight[t0 + c * kPointLanes] = attention[i] * corners.weight[c];
       }
+      if (corners.count == 0 && std::isnan(attention[i])) weight[t0] = attention[i];
     }
   }
 
@@ -278,7 +285,9 @@ struct Taps {
       const V attention_p = load_vector<V>(attention + p0);
       V px = load_vector<V>(x + p0) * width - acc_t(0.5);
       V py = load_vector<V>(y + p0) * height - acc_t(0.5);
-      const I nan = (px != px) | (py != py);
+      // A NaN weight poisons too, even for a point off the map, as grid_sample's zero times
+      // NaN does.
+      const I nan = (px != px) | (py != py) | (attention_p != attention_p);
       // As resolve_corners: past these bounds every corner is off the map. Such points (and
       // NaN ones) move to (-2, -2), whose corners are all off too, which keeps the integer
       // arithmetic in range.
