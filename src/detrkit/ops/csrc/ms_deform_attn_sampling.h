@@ -478,25 +478,20 @@ inline void softmax_points(acc_t* x, int64_t count) {
   for (int64_t i = 0; i < count; ++i) x[i] *= inverse;
 }
 
-// The even and the odd lanes of the 32 numbers a, b: the x and the y of 16 (x, y) pairs.
-template <typename V>
-inline V even_lanes(V a, V b) {
+// The x (kOdd false) or the y (kOdd true) of the 16 (x, y) pairs that a and b hold in turn.
+template <bool kOdd, typename V>
+inline V deinterleave(V a, V b) {
   static_assert(kPointLanes == 16);
-#if defined(__clang__)
-  return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+#if defined(__clang__)  // constant indices only
+  if constexpr (kOdd) {
+    return __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  } else {
+    return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  }
 #else
   using I = typename PointVectors<std::remove_reference_t<decltype(a[0])>>::index;
-  return __builtin_shuffle(a, b, I{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30});
-#endif
-}
-
-template <typename V>
-inline V odd_lanes(V a, V b) {
-#if defined(__clang__)
-  return __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-#else
-  using I = typename PointVectors<std::remove_reference_t<decltype(a[0])>>::index;
-  return __builtin_shuffle(a, b, I{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31});
+  const I even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  return __builtin_shuffle(a, b, even + static_cast<int>(kOdd));
 #endif
 }
 
@@ -556,7 +551,8 @@ struct ProjectedPoints {
             const V second =
                 origin[k + 1] + load_lanes<float>(offsets + 2 * i0 + kPointLanes) /
                                     load_vector<V>(&normalizer[2 * i0 + kPointLanes]);
-            const V xs = even_lanes(first, second), ys = odd_lanes(first, second);
+            const V xs = deinterleave<false>(first, second);
+            const V ys = deinterleave<true>(first, second);
             std::memcpy(x + m * padded + i0, &xs, sizeof(xs));
             std::memcpy(y + m * padded + i0, &ys, sizeof(ys));
           }
