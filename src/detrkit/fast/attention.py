@@ -9,8 +9,8 @@ the three input projections as separate products, each adding its bias in a pass
 bf16. Here a query that is also the key (self-attention, Q = K = x + pos) is projected to both by
 one product, bf16 biases are added inside the products (:mod:`detrkit.ops.onednn`), and a key
 padding mask without a padded key is left out on a CPU (it would only add zeros; a batch of one
-image, or of images of one size, has none). A sequence whose keys are all padded (never an image's) gets
-zeros where torch's eval-mode forward gives NaN.
+image, or of images of one size, has none). A sequence whose keys are all padded (never an
+image's) gets zeros where torch's eval-mode forward gives NaN.
 
 In training, torch's CPU attention falls back to its math path and draws a ``[B, heads, Lq, Lk]``
 dropout mask with its slow Mersenne Twister at every layer: in DETR's training step that was

@@ -213,16 +213,17 @@ def conv2d_add_relu_(conv: nn.Conv2d, x: Tensor, accumulator: Tensor) -> Tensor:
     return conv2d_add_relu(conv, x, accumulator)
 
 
-def _linear_weight(weight: Tensor, start: int, stop: int, x: Tensor) -> Tensor:
-    """Rows ``start:stop`` of a linear map's weight, packed for products with inputs shaped as
-    ``x`` (later inputs of other sizes use it too, with the same results)."""
-    rows = weight[start:stop]
+def _reorder_linear(weight: Tensor, x: Tensor) -> Tensor:
+    """oneDNN's blocked copy of a linear weight, for products with inputs shaped as ``x`` (later
+    inputs of other sizes use it too, with the same results)."""
     tokens = x.numel() // max(x.shape[-1], 1)
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), tokens)
 
-    def pack() -> Tensor:
-        return torch.ops.mkldnn._reorder_linear_weight(rows.contiguous(), tokens)
 
-    packed = packed_weight(weight, pack, (start, stop))
+def _linear_weight(weight: Tensor, start: int, stop: int, x: Tensor) -> Tensor:
+    """Rows ``start:stop`` of a linear map's weight, packed (:func:`_reorder_linear`)."""
+    rows = weight[start:stop]
+    packed = packed_weight(weight, lambda: _reorder_linear(rows, x), (start, stop))
     return rows if packed is None else packed
 
 
@@ -246,16 +247,14 @@ def stacked_linear(x: Tensor, layers: Sequence[nn.Linear]) -> Tensor:
     bias = torch.cat([layer.bias for layer in layers])
     same_dtype = all(t.dtype == weights[0].dtype for t in (*weights, bias))
     if _fusable(x, weights[0]) and same_dtype:
-        tokens = x.numel() // max(x.shape[-1], 1)
-
-        def pack() -> Tensor:
-            return torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights), tokens)
-
         part = ("stacked", *map(id, weights[1:]))
-        packed = packed_weight(weights[0], pack, part, also=weights[1:])
+        packed = packed_weight(
+            weights[0], lambda: _reorder_linear(torch.cat(weights), x), part, also=weights[1:]
+        )
         if packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    return projection(x, torch.cat(weights), bias, 0, sum(len(w) for w in weights))
+    weight = torch.cat(weights)
+    return projection(x, weight, bias, 0, len(weight))
 
 
 def projection(x: Tensor, weight: Tensor, bias: Tensor | None, start: int, stop: int) -> Tensor:

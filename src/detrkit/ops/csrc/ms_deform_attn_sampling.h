@@ -205,15 +205,13 @@ inline V load_vector(const void* p) {
 template <typename acc_t>
 struct PointLevels {
   using index_t = typename PointVectors<acc_t>::index_t;
-  std::vector<acc_t> width, height;
   std::vector<index_t> width_i, height_i, start;
   // Whether every offset into value fits index_t (always, for fp64's int64 lanes).
   bool fits;
 
   PointLevels(const Sizes& s, const int64_t* spatial_shapes, const int64_t* level_start_index,
               int64_t padded)
-      : width(padded, 1), height(padded, 1), width_i(padded, 1), height_i(padded, 1),
-        start(padded, 0) {
+      : width_i(padded, 1), height_i(padded, 1), start(padded, 0) {
     // Offsets are also computed for corners off the map, from (-2, -2) to (W, H) of a level:
     // between -(2 W + 2) and S + W rows.
     int64_t widest = 1;
@@ -224,8 +222,6 @@ struct PointLevels {
       const int64_t l = i / s.P;
       width_i[i] = static_cast<index_t>(spatial_shapes[2 * l + 1]);
       height_i[i] = static_cast<index_t>(spatial_shapes[2 * l]);
-      width[i] = static_cast<acc_t>(spatial_shapes[2 * l + 1]);
-      height[i] = static_cast<acc_t>(spatial_shapes[2 * l]);
       start[i] = static_cast<index_t>(level_start_index[l]);
     }
   }
@@ -277,10 +273,10 @@ struct Taps {
     const A base = A{} + reinterpret_cast<uint64_t>(value_head);
     const A nowhere = A{} + reinterpret_cast<uint64_t>(zeros.data());
     for (int64_t p0 = 0; p0 < padded; p0 += kPointLanes) {
-      const V width = load_vector<V>(&levels.width[p0]);
-      const V height = load_vector<V>(&levels.height[p0]);
       const I width_i = load_vector<I>(&levels.width_i[p0]);
       const I height_i = load_vector<I>(&levels.height_i[p0]);
+      const V width = __builtin_convertvector(width_i, V);
+      const V height = __builtin_convertvector(height_i, V);
       const I start = load_vector<I>(&levels.start[p0]);
       const V attention_p = load_vector<V>(attention + p0);
       V px = load_vector<V>(x + p0) * width - acc_t(0.5);
