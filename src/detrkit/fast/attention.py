@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrkit.fast.deformable_attention import may_have_padding
-from detrkit.ops import dropout, onednn
+from detrkit.ops import dot_product_attention, dropout, onednn
 from detrkit.ops.fast_dropout import uses_fused_kernel
 
 
@@ -113,8 +113,7 @@ class FastMultiheadAttention(nn.MultiheadAttention):
     def _attend_for_inference(
         self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None
     ) -> Tensor:
-        batch, num_queries, channels = query.shape
-        head_dim = channels // self.num_heads
+        channels = query.shape[-1]
         weight, bias = self.in_proj_weight, self.in_proj_bias  # rows: query, key, value
         if query is key:  # Q = K: one product for both
             q, k = onednn.projection(query, weight, bias, 0, 2 * channels).chunk(2, dim=-1)
@@ -122,11 +121,8 @@ class FastMultiheadAttention(nn.MultiheadAttention):
             q = onednn.projection(query, weight, bias, 0, channels)
             k = onednn.projection(key, weight, bias, channels, 2 * channels)
         v = onednn.projection(value, weight, bias, 2 * channels, 3 * channels)
-        # [B, L, C] -> [B, heads, L, head_dim], strided views
-        q, k, v = (t.unflatten(-1, (self.num_heads, head_dim)).transpose(1, 2) for t in (q, k, v))
-        attend = None  # [B, 1, 1, S], True where a key may be looked at
+        padding = None
         if key_padding_mask is not None and may_have_padding(key_padding_mask):
-            attend = ~key_padding_mask[:, None, None, :]
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)  # [B, heads, Q, d]
-        attended = attended.transpose(1, 2).reshape(batch, num_queries, channels)
+            padding = key_padding_mask
+        attended = dot_product_attention(q, k, v, self.num_heads, padding)  # [B, Q, C]
         return onednn.projection(attended, self.out_proj.weight, self.out_proj.bias, 0, channels)

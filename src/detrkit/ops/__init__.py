@@ -1,7 +1,8 @@
 """Custom operators: multi-scale deformable attention (fused CPU kernel and PyTorch reference; in
 CPU inference also with its sampling points computed inside the kernel), dropout with a fast CPU
 mask (alone, and inside the transformer's MLP for training), Winograd 3x3 convolutions, max
-pooling without indices and a residual addition with its LayerNorm for CPU inference,
+pooling without indices, a residual addition with its LayerNorm and multi-head attention (AMX,
+bf16) for CPU inference,
 convolutions and linear layers with bias and ReLU fused by oneDNN for bf16 inference
 (:mod:`detrkit.ops.onednn`), and deformable attention as a node of ONNX Runtime and OpenVINO
 (:mod:`detrkit.ops.runtime_ops`)."""
@@ -14,6 +15,10 @@ from detrkit.ops.dispatch import (
     fused_kernel_available,
     ms_deform_attn,
     native_bf16,
+)
+from detrkit.ops.dot_product_attention import (
+    dot_product_attention,
+    dot_product_kernel_applies,
 )
 from detrkit.ops.fast_dropout import Dropout, dropout, relu_dropout
 from detrkit.ops.feed_forward import relu_dropout_mlp
@@ -41,6 +46,8 @@ __all__ = [
     "attention_implementation",
     "auto_implementation",
     "coordinate_dtype_for",
+    "dot_product_attention",
+    "dot_product_kernel_applies",
     "dropout",
     "fused_kernel_available",
     "max_pool2d",

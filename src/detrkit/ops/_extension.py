@@ -1,6 +1,6 @@
 """Builds and loads detrkit's C++ CPU kernels (multi-scale deformable attention, dropout,
-Winograd convolution transforms, max pooling, a residual addition with its LayerNorm) on first
-use, compiled once per machine and cached."""
+Winograd convolution transforms, max pooling, a residual addition with its LayerNorm, bf16
+attention) on first use, compiled once per machine and cached."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ _SOURCES = [
         "winograd_cpu.cpp",
         "max_pool_cpu.cpp",
         "layer_norm_cpu.cpp",
+        "attention_cpu.cpp",
         "bindings.cpp",
     )
 ]
@@ -113,8 +114,8 @@ def load_extension() -> ModuleType | None:
         reason = type(error).__name__ + (f": {first_line[:300]}" if first_line else "")
         warnings.warn(
             "detrkit: the fused CPU kernels (ms_deform_attn, dropout, Winograd, max pooling, "
-            f"LayerNorm) could not be built ({reason}); falling back to PyTorch's own operators "
-            "(much slower for ms_deform_attn and dropout).",
+            f"LayerNorm, attention) could not be built ({reason}); falling back to PyTorch's own "
+            "operators (much slower for ms_deform_attn and dropout).",
             RuntimeWarning,
             stacklevel=2,
         )

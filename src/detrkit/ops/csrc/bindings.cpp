@@ -6,7 +6,7 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() =
       "detrkit CPU kernels: multi-scale deformable attention, dropout, Winograd transforms, max "
-      "pooling, residual addition with LayerNorm";
+      "pooling, residual addition with LayerNorm, bf16 attention";
   m.def("forward", &detrkit::ms_deform_attn_forward,
         "ms_deform_attn forward: output [N, Lq, M * D]");
   m.def("projected_forward", &detrkit::ms_deform_attn_projected_forward,
@@ -28,6 +28,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the 36 [P, C_out] product planes, bias -> [N, H, W, C_out]");
   m.def("add_layer_norm_out", &detrkit::add_layer_norm_out,
         "out = layer_norm(x + residual) over the last axis of [rows, C] tensors");
+  m.def("attention_kernel_available", &detrkit::attention_kernel_available,
+        "whether attention_forward runs here (AMX bf16 products)");
+  m.def("attention_forward", &detrkit::attention_forward,
+        "softmax(Q K^T / sqrt(d)) V per head of bf16 [B, L, C] tensors, keys where "
+        "key_padding_mask is True left out: [B, Lq, C]");
   m.def("max_pool2d_channels_last", &detrkit::max_pool2d_channels_last,
         "max pooling of a channels-last [N, C, H, W] tensor (floor mode), without indices");
 }

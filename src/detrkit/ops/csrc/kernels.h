@@ -46,6 +46,12 @@ at::Tensor winograd_output_transform(const at::Tensor& products, const at::Tenso
 void add_layer_norm_out(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                         const at::Tensor& bias, double eps, at::Tensor& out);
 
+// attention_cpu.cpp
+bool attention_kernel_available();
+at::Tensor attention_forward(const at::Tensor& query, const at::Tensor& key,
+                             const at::Tensor& value, int64_t heads,
+                             const std::optional<at::Tensor>& key_padding_mask);
+
 // max_pool_cpu.cpp
 at::Tensor max_pool2d_channels_last(const at::Tensor& input, int64_t kernel_h, int64_t kernel_w,
                                     int64_t stride_h, int64_t stride_w, int64_t pad_h,
