@@ -1,8 +1,8 @@
 """Custom operators: multi-scale deformable attention (fused CPU kernel and PyTorch reference; in
 CPU inference also with its sampling points computed inside the kernel), dropout with a fast CPU
 mask (alone, and inside the transformer's MLP for training), Winograd 3x3 convolutions, max
-pooling without indices, a residual addition with its LayerNorm and multi-head attention (AMX,
-bf16) for CPU inference,
+pooling without indices, a residual addition with its LayerNorm, multi-head attention (AMX,
+bf16) and images into channels-last bf16 for CPU inference,
 convolutions and linear layers with bias and ReLU fused by oneDNN for bf16 inference
 (:mod:`detrkit.ops.onednn`), and deformable attention as a node of ONNX Runtime and OpenVINO
 (:mod:`detrkit.ops.runtime_ops`)."""
@@ -22,6 +22,7 @@ from detrkit.ops.dot_product_attention import (
 )
 from detrkit.ops.fast_dropout import Dropout, dropout, relu_dropout
 from detrkit.ops.feed_forward import relu_dropout_mlp
+from detrkit.ops.image_layout import to_channels_last
 from detrkit.ops.layer_norm import add_layer_norm
 from detrkit.ops.max_pool import max_pool2d
 from detrkit.ops.ms_deform_attn_onnx import (
@@ -64,6 +65,7 @@ __all__ = [
     "projected_kernel_applies",
     "relu_dropout",
     "relu_dropout_mlp",
+    "to_channels_last",
     "winograd_conv2d",
     "winograd_weight",
 ]

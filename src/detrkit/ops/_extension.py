@@ -23,6 +23,7 @@ _SOURCES = [
         "max_pool_cpu.cpp",
         "layer_norm_cpu.cpp",
         "attention_cpu.cpp",
+        "image_layout_cpu.cpp",
         "bindings.cpp",
     )
 ]

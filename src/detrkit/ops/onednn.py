@@ -33,20 +33,30 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
+
+
+class _Operators:
+    """torch's oneDNN operators, each overload resolved once (through ``torch.ops`` on every call,
+    the lookup costs as much as a small product's Python overhead)."""
+
+    def __init__(self) -> None:
+        self.linear = torch.ops.mkldnn._linear_pointwise.default
+        self.convolution = torch.ops.mkldnn._convolution_pointwise.default
+        self.convolution_binary = torch.ops.mkldnn._convolution_pointwise.binary
+        self.convolution_binary_ = torch.ops.mkldnn._convolution_pointwise_.binary
+        self.reorder_convolution = torch._C._nn.mkldnn_reorder_conv2d_weight
+        self.reorder_linear = torch.ops.mkldnn._reorder_linear_weight
 
 
 @functools.cache
-def _operators_available() -> bool:
+def _operators() -> _Operators | None:
+    """torch's oneDNN operators, or None where this torch build lacks them."""
     if not torch.backends.mkldnn.is_available():
-        return False
+        return None
     try:
-        torch.ops.mkldnn._linear_pointwise.default  # noqa: B018 (resolves, or raises)
-        torch.ops.mkldnn._convolution_pointwise.default  # noqa: B018
-        torch._C._nn.mkldnn_reorder_conv2d_weight  # noqa: B018
+        return _Operators()
     except (AttributeError, RuntimeError):
-        return False
-    return True
+        return None
 
 
 def _fusable(x: Tensor, weight: Tensor) -> bool:
@@ -55,12 +65,12 @@ def _fusable(x: Tensor, weight: Tensor) -> bool:
     return (
         x.dtype == torch.bfloat16
         and weight.dtype == torch.bfloat16
-        and x.device.type == "cpu"
+        and x.is_cpu
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
-        and _operators_available()
+        and _operators() is not None
     )
 
 
@@ -77,10 +87,20 @@ def fuses(module: nn.Module, x: Tensor) -> bool:
     return not hooked and _fusable(x, module.weight)
 
 
-# weight -> {part: (stamp, blocked copy)}, part None for a whole weight or (start, stop) for a
-# linear map's rows. Keyed by the tensor's identity and held weakly: a copy lives as long as its
-# parameter.
-_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+class _Copies:
+    """The packed copies of one weight: {part: (stamps, blocked copy)}, and a weak reference to
+    the weight that drops this entry when the weight dies."""
+
+    def __init__(self, weight: Tensor) -> None:
+        key = id(weight)
+        self.weight = weakref.ref(weight, lambda _: _PACKED.pop(key, None))
+        self.copies: dict = {}
+
+
+# id(weight) -> its copies, part None for a whole weight or (start, stop) for a linear map's
+# rows. Keyed by identity (a plain dict: looked up on every product) and held weakly: a copy
+# lives as long as its parameter.
+_PACKED: dict[int, _Copies] = {}
 
 
 def _stamp(weight: Tensor) -> tuple:
@@ -106,15 +126,17 @@ def packed_weight(
     caller passes the plain weight, which torch reorders on every call. ``part`` tells apart
     copies of different rows of one weight; ``also``, the other weights a copy is made from (the
     weights of layers put side by side), which are followed as ``weight`` is."""
+    entry = _PACKED.get(id(weight))
+    if entry is not None and entry.weight() is weight:
+        cached = entry.copies.get(part)
+        if cached is not None and all(map(_unchanged, (weight, *also), cached[0])):
+            return cached[1]
     tensors = (weight, *also)
     if any(tensor.is_inference() for tensor in tensors):
         return None
-    copies = _PACKED.get(weight)
-    if copies is None:
-        copies = _PACKED[weight] = {}
-    cached = copies.get(part)
-    if cached is None or not all(map(_unchanged, tensors, cached[0])):
-        cached = copies[part] = (tuple(map(_stamp, tensors)), pack())
+    if entry is None or entry.weight() is not weight:
+        entry = _PACKED[id(weight)] = _Copies(weight)
+    cached = entry.copies[part] = (tuple(map(_stamp, tensors)), pack())
     return cached[1]
 
 
@@ -133,19 +155,16 @@ def _convolution_arguments(conv: nn.Conv2d, x: Tensor) -> tuple:
     """The weight, packed for inputs shaped as ``x`` (later inputs of other sizes use it too:
     oneDNN picks the weight's layout from the channels and kernel), and the other arguments."""
 
+    weight = conv.weight
+
     def pack() -> Tensor:
-        return torch._C._nn.mkldnn_reorder_conv2d_weight(
-            conv.weight.to_mkldnn(),
-            conv.padding,
-            conv.stride,
-            conv.dilation,
-            conv.groups,
-            list(x.shape),
+        return _operators().reorder_convolution(
+            weight.to_mkldnn(), conv.padding, conv.stride, conv.dilation, conv.groups, list(x.shape)
         )
 
-    weight = packed_weight(conv.weight, pack)
+    packed = packed_weight(weight, pack)
     return (
-        conv.weight if weight is None else weight,
+        weight if packed is None else packed,
         conv.bias,
         conv.padding,
         conv.stride,
@@ -168,18 +187,14 @@ def _output_shape(conv: nn.Conv2d, x: Tensor) -> torch.Size:
 def conv2d(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """``conv(x)``, with the packed weight where :func:`fuses` allows."""
     if fuses(conv, x):
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, *_convolution_arguments(conv, x), "none", [], ""
-        )
+        return _operators().convolution(x, *_convolution_arguments(conv, x), "none", [], "")
     return conv(x)
 
 
 def conv2d_relu(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """``relu(conv(x))``, the ReLU inside the convolution where :func:`fuses` allows."""
     if fuses(conv, x):
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, *_convolution_arguments(conv, x), "relu", [], ""
-        )
+        return _operators().convolution(x, *_convolution_arguments(conv, x), "relu", [], "")
     return conv(x).relu_()
 
 
@@ -188,7 +203,7 @@ def conv2d_add_relu(conv: nn.Conv2d, x: Tensor, other: Tensor) -> Tensor:
     convolution where :func:`fuses` allows and ``other`` has the output's shape (the fused form
     does not broadcast)."""
     if fuses(conv, x) and other.dtype == x.dtype and other.shape == _output_shape(conv, x):
-        return torch.ops.mkldnn._convolution_pointwise.binary(
+        return _operators().convolution_binary(
             x, other, *_convolution_arguments(conv, x), "add", 1.0, "relu", [], ""
         )
     return conv(x).add_(other).relu_()
@@ -207,7 +222,7 @@ def conv2d_add_relu_(conv: nn.Conv2d, x: Tensor, accumulator: Tensor) -> Tensor:
         and x.is_contiguous(memory_format=torch.channels_last)
         and accumulator.is_contiguous(memory_format=torch.channels_last)
     ):
-        return torch.ops.mkldnn._convolution_pointwise_.binary(
+        return _operators().convolution_binary_(
             accumulator, x, *_convolution_arguments(conv, x), "add", 1.0, "relu", [], ""
         )
     return conv2d_add_relu(conv, x, accumulator)
@@ -217,14 +232,13 @@ def _reorder_linear(weight: Tensor, x: Tensor) -> Tensor:
     """oneDNN's blocked copy of a linear weight, for products with inputs shaped as ``x`` (later
     inputs of other sizes use it too, with the same results)."""
     tokens = x.numel() // max(x.shape[-1], 1)
-    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), tokens)
+    return _operators().reorder_linear(weight.contiguous(), tokens)
 
 
 def _linear_weight(weight: Tensor, start: int, stop: int, x: Tensor) -> Tensor:
     """Rows ``start:stop`` of a linear map's weight, packed (:func:`_reorder_linear`)."""
-    rows = weight[start:stop]
-    packed = packed_weight(weight, lambda: _reorder_linear(rows, x), (start, stop))
-    return rows if packed is None else packed
+    packed = packed_weight(weight, lambda: _reorder_linear(weight[start:stop], x), (start, stop))
+    return weight[start:stop] if packed is None else packed
 
 
 def linear(layer: nn.Linear, x: Tensor, relu: bool = False) -> Tensor:
@@ -233,7 +247,7 @@ def linear(layer: nn.Linear, x: Tensor, relu: bool = False) -> Tensor:
     if fuses(layer, x):
         attribute = "relu" if relu else "none"
         weight = _linear_weight(layer.weight, 0, layer.out_features, x)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, attribute, [], "")
+        return _operators().linear(x, weight, layer.bias, attribute, [], "")
     # In place: the layer's output is fresh and its gradient needs none of it. A new tensor
     # would be mapped and faulted in page by page on large inputs.
     return layer(x).relu_() if relu else layer(x)
@@ -252,7 +266,7 @@ def stacked_linear(x: Tensor, layers: Sequence[nn.Linear]) -> Tensor:
             weights[0], lambda: _reorder_linear(torch.cat(weights), x), part, also=weights[1:]
         )
         if packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+            return _operators().linear(x, packed, bias, "none", [], "")
     weight = torch.cat(weights)
     return projection(x, weight, bias, 0, len(weight))
 
@@ -265,5 +279,5 @@ def projection(x: Tensor, weight: Tensor, bias: Tensor | None, start: int, stop:
     part_bias = None if bias is None else bias[rows]
     if _fusable(x, weight) and (bias is None or bias.dtype == weight.dtype):
         packed = _linear_weight(weight, start, stop, x)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, part_bias, "none", [], "")
+        return _operators().linear(x, packed, part_bias, "none", [], "")
     return F.linear(x, weight[rows], part_bias)

@@ -6,7 +6,7 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() =
       "detrkit CPU kernels: multi-scale deformable attention, dropout, Winograd transforms, max "
-      "pooling, residual addition with LayerNorm, bf16 attention";
+      "pooling, residual addition with LayerNorm, bf16 attention, image layout";
   m.def("forward", &detrkit::ms_deform_attn_forward,
         "ms_deform_attn forward: output [N, Lq, M * D]");
   m.def("projected_forward", &detrkit::ms_deform_attn_projected_forward,
@@ -33,6 +33,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_forward", &detrkit::attention_forward,
         "softmax(Q K^T / sqrt(d)) V per head of bf16 [B, L, C] tensors, keys where "
         "key_padding_mask is True left out: [B, Lq, C]");
+  m.def("image_layout_kernel_available", &detrkit::image_layout_kernel_available,
+        "whether rgb_planes_to_channels_last_bf16 runs here (AVX-512 BF16)");
+  m.def("rgb_planes_to_channels_last_bf16", &detrkit::rgb_planes_to_channels_last_bf16,
+        "fp32 [N, 3, H, W] images into bf16 channels-last memory in one pass");
   m.def("max_pool2d_channels_last", &detrkit::max_pool2d_channels_last,
         "max pooling of a channels-last [N, C, H, W] tensor (floor mode), without indices");
 }

@@ -52,6 +52,10 @@ at::Tensor attention_forward(const at::Tensor& query, const at::Tensor& key,
                              const at::Tensor& value, int64_t heads,
                              const std::optional<at::Tensor>& key_padding_mask);
 
+// image_layout_cpu.cpp
+bool image_layout_kernel_available();
+at::Tensor rgb_planes_to_channels_last_bf16(const at::Tensor& images);
+
 // max_pool_cpu.cpp
 at::Tensor max_pool2d_channels_last(const at::Tensor& input, int64_t kernel_h, int64_t kernel_w,
                                     int64_t stride_h, int64_t stride_w, int64_t pad_h,
