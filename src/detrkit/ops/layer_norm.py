@@ -9,24 +9,26 @@ from detrkit.ops._extension import load_extension
 
 # The fused kernel's channel vectors: C must be a multiple of this.
 _LANES = 16
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def _fuses(x: Tensor, residual: Tensor, norm: nn.Module, out: Tensor | None) -> bool:
     if type(norm) is not nn.LayerNorm or norm._forward_hooks or norm._forward_pre_hooks:
         return False
-    channels = x.shape[-1]
-    tensors = [x, residual, norm.weight, norm.bias] + ([] if out is None else [out])
+    weight, bias = norm.weight, norm.bias
+    if weight is None or bias is None:  # no affine parameters
+        return False
+    channels, dtype = x.shape[-1], x.dtype
+    tensors = (x, residual, weight, bias) if out is None else (x, residual, weight, bias, out)
     if out is not None and (out.shape != x.shape or not out.is_contiguous()):
         return False
     return (
-        norm.elementwise_affine
-        and norm.bias is not None
-        and tuple(norm.normalized_shape) == (channels,)
+        dtype in _DTYPES
         and channels > 0
         and channels % _LANES == 0
+        and tuple(norm.normalized_shape) == (channels,)
         and x.shape == residual.shape
-        and all(t.device.type == "cpu" and t.dtype == x.dtype for t in tensors)
-        and x.dtype in (torch.float32, torch.float64, torch.bfloat16)
+        and all(t.dtype == dtype and t.is_cpu for t in tensors)
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
         and not torch.onnx.is_in_onnx_export()
