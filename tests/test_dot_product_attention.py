@@ -92,6 +92,25 @@ def test_the_kernel_is_the_attention_to_bf16_rounding(case):
 
 
 @needs_kernel
+def test_keys_and_values_at_any_row_stride():
+    """Rows of an odd length, starting at an odd element (views into wider tensors), and one query
+    broadcast over its row dimension (stride 0)."""
+    query, key, value, mask = inputs(2, 20, 77, 8, 32, padded=((0, 70),))
+    wide_key = torch.zeros(2, 77, 256 + 3, dtype=torch.bfloat16)
+    wide_value = torch.zeros(2, 77, 256 + 5, dtype=torch.bfloat16)
+    wide_key[..., 1:257], wide_value[..., 3:259] = key, value
+    odd_key, odd_value = wide_key[..., 1:257], wide_value[..., 3:259]
+    assert odd_key.stride(1) % 2 == 1 and odd_key.storage_offset() % 2 == 1
+    single = query[:, :1].expand(2, 1, 256)
+    for q in (query, single):
+        assert dot_product_kernel_applies(q, odd_key, odd_value, 8, mask)
+        with torch.inference_mode():
+            got = dot_product_attention(q, odd_key, odd_value, 8, mask)
+            expected = dot_product_attention(q.contiguous(), key, value, 8, mask)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@needs_kernel
 def test_a_query_with_every_key_padded_gets_zeros():
     query, key, value, mask = inputs(2, 9, 70, 8, 32, padded=((1, 0),))
     with torch.inference_mode():
@@ -119,6 +138,7 @@ FALLBACKS = {
     "a gradient wanted": lambda q, k, v: (q.detach().requires_grad_(), k, v),
     # the same values, every other element of a wider tensor
     "channels not contiguous": lambda q, k, v: (q, k, v.repeat_interleave(2, -1)[..., ::2]),
+    "query rows overlapping": lambda q, k, v: (q[:, :1].expand(-1, 10, -1), k, v),
 }
 
 

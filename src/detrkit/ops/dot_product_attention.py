@@ -14,6 +14,8 @@ from detrkit.ops._extension import load_extension
 
 # The kernel's products take a head's channels in AMX tiles of 32 bf16.
 _HEAD_CHANNELS = 32
+# 16 key rows are gathered with 32-bit byte offsets.
+_LARGEST_KEY_STRIDE = 2**31 // (16 * 2)
 
 
 @functools.cache
@@ -25,15 +27,17 @@ def _kernel_built() -> bool:
 def dot_product_kernel_applies(
     query: Tensor, key: Tensor, value: Tensor, num_heads: int, key_padding_mask: Tensor | None
 ) -> bool:
-    """Whether :func:`dot_product_attention` runs detrkit's kernel on these inputs: bf16 ``[B, L, C]`` CPU
-    tensors with contiguous channels, a multiple of 32 channels per head, at least one key, a
-    boolean mask or none, no gradient wanted, not compiling, tracing or exporting, and a CPU with
-    AMX."""
+    """Whether :func:`dot_product_attention` runs detrkit's kernel on these inputs: bf16
+    ``[B, L, C]`` CPU tensors with contiguous channels and query rows that do not overlap, a
+    multiple of 32 channels per head, at least one key, a boolean mask or none, no gradient
+    wanted, not compiling, tracing or exporting, and a CPU with AMX."""
     tensors = (query, key, value)
     channels = query.shape[-1]
     return (
         all(t.dim() == 3 and t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
         and all(t.stride(-1) == 1 for t in tensors)
+        and (query.shape[1] <= 1 or query.stride(1) >= channels)  # rows apart, a GEMM operand
+        and key.stride(1) < _LARGEST_KEY_STRIDE
         and num_heads > 0
         and channels % num_heads == 0
         and (channels // num_heads) % _HEAD_CHANNELS == 0

@@ -62,23 +62,22 @@ inline void store_bf16(bf16* p, __m512 x) {
 }
 
 // K^T of keys [first, first + kKeyBlock) of one head, in AMX's layout for a B operand [d, keys]:
-// [d / 2][kKeyBlock][2], the two values of a pair of channels side by side. A key's row holds
-// exactly those pairs, so the layout is a transpose of 32-bit words: gathered 16 keys at a time.
-// Keys past `count` are 0.
+// [d / 2][padded keys][2], the two values of a pair of channels side by side. A key's row holds
+// exactly those pairs, so the layout is a transpose of 32-bit words: gathered 16 keys at a time
+// (byte offsets, so a row may start at any bf16). Keys past `count` are 0.
 void pack_keys(const bf16* key, int64_t row_stride, int64_t count, int64_t d, int64_t stride,
                bf16* out) {
   int32_t* words = reinterpret_cast<int32_t*>(out);
-  // Row starts of 16 keys, in 32-bit words (row_stride is even: d is a multiple of 32).
   const __m512i rows = _mm512_mullo_epi32(
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(static_cast<int32_t>(row_stride / 2)));
+      _mm512_set1_epi32(static_cast<int32_t>(row_stride * sizeof(bf16))));
   for (int64_t j = 0; j < kKeyBlock; j += 16) {
     const int64_t present = std::clamp<int64_t>(count - j, 0, 16);
     const __mmask16 valid = static_cast<__mmask16>((1u << present) - 1u);
-    const int32_t* first = reinterpret_cast<const int32_t*>(key + j * row_stride);
+    const bf16* first = key + j * row_stride;
     for (int64_t i = 0; i < d / 2; ++i) {
       const __m512i pairs =
-          _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, rows, first + i, 4);
+          _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, rows, first + 2 * i, 1);
       _mm512_storeu_si512(words + i * stride + j, pairs);
     }
   }
@@ -190,6 +189,12 @@ at::Tensor attention_forward(const at::Tensor& query, const at::Tensor& key,
               "attention: the channels per head must be a multiple of 32");
   TORCH_CHECK(query.stride(2) == 1 && key.stride(2) == 1 && value.stride(2) == 1,
               "attention: channels must be contiguous");
+  // The query's rows are a GEMM operand (a row stride of at least its length); 16 key rows are
+  // gathered with 32-bit byte offsets.
+  TORCH_CHECK(Lq <= 1 || query.stride(1) >= C, "attention: query rows must not overlap");
+  TORCH_CHECK(16 * key.stride(1) * static_cast<int64_t>(sizeof(c10::BFloat16)) <
+                  (int64_t{1} << 31),
+              "attention: the key's row stride is too large");
   TORCH_CHECK(Lk > 0, "attention: there must be keys");
   const bool* padding = nullptr;
   if (key_padding_mask) {
@@ -226,6 +231,7 @@ at::Tensor attention_forward(const at::Tensor& query, const at::Tensor& key,
   std::unique_ptr<bf16[]> keys(new bf16[B * heads * padded * d]);
   std::unique_ptr<bf16[]> values(new bf16[B * heads * padded * d]);
   const bf16* q = query.data_ptr<bf16>();
+  const int64_t query_rows = Lq > 1 ? query.stride(1) : C;  // one row: any stride
   const bf16* k = key.data_ptr<bf16>();
   const bf16* v = value.data_ptr<bf16>();
   at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
@@ -250,9 +256,9 @@ at::Tensor attention_forward(const at::Tensor& query, const at::Tensor& key,
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / row_blocks, b = bh / heads, h = bh % heads;
       const int64_t first = (task % row_blocks) * rows, M = std::min(rows, Lq - first);
-      const bf16* head_queries = q + b * query.stride(0) + first * query.stride(1) + h * d;
+      const bf16* head_queries = q + b * query.stride(0) + first * query_rows + h * d;
       // scores [M, padded] = Q K^T
-      at::native::cpublas::brgemm(M, padded, d, query.stride(1), padded, padded, false,
+      at::native::cpublas::brgemm(M, padded, d, query_rows, padded, padded, false,
                                   head_queries, keys.get() + bh * padded * d, scores.data());
       for (int64_t r = 0; r < M; ++r) {
         float* row = scores.data() + r * padded;
