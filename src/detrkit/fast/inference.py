@@ -24,6 +24,7 @@ from detrkit.fast.backbone import (
 )
 from detrkit.fast.chunking import chunked
 from detrkit.fast.deformable_attention import FastMSDeformAttn, SampleFirstMSDeformAttn
+from detrkit.fast.position import FastPositionEmbeddingSine
 from detrkit.fast.substitution import Replacement, adopt, substitute
 from detrkit.fast.transformer import (
     ChunkedDeformableEncoderLayer,
@@ -39,6 +40,7 @@ from detrkit.models.deformable_transformer import (
     DeformableTransformerEncoderLayer,
 )
 from detrkit.models.kinds import KINDS
+from detrkit.models.position_encoding import PositionEmbeddingSine
 from detrkit.models.transformer import TransformerDecoderLayer, TransformerEncoderLayer
 
 # --precision choices -> the dtype of the weights and activations.
@@ -75,6 +77,7 @@ def fast_modules(on_cpu: bool, accumulate: bool) -> dict[type[nn.Module], Replac
     )
     return eager_cpu | {
         nn.MultiheadAttention: as_class(FastMultiheadAttention),
+        PositionEmbeddingSine: as_class(FastPositionEmbeddingSine),
         ResNetBackbone: as_class(FastResNetBackbone),
         Bottleneck: as_class(AccumulatingBottleneck if accumulate else FastBottleneck),
         BasicBlock: as_class(FastBasicBlock),
