@@ -214,6 +214,21 @@ def test_chunks_are_sized_by_pixels_on_a_cpu_only():
         forward_in_chunks(lambda *_: {}, images, None, 0)
 
 
+@pytest.mark.parametrize(("precision", "expected"), [("fp32", [1, 1, 1]), ("bf16", [2, 1])])
+def test_chunks_hold_the_same_bytes_in_each_precision(precision, expected, monkeypatch):
+    """A budget of one fp32 image's pixels: one image per forward in fp32, two in bf16, whose
+    activations take half the bytes."""
+    images, mask = padded_batch()
+    images, mask = torch.cat([images, images[:1]]), torch.cat([mask, mask[:1]])
+    monkeypatch.setattr(chunking, "CPU_PIXELS_PER_FORWARD", images[0, 0].numel())
+    optimized = optimize_for_inference(small_model("detr"), precision)
+    sizes = []
+    optimized.backbone.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[0]))
+    got = run(optimized, images, mask)
+    assert sizes == expected
+    assert got["pred_boxes"].shape[0] == 3
+
+
 def test_two_stage_runs_in_bf16():
     # The encoder's proposals are ranked by score, and near ties of a random model rank
     # differently in bf16: only that it runs and gives finite boxes is checked here.
