@@ -131,6 +131,28 @@ def test_a_nan_reaches_the_outputs_it_feeds():
     assert torch.isfinite(got[0, :3, :32]).all() and torch.isfinite(got[0, :, 64:]).all()
 
 
+@needs_kernel
+@pytest.mark.parametrize("keys", [1, 16, 63, 90])
+def test_a_row_of_nan_scores_is_nan_not_zeros(keys):
+    """The row's maximum passes NaN over; a row of nothing but NaN scores must still give NaN."""
+    query, key, value, mask = inputs(1, 6, keys, 8, 32)
+    query[0, 3, :32] = float("nan")  # every score of query 3 in head 0
+    with torch.inference_mode():
+        got = dot_product_attention(query, key, value, 8, mask)
+    assert got[0, 3, :32].isnan().all()
+    assert torch.isfinite(got[0, :3]).all() and torch.isfinite(got[0, 3, 32:]).all()
+
+
+@needs_kernel
+def test_a_nan_score_beside_only_padded_keys_is_nan():
+    query, key, value, mask = inputs(1, 6, 90, 8, 32, padded=((0, 1),))
+    key[0, 0, 0] = float("nan")  # head 0's only unpadded key
+    with torch.inference_mode():
+        got = dot_product_attention(query, key, value, 8, mask)
+    assert got[0, :, :32].isnan().all()
+    assert torch.isfinite(got[0, :, 32:]).all()
+
+
 # Each case the kernel does not take, and torch's attention runs instead: (what, change).
 FALLBACKS = {
     "fp32": lambda q, k, v: (q.float(), k.float(), v.float()),
@@ -139,6 +161,8 @@ FALLBACKS = {
     # the same values, every other element of a wider tensor
     "channels not contiguous": lambda q, k, v: (q, k, v.repeat_interleave(2, -1)[..., ::2]),
     "query rows overlapping": lambda q, k, v: (q[:, :1].expand(-1, 10, -1), k, v),
+    # torch's attention broadcasts a batch of one
+    "key and value of one image": lambda q, k, v: (q, k[:1], v[:1]),
 }
 
 
@@ -152,6 +176,14 @@ def test_other_inputs_get_torchs_attention(change):
         got = dot_product_attention(query, key, value, heads, mask)
         expected = torch_bf16(query, key, value, heads, mask)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_inputs_the_kernel_would_misread_are_not_its():
+    query, key, value, mask = inputs(2, 10, 20, 8, 32)
+    assert not dot_product_kernel_applies(query, key, value, 8, mask.to("meta"))  # another device
+    assert not dot_product_kernel_applies(query, key, value, 8, mask[:, :5])  # another shape
+    empty = (t[..., :0] for t in (query, key, value))
+    assert not dot_product_kernel_applies(*empty, 8, mask)  # no channels
 
 
 @needs_kernel

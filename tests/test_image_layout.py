@@ -27,6 +27,10 @@ def images(*shape: int) -> torch.Tensor:
     flat[:4] = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, float("inf"), float("-inf")])[: flat.numel()]
     if flat.numel() > 4:
         flat[4] = float("nan")
+    # Subnormals, which the CPU's own conversion to bf16 would flush to zero.
+    flat[5:9] = torch.tensor([1.01e-39, -1.01e-39, 1.166e-38, 2.755e-40])[
+        : max(0, flat.numel() - 5)
+    ]
     return x
 
 

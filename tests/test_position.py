@@ -60,3 +60,19 @@ def test_kept_under_inference_mode_too():
         assert first.data_ptr() == second.data_ptr()  # kept, not computed again
         second[0, 0, 0, 0] = 100.0
         assert torch.equal(fast(mask), reference(mask))
+
+
+def test_an_empty_batch_is_not_kept():
+    reference, fast = pair()
+    for batch in (0, 2):
+        mask = torch.zeros(batch, 5, 7, dtype=torch.bool)
+        assert torch.equal(fast(mask), reference(mask))
+
+
+def test_the_settings_are_part_of_what_is_kept():
+    reference, fast = pair()
+    mask = torch.zeros(1, 5, 7, dtype=torch.bool)
+    fast(mask)
+    for module in (reference, fast):
+        module.temperature, module.offset = 20.0, -0.5
+    assert torch.equal(fast(mask), reference(mask))

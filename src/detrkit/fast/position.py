@@ -16,18 +16,21 @@ class FastPositionEmbeddingSine(PositionEmbeddingSine):
     """Where no pixel of the mask is padded, every image's encoding is the same and depends only
     on the map's height and width: it is computed once for each size (by the reference's own
     forward, so the values are the same) and kept for later calls, for the last
-    :data:`KEPT_SIZES` sizes. The batch shares its memory (an expanded view). A kept encoding
-    written in place since is computed again. Masks with padding, and calls while tracing,
-    compiling or exporting, run the reference's computation."""
+    :data:`KEPT_SIZES` sizes. The batch, and every call at that size, share its memory (an
+    expanded view); a kept encoding written in place since is computed again. Masks with
+    padding, empty batches, masks off the CPU, and calls while tracing, compiling or exporting,
+    run the reference's computation."""
 
     reference_class = PositionEmbeddingSine
 
     def forward(self, mask: Tensor) -> Tensor:
-        if may_have_padding(mask):
+        if mask.shape[0] == 0 or may_have_padding(mask):
             return super().forward(mask)
         # Created here, not in __init__: the fast module takes over the reference's state as is.
         kept = self.__dict__.setdefault("_kept", {})
-        key = (mask.shape[1], mask.shape[2], mask.device)
+        # Everything the encoding depends on: the map's size and the encoding's settings.
+        settings = (self.num_pos_feats, self.temperature, self.normalize, self.scale)
+        key = (*mask.shape[1:], mask.device, *settings, self.offset, self.eps)
         entry = kept.pop(key, None)  # re-inserted last: the most recently used
         if entry is None or entry[0]._version != entry[1]:
             # Outside inference mode: an inference tensor keeps no version counter to tell a

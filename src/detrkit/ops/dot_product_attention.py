@@ -28,21 +28,31 @@ def dot_product_kernel_applies(
     query: Tensor, key: Tensor, value: Tensor, num_heads: int, key_padding_mask: Tensor | None
 ) -> bool:
     """Whether :func:`dot_product_attention` runs detrkit's kernel on these inputs: bf16
-    ``[B, L, C]`` CPU tensors with contiguous channels and query rows that do not overlap, a
-    multiple of 32 channels per head, at least one key, a boolean mask or none, no gradient
-    wanted, not compiling, tracing or exporting, and a CPU with AMX."""
+    ``[B, L, C]`` CPU tensors with contiguous channels and query rows that do not overlap, a key
+    and value of the query's batch and channels, a positive multiple of 32 channels per head, at
+    least one key, a boolean ``[B, Lk]`` CPU mask or none, no gradient wanted, not compiling,
+    tracing or exporting, and a CPU with AMX."""
     tensors = (query, key, value)
     channels = query.shape[-1]
     return (
         all(t.dim() == 3 and t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+        and key.shape == value.shape == (query.shape[0], key.shape[1], channels)
         and all(t.stride(-1) == 1 for t in tensors)
         and (query.shape[1] <= 1 or query.stride(1) >= channels)  # rows apart, a GEMM operand
         and key.stride(1) < _LARGEST_KEY_STRIDE
         and num_heads > 0
         and channels % num_heads == 0
+        and channels > 0
         and (channels // num_heads) % _HEAD_CHANNELS == 0
         and key.shape[1] > 0
-        and (key_padding_mask is None or key_padding_mask.dtype == torch.bool)
+        and (
+            key_padding_mask is None
+            or (
+                key_padding_mask.dtype == torch.bool
+                and key_padding_mask.device.type == "cpu"
+                and key_padding_mask.shape == key.shape[:2]
+            )
+        )
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
         and not torch.onnx.is_in_onnx_export()

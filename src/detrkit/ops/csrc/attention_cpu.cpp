@@ -124,12 +124,16 @@ inline float row_max(const float* x, int64_t count) {
 
 // One row of scores s into bf16 weights exp(scale * (s - max)), the softmax's numerators, over
 // keys [0, count); returns 1 / their sum, 0 for a row with no key (all -inf), whose weights are
-// then 0. Weights past count are not written. In base 2: exp(x) = 2^(log2(e) x).
+// then 0, and NaN for a row of -inf and NaN. Weights past count are not written. In base 2:
+// exp(x) = 2^(log2(e) x).
 float softmax_row(const float* s, int64_t count, float scale, bf16* weights) {
   const float largest = row_max(s, count);
   if (largest == -std::numeric_limits<float>::infinity()) {
     std::fill(weights, weights + count, bf16(0.0f));
-    return 0.0f;
+    // The maxima pass NaN over (max gives its second operand when either is NaN), so a row whose
+    // only scores that are not -inf are NaN lands here: its output must be NaN, not zeros.
+    const bool nan = std::any_of(s, s + count, [](float x) { return std::isnan(x); });
+    return nan ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
   }
   const float factor = scale * 1.44269504088896341f;
   const __m512 c = _mm512_set1_ps(factor), shift = _mm512_set1_ps(-largest * factor);

@@ -5,7 +5,8 @@
 // torch's copy that changes dtype and layout at once goes element by element; as two copies
 // (dtype, then layout) it reads and writes the image three times, and its transpose of 3-channel
 // pixels is the slow half. Here 16 pixels of each plane are read as vectors, rounded to bf16
-// (nearest even, as torch's cast) and interleaved into 48 values with two permutes.
+// (nearest even, as torch's cast, subnormals kept) and interleaved into 48 values with two
+// permutes.
 
 #include "kernels.h"
 
@@ -14,7 +15,6 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
-#include <cstring>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #define DETRKIT_IMAGE_LAYOUT_KERNEL 1
@@ -51,6 +51,9 @@ at::Tensor rgb_planes_to_channels_last_bf16(const at::Tensor& images) {
     (k < 32 ? first[k] : second[k - 32]) = lane;
   }
   const __m512i take_first = _mm512_load_si512(first), take_second = _mm512_load_si512(second);
+  // Round to nearest even: add 0x7FFF plus the lowest kept bit, keep the top 16 bits.
+  const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF);
+  const __m512i quiet_nan = _mm512_set1_epi32(0x7FC0);  // torch's bf16 NaN
   const float* in = images.data_ptr<float>();
   c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
   const int64_t plane = H * W;
@@ -62,11 +65,16 @@ at::Tensor rgb_planes_to_channels_last_bf16(const at::Tensor& images) {
       for (int64_t x = 0; x < W; x += 16) {
         const int64_t count = std::min<int64_t>(16, W - x);
         const __mmask16 present = static_cast<__mmask16>((1u << count) - 1u);
+        // Rounded on the bits, as c10::BFloat16 does: the instruction that converts to bf16
+        // (vcvtneps2bf16) flushes subnormal inputs to zero, torch's cast keeps them.
         const auto narrow = [&](const float* p) {
-          const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(present, p + x));
-          __m256i bits;
-          std::memcpy(&bits, &v, sizeof(bits));
-          return bits;
+          const __m512 v = _mm512_maskz_loadu_ps(present, p + x);
+          const __m512i bits = _mm512_castps_si512(v);
+          const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
+          const __m512i rounded =
+              _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(half, odd)), 16);
+          const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+          return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet_nan));
         };
         const __m512i red_green =
             _mm512_inserti64x4(_mm512_castsi256_si512(narrow(red)), narrow(red + plane), 1);
