@@ -28,6 +28,7 @@ def channels_last(*shape: int, dtype=torch.float32, seed: int = 0) -> torch.Tens
     [
         ((1, 64, 40, 53), 3, 2, 1),  # the ResNet stem's pool, odd and even sides
         ((2, 5, 9, 8), 3, 2, 1),  # channels that fill no vector
+        ((2, 48, 9, 8), 3, 2, 1),  # three vectors
         ((2, 16, 7, 7), 2, 2, 0),
         ((1, 8, 6, 9), 3, 1, 1),
         ((1, 3, 5, 4), (3, 2), (2, 1), (1, 0)),
@@ -45,8 +46,10 @@ def test_equals_pytorchs_max_pooling(dtype, shape, kernel, stride, padding):
     assert torch.equal(max_pool2d(x, kernel, stride, padding), expected)
 
 
-def test_nan_and_infinities_come_out_as_pytorchs():
-    x = channels_last(1, 4, 6, 6)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("channels", [4, 32])  # one by one; whole vectors of 16
+def test_nan_and_infinities_come_out_as_pytorchs(dtype, channels):
+    x = channels_last(1, channels, 6, 6, dtype=dtype)
     x[0, 0, 2, 3] = float("nan")  # inside several windows
     x[0, 1] = float("-inf")  # a whole channel at -inf: padding must not win
     x[0, 2, 0, 0] = float("inf")
