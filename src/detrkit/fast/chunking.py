@@ -21,7 +21,7 @@ from torch import Tensor, nn
 # batches of 8 against chunks: at 800x1066 and 400x533 chunks of one image were 5-25% faster, at
 # 300x400 and 200x266 the whole batch was 7-30% faster. One 800x1066 image is 852,800 pixels.
 # In bf16 (Xeon with AMX, freed memory kept for reuse) two 800x1066 images per forward were 11%
-# faster than one, from half the fixed cost of a forward per image.
+# faster than one: the same bytes per forward, and a forward's fixed cost shared by two images.
 CPU_PIXELS_PER_FORWARD = 1_000_000
 
 
