@@ -135,3 +135,38 @@ def test_the_cli_converts_and_refuses_bad_input(tmp_path, capsys):
         ["convert", str(tmp_path / "pre_norm"), "--to", "transformers", str(tmp_path / "y")]
     )
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_the_processor_resizes_as_the_training_run_did(tmp_path, capsys):
+    """A run at image_scale 0.1: transformers' processor gets short side 80 and long side 133,
+    as detrkit's Detector would resize; --short-side / --max-size override it, and only
+    --to transformers takes them."""
+    model = tiny_model("detr", class_names=NAMES)
+    run = tmp_path / "run"
+    run.mkdir()
+    checkpoint = {"model": model.state_dict(), "model_config": model.config.to_dict()}
+    torch.save(checkpoint, run / "checkpoint.pth")
+    (run / "config.json").write_text(
+        json.dumps({"model": "detr_digits", "data": "digits", "image_scale": 0.1})
+    )
+    weights = str(run / "checkpoint.pth")
+
+    def processor_size(out, *options):
+        assert main(["convert", weights, "--to", "transformers", str(out), *options]) == 0
+        processor = transformers.AutoImageProcessor.from_pretrained(out)
+        return processor.size["shortest_edge"], processor.size["longest_edge"]
+
+    assert processor_size(tmp_path / "scaled") == (80, 133)
+    assert "short side 80, long side at most 133 (image_scale 0.1" in capsys.readouterr().err
+    assert processor_size(tmp_path / "given", "--short-side", "64", "--max-size", "100") == (
+        64,
+        100,
+    )
+    assert "image_scale" not in capsys.readouterr().err
+    for refused in (
+        ["--to", "transformers", str(tmp_path / "keep"), "--short-side", "0"],
+        ["--to", "detrkit", str(tmp_path / "native"), "--short-side", "64"],
+    ):
+        assert main(["convert", weights, *refused]) == 2
+        assert "--short-side" in capsys.readouterr().err
+    assert not (tmp_path / "keep").exists() and not (tmp_path / "native").exists()

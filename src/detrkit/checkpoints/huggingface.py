@@ -425,14 +425,18 @@ def to_transformers(model: torch.nn.Module) -> Any:
 
 
 def save_transformers(
-    model: torch.nn.Module, directory: str | os.PathLike, overwrite: bool = False
+    model: torch.nn.Module,
+    directory: str | os.PathLike,
+    overwrite: bool = False,
+    resize: tuple[int, int] | None = None,
 ) -> Path:
     """Writes ``model`` as a transformers directory that ``from_pretrained`` of its class
     (``TRANSFORMERS_CLASSES``) loads: ``config.json``, ``model.safetensors`` and the image
-    processor's ``preprocessor_config.json`` (transformers' DETR preprocessing: shorter side 800,
-    longer at most 1333, ImageNet's mean and std). Each file is written atomically; files of an
-    earlier result are replaced only with ``overwrite`` (FileExistsError otherwise). ValueError
-    for a model transformers cannot hold, before anything is written. Returns ``directory``."""
+    processor's ``preprocessor_config.json`` (transformers' DETR preprocessing, ImageNet's mean
+    and std; images resized to ``resize``, ``(shorter side, longer side at most)``, by default
+    transformers' 800 and 1333). Each file is written atomically; files of an earlier result are
+    replaced only with ``overwrite`` (FileExistsError otherwise). ValueError for a model
+    transformers cannot hold, before anything is written. Returns ``directory``."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -441,11 +445,13 @@ def save_transformers(
     existing_results([directory / name for name in TRANSFORMERS_FILES], str(directory), overwrite)
     hf = to_transformers(model)
     transformers = _import_transformers()
-    processor = (
+    processor_class = (
         transformers.DeformableDetrImageProcessor
         if model.config.model_type == "deformable_detr"
         else transformers.DetrImageProcessor
-    )()
+    )
+    sizes = {} if resize is None else {"shortest_edge": resize[0], "longest_edge": resize[1]}
+    processor = processor_class(**({"size": sizes} if sizes else {}))
     weights = {k: v.detach().clone().contiguous() for k, v in hf.state_dict().items()}
     directory.mkdir(parents=True, exist_ok=True)
     write_atomically(

@@ -14,6 +14,7 @@ from detrkit.checkpoints.huggingface import (
     save_transformers,
 )
 from detrkit.checkpoints.native import CONFIG_FILE, WEIGHTS_FILE
+from detrkit.cli.inference import add_image_size_options, image_sizes, recorded_resize
 from detrkit.files import existing_results
 
 TARGETS = ("detrkit", "transformers")
@@ -38,13 +39,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
         existing_results(
             [out / name for name in TRANSFORMERS_FILES], f"--out {out}", args.overwrite
         )
+        resize = recorded_resize(args, "preprocessor_config.json")
+        if resize[0] is None:
+            raise ValueError(
+                "--short-side 0: transformers' image processor always resizes; give a short side"
+            )
         model = load(args.weights)
-        save_transformers(model, out, overwrite=args.overwrite)
+        save_transformers(model, out, overwrite=args.overwrite, resize=resize)
         print(
             f"wrote {out} ({TRANSFORMERS_CLASSES[model.config.model_type]}, "
             f"{model.config.num_classes} classes)"
         )
         return 0
+    if image_sizes(args):
+        raise ValueError("--short-side and --max-size are for --to transformers")
     existing_results([out / CONFIG_FILE, out / WEIGHTS_FILE], f"--out {out}", args.overwrite)
     model = load(args.weights)
     directory = save(model, out)
@@ -83,4 +91,6 @@ def add_convert_commands(commands: argparse._SubParsersAction[Any]) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a model written to the directory before"
     )
+    # transformers' processor resizes as detrkit's Detector does: by default the training run's.
+    add_image_size_options(parser)
     parser.set_defaults(run=cmd_convert)

@@ -11,8 +11,7 @@ from typing import Any
 
 from detrkit.checkpoints import load, require_finite_weights
 from detrkit.cli.arguments import positive_int
-from detrkit.cli.inference import add_image_size_options, image_sizes
-from detrkit.data.images import MAX_SIZE, SHORT_SIDE, scaled_image_size
+from detrkit.cli.inference import add_image_size_options, recorded_resize
 from detrkit.deploy import (
     DEFAULT_OPSET,
     FORMATS,
@@ -27,7 +26,6 @@ from detrkit.deploy import (
 from detrkit.deploy.sizes import check_export_size
 from detrkit.deploy.to_onnx import check_opset
 from detrkit.files import WriteError
-from detrkit.inference.detector import training_image_scale
 from detrkit.ops import ATTENTION_OPS
 
 # The file suffix of each format's files; the other suffix with --format is a mistake.
@@ -57,7 +55,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             "--no-verify",
         )
         check_export_size(model, size, f"--size {size[0]} {size[1]}")
-        resize = export_resize(args)
+        resize = recorded_resize(args, "the export")
         result = export(
             model,
             out,
@@ -80,25 +78,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 2
     print(describe(result))
     return 0
-
-
-def export_resize(args: argparse.Namespace) -> tuple[int | None, int]:
-    """The ``(short side, max size)`` the export records: ``--short-side`` and ``--max-size``
-    when given, else 800 and 1333 scaled by the image_scale of the training run that wrote
-    ``--weights`` (as Detector.from_checkpoint and ``detrkit predict`` resize), said on stderr."""
-    sizes = image_sizes(args)
-    if sizes:
-        return sizes["size"], sizes["max_size"]
-    found = training_image_scale(args.weights)
-    if found is None:
-        return SHORT_SIDE, MAX_SIZE
-    short_side, max_size = scaled_image_size(found[0])
-    print(
-        f"detrkit: the export records a resize to short side {short_side}, long side at most "
-        f"{max_size} (image_scale {found[0]} of the training run, {found[1]})",
-        file=sys.stderr,
-    )
-    return short_side, max_size
 
 
 def check_out(out: Path, format_name: str, format_given: bool, overwrite: bool) -> None:

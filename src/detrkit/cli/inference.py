@@ -8,6 +8,7 @@ from pathlib import Path
 
 from detrkit.cli.arguments import non_negative_int, pixel, positive_int, threshold
 from detrkit.cli.train import add_precision_option
+from detrkit.data.images import scaled_image_size
 from detrkit.inference.detector import MAX_SIZE, SHORT_SIDE, training_image_scale
 from detrkit.models.postprocess import PANOPTIC_THRESHOLD
 
@@ -160,6 +161,26 @@ def image_sizes(args: argparse.Namespace) -> dict:
         return {}
     short_side = SHORT_SIDE if args.short_side is None else args.short_side
     return {"size": short_side or None, "max_size": args.max_size or MAX_SIZE}
+
+
+def recorded_resize(args: argparse.Namespace, written: str) -> tuple[int | None, int]:
+    """The ``(short side, max size)`` that ``written`` (an export, a processor's settings)
+    records: ``--short-side`` and ``--max-size`` when given, else 800 and 1333 scaled by the
+    image_scale of the training run that wrote ``--weights``, as Detector.from_checkpoint and
+    ``detrkit predict`` resize; said on stderr."""
+    sizes = image_sizes(args)
+    if sizes:
+        return sizes["size"], sizes["max_size"]
+    found = training_image_scale(args.weights)
+    if found is None:
+        return SHORT_SIDE, MAX_SIZE
+    short_side, max_size = scaled_image_size(found[0])
+    print(
+        f"detrkit: {written} records a resize to short side {short_side}, long side at most "
+        f"{max_size} (image_scale {found[0]} of the training run, {found[1]})",
+        file=sys.stderr,
+    )
+    return short_side, max_size
 
 
 def add_inference_commands(commands) -> None:
