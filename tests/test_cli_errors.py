@@ -38,6 +38,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     paths["folder"].mkdir()
     contents = {
         "corrupt.pth": b"PK\x03\x04 not a zip archive",
+        "model.onnx": b"\x08\x08\x12\x07pytorch",  # an ONNX file's first fields
         "text.json": b"{",
         "list.json": b"[1, 2]",
         "binary.json": b"\xff\xfe\x00",
@@ -67,6 +68,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 WEIGHTS_PROBLEMS = {
     "missing.pth": "no such file or directory",
     "corrupt.pth": "not a readable PyTorch checkpoint",
+    "model.onnx": "an exported model, not a checkpoint: run it with detrkit.deploy.ExportedModel",
     "image": "not a readable PyTorch checkpoint",
     "text.json": "not a readable PyTorch checkpoint",
     "folder": "unknown format",

@@ -28,15 +28,26 @@ SAFE_GLOBALS = [argparse.Namespace]
 _REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
+# Suffixes of the files detrkit's exports write: models to run, not checkpoints to load.
+EXPORT_SUFFIXES = (".onnx", ".pt2")
+
+
 def _reason(error: Exception) -> str:
-    """The line of torch's unpickling message that says what is wrong with the file."""
+    """``: `` and the line of torch's unpickling message that says what is wrong with the file;
+    empty when that line is no words (a bare opcode or byte value means nothing to a reader)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     useful = [line for line in lines[1:] if not line.startswith(("Check the doc", "Please file"))]
-    return (useful or lines or [repr(error)])[-1].removeprefix("WeightsUnpickler error:").strip()
+    line = (useful or lines or [repr(error)])[-1].removeprefix("WeightsUnpickler error:").strip()
+    return f": {line}" if sum(c.isalpha() for c in line) >= 3 else ""
 
 
 def read_torch_file(path: Path, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load`` with ``weights_only=True``: no pickled code can run, only data is rebuilt."""
+    if path.suffix.lower() in EXPORT_SUFFIXES:
+        raise CheckpointError(
+            path,
+            "an exported model, not a checkpoint: run it with detrkit.deploy.ExportedModel",
+        )
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -50,11 +61,11 @@ def read_torch_file(path: Path, map_location: str | torch.device = "cpu") -> Any
                 "checkpoint does not need; nothing in it was run",
             ) from None
         raise CheckpointError(
-            path, f"not a readable PyTorch checkpoint (corrupt?): {_reason(error)}"
+            path, f"not a readable PyTorch checkpoint (corrupt?){_reason(error)}"
         ) from None
     except Exception as error:  # arbitrary bytes can make the unpickler fail in any way
         raise CheckpointError(
-            path, f"not a readable PyTorch checkpoint (truncated or corrupt?): {_reason(error)}"
+            path, f"not a readable PyTorch checkpoint (truncated or corrupt?){_reason(error)}"
         ) from None
 
 

@@ -163,8 +163,8 @@ def add_export_commands(commands: argparse._SubParsersAction[Any]) -> None:
         default="gridsample",
         help="how an ONNX export writes Deformable DETR's attention: gridsample (ONNX "
         "GridSample per level, for any runtime; default) or detrkit (one "
-        "ai.detrkit::MultiScaleDeformableAttention node, which ONNX Runtime and OpenVINO run 1.5x "
-        "to 2.2x faster with detrkit's library loaded, see docs/deployment.md)",
+        "ai.detrkit::MultiScaleDeformableAttention node, which ONNX Runtime and OpenVINO run 1.6x "
+        "to 2.7x faster with detrkit's library loaded, see docs/deployment.md)",
     )
     parser.add_argument(
         "--with-postprocess",

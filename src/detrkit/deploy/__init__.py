@@ -111,7 +111,7 @@ def export(
     ``attention_op`` is how an ONNX export writes Deformable DETR's attention: ``"gridsample"``
     (ONNX GridSample per level, which every runtime runs) or ``"detrkit"`` (one
     ``ai.detrkit::MultiScaleDeformableAttention`` node, which ONNX Runtime and OpenVINO run
-    1.5x to 2.2x faster with detrkit's library loaded, see :mod:`detrkit.ops.runtime_ops`;
+    1.6x to 2.7x faster with detrkit's library loaded, see :mod:`detrkit.ops.runtime_ops`;
     :class:`ExportedModel` loads it).
 
     ``size`` is the (H, W) traced with: every feature map must be at least 2x2 there, so each side at
