@@ -450,8 +450,8 @@ def save_transformers(
         if model.config.model_type == "deformable_detr"
         else transformers.DetrImageProcessor
     )
-    sizes = {} if resize is None else {"shortest_edge": resize[0], "longest_edge": resize[1]}
-    processor = processor_class(**({"size": sizes} if sizes else {}))
+    size = None if resize is None else {"shortest_edge": resize[0], "longest_edge": resize[1]}
+    processor = processor_class(**({} if size is None else {"size": size}))
     weights = {k: v.detach().clone().contiguous() for k, v in hf.state_dict().items()}
     directory.mkdir(parents=True, exist_ok=True)
     write_atomically(

@@ -39,7 +39,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         existing_results(
             [out / name for name in TRANSFORMERS_FILES], f"--out {out}", args.overwrite
         )
-        resize = recorded_resize(args, "preprocessor_config.json")
+        resize = recorded_resize(args, "preprocessor_config.json records a resize")
         if resize[0] is None:
             raise ValueError(
                 "--short-side 0: transformers' image processor always resizes; give a short side"

@@ -55,7 +55,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             "--no-verify",
         )
         check_export_size(model, size, f"--size {size[0]} {size[1]}")
-        resize = recorded_resize(args, "the export")
+        resize = recorded_resize(args, "the export records a resize")
         result = export(
             model,
             out,

@@ -17,23 +17,15 @@ def make_detector(args: argparse.Namespace):
     """The Detector the ``--weights``, ``--threshold``, ``--device`` and size options describe."""
     from detrkit.inference import Detector
 
-    # Without --short-side and --max-size the Detector takes the training run's image scale.
-    sizes = image_sizes(args)
-    detector = Detector.from_checkpoint(
+    size, max_size = recorded_resize(args, "resizing")
+    return Detector.from_checkpoint(
         args.weights,
         device=args.device,
         threshold=args.threshold,
         precision=args.precision,
-        **sizes,
+        size=size,
+        max_size=max_size,
     )
-    found = training_image_scale(args.weights)
-    if not sizes and found is not None:
-        print(
-            f"detrkit: resizing to short side {detector.size}, long side at most "
-            f"{detector.max_size} (image_scale {found[0]} of the training run, {found[1]})",
-            file=sys.stderr,
-        )
-    return detector
 
 
 def check_output_directory(out: Path) -> None:
@@ -163,11 +155,11 @@ def image_sizes(args: argparse.Namespace) -> dict:
     return {"size": short_side or None, "max_size": args.max_size or MAX_SIZE}
 
 
-def recorded_resize(args: argparse.Namespace, written: str) -> tuple[int | None, int]:
-    """The ``(short side, max size)`` that ``written`` (an export, a processor's settings)
-    records: ``--short-side`` and ``--max-size`` when given, else 800 and 1333 scaled by the
-    image_scale of the training run that wrote ``--weights``, as Detector.from_checkpoint and
-    ``detrkit predict`` resize; said on stderr."""
+def recorded_resize(args: argparse.Namespace, doing: str) -> tuple[int | None, int]:
+    """The ``(short side, max size)`` images go to (``doing``: resizing for a run, or an export
+    or a processor's settings that record a resize): ``--short-side`` and ``--max-size`` when
+    given, else 800 and 1333 scaled by the image_scale of the training run that wrote
+    ``--weights``, as Detector.from_checkpoint resizes; the run's scale is said on stderr."""
     sizes = image_sizes(args)
     if sizes:
         return sizes["size"], sizes["max_size"]
@@ -176,8 +168,8 @@ def recorded_resize(args: argparse.Namespace, written: str) -> tuple[int | None,
         return SHORT_SIDE, MAX_SIZE
     short_side, max_size = scaled_image_size(found[0])
     print(
-        f"detrkit: {written} records a resize to short side {short_side}, long side at most "
-        f"{max_size} (image_scale {found[0]} of the training run, {found[1]})",
+        f"detrkit: {doing} to short side {short_side}, long side at most {max_size} "
+        f"(image_scale {found[0]} of the training run, {found[1]})",
         file=sys.stderr,
     )
     return short_side, max_size
